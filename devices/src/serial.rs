@@ -1,1 +1,258 @@
-//! TODO
+//! The 16550 UART at `0x3f8` (COM1), on `vm_superio::Serial`.
+//!
+//! Its interrupt is an `EventFd` that the VMM registers as an irqfd on GSI 4. Guest output
+//! goes to a `Write` (stdout, a file, or the VMM's console buffer that holds an epoch's
+//! output until the peer acknowledged it); host input is fed with
+//! [`SerialDevice::enqueue_input`].
+
+use std::io::{self, Write};
+
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// First port of COM1.
+pub const SERIAL_PORT_BASE: u64 = 0x3f8;
+/// Number of ports of a 16550.
+pub const SERIAL_PORT_LEN: u64 = 8;
+/// The GSI of COM1.
+pub const SERIAL_GSI: u32 = 4;
+
+/// Errors of the serial device.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// could not create the interrupt eventfd
+    #[error("could not create the serial interrupt eventfd: {0}")]
+    CreateEventFd(#[source] io::Error),
+    /// could not duplicate the interrupt eventfd
+    #[error("could not duplicate the serial interrupt eventfd: {0}")]
+    CloneEventFd(#[source] io::Error),
+    /// could not raise the serial interrupt
+    #[error("could not raise the serial interrupt: {0}")]
+    Trigger(#[source] io::Error),
+    /// the receive FIFO is full
+    #[error("the serial receive FIFO is full")]
+    FifoFull,
+    /// a saved state holds more input than the FIFO can
+    #[error("the saved serial state holds {len} input bytes, more than the FIFO holds")]
+    InvalidState {
+        /// Bytes in the saved FIFO.
+        len: usize,
+    },
+    /// could not write the guest's output
+    #[error("could not write the guest's serial output: {0}")]
+    Output(#[source] io::Error),
+}
+
+/// The interrupt line of the UART: an eventfd the VMM turns into GSI 4 with an irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger(EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The output sink of the UART.
+pub type SerialOutput = Box<dyn Write + Send>;
+
+/// A 16550 UART on 8 ports of the PIO bus.
+pub struct SerialDevice {
+    serial: Serial<IrqTrigger, NoEvents, SerialOutput>,
+}
+
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialDevice")
+            .field("state", &self.serial.state())
+            .finish_non_exhaustive()
+    }
+}
+
+fn convert_error(e: vm_superio::serial::Error<io::Error>) -> SerialError {
+    match e {
+        vm_superio::serial::Error::Trigger(e) => SerialError::Trigger(e),
+        vm_superio::serial::Error::IOError(e) => SerialError::Output(e),
+        vm_superio::serial::Error::FullFifo => SerialError::FifoFull,
+    }
+}
+
+impl SerialDevice {
+    /// Creates a UART writing the guest's output to `out`, with a fresh interrupt eventfd.
+    pub fn new(out: SerialOutput) -> Result<Self, SerialError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::CreateEventFd)?;
+        Ok(Self::with_interrupt(evt, out))
+    }
+
+    /// Creates a UART raising `interrupt` and writing the guest's output to `out`.
+    pub fn with_interrupt(interrupt: EventFd, out: SerialOutput) -> Self {
+        Self {
+            serial: Serial::new(IrqTrigger(interrupt), out),
+        }
+    }
+
+    /// Recreates a UART from a saved state.
+    pub fn from_state(
+        state: &SerialState,
+        interrupt: EventFd,
+        out: SerialOutput,
+    ) -> Result<Self, SerialError> {
+        let serial = Serial::from_state(state, IrqTrigger(interrupt), NoEvents, out).map_err(
+            |e| match e {
+                vm_superio::serial::Error::FullFifo => SerialError::InvalidState {
+                    len: state.in_buffer.len(),
+                },
+                e => convert_error(e),
+            },
+        )?;
+        Ok(Self { serial })
+    }
+
+    /// The register and FIFO state (for save/restore).
+    pub fn state(&self) -> SerialState {
+        self.serial.state()
+    }
+
+    /// The interrupt eventfd, to register as an irqfd on GSI 4.
+    pub fn interrupt_evt(&self) -> &EventFd {
+        &self.serial.interrupt_evt().0
+    }
+
+    /// A duplicate of the interrupt eventfd, to register as an irqfd on GSI 4.
+    pub fn interrupt_evt_clone(&self) -> Result<EventFd, SerialError> {
+        self.interrupt_evt()
+            .try_clone()
+            .map_err(SerialError::CloneEventFd)
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn fifo_capacity(&self) -> usize {
+        self.serial.fifo_capacity()
+    }
+
+    /// Queues host input for the guest, as much as the receive FIFO takes. Returns how
+    /// many bytes were accepted (0 when the FIFO is full or the UART is in loopback);
+    /// the caller keeps the rest and retries once the guest has read some.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> Result<usize, SerialError> {
+        if input.is_empty() || self.serial.fifo_capacity() == 0 {
+            return Ok(0);
+        }
+        self.serial.enqueue_raw_bytes(input).map_err(convert_error)
+    }
+
+    /// The output sink.
+    pub fn output_mut(&mut self) -> &mut SerialOutput {
+        self.serial.writer_mut()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let Some((first, rest)) = data.split_first_mut() else {
+            return;
+        };
+        rest.fill(0);
+        *first = match u8::try_from(offset) {
+            // Registers are one byte wide; other sizes read as floating bus.
+            Ok(offset) if rest.is_empty() => self.serial.read(offset),
+            _ => 0xff,
+        };
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Ok(offset), [value]) = (u8::try_from(offset), data) else {
+            return;
+        };
+        if let Err(e) = self.serial.write(offset, *value) {
+            // Lost output or a lost interrupt must not stop the guest.
+            tracing::warn!("serial: {}", convert_error(e));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A Write that appends to a shared buffer.
+    #[derive(Clone, Default)]
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedBuf {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const THR_RBR: u64 = 0;
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
+
+    fn read(dev: &mut SerialDevice, offset: u64) -> u8 {
+        let mut b = [0u8];
+        dev.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn output_goes_to_the_writer() {
+        let buf = SharedBuf::default();
+        let mut dev = SerialDevice::new(Box::new(buf.clone())).unwrap();
+        for b in b"hello\n" {
+            dev.write(THR_RBR, &[*b]);
+        }
+        // Wrong sizes are ignored.
+        dev.write(THR_RBR, b"xy");
+        dev.write(THR_RBR, &[]);
+        assert_eq!(buf.0.lock().unwrap().as_slice(), b"hello\n");
+        // Transmitter empty.
+        assert_ne!(read(&mut dev, LSR) & 0x60, 0);
+    }
+
+    #[test]
+    fn input_respects_fifo_and_interrupts() {
+        let mut dev = SerialDevice::new(Box::new(io::sink())).unwrap();
+        let irq = dev.interrupt_evt_clone().unwrap();
+        // Enable the received-data interrupt.
+        dev.write(IER, &[0x01]);
+        let cap = dev.fifo_capacity();
+        assert!(cap > 0);
+        let input: Vec<u8> = (0..cap as u32 + 10).map(|i| i as u8).collect();
+        assert_eq!(dev.enqueue_input(&input).unwrap(), cap);
+        assert_eq!(dev.enqueue_input(&input).unwrap(), 0);
+        assert_eq!(dev.enqueue_input(&[]).unwrap(), 0);
+        assert!(irq.read().unwrap() >= 1);
+
+        // Data ready, then the bytes in order.
+        assert_ne!(read(&mut dev, LSR) & 0x01, 0);
+        assert_eq!(read(&mut dev, THR_RBR), 0);
+        assert_eq!(read(&mut dev, THR_RBR), 1);
+        assert_eq!(dev.fifo_capacity(), 2);
+        assert_eq!(dev.enqueue_input(b"abc").unwrap(), 2);
+    }
+
+    #[test]
+    fn odd_accesses_do_not_panic() {
+        let mut dev = SerialDevice::new(Box::new(io::sink())).unwrap();
+        let mut wide = [0u8; 4];
+        dev.read(0, &mut wide);
+        assert_eq!(wide, [0xff, 0, 0, 0]);
+        dev.read(0x1_0000_0000, &mut wide);
+        dev.read(3, &mut []);
+        dev.write(u64::MAX, &[1]);
+        for offset in 0..16 {
+            dev.write(offset, &[0xff]);
+            let _ = read(&mut dev, offset);
+        }
+    }
+}
