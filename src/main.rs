@@ -1,1 +1,112 @@
-fn main() {}
+//! The `mirrorvm` command line: parse, hand the configuration to the `vmm` library,
+//! report, exit. Everything it does is a library call tests can make too.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use vmm::config::{self, DiskConfig, KernelSource, SerialConfig, VmConfig};
+use vmm::{Machine, RunEnd};
+
+/// mirrorvm: a KVM virtual machine monitor that keeps a peer host ready to take over.
+#[derive(Parser, Debug)]
+#[command(name = "mirrorvm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest and run it until it exits, resets or is stopped.
+    ///
+    /// With no --kernel, boots the built-in test guest (workload `hello` unless
+    /// --cmdline names another: hello, disk, dirty, counter, smp, hostile).
+    /// On the console, Ctrl-A x quits.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Kernel to boot: an ELF vmlinux or a bzImage [default: the built-in test guest].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Initramfs (cpio archive) to load beside the kernel.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+
+    /// Kernel command line; `virtio_mmio.device=` entries for the disks are appended
+    /// [default: "hello" for the test guest, "console=ttyS0 reboot=k panic=1" for a kernel].
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+
+    /// Guest memory, with an optional K, M, G or T suffix.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_size)]
+    memory: u64,
+
+    /// A virtio-blk disk: path=FILE[,readonly=on]. Repeat for more disks (vda, vdb, …).
+    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    disk: Vec<DiskConfig>,
+
+    /// Serial console: tty (stdout, with stdin as input), file=PATH, or off.
+    #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
+    serial: SerialConfig,
+}
+
+impl RunArgs {
+    fn into_config(self) -> anyhow::Result<VmConfig> {
+        Ok(VmConfig {
+            kernel: self
+                .kernel
+                .map_or(KernelSource::TestGuest, KernelSource::File),
+            initramfs: self.initramfs,
+            cmdline: self.cmdline,
+            cpus: VmConfig::cpus_from(self.cpus)?,
+            memory: self.memory,
+            disks: self.disk,
+            serial: self.serial,
+        })
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<RunEnd> {
+    let config = args.into_config()?;
+    let machine = Machine::new(&config)?;
+    tracing::info!(cmdline = machine.cmdline(), "booting");
+    machine.run().context("the VM stopped abnormally")
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MIRRORVM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(end) => {
+            match &end {
+                RunEnd::GuestError(msg) => eprintln!("mirrorvm: guest stopped: {msg}"),
+                RunEnd::Signal(s) => eprintln!("mirrorvm: stopped by signal {s}"),
+                RunEnd::Reset => tracing::info!("guest reset the machine"),
+                RunEnd::GuestExit(_) | RunEnd::Quit => {}
+            }
+            ExitCode::from(end.exit_code().clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            eprintln!("mirrorvm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,620 @@
+//! A machine: the one place where a [`VmConfig`] becomes a running VM.
+//!
+//! [`Machine::new`] opens KVM, creates the VM with its in-kernel irqchip and PIT,
+//! allocates and registers memory, attaches the devices, loads the kernel and
+//! configures the vCPUs. [`Machine::run`] starts one thread per vCPU, runs the
+//! device event loop on the calling thread until something ends the run (the
+//! guest's debug exit or reset, a guest error, SIGINT/SIGTERM, Ctrl-A x), stops the
+//! vCPUs, and reports why the run ended.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::bus::{lock_recover, Bus};
+use devices::legacy::{DebugExit, I8042};
+use devices::serial::SerialDevice;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::{self, BootError, DEFAULT_INITRD_ADDR_MAX};
+use crate::config::{KernelSource, SerialConfig, VmConfig};
+use crate::console::{EscapeDecoder, Keystroke, RawTerminal};
+use crate::layout::*;
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::mptable::{self, MptableError};
+use crate::vcpu::{self, Vcpu, VcpuError, VcpuStop};
+
+/// How long stopping vCPUs may take before one is declared stuck.
+pub const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Failures while building or running a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm is missing or cannot be opened.
+    #[error("cannot open /dev/kvm: {source}{hint}")]
+    OpenKvm {
+        /// Cause.
+        source: kvm_ioctls::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// KVM's API version or a capability we need is missing.
+    #[error("KVM lacks a capability mirrorvm needs: {0}")]
+    KvmCapability(&'static str),
+    /// A VM-level KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// Cause.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel loading and boot structures.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The MP table.
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    /// vCPU configuration.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The kernel file could not be opened.
+    #[error("cannot open kernel {path}: {source}")]
+    OpenKernel {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The initramfs file could not be opened.
+    #[error("cannot open initramfs {path}: {source}")]
+    OpenInitramfs {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The serial output file could not be created.
+    #[error("cannot create serial output file {path}: {source}")]
+    SerialFile {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A disk could not be attached.
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
+    /// An eventfd, signalfd or thread could not be created.
+    #[error("cannot create {what}: {source}")]
+    Os {
+        /// What was being created.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Putting a device on a bus failed.
+    #[error("cannot place a device on the bus: {0}")]
+    Bus(#[from] devices::bus::BusError),
+    /// The device event loop failed.
+    #[error("device event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// A vCPU did not leave KVM_RUN when kicked.
+    #[error("vCPU {0} did not leave KVM_RUN within {1:?} of being kicked: the guest is stuck in an instruction KVM cannot interrupt (see ENVIRONMENT.md: vmcall under kvm_pvm); giving up on it")]
+    VcpuStuck(u8, Duration),
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The guest wrote this value to the debug-exit port.
+    GuestExit(u8),
+    /// The guest reset the machine (i8042 0xfe: Linux's `reboot=k`, or a panic with
+    /// `panic=N`).
+    Reset,
+    /// The VMM received this signal (SIGINT, SIGTERM).
+    Signal(i32),
+    /// The user typed Ctrl-A x on the console.
+    Quit,
+    /// The guest did something that stops it (internal error, triple fault, …).
+    GuestError(String),
+}
+
+impl RunEnd {
+    /// The process exit status that reports this end: the guest's own value for a
+    /// debug exit, 0 for a reset or quit, 128+signal for a signal, 2 for a guest error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunEnd::GuestExit(v) => i32::from(*v),
+            RunEnd::Reset | RunEnd::Quit => 0,
+            RunEnd::Signal(s) => 128 + s,
+            RunEnd::GuestError(_) => 2,
+        }
+    }
+}
+
+/// The first reason to end the run, and the eventfd that wakes the event loop.
+pub struct Shutdown {
+    reason: Mutex<Option<RunEnd>>,
+    evt: EventFd,
+}
+
+impl Shutdown {
+    fn new() -> Result<Self, VmmError> {
+        Ok(Shutdown {
+            reason: Mutex::new(None),
+            evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Os {
+                what: "the shutdown eventfd",
+                source,
+            })?,
+        })
+    }
+
+    /// Ends the run for `reason` unless it is already ending for another.
+    pub fn request(&self, reason: RunEnd) {
+        let mut r = lock_recover(&self.reason);
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        drop(r);
+        let _ = self.evt.write(1);
+    }
+
+    /// Why the run is ending, once it is.
+    pub fn reason(&self) -> Option<RunEnd> {
+        lock_recover(&self.reason).clone()
+    }
+}
+
+/// The device event loop's own events: shutdown requests, signals, console input.
+struct Control {
+    shutdown: Arc<Shutdown>,
+    signals: SignalFd,
+    serial: Arc<Mutex<SerialDevice>>,
+    stdin: bool,
+    escape: EscapeDecoder,
+}
+
+const TOKEN_SHUTDOWN: u32 = 0;
+const TOKEN_SIGNAL: u32 = 1;
+const TOKEN_STDIN: u32 = 2;
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::with_data(
+            &self.shutdown.evt,
+            TOKEN_SHUTDOWN,
+            EventSet::IN,
+        ));
+        let _ = ops.add(Events::with_data_raw(
+            self.signals.as_raw_fd(),
+            TOKEN_SIGNAL,
+            EventSet::IN,
+        ));
+        if self.stdin {
+            // epoll refuses regular files (stdin redirected from a file): then there
+            // is simply no console input.
+            if ops
+                .add(Events::with_data_raw(
+                    libc::STDIN_FILENO,
+                    TOKEN_STDIN,
+                    EventSet::IN,
+                ))
+                .is_err()
+            {
+                self.stdin = false;
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_SHUTDOWN => {
+                let _ = self.shutdown.evt.read();
+            }
+            TOKEN_SIGNAL => {
+                if let Ok(Some(info)) = self.signals.read_signal() {
+                    self.shutdown.request(RunEnd::Signal(info.ssi_signo as i32));
+                }
+            }
+            TOKEN_STDIN => {
+                let mut buf = [0u8; 64];
+                // SAFETY: reads into a stack buffer of the stated length.
+                let n =
+                    unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    // EOF or error: stop watching stdin; the guest keeps running.
+                    let _ = ops.remove(Events::with_data_raw(
+                        libc::STDIN_FILENO,
+                        TOKEN_STDIN,
+                        EventSet::IN,
+                    ));
+                    return;
+                }
+                let mut to_guest = Vec::with_capacity(n as usize);
+                for &b in &buf[..n as usize] {
+                    match self.escape.feed(b) {
+                        Keystroke::Guest(b) => to_guest.push(b),
+                        Keystroke::Quit => self.shutdown.request(RunEnd::Quit),
+                        Keystroke::None => {}
+                    }
+                }
+                if !to_guest.is_empty() {
+                    // Bytes beyond the UART's FIFO are dropped, as a real UART would.
+                    let _ = lock_recover(&self.serial).enqueue_input(&to_guest);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A built VM, ready to run.
+pub struct Machine {
+    // Field order matters for drop: vCPUs and the VM go before the memory they map.
+    vcpus: Vec<Vcpu>,
+    vm: VmFd,
+    _kvm: Kvm,
+    mem: GuestMemory,
+    serial: Arc<Mutex<SerialDevice>>,
+    shutdown: Arc<Shutdown>,
+    events: EventManager<Subscriber>,
+    attach_stdin: bool,
+    cmdline: String,
+}
+
+fn open_kvm() -> Result<Kvm, VmmError> {
+    Kvm::new().map_err(|source| {
+        let hint = match source.errno() {
+            libc::ENOENT => " (no /dev/kvm: this host has no KVM; load kvm_intel/kvm_amd or run on a host with virtualization)",
+            libc::EACCES | libc::EPERM => " (permission denied: run as root or add yourself to the 'kvm' group)",
+            _ => "",
+        };
+        VmmError::OpenKvm { source, hint }
+    })
+}
+
+impl Machine {
+    /// Builds the machine `config` describes.
+    pub fn new(config: &VmConfig) -> Result<Machine, VmmError> {
+        // Validate what needs no KVM first, so bad input is reported as such.
+        memory::check_size(config.memory)?;
+        mptable::build(config.cpus)?;
+        let mut kernel_file = match &config.kernel {
+            KernelSource::File(p) => {
+                Some(File::open(p).map_err(|source| VmmError::OpenKernel {
+                    path: p.display().to_string(),
+                    source,
+                })?)
+            }
+            KernelSource::TestGuest => None,
+        };
+        if let Some(f) = kernel_file.as_mut() {
+            boot::detect_format(f)?;
+        }
+        let mut initramfs = match &config.initramfs {
+            Some(p) => Some(File::open(p).map_err(|source| VmmError::OpenInitramfs {
+                path: p.display().to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        let disks = config
+            .disks
+            .iter()
+            .map(crate::disk::open)
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let kvm = open_kvm()?;
+        if !kvm.check_extension(kvm_ioctls::Cap::Irqchip)
+            || !kvm.check_extension(kvm_ioctls::Cap::ImmediateExit)
+        {
+            return Err(VmmError::KvmCapability(
+                "in-kernel irqchip and immediate_exit",
+            ));
+        }
+        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm {
+            what: "KVM_CREATE_VM",
+            source,
+        })?;
+        // Ordering: the TSS address and the irqchip must exist before any vCPU is
+        // created (KVM creates each vCPU's LAPIC against the irqchip); the PIT after
+        // the irqchip, which it injects into.
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(|source| VmmError::Kvm {
+                what: "KVM_SET_TSS_ADDR",
+                source,
+            })?;
+        vm.create_irq_chip().map_err(|source| VmmError::Kvm {
+            what: "KVM_CREATE_IRQCHIP",
+            source,
+        })?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(|source| VmmError::Kvm {
+            what: "KVM_CREATE_PIT2",
+            source,
+        })?;
+
+        let mem = memory::create(config.memory)?;
+        memory::register(&vm, &mem, false)?;
+
+        let shutdown = Arc::new(Shutdown::new()?);
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let mut events: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| VmmError::EventLoop(e))?;
+
+        // Legacy devices.
+        let (serial_out, attach_stdin): (Box<dyn Write + Send>, bool) = match &config.serial {
+            SerialConfig::Tty => (Box::new(std::io::stdout()), true),
+            SerialConfig::File(p) => (
+                Box::new(File::create(p).map_err(|source| VmmError::SerialFile {
+                    path: p.display().to_string(),
+                    source,
+                })?),
+                false,
+            ),
+            SerialConfig::Off => (Box::new(std::io::sink()), false),
+        };
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Os {
+            what: "the serial interrupt eventfd",
+            source,
+        })?;
+        vm.register_irqfd(&serial_irq, SERIAL_GSI)
+            .map_err(|source| VmmError::Kvm {
+                what: "KVM_IRQFD (serial)",
+                source,
+            })?;
+        let serial = Arc::new(Mutex::new(SerialDevice::with_interrupt(
+            serial_irq, serial_out,
+        )));
+        pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
+        let s = shutdown.clone();
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(Box::new(move || {
+                s.request(RunEnd::Reset)
+            })))),
+            u64::from(I8042_DATA_PORT),
+            1,
+        )?;
+        let i8042_cmd = pio.get(u64::from(I8042_DATA_PORT)).map(|(_, d)| d.clone());
+        if let Some(d) = i8042_cmd {
+            pio.insert(d, u64::from(I8042_COMMAND_PORT), 1)?;
+        }
+        let s = shutdown.clone();
+        pio.insert(
+            Arc::new(Mutex::new(DebugExit::new(Box::new(move |v| {
+                s.request(RunEnd::GuestExit(v))
+            })))),
+            u64::from(DEBUG_EXIT_PORT),
+            1,
+        )?;
+
+        // virtio-mmio disks.
+        let mut cmdline = config.base_cmdline().to_string();
+        for (i, disk) in disks.into_iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let gsi = VIRTIO_FIRST_GSI + i as u32;
+            if gsi > MAX_GSI {
+                return Err(crate::disk::DiskError::TooMany(config.disks.len()).into());
+            }
+            crate::disk::attach(disk, &vm, &mem, &mut mmio, &mut events, base, gsi)?;
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        }
+
+        // Kernel, initramfs, command line, zero page, boot tables, MP table.
+        let kernel = match kernel_file.as_mut() {
+            Some(f) => boot::load_kernel(&mem, f)?,
+            None => boot::load_kernel_bytes(&mem, crate::testguest::ELF)?,
+        };
+        let initrd = match initramfs.as_mut() {
+            Some(f) => {
+                let max = kernel.setup_header.map_or(DEFAULT_INITRD_ADDR_MAX, |h| {
+                    u64::from(h.initrd_addr_max).max(0xfff_ffff)
+                });
+                Some(boot::load_initramfs(&mem, f, kernel.end, max)?)
+            }
+            None => None,
+        };
+        boot::load_cmdline(&mem, &cmdline)?;
+        boot::write_zero_page(&mem, &kernel, cmdline.len() + 1, initrd)?;
+        boot::write_boot_tables(&mem)?;
+        mptable::write(&mem, config.cpus)?;
+
+        // vCPUs.
+        vcpu::install_kick_handler()?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(mmio);
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmmError::Kvm {
+                what: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        let mut tsc_khz = None;
+        for index in 0..config.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(|source| VmmError::Kvm {
+                    what: "KVM_CREATE_VCPU",
+                    source,
+                })?;
+            if index == 0 {
+                tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
+            }
+            let mut cpuid = supported.clone();
+            crate::cpuid::filter(&mut cpuid, index, config.cpus, tsc_khz)
+                .map_err(|_| VmmError::KvmCapability("room for the TSC-frequency CPUID leaf"))?;
+            let v = Vcpu::new(index, fd, pio.clone(), mmio.clone());
+            v.configure(&cpuid, (index == 0).then_some(kernel.entry))?;
+            vcpus.push(v);
+        }
+
+        Ok(Machine {
+            vcpus,
+            vm,
+            _kvm: kvm,
+            mem,
+            serial,
+            shutdown,
+            events,
+            attach_stdin,
+            cmdline,
+        })
+    }
+
+    /// The command line the guest was given (with the devices appended).
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The guest's memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// A handle to end the run from elsewhere (tests, a control socket).
+    pub fn shutdown_handle(&self) -> Arc<Shutdown> {
+        self.shutdown.clone()
+    }
+
+    /// Runs the guest until something ends the run; see [`RunEnd`].
+    pub fn run(mut self) -> Result<RunEnd, VmmError> {
+        // SIGINT and SIGTERM are blocked on this thread before any vCPU thread exists,
+        // so every thread inherits the mask and the signals are only ever read from
+        // the signalfd by the event loop.
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGINT);
+        mask.add(Signal::SIGTERM);
+        let mut old_mask = SigSet::empty();
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&mask),
+            Some(&mut old_mask),
+        )
+        .map_err(|e| VmmError::Os {
+            what: "the signal mask",
+            source: e.into(),
+        })?;
+        let result = self.run_blocked(mask);
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&old_mask),
+            None,
+        );
+        result
+    }
+
+    fn run_blocked(&mut self, mask: SigSet) -> Result<RunEnd, VmmError> {
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| VmmError::Os {
+            what: "the signalfd",
+            source: e.into(),
+        })?;
+        let _raw = if self.attach_stdin {
+            RawTerminal::stdin()
+        } else {
+            None
+        };
+        let control = Arc::new(Mutex::new(Control {
+            shutdown: self.shutdown.clone(),
+            signals,
+            serial: self.serial.clone(),
+            stdin: self.attach_stdin,
+            escape: EscapeDecoder::default(),
+        }));
+        self.events.add_subscriber(control);
+
+        let (done_tx, done_rx) = mpsc::channel::<u8>();
+        let mut threads = Vec::new();
+        let mut stops = Vec::new();
+        for mut vcpu in self.vcpus.drain(..) {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (stop2, shutdown, done) = (stop.clone(), self.shutdown.clone(), done_tx.clone());
+            let index = vcpu.index();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    if let VcpuStop::GuestError(msg) = vcpu.run(&stop2) {
+                        shutdown.request(RunEnd::GuestError(msg));
+                    }
+                    let _ = done.send(index);
+                    vcpu
+                })
+                .map_err(|source| VmmError::Os {
+                    what: "a vCPU thread",
+                    source,
+                })?;
+            threads.push(handle);
+            stops.push(stop);
+        }
+
+        let loop_result = loop {
+            if self.shutdown.reason().is_some() {
+                break Ok(());
+            }
+            if let Err(e) = self.events.run_with_timeout(100) {
+                break Err(VmmError::EventLoop(e));
+            }
+        };
+        if let Err(e) = &loop_result {
+            self.shutdown.request(RunEnd::GuestError(format!("{e}")));
+        }
+
+        // Stop the vCPUs: set every stop flag, then kick until each thread reports.
+        for s in &stops {
+            s.store(true, Ordering::Release);
+        }
+        let deadline = Instant::now() + VCPU_STOP_DEADLINE;
+        let mut running: Vec<bool> = vec![true; threads.len()];
+        while running.iter().any(|r| *r) {
+            for (i, h) in threads.iter().enumerate() {
+                if running[i] {
+                    let _ = h.kill(vcpu::kick_signal());
+                }
+            }
+            match done_rx.recv_timeout(Duration::from_millis(10)) {
+                Ok(i) => running[i as usize] = false,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() > deadline {
+                let stuck = running.iter().position(|r| *r).unwrap_or(0) as u8;
+                return Err(VmmError::VcpuStuck(stuck, VCPU_STOP_DEADLINE));
+            }
+        }
+        for h in threads {
+            if let Ok(v) = h.join() {
+                self.vcpus.push(v);
+            }
+        }
+        let _ = lock_recover(&self.serial).output_mut().flush();
+        loop_result?;
+        Ok(self.shutdown.reason().unwrap_or(RunEnd::Quit))
+    }
+}

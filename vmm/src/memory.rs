@@ -1,0 +1,161 @@
+//! Guest memory: allocation, the RAM layout around the 32-bit MMIO hole, and the
+//! registration of each region with KVM as a memory slot.
+//!
+//! Memory is a `GuestMemoryMmap<AtomicBitmap>`: the bitmap records every write the
+//! VMM and its devices make through vm-memory, which KVM's dirty log cannot see.
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+pub use devices::GuestMemory;
+
+/// Smallest guest we accept: the boot structures and a kernel must fit.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest guest we accept, whatever the host has (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Failures while creating or registering guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is outside what mirrorvm accepts.
+    #[error("memory size {size} bytes is out of range: it must be between {min} MiB and {max}")]
+    SizeOutOfRange {
+        /// Requested size.
+        size: u64,
+        /// Minimum in MiB.
+        min: u64,
+        /// Human-readable maximum.
+        max: String,
+    },
+    /// The requested size is not a whole number of 4 KiB pages.
+    #[error("memory size {0} bytes is not a multiple of 4 KiB")]
+    NotPageAligned(u64),
+    /// mmap of the guest memory failed.
+    #[error("cannot allocate {size} bytes of guest memory: {source}")]
+    Allocate {
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM refused a memory slot.
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} failed: {source}")]
+    SetRegion {
+        /// Slot number.
+        slot: u32,
+        /// Cause.
+        source: kvm_ioctls::Error,
+    },
+    /// A region's host address could not be found.
+    #[error("guest memory region at {0:#x} has no host mapping")]
+    NoHostAddress(u64),
+}
+
+/// The RAM ranges of a guest of `size` bytes: below the MMIO hole, then above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START as usize),
+            (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize),
+        ]
+    }
+}
+
+/// Total physical memory of this host, when it can be read.
+fn host_memory() -> Option<u64> {
+    // SAFETY: sysconf has no memory-safety preconditions; it only reads constants.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages <= 0 || page_size <= 0 {
+        return None;
+    }
+    (pages as u64).checked_mul(page_size as u64)
+}
+
+/// Checks a requested memory size against our limits and the host's RAM.
+pub fn check_size(size: u64) -> Result<(), MemoryError> {
+    let max = host_memory().map_or(MAX_MEMORY, |h| h.min(MAX_MEMORY));
+    if !(MIN_MEMORY..=max).contains(&size) {
+        return Err(MemoryError::SizeOutOfRange {
+            size,
+            min: MIN_MEMORY >> 20,
+            max: format!("{} MiB (this host's RAM, at most 1 TiB)", max >> 20),
+        });
+    }
+    if size % 4096 != 0 {
+        return Err(MemoryError::NotPageAligned(size));
+    }
+    Ok(())
+}
+
+/// Allocates guest memory of `size` bytes, laid out around the MMIO hole.
+pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
+    check_size(size)?;
+    GuestMemory::from_ranges(&ram_ranges(size))
+        .map_err(|source| MemoryError::Allocate { size, source })
+}
+
+/// Registers every region of `mem` with KVM, slot *i* for region *i*.
+///
+/// With `log_dirty`, KVM tracks guest writes to the slot (KVM_GET_DIRTY_LOG).
+pub fn register(vm: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let start = region.start_addr();
+        let host = mem
+            .get_host_address(start)
+            .map_err(|_| MemoryError::NoHostAddress(start.raw_value()))?;
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: start.raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range [userspace_addr, +memory_size) is a live mmap owned by
+        // `mem`, which the caller keeps alive for as long as the VM exists (the Vmm holds
+        // both), and slots do not overlap because the regions of a GuestMemoryMmap do not.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|source| MemoryError::SetRegion { slot, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_range() {
+        let r = ram_ranges(256 << 20);
+        assert_eq!(r, vec![(GuestAddress(0), 256 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
+        assert_eq!(r[0].1 + r[1].1, 4 << 30);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        assert!(check_size(0).is_err());
+        assert!(check_size(1 << 20).is_err());
+        assert!(check_size(u64::MAX).is_err());
+        assert!(check_size((64 << 20) + 1).is_err());
+        assert!(check_size(64 << 20).is_ok());
+    }
+}
