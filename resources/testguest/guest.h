@@ -1,0 +1,101 @@
+/*
+ * mirrorvm test guest: shared declarations for the CPL3 C code.
+ */
+#ifndef TESTGUEST_GUEST_H
+#define TESTGUEST_GUEST_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "layout.h"
+#include "util.h"
+
+/* Filled by the CPL0 setup code (cpl0.S) at BOOTINFO_ADDR. */
+struct bootinfo {
+    uint64_t zero_page;     /* RSI at entry: Linux boot_params */
+    uint32_t tsc_khz;       /* CPUID 0x40000010 EAX */
+    uint32_t hv_max_leaf;   /* CPUID 0x40000000 EAX */
+    uint32_t ap_index;      /* index of the AP being started (smp) */
+    uint32_t reserved;
+};
+#define BOOTINFO ((volatile struct bootinfo *)(uintptr_t)BOOTINFO_ADDR)
+
+/* Symbols of the image */
+extern char tramp_start[], tramp_end[], _end[];
+
+/* ---- system calls (int3 through the DPL3 gate) ---- */
+static inline long sys_call2(long nr, long a, long b)
+{
+    long ret;
+    __asm__ volatile("int3"
+                     : "=a"(ret), "+D"(a), "+S"(b)
+                     : "a"(nr)
+                     : "rcx", "rdx", "memory");
+    return ret;
+}
+
+static inline void sys_write(const void *buf, size_t len)
+{
+    sys_call2(SYS_WRITE, (long)(uintptr_t)buf, (long)len);
+}
+
+__attribute__((noreturn)) static inline void sys_exit(int code)
+{
+    sys_call2(SYS_EXIT, code, 0);
+    for (;;)
+        __asm__ volatile("pause");
+}
+
+static inline uint32_t sys_apic_read(uint32_t reg)
+{
+    return (uint32_t)sys_call2(SYS_APIC_READ, reg, 0);
+}
+
+static inline void sys_apic_write(uint32_t reg, uint32_t val)
+{
+    sys_call2(SYS_APIC_WRITE, reg, val);
+}
+
+/* ---- time ---- */
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("lfence; rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static inline void cpu_relax(void)
+{
+    __asm__ volatile("pause" ::: "memory");
+}
+
+#define TSC_KHZ_FALLBACK 2000000u  /* used when CPUID 0x40000010 gives nothing */
+extern uint64_t tsc_khz;           /* ticks per millisecond */
+uint64_t ms_to_ticks(uint64_t ms);
+uint64_t us_to_ticks(uint64_t us);
+uint64_t ticks_to_ms(uint64_t ticks);
+void delay_us(uint64_t us);
+
+/* ---- console ---- */
+void print(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+__attribute__((noreturn)) void guest_exit(int code);
+
+/* ---- machine ---- */
+struct e820_entry {
+    uint64_t addr, size;
+    uint32_t type;
+};
+int machine_e820(struct e820_entry *out, int max);
+/* End of the usable RAM range that contains addr (0 if none). */
+uint64_t machine_ram_end(uint64_t addr);
+const char *machine_cmdline(void);
+
+/* ---- workloads ---- */
+struct cmdline;
+int wl_disk(const struct cmdline *cl);
+int wl_hostile(const struct cmdline *cl);
+int wl_smp(const struct cmdline *cl);
+void ap_main(unsigned cpu) __attribute__((noreturn));
+
+#endif

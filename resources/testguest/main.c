@@ -1,0 +1,267 @@
+/*
+ * mirrorvm test guest: CPL3 entry, console, time, machine information and
+ * the simple workloads (hello, counter, dirty).
+ */
+#include "cmdline.h"
+#include "guest.h"
+
+uint64_t tsc_khz;
+
+uint64_t ms_to_ticks(uint64_t ms) { return ms * tsc_khz; }
+uint64_t us_to_ticks(uint64_t us) { return us * tsc_khz / 1000; }
+uint64_t ticks_to_ms(uint64_t ticks) { return ticks / tsc_khz; }
+
+void delay_us(uint64_t us)
+{
+    uint64_t end = rdtsc() + us_to_ticks(us);
+    while (rdtsc() < end)
+        cpu_relax();
+}
+
+void print(const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    size_t n;
+    va_start(ap, fmt);
+    n = fmt_vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    sys_write(buf, n);
+}
+
+void guest_exit(int code)
+{
+    sys_exit(code);
+}
+
+/* ---- machine: Linux boot_params (zero page) ---- */
+#define BP_E820_ENTRIES 0x1e8
+#define BP_CMD_LINE_PTR 0x228
+#define BP_E820_TABLE   0x2d0
+#define E820_MAX        128
+
+static const uint8_t *zero_page(void)
+{
+    return (const uint8_t *)(uintptr_t)BOOTINFO->zero_page;
+}
+
+int machine_e820(struct e820_entry *out, int max)
+{
+    const uint8_t *zp = zero_page();
+    int n = zp[BP_E820_ENTRIES], i;
+    if (n > E820_MAX)
+        n = E820_MAX;
+    if (n > max)
+        n = max;
+    for (i = 0; i < n; i++) {
+        const uint8_t *e = zp + BP_E820_TABLE + 20 * i;
+        mem_copy(&out[i].addr, e, 8);
+        mem_copy(&out[i].size, e + 8, 8);
+        mem_copy(&out[i].type, e + 16, 4);
+    }
+    return n;
+}
+
+uint64_t machine_ram_end(uint64_t addr)
+{
+    struct e820_entry map[E820_MAX];
+    int n = machine_e820(map, E820_MAX), i;
+    for (i = 0; i < n; i++)
+        if (map[i].type == 1 && addr >= map[i].addr && addr < map[i].addr + map[i].size)
+            return map[i].addr + map[i].size;
+    return 0;
+}
+
+static uint64_t machine_ram_total(void)
+{
+    struct e820_entry map[E820_MAX];
+    int n = machine_e820(map, E820_MAX), i;
+    uint64_t total = 0;
+    for (i = 0; i < n; i++)
+        if (map[i].type == 1)
+            total += map[i].size;
+    return total;
+}
+
+const char *machine_cmdline(void)
+{
+    uint32_t p;
+    mem_copy(&p, zero_page() + BP_CMD_LINE_PTR, 4);
+    return p ? (const char *)(uintptr_t)p : "";
+}
+
+/* ---- workloads ---- */
+static struct cmdline cl;
+
+static __attribute__((noreturn)) void usage_error(const char *msg)
+{
+    print("testguest: error: %s\n", msg);
+    print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both]"
+          " | dirty [pages_per_ms=N] [mb=M] [seconds=T]"
+          " | counter [interval_ms=N] [limit=N] | smp | hostile\n");
+    print("testguest: exit %d (usage)\n", EXIT_USAGE);
+    guest_exit(EXIT_USAGE);
+}
+
+static void check_keys(const char *const *allowed)
+{
+    if (cmdline_check_keys(&cl, allowed))
+        usage_error(cl.err);
+}
+
+static uint64_t opt_u64(const char *key, uint64_t def, uint64_t min, uint64_t max)
+{
+    uint64_t v;
+    if (cmdline_u64(&cl, key, def, min, max, &v))
+        usage_error(cl.err);
+    return v;
+}
+
+static int wl_hello(void)
+{
+    static const char *const keys[] = { NULL };
+    check_keys(keys);
+    print("mirrorvm test guest: hello\n");
+    return EXIT_OK;
+}
+
+static int wl_counter(void)
+{
+    static const char *const keys[] = { "interval_ms", "limit", NULL };
+    uint64_t interval, limit, n, next, step;
+    check_keys(keys);
+    interval = opt_u64("interval_ms", 100, 1, 3600000);
+    limit = opt_u64("limit", 0, 0, UINT64_MAX);
+    step = ms_to_ticks(interval);
+    next = rdtsc() + step;
+    for (n = 1; limit == 0 || n <= limit; n++) {
+        uint64_t now;
+        while ((now = rdtsc()) < next)
+            cpu_relax();
+        print("counter %llu\n", (unsigned long long)n);
+        next += step;
+        if (now > next)      /* fell behind (VM paused): do not burst */
+            next = now + step;
+    }
+    print("counter: done, %llu lines\n", (unsigned long long)limit);
+    return EXIT_OK;
+}
+
+static int wl_dirty(void)
+{
+    static const char *const keys[] = { "pages_per_ms", "mb", "seconds", NULL };
+    uint64_t ppm, mb, seconds, start, ram_end, avail_mb, npages, page = 0;
+    uint64_t t0, next, tick, next_report, ms = 0, total = 0, report = 0;
+    check_keys(keys);
+    ppm = opt_u64("pages_per_ms", 100, 1, 1000000);
+    mb = opt_u64("mb", 32, 1, 1 << 20);
+    seconds = opt_u64("seconds", 0, 0, 1000000);
+
+    start = ((uint64_t)(uintptr_t)_end + (1 << 20) - 1) & ~(uint64_t)((1 << 20) - 1);
+    ram_end = machine_ram_end(start);
+    avail_mb = ram_end > start ? (ram_end - start) >> 20 : 0;
+    if (avail_mb == 0) {
+        print("dirty: FAILED: no RAM above the guest image at 0x%llx\n",
+              (unsigned long long)start);
+        return EXIT_FAIL;
+    }
+    if (mb > avail_mb) {
+        print("dirty: warning: mb=%llu capped to %llu (RAM ends at 0x%llx)\n",
+              (unsigned long long)mb, (unsigned long long)avail_mb,
+              (unsigned long long)ram_end);
+        mb = avail_mb;
+    }
+    npages = mb << 8;
+    if (ppm > npages) {
+        print("dirty: warning: pages_per_ms=%llu capped to the region's %llu pages\n",
+              (unsigned long long)ppm, (unsigned long long)npages);
+        ppm = npages;
+    }
+    print("dirty: %llu pages/ms over %llu MiB at 0x%llx, %s%llu s\n",
+          (unsigned long long)ppm, (unsigned long long)mb,
+          (unsigned long long)start, seconds ? "" : "forever; report every ",
+          (unsigned long long)(seconds ? seconds : 1));
+
+    tick = ms_to_ticks(1);
+    t0 = rdtsc();
+    next = t0 + tick;
+    next_report = t0 + ms_to_ticks(1000);
+    for (;;) {
+        uint64_t i, now;
+        for (i = 0; i < ppm; i++) {
+            volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)(start + (page << 12));
+            *w = total + i + 1;
+            if (++page == npages)
+                page = 0;
+        }
+        total += ppm;
+        ms++;
+        while ((now = rdtsc()) < next)
+            cpu_relax();
+        next += tick;
+        if (now > next + 10 * tick)   /* paused for a while: resynchronise */
+            next = now + tick;
+        if (now >= next_report) {
+            report++;
+            print("dirty: %llu s, %llu pages dirtied\n", (unsigned long long)report,
+                  (unsigned long long)total);
+            next_report += ms_to_ticks(1000);
+            if (now > next_report)
+                next_report = now + ms_to_ticks(1000);
+            if (seconds && report >= seconds)
+                break;
+        }
+    }
+    print("dirty: done, %llu pages dirtied in %llu ms\n", (unsigned long long)total,
+          (unsigned long long)ms);
+    return EXIT_OK;
+}
+
+static void bsp_main(void)
+{
+    const char *cmd = machine_cmdline();
+    int code;
+
+    tsc_khz = BOOTINFO->tsc_khz;
+    if (tsc_khz < 100000 || tsc_khz > 20000000) {
+        print("testguest: warning: CPUID 0x40000010 gives no usable TSC frequency"
+              " (%llu kHz, max hypervisor leaf 0x%x); assuming %u kHz\n",
+              (unsigned long long)tsc_khz, BOOTINFO->hv_max_leaf, TSC_KHZ_FALLBACK);
+        tsc_khz = TSC_KHZ_FALLBACK;
+    }
+    print("testguest: cmdline \"%.300s\"; %llu MiB RAM, TSC %llu kHz\n", cmd,
+          (unsigned long long)(machine_ram_total() >> 20), (unsigned long long)tsc_khz);
+
+    if (cmdline_parse(cmd, &cl))
+        usage_error(cl.err);
+
+    if (str_eqn(cl.workload, cl.wlen, "hello"))
+        code = wl_hello();
+    else if (str_eqn(cl.workload, cl.wlen, "counter"))
+        code = wl_counter();
+    else if (str_eqn(cl.workload, cl.wlen, "dirty"))
+        code = wl_dirty();
+    else if (str_eqn(cl.workload, cl.wlen, "disk"))
+        code = wl_disk(&cl);
+    else if (str_eqn(cl.workload, cl.wlen, "hostile"))
+        code = wl_hostile(&cl);
+    else if (str_eqn(cl.workload, cl.wlen, "smp"))
+        code = wl_smp(&cl);
+    else {
+        char msg[96];
+        fmt_snprintf(msg, sizeof msg, "unknown workload '%.*s'", (int)cl.wlen, cl.workload);
+        usage_error(msg);
+    }
+    print("testguest: exit %d (%s)\n", code, code == EXIT_OK ? "success" : "failure");
+    guest_exit(code);
+}
+
+/* Entered from CPL0 by iretq, as if called: cpl3_entry(cpu index). */
+__attribute__((noreturn, used)) void cpl3_entry(unsigned cpu);
+void cpl3_entry(unsigned cpu)
+{
+    if (cpu != 0)
+        ap_main(cpu);
+    bsp_main();
+    guest_exit(EXIT_FAIL);
+}
