@@ -1,0 +1,235 @@
+//! The errors of the checkpoint store.
+
+use std::io;
+
+/// Which file of the store an I/O error concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRole {
+    /// The raw base image.
+    Base,
+    /// The region journal beside it.
+    Journal,
+}
+
+impl std::fmt::Display for FileRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileRole::Base => f.write_str("base image"),
+            FileRole::Journal => f.write_str("region journal"),
+        }
+    }
+}
+
+/// Everything that can go wrong in the checkpoint store.
+///
+/// Each variant's documentation is its message; causes are attached.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// an I/O operation on one of the store's files failed
+    #[error("{op} on the {file} failed")]
+    Io {
+        /// Which file.
+        file: FileRole,
+        /// What the store was doing.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// a previous write-back or sync failed; the store refuses further work (reopen it to recover)
+    #[error("the store is poisoned by an earlier failed {0}; reopen it to recover")]
+    Poisoned(&'static str),
+    /// the file is not a mirrorvm region journal (bad magic)
+    #[error("not a mirrorvm region journal: bad magic {found:02x?}")]
+    BadMagic {
+        /// The first bytes found.
+        found: [u8; 8],
+    },
+    /// the journal was written by a newer format version than this build understands
+    #[error("region journal format version {found} is newer than the newest this build reads ({supported}); use a newer mirrorvm")]
+    UnsupportedVersion {
+        /// Version in the file.
+        found: u32,
+        /// Newest version this build reads.
+        supported: u32,
+    },
+    /// the journal's file header fails its checksum
+    #[error("the region journal's file header is corrupt (CRC32C {stored:#010x} stored, {computed:#010x} computed)")]
+    HeaderChecksum {
+        /// CRC in the file.
+        stored: u32,
+        /// CRC computed over the header.
+        computed: u32,
+    },
+    /// a field of the journal's file header is out of its allowed range
+    #[error(
+        "the region journal's file header field `{field}` = {value} is out of range ({allowed})"
+    )]
+    HeaderField {
+        /// Field name.
+        field: &'static str,
+        /// Value found.
+        value: u64,
+        /// The allowed range, in words.
+        allowed: &'static str,
+    },
+    /// the journal file is shorter than its header says
+    #[error("the region journal is truncated: {len} bytes, its header needs {expected}")]
+    JournalTruncated {
+        /// Actual length.
+        len: u64,
+        /// Length the header implies.
+        expected: u64,
+    },
+    /// the base image's size does not match the one the journal was made for
+    #[error("the base image is {actual} bytes but the journal was made for {expected}")]
+    BaseSizeMismatch {
+        /// Size the journal records.
+        expected: u64,
+        /// Size of the base image.
+        actual: u64,
+    },
+    /// the base image's size is not a whole number of 512-byte sectors
+    #[error("the base image is {0} bytes, not a multiple of 512")]
+    BaseNotSectorSized(u64),
+    /// the store configuration is invalid
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+    /// a request is not aligned to 512-byte sectors or is empty
+    #[error("request at sector {sector} of {len} bytes is empty or not a multiple of 512 bytes")]
+    Unaligned {
+        /// First sector.
+        sector: u64,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// a request reaches beyond the end of the disk
+    #[error(
+        "request at sector {sector} of {len} bytes goes beyond the end of the {disk_len}-byte disk"
+    )]
+    OutOfRange {
+        /// First sector.
+        sector: u64,
+        /// Length in bytes.
+        len: usize,
+        /// Disk size in bytes.
+        disk_len: u64,
+    },
+    /// a single write is larger than a whole region can ever hold
+    #[error("a write of {len} bytes can never fit a region of {capacity} bytes (record header included)")]
+    WriteTooLarge {
+        /// Length in bytes.
+        len: usize,
+        /// Region capacity in bytes.
+        capacity: u64,
+    },
+    /// no region slot is free for a new active region (the oldest frozen one is not retired yet)
+    #[error("no free region slot to start checkpoint {epoch}: {frozen} frozen region(s) await retirement")]
+    NoFreeRegion {
+        /// The epoch whose cut was asked for.
+        epoch: u64,
+        /// How many regions are frozen.
+        frozen: usize,
+    },
+    /// timed out waiting for a region slot to become free
+    #[error("timed out waiting for a free region slot to start checkpoint {epoch}")]
+    WaitTimedOut {
+        /// The epoch whose cut was asked for.
+        epoch: u64,
+    },
+    /// checkpoint epochs must increase
+    #[error("checkpoint epoch {epoch} is not after the last one ({last})")]
+    EpochNotIncreasing {
+        /// Epoch asked for.
+        epoch: u64,
+        /// Newest existing epoch.
+        last: u64,
+    },
+    /// there is no frozen region for this epoch
+    #[error("there is no frozen region for epoch {0}")]
+    NoSuchRegion(u64),
+    /// regions are retired oldest first
+    #[error("region {epoch} cannot be retired before the older region {oldest}")]
+    RetireOutOfOrder {
+        /// Epoch asked for.
+        epoch: u64,
+        /// Oldest frozen epoch.
+        oldest: u64,
+    },
+    /// a region is retired only once the peer has acknowledged it
+    #[error("region {0} cannot be retired: it is not acknowledged")]
+    NotAcknowledged(u64),
+    /// a retire of this region is already running
+    #[error("region {0} is already being retired")]
+    RetireInProgress(u64),
+    /// recovery was asked for an epoch older than what the base image already holds
+    #[error("cannot recover to epoch {requested}: the base image already holds epoch {base}")]
+    EpochRetired {
+        /// Epoch asked for.
+        requested: u64,
+        /// Epoch of the base image.
+        base: u64,
+    },
+    /// recovery was asked for an epoch whose sealed region is not in the journal
+    #[error("cannot recover to epoch {requested}: the sealed region of epoch {missing} is missing from the journal (base image at epoch {base})")]
+    RegionMissing {
+        /// Epoch asked for.
+        requested: u64,
+        /// The epoch whose region is missing.
+        missing: u64,
+        /// Epoch of the base image.
+        base: u64,
+    },
+    /// a record of a sealed region is torn or corrupt
+    #[error(
+        "slot {slot} (epoch {epoch}): record {seq} at journal offset {offset} is bad: {reason}"
+    )]
+    BadRecord {
+        /// Region slot.
+        slot: u32,
+        /// Epoch of the region.
+        epoch: u64,
+        /// Record number in the region.
+        seq: u32,
+        /// Byte offset of the record in the journal.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// a sealed region's parent epoch is older than the base image's epoch
+    #[error("the sealed region of epoch {epoch} follows epoch {parent}, older than the base image's epoch {base}: the journal's history is inconsistent")]
+    BrokenChain {
+        /// Epoch of the region.
+        epoch: u64,
+        /// Its parent epoch.
+        parent: u64,
+        /// Epoch of the base image.
+        base: u64,
+    },
+    /// the journal has no valid file header: it was never created, or its creation was torn
+    #[error("no region journal at {0}")]
+    NoJournal(String),
+    /// two sealed regions claim the same epoch
+    #[error("slots {a} and {b} both hold a sealed region for epoch {epoch}")]
+    DuplicateEpoch {
+        /// Epoch.
+        epoch: u64,
+        /// First slot.
+        a: u32,
+        /// Second slot.
+        b: u32,
+    },
+}
+
+/// Shorthand for results of the store.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) trait IoContext<T> {
+    fn ctx(self, file: FileRole, op: &'static str) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, file: FileRole, op: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Io { file, op, source })
+    }
+}

@@ -1,0 +1,548 @@
+//! The on-disk format of the region journal: constants, byte layouts, encoding and
+//! decoding. `docs/store-format.md` is the specification; this module implements it.
+//!
+//! All integers are little-endian. Nothing here trusts a length read from disk: every
+//! field is bounded before it is used for an offset or an allocation.
+
+use super::error::{Error, Result};
+
+/// The sector size of the virtual disk; every request is a whole number of sectors.
+pub const SECTOR_SIZE: u64 = 512;
+/// The newest format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Magic at offset 0 of the journal.
+pub const FILE_MAGIC: [u8; 8] = *b"MVMJRNL\0";
+/// Bytes reserved for the file header at the start of the journal.
+pub const FILE_HEADER_AREA: u64 = 4096;
+/// Bytes of the file header that are defined (and covered by its CRC).
+pub const FILE_HEADER_LEN: usize = 64;
+/// Bytes reserved at the start of each slot for its two header copies.
+pub const SLOT_HEADER_AREA: u64 = 4096;
+/// Distance between the two header copies of a slot.
+pub const SLOT_COPY_STRIDE: u64 = 512;
+/// Bytes of a slot header copy that are defined (and covered by its CRC).
+pub const SLOT_HEADER_LEN: usize = 72;
+/// Magic of a slot header copy.
+pub const SLOT_MAGIC: [u8; 4] = *b"MVJS";
+/// Bytes of a write record's header (its data follows immediately).
+pub const RECORD_HEADER_LEN: u64 = 32;
+/// Magic of a write record.
+pub const RECORD_MAGIC: [u8; 4] = *b"MVJW";
+/// Fewest region slots a journal may have.
+pub const MIN_SLOTS: u32 = 2;
+/// Most region slots a journal may have.
+pub const MAX_SLOTS: u32 = 64;
+/// Smallest region capacity (bytes of records per slot).
+pub const MIN_CAPACITY: u64 = 4096;
+/// Largest region capacity.
+pub const MAX_CAPACITY: u64 = 1 << 36;
+/// Largest base image the format describes.
+pub const MAX_BASE_LEN: u64 = 1 << 56;
+
+/// The bytes a write of `len` data bytes takes in a region.
+pub const fn record_footprint(len: u64) -> u64 {
+    RECORD_HEADER_LEN + len
+}
+
+/// The journal's file header: written once when the journal is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileHeader {
+    /// Format version.
+    pub version: u32,
+    /// Number of region slots.
+    pub slot_count: u32,
+    /// Bytes of records each slot holds.
+    pub region_capacity: u64,
+    /// Size of the base image the journal belongs to.
+    pub base_len: u64,
+    /// Epoch the base image held when the journal was created.
+    pub created_epoch: u64,
+    /// A number identifying this journal (informational).
+    pub journal_id: u64,
+}
+
+impl FileHeader {
+    /// Encodes the header into its `FILE_HEADER_LEN` bytes.
+    pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
+        let mut b = [0u8; FILE_HEADER_LEN];
+        b[0..8].copy_from_slice(&FILE_MAGIC);
+        put32(&mut b, 8, self.version);
+        put32(&mut b, 12, FILE_HEADER_LEN as u32);
+        put32(&mut b, 16, SECTOR_SIZE as u32);
+        put32(&mut b, 20, self.slot_count);
+        put64(&mut b, 24, self.region_capacity);
+        put64(&mut b, 32, self.base_len);
+        put64(&mut b, 40, self.created_epoch);
+        put64(&mut b, 48, self.journal_id);
+        let crc = crc32c::crc32c(&b[..60]);
+        put32(&mut b, 60, crc);
+        b
+    }
+
+    /// Decodes and validates a file header. The version is checked before the
+    /// checksum, so that a newer journal is refused as such rather than as corrupt.
+    pub fn decode(b: &[u8]) -> Result<FileHeader> {
+        if b.len() < FILE_HEADER_LEN {
+            return Err(Error::JournalTruncated {
+                len: b.len() as u64,
+                expected: FILE_HEADER_LEN as u64,
+            });
+        }
+        let mut magic = [0u8; 8];
+        magic.copy_from_slice(&b[0..8]);
+        if magic != FILE_MAGIC {
+            return Err(Error::BadMagic { found: magic });
+        }
+        let version = get32(b, 8);
+        if version > FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let stored = get32(b, 60);
+        let computed = crc32c::crc32c(&b[..60]);
+        if stored != computed {
+            return Err(Error::HeaderChecksum { stored, computed });
+        }
+        if version == 0 {
+            return Err(field("version", 0, "1"));
+        }
+        let header_len = get32(b, 12);
+        if header_len as usize != FILE_HEADER_LEN {
+            return Err(field("header_len", header_len.into(), "64"));
+        }
+        let sector = get32(b, 16);
+        if u64::from(sector) != SECTOR_SIZE {
+            return Err(field("sector_size", sector.into(), "512"));
+        }
+        let h = FileHeader {
+            version,
+            slot_count: get32(b, 20),
+            region_capacity: get64(b, 24),
+            base_len: get64(b, 32),
+            created_epoch: get64(b, 40),
+            journal_id: get64(b, 48),
+        };
+        h.validate()?;
+        Ok(h)
+    }
+
+    /// Checks every field against its bounds.
+    pub fn validate(&self) -> Result<()> {
+        if !(MIN_SLOTS..=MAX_SLOTS).contains(&self.slot_count) {
+            return Err(field("slot_count", self.slot_count.into(), "2..=64"));
+        }
+        if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&self.region_capacity)
+            || self.region_capacity % 4096 != 0
+        {
+            return Err(field(
+                "region_capacity",
+                self.region_capacity,
+                "a multiple of 4096 in 4 KiB..=64 GiB",
+            ));
+        }
+        if self.base_len % SECTOR_SIZE != 0 || self.base_len > MAX_BASE_LEN {
+            return Err(field(
+                "base_len",
+                self.base_len,
+                "a multiple of 512 up to 2^56",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The geometry this header describes.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            slot_count: self.slot_count,
+            capacity: self.region_capacity,
+        }
+    }
+}
+
+fn field(field: &'static str, value: u64, allowed: &'static str) -> Error {
+    Error::HeaderField {
+        field,
+        value,
+        allowed,
+    }
+}
+
+/// Where things are in the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Number of region slots.
+    pub slot_count: u32,
+    /// Bytes of records per slot.
+    pub capacity: u64,
+}
+
+impl Geometry {
+    /// Byte offset of slot `slot`'s header area.
+    pub fn slot_offset(&self, slot: u32) -> u64 {
+        FILE_HEADER_AREA + u64::from(slot) * (SLOT_HEADER_AREA + self.capacity)
+    }
+    /// Byte offset of header copy `copy` (0 or 1) of slot `slot`.
+    pub fn copy_offset(&self, slot: u32, copy: u8) -> u64 {
+        self.slot_offset(slot) + u64::from(copy) * SLOT_COPY_STRIDE
+    }
+    /// Byte offset of the first record of slot `slot`.
+    pub fn records_offset(&self, slot: u32) -> u64 {
+        self.slot_offset(slot) + SLOT_HEADER_AREA
+    }
+    /// Total journal length.
+    pub fn journal_len(&self) -> u64 {
+        self.slot_offset(self.slot_count)
+    }
+}
+
+/// The state of a region slot, as its header records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SlotState {
+    /// Never used (also: no valid header copy).
+    Empty,
+    /// Receiving the writes of the current epoch; never recovered.
+    Active,
+    /// Frozen at a cut; its records are durable and complete.
+    Sealed,
+    /// Sealed, and the peer holds it.
+    Acknowledged,
+    /// Committed into the base image; the slot is free.
+    Retired,
+    /// Discarded (rolled back, or later than a recovery's epoch); the slot is free.
+    Dropped,
+}
+
+impl SlotState {
+    /// The state's byte on disk.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            SlotState::Empty => 0,
+            SlotState::Active => 1,
+            SlotState::Sealed => 2,
+            SlotState::Acknowledged => 3,
+            SlotState::Retired => 4,
+            SlotState::Dropped => 5,
+        }
+    }
+    /// The state of a byte on disk, if it is one.
+    pub fn from_byte(b: u8) -> Option<SlotState> {
+        Some(match b {
+            0 => SlotState::Empty,
+            1 => SlotState::Active,
+            2 => SlotState::Sealed,
+            3 => SlotState::Acknowledged,
+            4 => SlotState::Retired,
+            5 => SlotState::Dropped,
+            _ => return None,
+        })
+    }
+    /// Whether the slot holds a sealed region (sealed or acknowledged).
+    pub fn is_sealed(self) -> bool {
+        matches!(self, SlotState::Sealed | SlotState::Acknowledged)
+    }
+    /// Whether the slot may be given to a new active region.
+    pub fn is_free(self) -> bool {
+        matches!(
+            self,
+            SlotState::Empty | SlotState::Retired | SlotState::Dropped
+        )
+    }
+}
+
+impl std::fmt::Display for SlotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SlotState::Empty => "empty",
+            SlotState::Active => "active",
+            SlotState::Sealed => "sealed",
+            SlotState::Acknowledged => "acknowledged",
+            SlotState::Retired => "retired",
+            SlotState::Dropped => "dropped",
+        })
+    }
+}
+
+/// One copy of a slot's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotHeader {
+    /// Slot index (must match the slot it is found in).
+    pub slot: u32,
+    /// Write counter of this slot's header; the valid copy with the higher one wins.
+    pub seq: u64,
+    /// State.
+    pub state: SlotState,
+    /// Records in the region (sealed and later states).
+    pub record_count: u32,
+    /// Generation of the region occupying the slot; unique over the journal's life.
+    pub generation: u64,
+    /// Epoch of the region (sealed and later; 0 while active).
+    pub epoch: u64,
+    /// Epoch of the checkpoint this region follows (the previous region or the base).
+    pub parent_epoch: u64,
+    /// Bytes of records in the region (sealed and later states).
+    pub used_bytes: u64,
+    /// The epoch the base image durably held when this copy was written.
+    pub base_epoch: u64,
+}
+
+/// Why a slot header copy was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyProblem {
+    /// All zero: never written.
+    Blank,
+    /// Anything else, in words.
+    Invalid(String),
+}
+
+impl SlotHeader {
+    /// Encodes the copy.
+    pub fn encode(&self) -> [u8; SLOT_HEADER_LEN] {
+        let mut b = [0u8; SLOT_HEADER_LEN];
+        b[0..4].copy_from_slice(&SLOT_MAGIC);
+        put32(&mut b, 4, self.slot);
+        put64(&mut b, 8, self.seq);
+        b[16] = self.state.to_byte();
+        put32(&mut b, 20, self.record_count);
+        put64(&mut b, 24, self.generation);
+        put64(&mut b, 32, self.epoch);
+        put64(&mut b, 40, self.parent_epoch);
+        put64(&mut b, 48, self.used_bytes);
+        put64(&mut b, 56, self.base_epoch);
+        let crc = crc32c::crc32c(&b[..68]);
+        put32(&mut b, 68, crc);
+        b
+    }
+
+    /// Decodes and validates a copy found in slot `slot` of a journal of geometry `geo`.
+    pub fn decode(
+        b: &[u8; SLOT_HEADER_LEN],
+        slot: u32,
+        geo: &Geometry,
+    ) -> std::result::Result<SlotHeader, CopyProblem> {
+        if b.iter().all(|&x| x == 0) {
+            return Err(CopyProblem::Blank);
+        }
+        let bad = |s: String| Err(CopyProblem::Invalid(s));
+        if b[0..4] != SLOT_MAGIC {
+            return bad("bad magic".into());
+        }
+        let stored = get32(b, 68);
+        let computed = crc32c::crc32c(&b[..68]);
+        if stored != computed {
+            return bad(format!(
+                "CRC32C {stored:#010x} stored, {computed:#010x} computed"
+            ));
+        }
+        let Some(state) = SlotState::from_byte(b[16]) else {
+            return bad(format!("unknown state {}", b[16]));
+        };
+        let h = SlotHeader {
+            slot: get32(b, 4),
+            seq: get64(b, 8),
+            state,
+            record_count: get32(b, 20),
+            generation: get64(b, 24),
+            epoch: get64(b, 32),
+            parent_epoch: get64(b, 40),
+            used_bytes: get64(b, 48),
+            base_epoch: get64(b, 56),
+        };
+        if h.slot != slot {
+            return bad(format!(
+                "copy names slot {} but sits in slot {slot}",
+                h.slot
+            ));
+        }
+        if h.used_bytes > geo.capacity {
+            return bad(format!(
+                "used_bytes {} exceeds the capacity {}",
+                h.used_bytes, geo.capacity
+            ));
+        }
+        if u64::from(h.record_count) * RECORD_HEADER_LEN > h.used_bytes {
+            return bad(format!(
+                "{} records cannot fit {} bytes",
+                h.record_count, h.used_bytes
+            ));
+        }
+        if state.is_sealed() && h.parent_epoch >= h.epoch {
+            return bad(format!(
+                "parent epoch {} is not before epoch {}",
+                h.parent_epoch, h.epoch
+            ));
+        }
+        Ok(h)
+    }
+}
+
+/// A write record's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Record number within its region, from 0.
+    pub seq: u32,
+    /// Generation of the region that wrote it.
+    pub generation: u64,
+    /// First sector written.
+    pub sector: u64,
+    /// Data bytes (a multiple of 512).
+    pub len: u32,
+    /// CRC32C over the header's first 28 bytes, then the data.
+    pub crc: u32,
+}
+
+impl RecordHeader {
+    /// Encodes the header; `crc` must already be [`RecordHeader::checksum`] of the data.
+    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN as usize] {
+        let mut b = [0u8; RECORD_HEADER_LEN as usize];
+        self.encode_prefix(&mut b);
+        put32(&mut b, 28, self.crc);
+        b
+    }
+
+    fn encode_prefix(&self, b: &mut [u8; RECORD_HEADER_LEN as usize]) {
+        b[0..4].copy_from_slice(&RECORD_MAGIC);
+        put32(b, 4, self.seq);
+        put64(b, 8, self.generation);
+        put64(b, 16, self.sector);
+        put32(b, 24, self.len);
+    }
+
+    /// The CRC32C of this header (without its CRC field) followed by `data`.
+    pub fn checksum(&self, data: &[u8]) -> u32 {
+        let crc = self.checksum_start();
+        crc32c::crc32c_append(crc, data)
+    }
+
+    /// The CRC32C over the header's first 28 bytes; extend it over the data with
+    /// `crc32c::crc32c_append`.
+    pub fn checksum_start(&self) -> u32 {
+        let mut b = [0u8; RECORD_HEADER_LEN as usize];
+        self.encode_prefix(&mut b);
+        crc32c::crc32c(&b[..28])
+    }
+
+    /// Decodes a header; `None` if the magic is wrong.
+    pub fn decode(b: &[u8; RECORD_HEADER_LEN as usize]) -> Option<RecordHeader> {
+        if b[0..4] != RECORD_MAGIC {
+            return None;
+        }
+        Some(RecordHeader {
+            seq: get32(b, 4),
+            generation: get64(b, 8),
+            sector: get64(b, 16),
+            len: get32(b, 24),
+            crc: get32(b, 28),
+        })
+    }
+}
+
+pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+pub(crate) fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+pub(crate) fn get32(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+pub(crate) fn get64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_header_round_trips_and_rejects_newer_version() {
+        let h = FileHeader {
+            version: FORMAT_VERSION,
+            slot_count: 2,
+            region_capacity: 1 << 20,
+            base_len: 1 << 30,
+            created_epoch: 7,
+            journal_id: 99,
+        };
+        let b = h.encode();
+        assert_eq!(FileHeader::decode(&b).unwrap(), h);
+        let mut newer = h;
+        newer.version = FORMAT_VERSION + 1;
+        let err = FileHeader::decode(&newer.encode()).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            }
+        ));
+        assert!(err.to_string().contains("newer"));
+    }
+
+    #[test]
+    fn file_header_bounds_are_checked() {
+        let mut h = FileHeader {
+            version: FORMAT_VERSION,
+            slot_count: 1000,
+            region_capacity: 1 << 20,
+            base_len: 1 << 30,
+            created_epoch: 0,
+            journal_id: 0,
+        };
+        assert!(matches!(
+            FileHeader::decode(&h.encode()),
+            Err(Error::HeaderField {
+                field: "slot_count",
+                ..
+            })
+        ));
+        h.slot_count = 2;
+        h.region_capacity = u64::MAX;
+        assert!(matches!(
+            FileHeader::decode(&h.encode()),
+            Err(Error::HeaderField {
+                field: "region_capacity",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn slot_header_round_trips_and_detects_damage() {
+        let geo = Geometry {
+            slot_count: 2,
+            capacity: 1 << 20,
+        };
+        let h = SlotHeader {
+            slot: 1,
+            seq: 5,
+            state: SlotState::Sealed,
+            record_count: 3,
+            generation: 9,
+            epoch: 4,
+            parent_epoch: 3,
+            used_bytes: 3 * 4128,
+            base_epoch: 2,
+        };
+        let b = h.encode();
+        assert_eq!(SlotHeader::decode(&b, 1, &geo), Ok(h));
+        assert!(SlotHeader::decode(&b, 0, &geo).is_err());
+        for i in 0..SLOT_HEADER_LEN {
+            let mut c = b;
+            c[i] ^= 0x10;
+            assert!(SlotHeader::decode(&c, 1, &geo).is_err(), "flip at {i}");
+        }
+        assert_eq!(
+            SlotHeader::decode(&[0; SLOT_HEADER_LEN], 1, &geo),
+            Err(CopyProblem::Blank)
+        );
+    }
+}
