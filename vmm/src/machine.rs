@@ -393,13 +393,11 @@ impl Machine {
             Arc::new(Mutex::new(I8042::new(Box::new(move || {
                 s.request(RunEnd::Reset)
             })))),
+            // One range over 0x60..=0x64: the device decodes data (0x60) and
+            // command/status (0x64) by offset.
             u64::from(I8042_DATA_PORT),
-            1,
+            u64::from(I8042_COMMAND_PORT - I8042_DATA_PORT) + 1,
         )?;
-        let i8042_cmd = pio.get(u64::from(I8042_DATA_PORT)).map(|(_, d)| d.clone());
-        if let Some(d) = i8042_cmd {
-            pio.insert(d, u64::from(I8042_COMMAND_PORT), 1)?;
-        }
         let s = shutdown.clone();
         pio.insert(
             Arc::new(Mutex::new(DebugExit::new(Box::new(move |v| {

@@ -299,10 +299,23 @@ impl Vcpu {
             _ => "unknown suberror",
         };
         let n = (internal.ndata as usize).min(internal.data.len());
+        let data = &internal.data[..n];
+        // With KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, data[0] is the
+        // flags word, then one byte of length and up to 15 instruction bytes.
+        if internal.suberror == 1 && n >= 3 && data[0] & 1 == 1 {
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&data[1].to_le_bytes());
+            raw[8..].copy_from_slice(&data[2].to_le_bytes());
+            let len = usize::from(raw[0]).min(15);
+            let bytes: Vec<String> = raw[1..1 + len].iter().map(|b| format!("{b:02x}")).collect();
+            return format!(
+                "KVM_EXIT_INTERNAL_ERROR (suberror 1: {what}; instruction bytes {})",
+                bytes.join(" ")
+            );
+        }
         format!(
-            "KVM_EXIT_INTERNAL_ERROR (suberror {}: {what}; data {:x?})",
-            internal.suberror,
-            &internal.data[..n]
+            "KVM_EXIT_INTERNAL_ERROR (suberror {}: {what}; data {data:x?})",
+            internal.suberror
         )
     }
 }
