@@ -85,7 +85,11 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     sources.sort();
-    assert!(!sources.is_empty(), "test guest: no sources in {}", src.display());
+    assert!(
+        !sources.is_empty(),
+        "test guest: no sources in {}",
+        src.display()
+    );
 
     // The linker script shares layout.h with the code: preprocess it.
     let lds = out.join("testguest.lds");
@@ -118,12 +122,17 @@ fn main() {
 
 /// Cheap sanity check of the result: an ELF64 x86-64 executable.
 fn check_elf(path: &Path) {
-    let bytes = fs::read(path).unwrap_or_else(|e| panic!("test guest: read {}: {e}", path.display()));
+    let bytes =
+        fs::read(path).unwrap_or_else(|e| panic!("test guest: read {}: {e}", path.display()));
     let ok = bytes.len() > 64
         && &bytes[0..4] == b"\x7fELF"
         && bytes[4] == 2 // ELFCLASS64
         && bytes[5] == 1 // little endian
         && u16::from_le_bytes([bytes[16], bytes[17]]) == 2 // ET_EXEC
         && u16::from_le_bytes([bytes[18], bytes[19]]) == 62; // EM_X86_64
-    assert!(ok, "test guest: {} is not an x86-64 ELF executable", path.display());
+    assert!(
+        ok,
+        "test guest: {} is not an x86-64 ELF executable",
+        path.display()
+    );
 }

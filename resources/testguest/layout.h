@@ -25,12 +25,12 @@
 #define PD_ADDR             0x206000   /* 4 pages: 4 GiB of 2 MiB pages */
 #define IDT_ADDR            0x20a000   /* 256 gates of 16 bytes */
 #define GDT_ADDR            0x20b000
-#define TSS_ADDR            0x20b400   /* MAX_CPUS TSSs, TSS_STRIDE apart */
+#define TSS_ADDR            0x20c000   /* MAX_CPUS TSSs, TSS_STRIDE apart */
 #define TSS_STRIDE          128
-#define BOOTINFO_ADDR       0x20bc00   /* struct bootinfo, see guest.h */
-#define CPL0_DATA_END       0x20c000
+#define BOOTINFO_ADDR       0x20d000   /* struct bootinfo, see guest.h */
+#define CPL0_DATA_END       0x20e000
 
-#define MAX_CPUS            16
+#define MAX_CPUS            32         /* as many as mirrorvm run --cpus allows */
 
 /* GDT selectors */
 #define SEL_KCODE           0x08

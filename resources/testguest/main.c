@@ -98,7 +98,7 @@ static __attribute__((noreturn)) void usage_error(const char *msg)
     print("testguest: error: %s\n", msg);
     print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both]"
           " | dirty [pages_per_ms=N] [mb=M] [seconds=T]"
-          " | counter [interval_ms=N] [limit=N] | smp | hostile\n");
+          " | counter [interval_ms=N] [limit=N] | smp | hostile | fault [kind=ud|gp|pf|de]\n");
     print("testguest: exit %d (usage)\n", EXIT_USAGE);
     guest_exit(EXIT_USAGE);
 }
@@ -217,6 +217,36 @@ static int wl_dirty(void)
     return EXIT_OK;
 }
 
+/* Raise a CPU exception at CPL3 on purpose: the CPL0 handler must report
+ * it and end the run with EXIT_EXCEPTION. */
+static int wl_fault(void)
+{
+    static const char *const keys[] = { "kind", NULL };
+    size_t len;
+    const char *kind;
+    check_keys(keys);
+    kind = cmdline_str(&cl, "kind", &len);
+    if (!kind) {
+        kind = "ud";
+        len = 2;
+    }
+    print("fault: raising %.*s at CPL3; expect exit %d\n", (int)len, kind, EXIT_EXCEPTION);
+    if (str_eqn(kind, len, "ud")) {
+        __asm__ volatile("ud2");
+    } else if (str_eqn(kind, len, "gp")) {
+        __asm__ volatile("hlt");
+    } else if (str_eqn(kind, len, "pf")) {
+        *(volatile uint64_t *)(uintptr_t)0x8000000000ull = 1; /* not mapped */
+    } else if (str_eqn(kind, len, "de")) {
+        volatile unsigned zero = 0, one = 1;
+        one /= zero;
+    } else {
+        usage_error("fault: kind must be ud, gp, pf or de");
+    }
+    print("fault: FAILED: no exception\n");
+    return EXIT_FAIL;
+}
+
 static void bsp_main(void)
 {
     const char *cmd = machine_cmdline();
@@ -247,6 +277,8 @@ static void bsp_main(void)
         code = wl_hostile(&cl);
     else if (str_eqn(cl.workload, cl.wlen, "smp"))
         code = wl_smp(&cl);
+    else if (str_eqn(cl.workload, cl.wlen, "fault"))
+        code = wl_fault();
     else {
         char msg[96];
         fmt_snprintf(msg, sizeof msg, "unknown workload '%.*s'", (int)cl.wlen, cl.workload);
