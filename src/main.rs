@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{self, DiskConfig, KernelSource, SerialConfig, VmConfig};
 use vmm::{Machine, RunEnd};
@@ -71,6 +70,8 @@ impl RunArgs {
             memory: self.memory,
             disks: self.disk,
             serial: self.serial,
+            kvm_device: std::env::var_os("MIRRORVM_KVM_DEVICE")
+                .map_or_else(|| config::DEFAULT_KVM_DEVICE.into(), Into::into),
         })
     }
 }
@@ -79,7 +80,7 @@ fn run(args: RunArgs) -> anyhow::Result<RunEnd> {
     let config = args.into_config()?;
     let machine = Machine::new(&config)?;
     tracing::info!(cmdline = machine.cmdline(), "booting");
-    machine.run().context("the VM stopped abnormally")
+    Ok(machine.run()?)
 }
 
 fn main() -> ExitCode {
@@ -105,7 +106,7 @@ fn main() -> ExitCode {
             ExitCode::from(end.exit_code().clamp(0, 255) as u8)
         }
         Err(e) => {
-            eprintln!("mirrorvm: error: {e:#}");
+            eprintln!("mirrorvm: error: {e}");
             ExitCode::from(1)
         }
     }

@@ -137,6 +137,8 @@ impl FromStr for SerialConfig {
     }
 }
 
+/// The KVM device node used unless the configuration names another.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 /// Default guest memory.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// Command line of the test guest when none is given.
@@ -161,6 +163,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Serial console.
     pub serial: SerialConfig,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
 }
 
 impl Default for VmConfig {
@@ -173,6 +177,7 @@ impl Default for VmConfig {
             memory: DEFAULT_MEMORY,
             disks: Vec::new(),
             serial: SerialConfig::Tty,
+            kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
         }
     }
 }

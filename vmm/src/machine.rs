@@ -42,13 +42,18 @@ pub const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(3);
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// /dev/kvm is missing or cannot be opened.
-    #[error("cannot open /dev/kvm: {source}{hint}")]
+    #[error("cannot open {path}: {source}{hint}")]
     OpenKvm {
+        /// The device node.
+        path: String,
         /// Cause.
         source: kvm_ioctls::Error,
         /// What to do about it.
         hint: &'static str,
     },
+    /// The device node does not speak the KVM API.
+    #[error("{0} is not a KVM device (KVM_GET_API_VERSION did not answer 12)")]
+    NotKvm(String),
     /// KVM's API version or a capability we need is missing.
     #[error("KVM lacks a capability mirrorvm needs: {0}")]
     KvmCapability(&'static str),
@@ -79,6 +84,14 @@ pub enum VmmError {
         path: String,
         /// Cause.
         source: std::io::Error,
+    },
+    /// The kernel file is unusable.
+    #[error("kernel {path}: {source}")]
+    Kernel {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        source: BootError,
     },
     /// The initramfs file could not be opened.
     #[error("cannot open initramfs {path}: {source}")]
@@ -279,15 +292,23 @@ pub struct Machine {
     cmdline: String,
 }
 
-fn open_kvm() -> Result<Kvm, VmmError> {
-    Kvm::new().map_err(|source| {
+fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
+    let shown = path.display().to_string();
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmmError::NotKvm(shown.clone()))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|source| {
         let hint = match source.errno() {
-            libc::ENOENT => " (no /dev/kvm: this host has no KVM; load kvm_intel/kvm_amd or run on a host with virtualization)",
+            libc::ENOENT => " (it does not exist: this host has no KVM; load kvm_intel or kvm_amd, or run on a host with virtualization)",
             libc::EACCES | libc::EPERM => " (permission denied: run as root or add yourself to the 'kvm' group)",
             _ => "",
         };
-        VmmError::OpenKvm { source, hint }
-    })
+        VmmError::OpenKvm { path: shown.clone(), source, hint }
+    })?;
+    // KVM_API_VERSION has been 12 since Linux 2.6.22; anything else is not KVM.
+    if kvm.get_api_version() != 12 {
+        return Err(VmmError::NotKvm(shown));
+    }
+    Ok(kvm)
 }
 
 impl Machine {
@@ -305,8 +326,11 @@ impl Machine {
             }
             KernelSource::TestGuest => None,
         };
-        if let Some(f) = kernel_file.as_mut() {
-            boot::detect_format(f)?;
+        if let (Some(f), KernelSource::File(p)) = (kernel_file.as_mut(), &config.kernel) {
+            boot::detect_format(f).map_err(|source| VmmError::Kernel {
+                path: p.display().to_string(),
+                source,
+            })?;
         }
         let mut initramfs = match &config.initramfs {
             Some(p) => Some(File::open(p).map_err(|source| VmmError::OpenInitramfs {
@@ -321,7 +345,7 @@ impl Machine {
             .map(crate::disk::open)
             .collect::<Result<Vec<_>, _>>()?;
 
-        let kvm = open_kvm()?;
+        let kvm = open_kvm(&config.kvm_device)?;
         if !kvm.check_extension(kvm_ioctls::Cap::Irqchip)
             || !kvm.check_extension(kvm_ioctls::Cap::ImmediateExit)
         {
