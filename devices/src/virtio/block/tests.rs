@@ -120,6 +120,15 @@ impl Driver {
 
     pub fn with_mem(disk_len: usize, read_only: bool, queue_size: u16, mem_size: usize) -> Self {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), mem_size)]).unwrap();
+        Self::with_memory(mem, disk_len, read_only, queue_size)
+    }
+
+    pub fn with_memory(
+        mem: GuestMemory,
+        disk_len: usize,
+        read_only: bool,
+        queue_size: u16,
+    ) -> Self {
         let disk = MemDisk::new(disk_len);
         let block = Arc::new(Mutex::new(
             Block::new(
@@ -836,4 +845,198 @@ fn raw_file_backend() {
     let id = id_from_path(Path::new("/images/a-very-long-disk-image-name.img"));
     assert_eq!(id.len(), 20);
     assert_eq!(&id, b"-disk-image-name.img");
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Two RAM regions with a hole between them, to catch buffers spanning the hole.
+    const LOW_END: u64 = 0x8_0000;
+    const HIGH: u64 = 0x10_0000;
+    const HIGH_END: u64 = 0x18_0000;
+    const DISK_LEN: usize = 32 * 512;
+    const QSIZE: u16 = 16;
+    const FLAG_BITS: u16 = (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT) as u16;
+
+    /// Addresses where interesting things happen.
+    fn addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0x8000u64),
+            Just(0x9000),
+            Just(0x10000),
+            Just(LOW_END - 16),
+            Just(LOW_END - 1),
+            Just(LOW_END),
+            Just(HIGH),
+            Just(HIGH_END - 512),
+            Just(HIGH_END),
+            Just(DESC_TABLE),
+            Just(USED_RING),
+            Just(u64::MAX - 8),
+            any::<u64>(),
+            0x8000u64..0x9100,
+        ]
+    }
+
+    fn len() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(0u32),
+            Just(1),
+            Just(16),
+            Just(17),
+            Just(512),
+            Just(528),
+            Just(1024),
+            Just(QSIZE as u32 * 16),
+            Just(u32::MAX),
+            any::<u32>(),
+            0u32..2048,
+        ]
+    }
+
+    fn desc() -> impl Strategy<Value = D> {
+        (
+            addr(),
+            len(),
+            any::<u16>(),
+            prop_oneof![0u16..QSIZE + 2, any::<u16>()],
+        )
+            .prop_map(|(a, l, f, n)| D(a, l, f & FLAG_BITS, n))
+    }
+
+    fn header() -> impl Strategy<Value = (u32, u64)> {
+        (
+            prop_oneof![Just(0u32), Just(1), Just(4), Just(8), any::<u32>()],
+            prop_oneof![
+                0u64..40,
+                Just((DISK_LEN / 512) as u64),
+                Just(u64::MAX),
+                any::<u64>()
+            ],
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn hostile_queues_never_panic_and_work_is_bounded(
+            descs in proptest::collection::vec(desc(), QSIZE as usize),
+            heads in proptest::collection::vec(prop_oneof![0u16..QSIZE, any::<u16>()], 0..=QSIZE as usize),
+            avail_idx in prop_oneof![Just(None), any::<u16>().prop_map(Some)],
+            headers in proptest::collection::vec(header(), 3),
+            read_only in any::<bool>(),
+            rounds in 1usize..4,
+        ) {
+            let mem = GuestMemory::from_ranges(&[
+                (GuestAddress(0), LOW_END as usize),
+                (GuestAddress(HIGH), (HIGH_END - HIGH) as usize),
+            ])
+            .unwrap();
+            let mut drv = Driver::with_memory(mem, DISK_LEN, read_only, QSIZE);
+            for (at, (t, sector)) in [0x8000u64, 0x9000, HIGH].into_iter().zip(&headers) {
+                drv.header(at, *t, *sector);
+            }
+            // An indirect table somewhere useful, made of the same random descriptors.
+            for (i, d) in descs.iter().enumerate() {
+                drv.write_desc(DESC_TABLE, i as u16, *d);
+                drv.write_desc(0x10000, i as u16, *d);
+            }
+            for &h in &heads {
+                drv.make_available(h);
+            }
+            if let Some(idx) = avail_idx {
+                drv.mem.write_obj(idx, GuestAddress(AVAIL_RING + 2)).unwrap();
+            }
+            for _ in 0..rounds {
+                drv.process();
+            }
+            // Bounded: no more completions than requests offered, no more disk traffic
+            // than every request touching the whole disk.
+            let completed = drv.used_idx();
+            prop_assert!(usize::from(completed) <= heads.len().max(usize::from(QSIZE)));
+            let d = drv.disk.inner.lock().unwrap();
+            prop_assert!(d.bytes <= heads.len() * DISK_LEN);
+            prop_assert_eq!(d.data.len(), DISK_LEN);
+            if read_only {
+                prop_assert!(d.data.iter().enumerate().all(|(i, &b)| b == (i / 512) as u8));
+            }
+            drop(d);
+            // Every completion names a head the driver offered, with a sane length.
+            for _ in 0..completed {
+                let (id, len) = drv.pop_used().unwrap();
+                prop_assert!(heads.contains(&(id as u16)));
+                prop_assert!(len as u64 <= u64::from(u32::MAX));
+            }
+            // The device either still works or asks for a reset; a reset always recovers.
+            w(&mut drv.transport, VIRTIO_MMIO_STATUS, 0);
+            prop_assert_eq!(drv.status(), 0);
+        }
+
+        #[test]
+        fn plausible_requests_behave(
+            reqs in proptest::collection::vec(
+                (
+                    header(),
+                    proptest::collection::vec(
+                        (prop_oneof![Just(512u32), Just(1024), 0u32..2048], any::<bool>(), 0u64..8),
+                        0..6,
+                    ),
+                    any::<bool>(),
+                ),
+                1..=8,
+            ),
+            read_only in any::<bool>(),
+        ) {
+            let mut drv = Driver::new(DISK_LEN, read_only, QSIZE);
+            let mut next_desc = 0u16;
+            let mut expected = Vec::new();
+            for (k, ((t, sector), data, status_writable)) in reqs.iter().enumerate() {
+                let hdr = DATA - PAGE + k as u64 * 16;
+                let status = DATA - 64 + k as u64;
+                drv.header(hdr, *t, *sector);
+                drv.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+                let mut chain = vec![D(hdr, 16, R, 0)];
+                for (l, writable, page) in data {
+                    chain.push(D(DATA + page * 0x1000, *l, if *writable { WR } else { R }, 0));
+                }
+                chain.push(D(status, 1, if *status_writable { WR } else { R }, 0));
+                if usize::from(next_desc) + chain.len() > usize::from(QSIZE) {
+                    break;
+                }
+                let head = drv.submit(next_desc, &chain);
+                next_desc += chain.len() as u16;
+                expected.push((head, *t, data.clone(), *status_writable, status, *sector));
+            }
+            drv.process();
+            for (head, t, data, status_writable, status, sector) in expected {
+                let (id, len) = drv.pop_used().unwrap();
+                prop_assert_eq!(id, u32::from(head));
+                let st = drv.status_byte(status);
+                if !status_writable {
+                    prop_assert_eq!(len, 0);
+                    prop_assert_eq!(st, 0xff);
+                    continue;
+                }
+                let in_len: u64 = data.iter().filter(|d| !d.1).map(|d| u64::from(d.0)).sum();
+                let out_len: u64 = data.iter().filter(|d| d.1).map(|d| u64::from(d.0)).sum();
+                let ordered = data.windows(2).all(|w| !w[0].1 || w[1].1);
+                let fits = |n: u64| n & 511 == 0
+                    && sector.checked_mul(512).and_then(|o| o.checked_add(n)).is_some_and(|e| e <= DISK_LEN as u64);
+                let want = match t {
+                    _ if !ordered => IOERR,
+                    VIRTIO_BLK_T_IN if in_len == 0 && fits(out_len) => OK,
+                    VIRTIO_BLK_T_OUT if out_len == 0 && !read_only && fits(in_len) => OK,
+                    VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => IOERR,
+                    VIRTIO_BLK_T_FLUSH | VIRTIO_BLK_T_GET_ID => OK,
+                    _ => UNSUPP,
+                };
+                prop_assert_eq!(st, want, "type {} sector {} data {:?}", t, sector, data);
+                prop_assert_eq!(u64::from(len), out_len + 1);
+            }
+            prop_assert_eq!(drv.pop_used(), None);
+            prop_assert_eq!(drv.status() & STATUS_NEEDS_RESET, 0);
+        }
+    }
 }
