@@ -4,10 +4,14 @@
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
-use event_manager::EventManager;
-use kvm_ioctls::VmFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, VmFd};
 
 use devices::bus::Bus;
+use devices::virtio::block::{id_from_path, Block, RawFile};
+use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
 
 use crate::config::DiskConfig;
 use crate::memory::GuestMemory;
@@ -114,18 +118,53 @@ pub fn open(cfg: &DiskConfig) -> Result<OpenDisk, DiskError> {
     })
 }
 
-/// Attaches an open disk as virtio-blk at `base` with interrupt `gsi`.
-pub fn attach<S>(
+/// Attaches an open disk as virtio-blk on a virtio-mmio window at `base` with
+/// interrupt `gsi`: queue notifications arrive through KVM ioeventfds (no exit to
+/// user space), interrupts leave through an irqfd, and the device's queue work runs
+/// on the event loop `events`.
+pub fn attach(
     disk: OpenDisk,
-    _vm: &VmFd,
-    _mem: &GuestMemory,
-    _mmio: &mut Bus,
-    _events: &mut EventManager<S>,
-    _base: u64,
-    _gsi: u32,
+    vm: &VmFd,
+    mem: &GuestMemory,
+    mmio: &mut Bus,
+    events: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    base: u64,
+    gsi: u32,
 ) -> Result<(), DiskError> {
-    Err(DiskError::Device {
-        path: disk.path,
-        reason: "virtio-blk is not wired yet".into(),
-    })
+    let path = disk.path;
+    let device_err = |reason: String| DiskError::Device {
+        path: path.clone(),
+        reason,
+    };
+    let backend = RawFile::new(disk.file, disk.size);
+    let block = Block::new(Box::new(backend), disk.readonly, &id_from_path(&path))
+        .map_err(|e| device_err(e.to_string()))?;
+    let block = Arc::new(Mutex::new(block));
+    let transport =
+        MmioTransport::new(block.clone(), mem.clone()).map_err(|e| device_err(e.to_string()))?;
+    for (queue, evt) in transport
+        .queue_events()
+        .map_err(|e| device_err(e.to_string()))?
+    {
+        // KVM keeps its own reference to the eventfd; our duplicate may be dropped.
+        vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), queue)
+            .map_err(|source| DiskError::Kvm {
+                path: path.clone(),
+                what: "an ioeventfd",
+                source,
+            })?;
+    }
+    vm.register_irqfd(transport.interrupt_evt(), gsi)
+        .map_err(|source| DiskError::Kvm {
+            path: path.clone(),
+            what: "an irqfd",
+            source,
+        })?;
+    mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)
+        .map_err(|source| DiskError::Bus {
+            path: path.clone(),
+            source,
+        })?;
+    events.add_subscriber(block);
+    Ok(())
 }
