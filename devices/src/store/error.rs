@@ -170,6 +170,14 @@ pub enum Error {
         /// Epoch of the base image.
         base: u64,
     },
+    /// recovery was asked for an epoch older than an acknowledged region whose retire may have begun
+    #[error("cannot recover to epoch {requested}: region {acknowledged} is acknowledged, so its retire may already have written the base image")]
+    RetireMayHaveBegun {
+        /// Epoch asked for.
+        requested: u64,
+        /// The acknowledged region next in line for retirement.
+        acknowledged: u64,
+    },
     /// recovery was asked for an epoch whose sealed region is not in the journal
     #[error("cannot recover to epoch {requested}: the sealed region of epoch {missing} is missing from the journal (base image at epoch {base})")]
     RegionMissing {

@@ -35,12 +35,41 @@ pub(crate) fn read_file_header<F: StoreFile + ?Sized>(j: &F) -> Result<Option<Fi
     if b.iter().all(|&x| x == 0) {
         return Ok(None);
     }
-    let h = FileHeader::decode(&b)?;
+    let h = match FileHeader::decode(&b) {
+        Ok(h) => h,
+        Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
+        Err(e) => {
+            // A creation torn before its header was complete leaves a header that
+            // does not decode and nothing else: no slot was ever written, so the
+            // journal holds nothing and may be created again. Anything else in the
+            // file means real damage: refuse.
+            return if rest_is_blank(j, len)? {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+    };
     let expected = h.geometry().journal_len();
     if len < expected {
         return Err(Error::JournalTruncated { len, expected });
     }
     Ok(Some(h))
+}
+
+fn rest_is_blank<F: StoreFile + ?Sized>(j: &F, len: u64) -> Result<bool> {
+    let mut pos = FILE_HEADER_AREA.min(len);
+    let mut buf = vec![0u8; 1 << 16];
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        j.read_at(&mut buf[..n], pos)
+            .ctx(FileRole::Journal, "reading")?;
+        if buf[..n].iter().any(|&x| x != 0) {
+            return Ok(false);
+        }
+        pos += n as u64;
+    }
+    Ok(true)
 }
 
 /// Both header copies of a slot and the one that counts.

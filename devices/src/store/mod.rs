@@ -33,6 +33,8 @@ mod tools;
 #[cfg(test)]
 mod fault;
 #[cfg(test)]
+mod model_test;
+#[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
@@ -1054,6 +1056,19 @@ mod recovery {
                 requested: target,
                 base: base_epoch,
             });
+        }
+        // The region next in line for retirement, once acknowledged, may be half
+        // written into the base: the base no longer holds any epoch before it.
+        if let Some(next) = sealed
+            .iter()
+            .find(|c| c.parent_epoch == base_epoch && c.state == SlotState::Acknowledged)
+        {
+            if target < next.epoch {
+                return Err(Error::RetireMayHaveBegun {
+                    requested: target,
+                    acknowledged: next.epoch,
+                });
+            }
         }
         // Follow the chain from the target back to the base.
         let mut chain = Vec::new();
