@@ -83,6 +83,26 @@ _start:
         pushq   $1f
         lretq
 1:
+        /* 8259 PICs: move their vectors to 0x20..0x2f (so that even a
+         * spurious IRQ 7/15 is not taken for an exception), then mask all
+         * lines.  Devices' interrupts are never used: drivers poll. */
+        movb    $0x11, %al
+        outb    %al, $0x20
+        outb    %al, $0xa0
+        movb    $0x20, %al
+        outb    %al, $0x21
+        movb    $0x28, %al
+        outb    %al, $0xa1
+        movb    $4, %al
+        outb    %al, $0x21
+        movb    $2, %al
+        outb    %al, $0xa1
+        movb    $1, %al
+        outb    %al, $0x21
+        outb    %al, $0xa1
+        movb    $0xff, %al
+        outb    %al, $0x21
+        outb    %al, $0xa1
         /* TSC frequency in kHz (leaf 0x40000010, VMware/QEMU convention) */
         movl    $0x40000000, %eax
         xorl    %ecx, %ecx

@@ -1,4 +1,174 @@
+/*
+ * mirrorvm test guest: the `disk` workload, and the device discovery shared
+ * with `hostile`.
+ */
 #include "cmdline.h"
+#include "crc32c.h"
 #include "guest.h"
-int wl_disk(const struct cmdline *cl) { (void)cl; print("disk: not implemented yet\n"); return EXIT_FAIL; }
-int wl_hostile(const struct cmdline *cl) { (void)cl; print("hostile: not implemented yet\n"); return EXIT_FAIL; }
+#include "record.h"
+#include "virtio_blk.h"
+
+static uint8_t recbuf[REC_SIZE] __attribute__((aligned(4096)));
+
+int find_blk(const struct cmdline *cl, struct vblk *d, const char *who)
+{
+    int i;
+    if (cl->ndevs == 0) {
+        print("%s: FAILED: no virtio_mmio.device= entry on the command line "
+              "(run with a disk)\n", who);
+        return -1;
+    }
+    for (i = 0; i < cl->ndevs; i++) {
+        if (vblk_probe(d, (uintptr_t)cl->devs[i].base) == 0)
+            return 0;
+        print("%s: skipping device %d: %s\n", who, i, d->err);
+    }
+    print("%s: FAILED: no virtio-blk device among %d virtio-mmio device(s)\n", who, cl->ndevs);
+    return -1;
+}
+
+static int get_id(struct vblk *d, const char *who)
+{
+    static char id[VIRTIO_BLK_ID_BYTES + 1] __attribute__((aligned(64)));
+    uint8_t st;
+    enum vb_outcome o;
+    int i;
+
+    mem_fill(id, 0, sizeof id);
+    o = vblk_request(d, VIRTIO_BLK_T_GET_ID, 0, id, VIRTIO_BLK_ID_BYTES, 1, 0, &st);
+    if (o != VB_DONE) {
+        print("%s: FAILED: GET_ID %s\n", who, vb_outcome_name(o));
+        return -1;
+    }
+    if (st != VIRTIO_BLK_S_OK) {
+        print("%s: warning: GET_ID answered %s\n", who, vb_status_name(st));
+        return 0;
+    }
+    for (i = 0; i < VIRTIO_BLK_ID_BYTES && id[i]; i++)
+        if (id[i] < 0x20 || id[i] > 0x7e)
+            id[i] = '?';
+    print("%s: device id \"%s\"\n", who, id);
+    return 0;
+}
+
+static int rw_record(struct vblk *d, int write, uint32_t i, uint64_t sector, const char *who)
+{
+    uint8_t st;
+    enum vb_outcome o = vblk_request(d, write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, sector,
+                                     recbuf, REC_SIZE, !write, i & 1, &st);
+    if (o != VB_DONE || st != VIRTIO_BLK_S_OK) {
+        print("%s: FAILED: %s of record %u at sector %llu: %s, status %s (0x%02x)\n", who,
+              write ? "write" : "read", i, (unsigned long long)sector, vb_outcome_name(o),
+              vb_status_name(st), st);
+        return -1;
+    }
+    return 0;
+}
+
+int wl_disk(const struct cmdline *cl_in)
+{
+    static const char *const keys[] = { "records", "seed", "mode", NULL };
+    static struct vblk dev;
+    struct vblk *d = &dev;
+    struct cmdline *cl = (struct cmdline *)cl_in;
+    uint64_t n, seed, t0;
+    int do_write = 1, do_verify = 1, bad = 0;
+    const char *mode;
+    size_t mlen;
+    uint32_t i;
+    uint8_t st;
+    enum vb_outcome o;
+    char why[128];
+
+    if (cmdline_check_keys(cl, keys) || cmdline_u64(cl, "records", 64, 1, 0xffffffffu, &n) ||
+        cmdline_u64(cl, "seed", 1, 0, UINT64_MAX, &seed))
+        goto usage;
+    mode = cmdline_str(cl, "mode", &mlen);
+    if (mode && str_eqn(mode, mlen, "write"))
+        do_verify = 0;
+    else if (mode && str_eqn(mode, mlen, "verify"))
+        do_write = 0;
+    else if (mode && !str_eqn(mode, mlen, "both")) {
+        fmt_snprintf(cl->err, sizeof cl->err, "mode must be write, verify or both");
+        goto usage;
+    }
+
+    if (find_blk(cl, d, "disk"))
+        return EXIT_FAIL;
+    if (vblk_init(d)) {
+        print("disk: FAILED: initialising virtio-blk at 0x%llx: %s\n",
+              (unsigned long long)d->base, d->err);
+        return EXIT_FAIL;
+    }
+    print("disk: virtio-blk at 0x%llx: %llu sectors (%llu MiB), features 0x%llx "
+          "(accepted 0x%llx), queue size %u of %u\n",
+          (unsigned long long)d->base, (unsigned long long)d->capacity,
+          (unsigned long long)(d->capacity >> 11), (unsigned long long)d->dev_features,
+          (unsigned long long)d->features, d->qsize, d->qmax);
+    if (get_id(d, "disk"))
+        return EXIT_FAIL;
+    if (n > record_slots(d->capacity)) {
+        fmt_snprintf(cl->err, sizeof cl->err,
+                     "records=%llu do not fit the disk (%llu slots of %u sectors)",
+                     (unsigned long long)n, (unsigned long long)record_slots(d->capacity),
+                     REC_SECTORS);
+        goto usage;
+    }
+    if (do_write && (d->features & (1ull << VIRTIO_BLK_F_RO))) {
+        print("disk: FAILED: the disk is read-only\n");
+        return EXIT_FAIL;
+    }
+
+    if (do_write) {
+        t0 = rdtsc();
+        for (i = 0; i < n; i++) {
+            uint64_t sector = record_sector(i, (uint32_t)n, d->capacity);
+            record_fill(recbuf, i, (uint32_t)n, sector, seed);
+            if (rw_record(d, 1, i, sector, "disk"))
+                return EXIT_FAIL;
+        }
+        if (d->features & (1ull << VIRTIO_BLK_F_FLUSH)) {
+            o = vblk_request(d, VIRTIO_BLK_T_FLUSH, 0, NULL, 0, 0, 0, &st);
+            if (o != VB_DONE || st != VIRTIO_BLK_S_OK) {
+                print("disk: FAILED: FLUSH %s, status %s\n", vb_outcome_name(o),
+                      vb_status_name(st));
+                return EXIT_FAIL;
+            }
+        } else {
+            print("disk: warning: no VIRTIO_BLK_F_FLUSH offered, not flushing\n");
+        }
+        print("disk: wrote %llu records (seed %llu) and flushed in %llu ms\n",
+              (unsigned long long)n, (unsigned long long)seed,
+              (unsigned long long)ticks_to_ms(rdtsc() - t0));
+    }
+
+    if (do_verify) {
+        t0 = rdtsc();
+        for (i = 0; i < n; i++) {
+            uint64_t sector = record_sector(i, (uint32_t)n, d->capacity);
+            mem_fill(recbuf, 0xa5, sizeof recbuf);
+            if (rw_record(d, 0, i, sector, "disk"))
+                return EXIT_FAIL;
+            if (record_check(recbuf, i, (uint32_t)n, sector, seed, why, sizeof why)) {
+                if (bad < 10)
+                    print("disk: record %u at sector %llu: %s\n", i,
+                          (unsigned long long)sector, why);
+                bad++;
+            }
+        }
+        if (bad) {
+            print("disk: FAILED: %d of %llu records do not verify\n", bad, (unsigned long long)n);
+            return EXIT_FAIL;
+        }
+        print("disk: read back in %llu ms\n", (unsigned long long)ticks_to_ms(rdtsc() - t0));
+        print("disk: %llu records verified\n", (unsigned long long)n);
+    } else {
+        print("disk: %llu records written\n", (unsigned long long)n);
+    }
+    return EXIT_OK;
+
+usage:
+    print("disk: error: %s\n", cl->err);
+    print("disk: usage: disk [records=N] [seed=S] [mode=both|write|verify]\n");
+    return EXIT_USAGE;
+}

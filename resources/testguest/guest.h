@@ -93,6 +93,9 @@ const char *machine_cmdline(void);
 
 /* ---- workloads ---- */
 struct cmdline;
+struct vblk;
+/* Probe the command line's virtio-mmio devices for a virtio-blk one. */
+int find_blk(const struct cmdline *cl, struct vblk *d, const char *who);
 int wl_disk(const struct cmdline *cl);
 int wl_hostile(const struct cmdline *cl);
 int wl_smp(const struct cmdline *cl);
