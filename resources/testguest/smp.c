@@ -1,4 +1,209 @@
+/*
+ * mirrorvm test guest: the `smp` workload.  Finds the CPUs in the MP table,
+ * starts every secondary one with INIT/SIPI/SIPI (LAPIC ICR writes through
+ * the SYS_APIC_WRITE system call) into the real-mode trampoline copied to
+ * TRAMP_ADDR, and waits until each runs at CPL3 and counts.
+ */
 #include "cmdline.h"
 #include "guest.h"
-int wl_smp(const struct cmdline *cl) { (void)cl; print("smp: not implemented yet\n"); return EXIT_FAIL; }
-void ap_main(unsigned cpu) { (void)cpu; for (;;) cpu_relax(); }
+
+#define APIC_ID        0x020
+#define APIC_ICR_LOW   0x300
+#define APIC_ICR_HIGH  0x310
+#define ICR_INIT       0x00004500   /* INIT, level assert */
+#define ICR_STARTUP    0x00004600   /* start-up, vector in bits 0..7 */
+#define ICR_PENDING    0x00001000
+
+#define SMP_TIMEOUT_MS 5000
+
+struct percpu {
+    volatile uint64_t counter;
+    volatile uint32_t alive;
+} __attribute__((aligned(64)));
+
+static struct percpu pcpu[MAX_CPUS];
+
+void ap_main(unsigned cpu)
+{
+    struct percpu *p = &pcpu[cpu < MAX_CPUS ? cpu : 0];
+    p->alive = 1;
+    for (;;)
+        p->counter++;
+}
+
+static int checksum_ok(const uint8_t *p, uint32_t len)
+{
+    uint8_t sum = 0;
+    while (len--)
+        sum = (uint8_t)(sum + *p++);
+    return sum == 0;
+}
+
+/* The MP floating pointer structure: "_MP_", 16 bytes, on a 16-byte
+ * boundary, in the EBDA's first KiB or the BIOS area (0xf0000..0xfffff). */
+static const uint8_t *find_mp(void)
+{
+    static const uint64_t ranges[][2] = { { 0x9fc00, 0xa0000 }, { 0xf0000, 0x100000 } };
+    unsigned r;
+    for (r = 0; r < 2; r++) {
+        uint64_t a;
+        for (a = ranges[r][0]; a < ranges[r][1]; a += 16) {
+            const uint8_t *p = (const uint8_t *)(uintptr_t)a;
+            if (p[0] == '_' && p[1] == 'M' && p[2] == 'P' && p[3] == '_' && p[8] == 1 &&
+                checksum_ok(p, 16))
+                return p;
+        }
+    }
+    return NULL;
+}
+
+struct mp_cpu {
+    uint8_t apic_id;
+    uint8_t flags;
+};
+
+/* Processor entries of the MP configuration table; -1 on a bad table. */
+static int mp_cpus(struct mp_cpu *out, int max)
+{
+    const uint8_t *fp = find_mp(), *t, *e, *end;
+    uint32_t addr;
+    uint16_t len, count, i;
+    int n = 0;
+
+    if (!fp) {
+        print("smp: FAILED: no MP floating pointer (\"_MP_\") at 0x9fc00 or 0xf0000\n");
+        return -1;
+    }
+    mem_copy(&addr, fp + 4, 4);
+    if (fp[11] != 0 || addr == 0) {
+        print("smp: FAILED: MP default configuration %u / no table pointer\n", fp[11]);
+        return -1;
+    }
+    t = (const uint8_t *)(uintptr_t)addr;
+    mem_copy(&len, t + 4, 2);
+    mem_copy(&count, t + 34, 2);
+    if (!(t[0] == 'P' && t[1] == 'C' && t[2] == 'M' && t[3] == 'P') || len < 44 ||
+        !checksum_ok(t, len)) {
+        print("smp: FAILED: bad MP configuration table at 0x%x\n", addr);
+        return -1;
+    }
+    e = t + 44;
+    end = t + len;
+    for (i = 0; i < count && e < end; i++) {
+        if (e[0] == 0) {            /* processor: 20 bytes */
+            if (e + 20 > end)
+                break;
+            if (n < max) {
+                out[n].apic_id = e[1];
+                out[n].flags = e[3];
+            }
+            n++;
+            e += 20;
+        } else if (e[0] <= 4) {     /* bus, I/O APIC, I/O and local interrupt: 8 */
+            e += 8;
+        } else {
+            print("smp: FAILED: unknown MP table entry type %u\n", e[0]);
+            return -1;
+        }
+    }
+    return n;
+}
+
+static void ipi(uint8_t apic_id, uint32_t icr)
+{
+    uint64_t end = rdtsc() + ms_to_ticks(10);
+    sys_apic_write(APIC_ICR_HIGH, (uint32_t)apic_id << 24);
+    sys_apic_write(APIC_ICR_LOW, icr);
+    while ((sys_apic_read(APIC_ICR_LOW) & ICR_PENDING) && rdtsc() < end)
+        cpu_relax();
+}
+
+static int wait_alive(unsigned idx, uint64_t until)
+{
+    while (!pcpu[idx].alive) {
+        if (rdtsc() > until)
+            return 0;
+        cpu_relax();
+    }
+    return 1;
+}
+
+int wl_smp(const struct cmdline *cl_in)
+{
+    static const char *const keys[] = { NULL };
+    struct cmdline *cl = (struct cmdline *)cl_in;
+    struct mp_cpu cpus[64];
+    uint8_t ids[MAX_CPUS];
+    uint64_t snap[MAX_CPUS], t0, deadline;
+    uint8_t self;
+    int n, i, started = 1, failed = 0;
+
+    if (cmdline_check_keys(cl, keys)) {
+        print("smp: error: %s\n", cl->err);
+        return EXIT_USAGE;
+    }
+    n = mp_cpus(cpus, 64);
+    if (n < 0)
+        return EXIT_FAIL;
+    if (n == 0) {
+        print("smp: FAILED: the MP table lists no processor\n");
+        return EXIT_FAIL;
+    }
+    self = (uint8_t)(sys_apic_read(APIC_ID) >> 24);
+    print("smp: MP table lists %d cpu(s); this is apic id %u\n", n, self);
+    if (n > 64)
+        n = 64;
+
+    mem_copy((void *)(uintptr_t)TRAMP_ADDR, tramp_start, (size_t)(tramp_end - tramp_start));
+    ids[0] = self;
+    t0 = rdtsc();
+    deadline = t0 + ms_to_ticks(SMP_TIMEOUT_MS);
+    for (i = 0; i < n; i++) {
+        unsigned idx = (unsigned)started;
+        if (cpus[i].apic_id == self)
+            continue;
+        if (!(cpus[i].flags & 1)) {
+            print("smp: apic id %u is disabled in the MP table, skipped\n", cpus[i].apic_id);
+            continue;
+        }
+        if (idx >= MAX_CPUS) {
+            print("smp: FAILED: more than %d cpus\n", MAX_CPUS);
+            return EXIT_FAIL;
+        }
+        ids[idx] = cpus[i].apic_id;
+        BOOTINFO->ap_index = idx;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        ipi(cpus[i].apic_id, ICR_INIT);
+        delay_us(10000);
+        ipi(cpus[i].apic_id, ICR_STARTUP | (TRAMP_ADDR >> 12));
+        if (!wait_alive(idx, rdtsc() + ms_to_ticks(1))) {
+            ipi(cpus[i].apic_id, ICR_STARTUP | (TRAMP_ADDR >> 12));
+            if (!wait_alive(idx, deadline)) {
+                print("smp: FAILED: cpu %u (apic id %u) did not start within %u ms\n", idx,
+                      cpus[i].apic_id, SMP_TIMEOUT_MS);
+                return EXIT_FAIL;
+            }
+        }
+        started++;
+    }
+
+    /* every AP's counter must keep moving */
+    for (i = 1; i < started; i++)
+        snap[i] = pcpu[i].counter;
+    delay_us(10000);
+    for (i = 1; i < started; i++) {
+        uint64_t now = pcpu[i].counter;
+        if (now == snap[i]) {
+            print("smp: cpu %d (apic id %u) started but its counter is stuck at %llu\n", i,
+                  ids[i], (unsigned long long)now);
+            failed++;
+        }
+    }
+    if (failed) {
+        print("smp: FAILED: %d cpu(s) not running\n", failed);
+        return EXIT_FAIL;
+    }
+    print("smp: all started in %llu ms\n", (unsigned long long)ticks_to_ms(rdtsc() - t0));
+    print("smp: %d cpus running\n", started);
+    return EXIT_OK;
+}
