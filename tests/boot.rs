@@ -33,7 +33,11 @@ fn the_guest_verdict_is_the_exit_status() {
     c.args(["run", "--cmdline", "no-such-workload"]);
     let o = run_with_timeout(c, T);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("unknown workload"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("unknown workload"),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]
@@ -62,12 +66,20 @@ fn serial_to_a_file() {
     let dir = tempdir();
     let log = dir.path().join("console.log");
     let mut c = mirrorvm();
-    c.args(["run", "--serial"]).arg(format!("file={}", log.display()));
+    c.args(["run", "--serial"])
+        .arg(format!("file={}", log.display()));
     let o = run_with_timeout(c, T);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let text = std::fs::read_to_string(&log).expect("console log");
-    assert!(text.contains("mirrorvm test guest: hello"), "console log: {text}");
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("hello"), "{}", show(&o));
+    assert!(
+        text.contains("mirrorvm test guest: hello"),
+        "console log: {text}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("hello"),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]
@@ -79,7 +91,11 @@ fn two_vcpus_both_run() {
     c.args(["run", "--cpus", "2", "--cmdline", "smp"]);
     let o = run_with_timeout(c, T);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("smp: 2 cpus running"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("smp: 2 cpus running"),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]
@@ -101,11 +117,18 @@ fn sigterm_ends_the_run_cleanly() {
         if let Some(_) = child.try_wait().expect("wait") {
             break child.wait_with_output().expect("output");
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "mirrorvm ignored SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "mirrorvm ignored SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{}", show(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("counter 1"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("counter 1"),
+        "{}",
+        show(&o)
+    );
 }
 
 /// Runs `mirrorvm` with `args` and expects a one-line error containing `needle`, a
@@ -119,11 +142,29 @@ fn expect_error(args: &[&str], env: Option<(&str, &str)>, needle: &str) {
     let o = run_with_timeout(c, T);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{args:?} succeeded:\n{}", show(&o));
-    assert_ne!(o.status.code(), Some(101), "{args:?} panicked:\n{}", show(&o));
-    assert!(!err.contains("panicked"), "{args:?} panicked:\n{}", show(&o));
-    assert!(err.contains(needle), "{args:?}: expected '{needle}' in stderr:\n{}", show(&o));
+    assert_ne!(
+        o.status.code(),
+        Some(101),
+        "{args:?} panicked:\n{}",
+        show(&o)
+    );
+    assert!(
+        !err.contains("panicked"),
+        "{args:?} panicked:\n{}",
+        show(&o)
+    );
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected '{needle}' in stderr:\n{}",
+        show(&o)
+    );
     let error_lines = err.lines().filter(|l| l.contains("error")).count();
-    assert_eq!(error_lines, 1, "{args:?}: expected one error line:\n{}", show(&o));
+    assert_eq!(
+        error_lines,
+        1,
+        "{args:?}: expected one error line:\n{}",
+        show(&o)
+    );
 }
 
 #[test]
@@ -136,13 +177,29 @@ fn bad_kernels_are_refused() {
     let junk_s = junk.to_str().unwrap();
     let trunc_s = truncated.to_str().unwrap();
     let dir_s = dir.path().to_str().unwrap();
-    expect_error(&["run", "--kernel", "/nonexistent/vmlinux"], None, "cannot open kernel /nonexistent/vmlinux");
-    expect_error(&["run", "--kernel", junk_s], None, "neither an ELF vmlinux nor a bzImage");
+    expect_error(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        None,
+        "cannot open kernel /nonexistent/vmlinux",
+    );
+    expect_error(
+        &["run", "--kernel", junk_s],
+        None,
+        "neither an ELF vmlinux nor a bzImage",
+    );
     expect_error(&["run", "--kernel", dir_s], None, "Is a directory");
     if !skip_without_kvm("bad_kernels_are_refused (truncated ELF)") {
-        expect_error(&["run", "--kernel", trunc_s], None, "cannot load ELF kernel");
+        expect_error(
+            &["run", "--kernel", trunc_s],
+            None,
+            "cannot load ELF kernel",
+        );
     }
-    expect_error(&["run", "--initramfs", "/nonexistent/initrd"], None, "cannot open initramfs");
+    expect_error(
+        &["run", "--initramfs", "/nonexistent/initrd"],
+        None,
+        "cannot open initramfs",
+    );
 }
 
 #[test]
@@ -150,9 +207,17 @@ fn absurd_memory_sizes_are_refused() {
     expect_error(&["run", "--memory", "0"], None, "out of range");
     expect_error(&["run", "--memory", "4K"], None, "out of range");
     expect_error(&["run", "--memory", "900T"], None, "out of range");
-    expect_error(&["run", "--memory", "99999999999999T"], None, "invalid size");
+    expect_error(
+        &["run", "--memory", "99999999999999T"],
+        None,
+        "invalid size",
+    );
     expect_error(&["run", "--memory", "lots"], None, "invalid size");
-    expect_error(&["run", "--memory", "100000001"], None, "not a multiple of 4 KiB");
+    expect_error(
+        &["run", "--memory", "100000001"],
+        None,
+        "not a multiple of 4 KiB",
+    );
 }
 
 #[test]
@@ -163,31 +228,61 @@ fn bad_disks_are_refused() {
     let empty = dir.path().join("empty.img");
     std::fs::write(&empty, b"").unwrap();
     let p = |x: &std::path::Path| format!("path={}", x.display());
-    expect_error(&["run", "--disk", "path=/nonexistent/disk.img"], None, "cannot open disk image /nonexistent/disk.img");
+    expect_error(
+        &["run", "--disk", "path=/nonexistent/disk.img"],
+        None,
+        "cannot open disk image /nonexistent/disk.img",
+    );
     expect_error(&["run", "--disk", &p(&odd)], None, "not a multiple of 512");
     expect_error(&["run", "--disk", &p(&empty)], None, "is empty");
-    expect_error(&["run", "--disk", "readonly=on"], None, "path=FILE is required");
-    expect_error(&["run", "--disk", &format!("{},readonly=perhaps", p(&odd))], None, "readonly must be on or off");
+    expect_error(
+        &["run", "--disk", "readonly=on"],
+        None,
+        "path=FILE is required",
+    );
+    expect_error(
+        &["run", "--disk", &format!("{},readonly=perhaps", p(&odd))],
+        None,
+        "readonly must be on or off",
+    );
 }
 
 #[test]
 fn bad_command_lines_are_refused() {
     expect_error(&["run", "--cpus", "0"], None, "invalid --cpus 0");
     expect_error(&["run", "--cpus", "4096"], None, "invalid --cpus 4096");
-    expect_error(&["run", "--serial", "pty"], None, "expected tty, file=PATH or off");
+    expect_error(
+        &["run", "--serial", "pty"],
+        None,
+        "expected tty, file=PATH or off",
+    );
     expect_error(&["run", "--no-such-flag"], None, "unexpected argument");
     expect_error(&["fly"], None, "unrecognized subcommand");
 }
 
 #[test]
 fn missing_or_forbidden_kvm_is_a_clear_error() {
-    expect_error(&["run"], Some(("MIRRORVM_KVM_DEVICE", "/nonexistent/kvm")), "cannot open /nonexistent/kvm");
-    expect_error(&["run"], Some(("MIRRORVM_KVM_DEVICE", "/dev/null")), "/dev/null is not a KVM device");
+    expect_error(
+        &["run"],
+        Some(("MIRRORVM_KVM_DEVICE", "/nonexistent/kvm")),
+        "cannot open /nonexistent/kvm",
+    );
+    expect_error(
+        &["run"],
+        Some(("MIRRORVM_KVM_DEVICE", "/dev/null")),
+        "/dev/null is not a KVM device",
+    );
     // Not permitted: run as an unprivileged user when we are root.
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 && std::path::Path::new("/dev/kvm").exists() {
         let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_mirrorvm"), "run"]);
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_mirrorvm"),
+            "run",
+        ]);
         c.stdin(std::process::Stdio::null());
         let o = run_with_timeout(c, T);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -195,7 +290,11 @@ fn missing_or_forbidden_kvm_is_a_clear_error() {
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0o006)
             .unwrap_or(false);
         if !kvm_world_accessible {
-            assert!(err.contains("Permission denied") && err.contains("kvm"), "{}", show(&o));
+            assert!(
+                err.contains("Permission denied") && err.contains("kvm"),
+                "{}",
+                show(&o)
+            );
             assert_eq!(o.status.code(), Some(1), "{}", show(&o));
         }
     } else {

@@ -22,7 +22,11 @@ pub fn loud(msg: &str) {
 
 /// Why KVM cannot be used here, if it cannot.
 pub fn kvm_unusable() -> Option<String> {
-    let f = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(f) => f,
         Err(e) => return Some(format!("cannot open /dev/kvm: {e}")),
     };
@@ -30,7 +34,9 @@ pub fn kvm_unusable() -> Option<String> {
     // SAFETY: the ioctl takes no argument and only returns an integer.
     let v = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), 0xAE00) };
     if v != 12 {
-        return Some(format!("/dev/kvm answered KVM_GET_API_VERSION with {v}, not 12"));
+        return Some(format!(
+            "/dev/kvm answered KVM_GET_API_VERSION with {v}, not 12"
+        ));
     }
     None
 }
@@ -39,7 +45,9 @@ pub fn kvm_unusable() -> Option<String> {
 pub fn skip_without_kvm(test: &str) -> bool {
     match kvm_unusable() {
         Some(reason) => {
-            loud(&format!("\n*** SKIPPED {test}: KVM is unusable on this host: {reason} ***\n"));
+            loud(&format!(
+                "\n*** SKIPPED {test}: KVM is unusable on this host: {reason} ***\n"
+            ));
             if std::env::var_os("MIRRORVM_REQUIRE_KVM").is_some() {
                 panic!("MIRRORVM_REQUIRE_KVM is set but KVM is unusable: {reason}");
             }
@@ -64,7 +72,7 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
-            let s = child.wait().expect("wait");
+            let _ = child.wait();
             let stdout = out_t.join().unwrap_or_default();
             let stderr = err_t.join().unwrap_or_default();
             panic!(
@@ -72,14 +80,14 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
                 String::from_utf8_lossy(&stdout),
                 String::from_utf8_lossy(&stderr)
             );
-            #[allow(unreachable_code)]
-            {
-                break s;
-            }
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() }
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
 }
 
 fn read_all(mut r: impl std::io::Read) -> Vec<u8> {
@@ -100,7 +108,10 @@ pub fn show(o: &Output) -> String {
 
 /// A scratch directory removed when dropped.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("mirrorvm-test").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("mirrorvm-test")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// Creates a zero-filled image of `size` bytes.
@@ -117,8 +128,15 @@ pub fn repo() -> PathBuf {
 /// Builds (or finds cached) the small Linux kernel; returns its output directory.
 pub fn linux_artifacts() -> PathBuf {
     let script = repo().join("resources/linux/build.sh");
-    let out = Command::new("bash").arg(&script).output().expect("run resources/linux/build.sh");
-    assert!(out.status.success(), "resources/linux/build.sh failed:\n{}", show(&out));
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run resources/linux/build.sh");
+    assert!(
+        out.status.success(),
+        "resources/linux/build.sh failed:\n{}",
+        show(&out)
+    );
     let dir = std::env::var_os("MIRRORVM_LINUX_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("resources/linux/build"));

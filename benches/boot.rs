@@ -1,0 +1,97 @@
+//! Boot benchmark: how long `mirrorvm run` takes from process start to the test
+//! guest's first serial byte, and to the guest's exit. Runs the real binary
+//! repeatedly and prints a table of medians (a bench target, never a timed test:
+//! these machines are shared and noisy).
+//!
+//!     cargo bench --bench boot            # 30 runs of each workload
+//!     MIRRORVM_BENCH_RUNS=100 cargo bench --bench boot
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Sample {
+    first_byte: Duration,
+    exit: Duration,
+}
+
+fn one_run(cmdline: &str) -> Option<Sample> {
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mirrorvm"))
+        .args(["run", "--memory", "128M", "--cmdline", cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut out = child.stdout.take()?;
+    let mut byte = [0u8; 1];
+    out.read_exact(&mut byte).ok()?;
+    let first_byte = start.elapsed();
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).ok()?;
+    let status = child.wait().ok()?;
+    let exit = start.elapsed();
+    status.success().then_some(Sample { first_byte, exit })
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing special.
+    // Either way, a missing KVM is reported loudly rather than measured as zero.
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("*** SKIPPED boot benchmark: /dev/kvm is unusable ***");
+        return;
+    }
+    let runs: usize = std::env::var("MIRRORVM_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    println!("mirrorvm boot benchmark: {runs} runs each, 1 vCPU, 128 MiB, test guest");
+    println!();
+    println!(
+        "| workload | first serial byte p50 (ms) | p90 | guest exit p50 (ms) | p90 | min exit |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for workload in ["hello", "counter limit=1 interval_ms=0"] {
+        // One warm-up run so page cache and binary loading do not skew the first.
+        let _ = one_run(workload);
+        let mut first = Vec::new();
+        let mut exit = Vec::new();
+        for _ in 0..runs {
+            match one_run(workload) {
+                Some(s) => {
+                    first.push(s.first_byte);
+                    exit.push(s.exit);
+                }
+                None => {
+                    eprintln!("run of '{workload}' failed");
+                    std::process::exit(1);
+                }
+            }
+        }
+        let min_exit = *exit.iter().min().unwrap_or(&Duration::ZERO);
+        println!(
+            "| {workload} | {} | {} | {} | {} | {} |",
+            ms(percentile(&mut first, 0.5)),
+            ms(percentile(&mut first, 0.9)),
+            ms(percentile(&mut exit, 0.5)),
+            ms(percentile(&mut exit, 0.9)),
+            ms(min_exit)
+        );
+    }
+}
