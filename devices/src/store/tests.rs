@@ -790,3 +790,34 @@ fn fuzz_seeds_run_as_a_plain_test() {
     fuzz_journal(&[1]);
     assert!(runs > 100);
 }
+
+#[test]
+#[ignore = "writes the fuzz seeds into devices/fuzz/corpus/journal"]
+fn write_fuzz_seeds() {
+    let rec = record_history();
+    let mut files: [Vec<u8>; 2] = [rec.base0.clone(), Vec::new()];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/journal");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut n = 0;
+    let mut syncs = 0;
+    for op in &rec.log {
+        match op {
+            LogOp::SetLen { file, len } => files[*file].resize(*len as usize, 0),
+            LogOp::Write { file, offset, data } => apply(&mut files[*file], *offset, data),
+            LogOp::Sync { file: 1 } => {
+                syncs += 1;
+                // A few states: after creation, mid-history, the end.
+                if [2, 6, 12].contains(&syncs) {
+                    for flags in [0u8, 1 | (1 << 1)] {
+                        let mut seed = vec![flags];
+                        seed.extend_from_slice(&files[1]);
+                        std::fs::write(dir.join(format!("seed-{syncs:02}-{flags}")), seed).unwrap();
+                        n += 1;
+                    }
+                }
+            }
+            LogOp::Sync { .. } => {}
+        }
+    }
+    assert!(n > 0);
+}
