@@ -14,7 +14,9 @@
 #define ICR_STARTUP    0x00004600   /* start-up, vector in bits 0..7 */
 #define ICR_PENDING    0x00001000
 
-#define SMP_TIMEOUT_MS 5000
+#define SMP_TIMEOUT_MS 5000    /* per cpu: with many vCPUs on few host cores,
+                                  the spinning APs slow the next ones down */
+#define SMP_MOVE_MS    2000    /* for every started cpu's counter to move */
 
 struct percpu {
     volatile uint64_t counter;
@@ -134,7 +136,7 @@ int wl_smp(const struct cmdline *cl_in)
     struct cmdline *cl = (struct cmdline *)cl_in;
     struct mp_cpu cpus[64];
     uint8_t ids[MAX_CPUS];
-    uint64_t snap[MAX_CPUS], t0, deadline;
+    uint64_t snap[MAX_CPUS], t0, until;
     uint8_t self;
     int n, i, started = 1, failed = 0;
 
@@ -157,7 +159,6 @@ int wl_smp(const struct cmdline *cl_in)
     mem_copy((void *)(uintptr_t)TRAMP_ADDR, tramp_start, (size_t)(tramp_end - tramp_start));
     ids[0] = self;
     t0 = rdtsc();
-    deadline = t0 + ms_to_ticks(SMP_TIMEOUT_MS);
     for (i = 0; i < n; i++) {
         unsigned idx = (unsigned)started;
         if (cpus[i].apic_id == self)
@@ -178,7 +179,7 @@ int wl_smp(const struct cmdline *cl_in)
         ipi(cpus[i].apic_id, ICR_STARTUP | (TRAMP_ADDR >> 12));
         if (!wait_alive(idx, rdtsc() + ms_to_ticks(1))) {
             ipi(cpus[i].apic_id, ICR_STARTUP | (TRAMP_ADDR >> 12));
-            if (!wait_alive(idx, deadline)) {
+            if (!wait_alive(idx, rdtsc() + ms_to_ticks(SMP_TIMEOUT_MS))) {
                 print("smp: FAILED: cpu %u (apic id %u) did not start within %u ms\n", idx,
                       cpus[i].apic_id, SMP_TIMEOUT_MS);
                 return EXIT_FAIL;
@@ -190,12 +191,13 @@ int wl_smp(const struct cmdline *cl_in)
     /* every AP's counter must keep moving */
     for (i = 1; i < started; i++)
         snap[i] = pcpu[i].counter;
-    delay_us(10000);
+    until = rdtsc() + ms_to_ticks(SMP_MOVE_MS);
     for (i = 1; i < started; i++) {
-        uint64_t now = pcpu[i].counter;
-        if (now == snap[i]) {
+        while (pcpu[i].counter == snap[i] && rdtsc() < until)
+            cpu_relax();
+        if (pcpu[i].counter == snap[i]) {
             print("smp: cpu %d (apic id %u) started but its counter is stuck at %llu\n", i,
-                  ids[i], (unsigned long long)now);
+                  ids[i], (unsigned long long)snap[i]);
             failed++;
         }
     }
