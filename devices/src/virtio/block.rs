@@ -37,8 +37,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Length of the GET_ID answer.
 pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
-/// Size of the bounce buffer between the disk and guest memory.
-const BOUNCE_LEN: usize = 64 * 1024;
+/// Size of the bounce buffer between the disk and guest memory: the largest single
+/// backend read or write. Linux's default request limit (1280 KiB) fits.
+pub const BOUNCE_LEN: usize = 2 * 1024 * 1024;
 /// Length of the request header (type, reserved, sector).
 const HEADER_LEN: u64 = 16;
 /// Event data of the kick eventfd in the event loop (queue eventfds use their index).
@@ -49,7 +50,10 @@ const CONFIG_LEN: usize = 24;
 /// A disk as virtio-blk sees it: a byte array of fixed length.
 ///
 /// Implementations: [`RawFile`] here; the checkpoint store provides another. Reads and
-/// writes transfer the whole buffer or fail. A `write_at` or `flush` failing with
+/// writes transfer the whole buffer or fail. The device only issues whole-sector
+/// transfers at sector-aligned offsets within [`DiskBackend::len`], at most
+/// [`BOUNCE_LEN`] bytes each, in request order (a request larger than that arrives as
+/// consecutive calls). A `write_at` or `flush` failing with
 /// [`io::ErrorKind::WouldBlock`] means "cannot take it now": the device puts the request
 /// back, stops the queue, and submits the request again, whole, after its kick eventfd
 /// ([`Block::kick_evt`]) is written.
@@ -261,6 +265,80 @@ fn skip_bytes(segs: &[Seg], mut skip: u64) -> Vec<Seg> {
     out
 }
 
+/// The next chunk of a transfer: the bounce buffer's size (whole sectors) or what is left
+/// (whole sectors: checked by the caller), whichever is smaller.
+fn chunk_len(bounce: usize, left: u64) -> usize {
+    usize::try_from(left).map_or(bounce, |left| left.min(bounce))
+}
+
+/// A position in a list of guest buffers (all checked to be in guest memory), to copy
+/// byte streams in and out of them across buffer boundaries.
+struct SegCursor<'a> {
+    segs: &'a [Seg],
+    /// Offset into `segs[0]`.
+    offset: u64,
+}
+
+impl<'a> SegCursor<'a> {
+    fn new(segs: &'a [Seg]) -> Self {
+        Self { segs, offset: 0 }
+    }
+
+    /// Bytes left from the current position.
+    fn remaining(&self) -> u64 {
+        match self.segs.split_first() {
+            Some((first, rest)) => first.len - self.offset + total_len(rest),
+            None => 0,
+        }
+    }
+
+    /// The next piece: where, and how many bytes (at most `max`); advances past it.
+    fn next_piece(&mut self, max: usize) -> Option<(GuestAddress, usize)> {
+        loop {
+            let (first, rest) = self.segs.split_first()?;
+            let left = first.len - self.offset;
+            if left == 0 {
+                self.segs = rest;
+                self.offset = 0;
+                continue;
+            }
+            let n = usize::try_from(left).map_or(max, |left| left.min(max));
+            // In guest memory (checked), so this cannot wrap.
+            let addr = GuestAddress(first.addr.0 + self.offset);
+            self.offset += n as u64;
+            return Some((addr, n));
+        }
+    }
+
+    /// Copies guest bytes into `out` (stops early if the buffers run out).
+    fn read(&mut self, mem: &GuestMemory, out: &mut [u8]) -> Result<(), RequestError> {
+        let mut done = 0;
+        while done < out.len() {
+            let Some((addr, n)) = self.next_piece(out.len() - done) else {
+                break;
+            };
+            mem.read_slice(&mut out[done..done + n], addr)
+                .map_err(RequestError::Memory)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into guest buffers (stops early if the buffers run out).
+    fn write(&mut self, mem: &GuestMemory, data: &[u8]) -> Result<(), RequestError> {
+        let mut done = 0;
+        while done < data.len() {
+            let Some((addr, n)) = self.next_piece(data.len() - done) else {
+                break;
+            };
+            mem.write_slice(&data[done..done + n], addr)
+                .map_err(RequestError::Memory)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
 fn total_len(segs: &[Seg]) -> u64 {
     segs.iter().map(|s| s.len).sum()
 }
@@ -421,88 +499,59 @@ impl DiskIo {
 
     /// Reads `out.len()` bytes from the start of `segs`.
     fn gather(&self, mem: &GuestMemory, segs: &[Seg], out: &mut [u8]) -> Result<(), RequestError> {
-        let mut done = 0;
-        for s in segs {
-            if done == out.len() {
-                break;
-            }
-            let n = (out.len() - done).min(usize::try_from(s.len).unwrap_or(usize::MAX));
-            mem.read_slice(&mut out[done..done + n], s.addr)
-                .map_err(RequestError::Memory)?;
-            done += n;
-        }
-        Ok(())
+        SegCursor::new(segs).read(mem, out)
     }
 
     /// Writes `data` to the start of `segs`, then zeros over the rest of them (the used
     /// length covers every writable byte).
     fn scatter(&self, mem: &GuestMemory, segs: &[Seg], data: &[u8]) -> Result<(), RequestError> {
-        let zeros = [0u8; 512];
-        let mut data = data;
-        for s in segs {
-            let mut addr = s.addr;
-            let mut left = s.len;
-            while left > 0 {
-                let src: &[u8] = if data.is_empty() { &zeros } else { data };
-                let n = src.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                mem.write_slice(&src[..n], addr)
-                    .map_err(RequestError::Memory)?;
-                if !data.is_empty() {
-                    data = &data[n..];
-                }
-                addr = GuestAddress(addr.0 + n as u64);
-                left -= n as u64;
-            }
+        let mut cursor = SegCursor::new(segs);
+        cursor.write(mem, data)?;
+        let zeros = [0u8; 4096];
+        while cursor.remaining() > 0 {
+            cursor.write(mem, &zeros)?;
         }
         Ok(())
     }
 
+    /// Reads `len` bytes of the disk at `offset` into `segs`. The backend sees reads of
+    /// whole sectors, at most the bounce buffer each.
     fn disk_to_guest(
         &mut self,
         mem: &GuestMemory,
         segs: &[Seg],
         mut offset: u64,
     ) -> Result<(), RequestError> {
-        for s in segs {
-            let mut addr = s.addr;
-            let mut left = s.len;
-            while left > 0 {
-                let n = self
-                    .bounce
-                    .len()
-                    .min(usize::try_from(left).unwrap_or(usize::MAX));
-                let buf = &mut self.bounce[..n];
-                self.disk.read_at(buf, offset).map_err(RequestError::Io)?;
-                mem.write_slice(buf, addr).map_err(RequestError::Memory)?;
-                addr = GuestAddress(addr.0 + n as u64);
-                offset += n as u64;
-                left -= n as u64;
-            }
+        let mut cursor = SegCursor::new(segs);
+        let mut left = total_len(segs);
+        while left > 0 {
+            let n = chunk_len(self.bounce.len(), left);
+            let buf = &mut self.bounce[..n];
+            self.disk.read_at(buf, offset).map_err(RequestError::Io)?;
+            cursor.write(mem, buf)?;
+            offset += n as u64;
+            left -= n as u64;
         }
         Ok(())
     }
 
+    /// Writes the data in `segs` to the disk at `offset`. The backend sees writes of
+    /// whole sectors, at most the bounce buffer each (one write for most requests).
     fn guest_to_disk(
         &mut self,
         mem: &GuestMemory,
         segs: &[Seg],
         mut offset: u64,
     ) -> Result<(), RequestError> {
-        for s in segs {
-            let mut addr = s.addr;
-            let mut left = s.len;
-            while left > 0 {
-                let n = self
-                    .bounce
-                    .len()
-                    .min(usize::try_from(left).unwrap_or(usize::MAX));
-                let buf = &mut self.bounce[..n];
-                mem.read_slice(buf, addr).map_err(RequestError::Memory)?;
-                self.disk.write_at(buf, offset).map_err(RequestError::Io)?;
-                addr = GuestAddress(addr.0 + n as u64);
-                offset += n as u64;
-                left -= n as u64;
-            }
+        let mut cursor = SegCursor::new(segs);
+        let mut left = total_len(segs);
+        while left > 0 {
+            let n = chunk_len(self.bounce.len(), left);
+            let buf = &mut self.bounce[..n];
+            cursor.read(mem, buf)?;
+            self.disk.write_at(buf, offset).map_err(RequestError::Io)?;
+            offset += n as u64;
+            left -= n as u64;
         }
         Ok(())
     }

@@ -37,6 +37,10 @@ pub(super) struct MemDisk {
     pub inner: Arc<Mutex<MemDiskInner>>,
     pub would_block: Arc<AtomicBool>,
     pub ops: Arc<AtomicUsize>,
+    /// Transfers that were not whole, aligned sectors within the bounce size.
+    pub misaligned: Arc<AtomicUsize>,
+    /// Sizes of the writes, in order.
+    pub write_sizes: Arc<Mutex<Vec<usize>>>,
 }
 
 impl MemDisk {
@@ -47,9 +51,18 @@ impl MemDisk {
     }
 }
 
+impl MemDisk {
+    fn check_shape(&self, len: usize, offset: u64) {
+        if len == 0 || len & 511 != 0 || offset & 511 != 0 || len > BOUNCE_LEN {
+            self.misaligned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 impl DiskBackend for MemDisk {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.ops.fetch_add(1, Ordering::SeqCst);
+        self.check_shape(buf.len(), offset);
         let mut d = self.inner.lock().unwrap();
         let start = offset as usize;
         let src = d
@@ -62,6 +75,8 @@ impl DiskBackend for MemDisk {
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.ops.fetch_add(1, Ordering::SeqCst);
+        self.check_shape(buf.len(), offset);
+        self.write_sizes.lock().unwrap().push(buf.len());
         if self.would_block.load(Ordering::SeqCst) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -112,6 +127,18 @@ pub(super) struct D(pub u64, pub u32, pub u16, pub u16);
 pub(super) const R: u16 = 0;
 pub(super) const WR: u16 = VRING_DESC_F_WRITE as u16;
 pub(super) const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_eq!(
+                self.disk.misaligned.load(Ordering::SeqCst),
+                0,
+                "the backend saw a transfer that is not whole aligned sectors"
+            );
+        }
+    }
+}
 
 impl Driver {
     pub fn new(disk_len: usize, read_only: bool, queue_size: u16) -> Self {
@@ -395,6 +422,61 @@ fn header_and_data_in_one_descriptor() {
     assert_eq!(drv.pop_used(), Some((u32::from(head), 513)));
     assert_eq!(drv.status_byte(DATA + PAGE + 512), OK);
     assert_eq!(drv.status_byte(DATA + PAGE + 511), 3);
+}
+
+#[test]
+fn backend_sees_whole_sector_chunks() {
+    let mut drv = Driver::new(4 << 20, false, 16);
+    // 1024 bytes in segments of 100, 1, 411 and 512 bytes: one backend write.
+    let segs = [
+        D(DATA, 100, R, 0),
+        D(DATA + 0x1000, 1, R, 0),
+        D(DATA + 0x2000, 411, R, 0),
+        D(DATA + 0x3000, 512, R, 0),
+    ];
+    for (i, d) in segs.iter().enumerate() {
+        drv.mem
+            .write_slice(&vec![i as u8 + 1; d.1 as usize], GuestAddress(d.0))
+            .unwrap();
+    }
+    assert_eq!(drv.request(VIRTIO_BLK_T_OUT, 3, &segs).0, OK);
+    assert_eq!(*drv.disk.write_sizes.lock().unwrap(), vec![1024]);
+    {
+        let d = drv.disk.inner.lock().unwrap();
+        let w = &d.data[3 * 512..5 * 512];
+        assert!(w[..100].iter().all(|&b| b == 1));
+        assert_eq!(w[100], 2);
+        assert!(w[101..512].iter().all(|&b| b == 3));
+        assert!(w[512..].iter().all(|&b| b == 4));
+    }
+    // Read it back scattered differently.
+    let back = [D(DATA + 0x8000, 700, WR, 0), D(DATA + 0x9000, 324, WR, 0)];
+    assert_eq!(drv.request(VIRTIO_BLK_T_IN, 3, &back).0, OK);
+    let mut a = vec![0u8; 700];
+    drv.mem
+        .read_slice(&mut a, GuestAddress(DATA + 0x8000))
+        .unwrap();
+    assert_eq!(
+        (a[99], a[100], a[101], a[511], a[512], a[699]),
+        (1, 2, 3, 3, 4, 4)
+    );
+
+    // 3 MiB in one segment: two writes, 2 MiB then 1 MiB.
+    drv.disk.write_sizes.lock().unwrap().clear();
+    let big = (MEM_SIZE as u64 - DATA) as u32;
+    assert_eq!(big, 3 << 20);
+    assert_eq!(
+        drv.request(VIRTIO_BLK_T_OUT, 0, &[D(DATA, big, R, 0)]).0,
+        OK
+    );
+    assert_eq!(
+        *drv.disk.write_sizes.lock().unwrap(),
+        vec![BOUNCE_LEN, 1 << 20]
+    );
+    assert_eq!(
+        drv.request(VIRTIO_BLK_T_IN, 1, &[D(DATA, big, WR, 0)]),
+        (OK, big + 1)
+    );
 }
 
 #[test]
