@@ -73,8 +73,9 @@ const OUT_QUEUE_MAX: usize = 4;
 /// Default command byte: keyboard interrupt on, system flag, translation on.
 const DEFAULT_CTR: u8 = 0x45;
 
-/// The i8042's plain state (what save/restore will carry).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The i8042's plain state (what save/restore will carry). `Default` is the power-on
+/// state.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct I8042State {
     /// Controller command byte ("CTR").
     pub command_byte: u8,
@@ -88,8 +89,8 @@ pub struct I8042State {
     pub output_port: u8,
 }
 
-impl I8042State {
-    fn new() -> Self {
+impl Default for I8042State {
+    fn default() -> Self {
         Self {
             command_byte: DEFAULT_CTR,
             pending_command: None,
@@ -120,7 +121,7 @@ impl I8042 {
     /// Creates the controller; `reset` is called each time the guest asks for a reset.
     pub fn new(reset: Box<dyn FnMut() + Send>) -> Self {
         Self {
-            state: I8042State::new(),
+            state: I8042State::default(),
             reset,
         }
     }
@@ -333,6 +334,24 @@ mod tests {
         dev.write(I8042_COMMAND_OFFSET, &[CMD_WRITE_OUTP]);
         dev.write(I8042_DATA_OFFSET, &[0x02]);
         assert_eq!(resets.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let (mut dev, _) = counting_i8042();
+        dev.write(I8042_COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        let saved = dev.state();
+        assert_eq!(saved.pending_command, Some(CMD_WRITE_CTR));
+        let (mut other, _) = counting_i8042();
+        other.set_state(saved.clone());
+        other.write(I8042_DATA_OFFSET, &[0x11]);
+        assert_eq!(other.state().command_byte, 0x11);
+        assert_eq!(I8042State::default().command_byte, DEFAULT_CTR);
+        // A hostile saved state cannot grow the output queue past its bound.
+        let mut big = saved;
+        big.output = (0..100).collect();
+        other.set_state(big);
+        assert_eq!(other.state().output.len(), OUT_QUEUE_MAX);
     }
 
     #[test]

@@ -242,6 +242,29 @@ mod tests {
     }
 
     #[test]
+    fn state_round_trip() {
+        let mut dev = SerialDevice::new(Box::new(io::sink())).unwrap();
+        dev.write(IER, &[0x01]);
+        dev.write(7, &[0x5a]); // scratch
+        assert_eq!(dev.enqueue_input(b"abc").unwrap(), 3);
+        let state = dev.state();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut restored = SerialDevice::from_state(&state, evt, Box::new(io::sink())).unwrap();
+        assert_eq!(restored.state(), state);
+        assert_eq!(read(&mut restored, 7), 0x5a);
+        assert_eq!(read(&mut restored, THR_RBR), b'a');
+
+        // A saved FIFO longer than the hardware's is refused.
+        let mut bad = state;
+        bad.in_buffer = vec![0; 1000];
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(matches!(
+            SerialDevice::from_state(&bad, evt, Box::new(io::sink())),
+            Err(SerialError::InvalidState { len: 1000 })
+        ));
+    }
+
+    #[test]
     fn odd_accesses_do_not_panic() {
         let mut dev = SerialDevice::new(Box::new(io::sink())).unwrap();
         let mut wide = [0u8; 4];
