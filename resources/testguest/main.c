@@ -284,7 +284,8 @@ static void bsp_main(void)
         fmt_snprintf(msg, sizeof msg, "unknown workload '%.*s'", (int)cl.wlen, cl.workload);
         usage_error(msg);
     }
-    print("testguest: exit %d (%s)\n", code, code == EXIT_OK ? "success" : "failure");
+    print("testguest: exit %d (%s)\n", code,
+          code == EXIT_OK ? "success" : code == EXIT_USAGE ? "usage" : "failure");
     guest_exit(code);
 }
 

@@ -1,0 +1,60 @@
+#!/bin/sh
+# mirrorvm test guest: boot every workload on mirrorvm and check its exit
+# status and final line.  Needs /dev/kvm.
+#
+# usage: run-on-vmm.sh [path/to/mirrorvm]
+#   default: $CARGO_TARGET_DIR/debug/mirrorvm (or target/debug/mirrorvm)
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../../.." && pwd)
+vmm=${1:-${CARGO_TARGET_DIR:-$root/target}/debug/mirrorvm}
+[ -x "$vmm" ] || { echo "run-on-vmm: $vmm not found (cargo build first)" >&2; exit 2; }
+[ -w /dev/kvm ] || { echo "run-on-vmm: SKIPPED: /dev/kvm is not usable" >&2; exit 77; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+pass=0 fail=0
+
+# run NAME EXPECTED_EXIT EXPECTED_LINE_REGEX -- mirrorvm run arguments...
+run() {
+    name=$1 want=$2 line=$3
+    shift 4
+    timeout 120 "$vmm" run --serial "file=$work/$name.out" "$@" >"$work/$name.log" 2>&1
+    got=$?
+    if [ "$got" -eq "$want" ] && grep -Eq "$line" "$work/$name.out"; then
+        pass=$((pass + 1))
+        echo "ok   $name: exit $got, $(grep -E "$line" "$work/$name.out" | tail -n 1)"
+    else
+        fail=$((fail + 1))
+        echo "FAIL $name: exit $got (want $want), no line matching /$line/ ? output:"
+        sed 's/^/     | /' "$work/$name.out" "$work/$name.log" | tail -n 20
+    fi
+}
+
+truncate -s 64M "$work/disk.img"
+truncate -s 16M "$work/hostile.img"
+
+run hello 0 '^mirrorvm test guest: hello$' -- --cmdline hello
+run default 0 '^mirrorvm test guest: hello$' --
+run counter 0 '^counter 5$' -- --cmdline "counter interval_ms=20 limit=5"
+run dirty 0 '^dirty: done, [0-9]+ pages dirtied' -- --cmdline "dirty seconds=2 pages_per_ms=200 mb=16"
+run disk 0 '^disk: 64 records verified$' -- --cmdline disk --disk "path=$work/disk.img"
+if python3 "$here/verify-disk.py" "$work/disk.img" --records 64 --seed 1 >/dev/null; then
+    pass=$((pass + 1)); echo "ok   disk image: verify-disk.py"
+else
+    fail=$((fail + 1)); echo "FAIL disk image: verify-disk.py"
+fi
+run disk-verify 0 '^disk: 64 records verified$' -- --cmdline "disk mode=verify" \
+    --disk "path=$work/disk.img,readonly=on"
+run disk-wrong-seed 1 '^disk: FAILED: 64 of 64 records' -- --cmdline "disk mode=verify seed=2" \
+    --disk "path=$work/disk.img"
+run disk-nodisk 1 'no virtio_mmio.device' -- --cmdline disk
+run hostile 0 '^hostile: all [0-9]+ cases behaved$' -- --cmdline hostile --disk "path=$work/hostile.img"
+run smp1 0 '^smp: 1 cpus running$' -- --cmdline smp
+run smp4 0 '^smp: 4 cpus running$' -- --cmdline smp --cpus 4
+run fault 3 'vector 0x0e #PF at CPL3' -- --cmdline "fault kind=pf"
+run bad-workload 2 "unknown workload 'nope'" -- --cmdline nope
+run bad-option 2 "unknown option 'x'" -- --cmdline "counter x=1"
+
+echo "run-on-vmm: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
