@@ -613,9 +613,9 @@ pub struct BlockState {
     pub deferred: bool,
 }
 
-/// A virtio-blk device. Share it as `Arc<Mutex<Block>>` between its [`super::mmio::MmioTransport`]
-/// (as `Arc<Mutex<dyn VirtioDevice>>`) and the event manager (it is a
-/// [`MutEventSubscriber`]).
+/// A virtio-blk device. Share it as `Arc<Mutex<Block>>` between its
+/// [`super::mmio::MmioTransport`] (as `Arc<Mutex<dyn VirtioDevice>>`) and the event
+/// manager (it is a [`MutEventSubscriber`]).
 pub struct Block {
     io: DiskIo,
     avail_features: u64,
@@ -766,7 +766,7 @@ impl Block {
                     break;
                 }
             }
-            budget -= 1;
+            budget = budget.saturating_sub(1);
             if budget == 0 {
                 if let Err(e) = self.queue_evts[0].write(1) {
                     tracing::warn!("virtio-blk: cannot re-arm the queue: {e}");
