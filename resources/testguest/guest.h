@@ -77,6 +77,29 @@ uint64_t us_to_ticks(uint64_t us);
 uint64_t ticks_to_ms(uint64_t ticks);
 void delay_us(uint64_t us);
 
+/*
+ * A timeout that counts only the time the vCPU ran: a gap of more than
+ * TIMEOUT_MAX_GAP_MS between two polls (the VM was paused for a checkpoint,
+ * restored on another host, or descheduled) counts as that much, and a TSC
+ * going backwards counts as nothing.  So a pause or a failover never fires
+ * a timeout by itself, and a TSC that restarts lower never makes a wait
+ * last for ever.
+ */
+#define TIMEOUT_MAX_GAP_MS 10
+struct timeout {
+    uint64_t last;   /* TSC at the previous poll */
+    uint64_t left;   /* ticks still to run */
+};
+void timeout_start(struct timeout *t, uint64_t ms);
+int timeout_expired(struct timeout *t);  /* polls; 1 once the time ran out */
+
+/*
+ * Pacing: spin until the TSC reaches *deadline and return the TSC.  If the
+ * TSC goes backwards meanwhile, *deadline moves back by as much, so a
+ * periodic schedule (deadline += period) keeps its cadence.
+ */
+uint64_t spin_until(uint64_t *deadline);
+
 /* ---- console ---- */
 void print(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 __attribute__((noreturn)) void guest_exit(int code);

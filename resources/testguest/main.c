@@ -11,11 +11,47 @@ uint64_t ms_to_ticks(uint64_t ms) { return ms * tsc_khz; }
 uint64_t us_to_ticks(uint64_t us) { return us * tsc_khz / 1000; }
 uint64_t ticks_to_ms(uint64_t ticks) { return ticks / tsc_khz; }
 
+void timeout_start(struct timeout *t, uint64_t ms)
+{
+    t->last = rdtsc();
+    t->left = ms_to_ticks(ms);
+}
+
+int timeout_expired(struct timeout *t)
+{
+    uint64_t now = rdtsc(), ran = 0, cap = ms_to_ticks(TIMEOUT_MAX_GAP_MS);
+    if (now > t->last)
+        ran = now - t->last < cap ? now - t->last : cap;
+    t->last = now;
+    if (ran >= t->left) {
+        t->left = 0;
+        return 1;
+    }
+    t->left -= ran;
+    return 0;
+}
+
 void delay_us(uint64_t us)
 {
-    uint64_t end = rdtsc() + us_to_ticks(us);
-    while (rdtsc() < end)
+    struct timeout t;
+    t.last = rdtsc();
+    t.left = us_to_ticks(us);
+    while (!timeout_expired(&t))
         cpu_relax();
+}
+
+uint64_t spin_until(uint64_t *deadline)
+{
+    uint64_t prev = rdtsc(), now;
+    while ((now = rdtsc()) < *deadline) {
+        if (now < prev) {
+            uint64_t back = prev - now;
+            *deadline = *deadline > back ? *deadline - back : 0;
+        }
+        prev = now;
+        cpu_relax();
+    }
+    return now;
 }
 
 void print(const char *fmt, ...)
@@ -135,9 +171,7 @@ static int wl_counter(void)
     step = ms_to_ticks(interval);
     next = rdtsc() + step;
     for (n = 1; limit == 0 || n <= limit; n++) {
-        uint64_t now;
-        while ((now = rdtsc()) < next)
-            cpu_relax();
+        uint64_t now = spin_until(&next);
         print("counter %llu\n", (unsigned long long)n);
         next += step;
         if (now > next)      /* fell behind (VM paused): do not burst */
@@ -151,7 +185,7 @@ static int wl_dirty(void)
 {
     static const char *const keys[] = { "pages_per_ms", "mb", "seconds", NULL };
     uint64_t ppm, mb, seconds, start, ram_end, avail_mb, npages, page = 0;
-    uint64_t t0, next, tick, next_report, ms = 0, total = 0, report = 0;
+    uint64_t next, tick, ms = 0, total = 0, report = 0;
     check_keys(keys);
     ppm = opt_u64("pages_per_ms", 100, 1, 1000000);
     mb = opt_u64("mb", 32, 1, 1 << 20);
@@ -183,9 +217,7 @@ static int wl_dirty(void)
           (unsigned long long)(seconds ? seconds : 1));
 
     tick = ms_to_ticks(1);
-    t0 = rdtsc();
-    next = t0 + tick;
-    next_report = t0 + ms_to_ticks(1000);
+    next = rdtsc() + tick;
     for (;;) {
         uint64_t i, now;
         for (i = 0; i < ppm; i++) {
@@ -196,18 +228,14 @@ static int wl_dirty(void)
         }
         total += ppm;
         ms++;
-        while ((now = rdtsc()) < next)
-            cpu_relax();
+        now = spin_until(&next);
         next += tick;
         if (now > next + 10 * tick)   /* paused for a while: resynchronise */
             next = now + tick;
-        if (now >= next_report) {
+        if (ms % 1000 == 0) {         /* one report per 1000 paced milliseconds */
             report++;
             print("dirty: %llu s, %llu pages dirtied\n", (unsigned long long)report,
                   (unsigned long long)total);
-            next_report += ms_to_ticks(1000);
-            if (now > next_report)
-                next_report = now + ms_to_ticks(1000);
             if (seconds && report >= seconds)
                 break;
         }

@@ -113,17 +113,20 @@ static int mp_cpus(struct mp_cpu *out, int max)
 
 static void ipi(uint8_t apic_id, uint32_t icr)
 {
-    uint64_t end = rdtsc() + ms_to_ticks(10);
+    struct timeout t;
+    timeout_start(&t, 10);
     sys_apic_write(APIC_ICR_HIGH, (uint32_t)apic_id << 24);
     sys_apic_write(APIC_ICR_LOW, icr);
-    while ((sys_apic_read(APIC_ICR_LOW) & ICR_PENDING) && rdtsc() < end)
+    while ((sys_apic_read(APIC_ICR_LOW) & ICR_PENDING) && !timeout_expired(&t))
         cpu_relax();
 }
 
-static int wait_alive(unsigned idx, uint64_t until)
+static int wait_alive(unsigned idx, uint64_t ms)
 {
+    struct timeout t;
+    timeout_start(&t, ms);
     while (!pcpu[idx].alive) {
-        if (rdtsc() > until)
+        if (timeout_expired(&t))
             return 0;
         cpu_relax();
     }
@@ -136,7 +139,8 @@ int wl_smp(const struct cmdline *cl_in)
     struct cmdline *cl = (struct cmdline *)cl_in;
     struct mp_cpu cpus[64];
     uint8_t ids[MAX_CPUS];
-    uint64_t snap[MAX_CPUS], t0, until;
+    uint64_t snap[MAX_CPUS], t0;
+    struct timeout t;
     uint8_t self;
     int n, i, started = 1, failed = 0;
 
@@ -177,9 +181,9 @@ int wl_smp(const struct cmdline *cl_in)
         ipi(cpus[i].apic_id, ICR_INIT);
         delay_us(10000);
         ipi(cpus[i].apic_id, ICR_STARTUP | (TRAMP_ADDR >> 12));
-        if (!wait_alive(idx, rdtsc() + ms_to_ticks(1))) {
+        if (!wait_alive(idx, 1)) {
             ipi(cpus[i].apic_id, ICR_STARTUP | (TRAMP_ADDR >> 12));
-            if (!wait_alive(idx, rdtsc() + ms_to_ticks(SMP_TIMEOUT_MS))) {
+            if (!wait_alive(idx, SMP_TIMEOUT_MS)) {
                 print("smp: FAILED: cpu %u (apic id %u) did not start within %u ms\n", idx,
                       cpus[i].apic_id, SMP_TIMEOUT_MS);
                 return EXIT_FAIL;
@@ -191,9 +195,9 @@ int wl_smp(const struct cmdline *cl_in)
     /* every AP's counter must keep moving */
     for (i = 1; i < started; i++)
         snap[i] = pcpu[i].counter;
-    until = rdtsc() + ms_to_ticks(SMP_MOVE_MS);
+    timeout_start(&t, SMP_MOVE_MS);
     for (i = 1; i < started; i++) {
-        while (pcpu[i].counter == snap[i] && rdtsc() < until)
+        while (pcpu[i].counter == snap[i] && !timeout_expired(&t))
             cpu_relax();
         if (pcpu[i].counter == snap[i]) {
             print("smp: cpu %d (apic id %u) started but its counter is stuck at %llu\n", i,

@@ -11,7 +11,7 @@ static struct blk_req_hdr req_hdr __attribute__((aligned(64)));
 static volatile uint8_t req_status __attribute__((aligned(64)));
 
 #define VB_RESET_TIMEOUT_MS 1000
-#define VB_STATUS_POLL_US   2000   /* read Status (an MMIO exit) this often */
+#define VB_STATUS_POLL_MS   2      /* read Status (an MMIO exit) this often */
 
 uint32_t vb_read32(const struct vblk *d, uint32_t off)
 {
@@ -78,10 +78,11 @@ int vblk_probe(struct vblk *d, uintptr_t base)
 
 int vblk_reset(struct vblk *d)
 {
-    uint64_t end = rdtsc() + ms_to_ticks(VB_RESET_TIMEOUT_MS);
+    struct timeout t;
+    timeout_start(&t, VB_RESET_TIMEOUT_MS);
     vb_write32(d, VMMIO_STATUS, 0);
     while (vb_read32(d, VMMIO_STATUS) != 0) {
-        if (rdtsc() > end) {
+        if (timeout_expired(&t)) {
             fmt_snprintf(d->err, sizeof d->err, "device did not reset (status 0x%x)",
                          vb_read32(d, VMMIO_STATUS));
             return -1;
@@ -186,8 +187,7 @@ int vblk_init(struct vblk *d)
 enum vb_outcome vblk_submit(struct vblk *d, uint16_t head, uint64_t timeout_ms,
                             uint32_t *used_len)
 {
-    uint64_t now = rdtsc(), end = now + ms_to_ticks(timeout_ms);
-    uint64_t next_status = now + us_to_ticks(VB_STATUS_POLL_US);
+    struct timeout t, poll;
     volatile struct virtq_used_elem *e;
 
     d->avail->ring[d->avail_idx % d->qsize] = head;
@@ -197,15 +197,16 @@ enum vb_outcome vblk_submit(struct vblk *d, uint16_t head, uint64_t timeout_ms,
     barrier();
     vb_write32(d, VMMIO_QUEUE_NOTIFY, 0);
 
+    timeout_start(&t, timeout_ms);
+    timeout_start(&poll, VB_STATUS_POLL_MS);
     while (d->used->idx == d->used_idx) {
         cpu_relax();
-        now = rdtsc();
-        if (now >= next_status) {
+        if (timeout_expired(&poll)) {
             if (vb_read32(d, VMMIO_STATUS) & VS_NEEDS_RESET)
                 return VB_NEEDS_RESET;
-            next_status = now + us_to_ticks(VB_STATUS_POLL_US);
+            timeout_start(&poll, VB_STATUS_POLL_MS);
         }
-        if (now > end) {
+        if (timeout_expired(&t)) {
             if (d->used->idx != d->used_idx)
                 break;
             if (vb_read32(d, VMMIO_STATUS) & VS_NEEDS_RESET)
