@@ -79,7 +79,7 @@ fn main() {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         match ext {
             "c" | "S" => sources.push(path.clone()),
-            "h" | "in" => {}
+            "h" | "in" | "sh" => {}
             _ => continue,
         }
         println!("cargo:rerun-if-changed={}", path.display());
@@ -117,7 +117,29 @@ fn main() {
     run("compile and link", &mut cc);
 
     check_elf(&elf);
+
+    // The CPL0 code must not use what the KVM emulator lacks (int3, x87,
+    // SSE, xsave, rep movs/stos, ...): check-cpl0.sh disassembles it.
+    run_check(
+        Command::new("sh")
+            .arg(src.join("check-cpl0.sh"))
+            .arg(&elf),
+    );
     println!("cargo:rustc-env=TESTGUEST_ELF={}", elf.display());
+}
+
+fn run_check(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("test guest: could not run check-cpl0.sh: {e}; {HELP}"));
+    if !out.status.success() {
+        panic!(
+            "test guest: check-cpl0.sh rejected the guest ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Cheap sanity check of the result: an ELF64 x86-64 executable.
