@@ -374,8 +374,13 @@ impl Harness {
             Some(f) if f.acked => f.epoch,
             _ => base_g,
         };
+        // The highest floor a partly persisted operation in flight may have left.
         let floor_p = match (m.frozen.first(), inflight) {
             (Some(f), Inflight::Ack(a)) if f.epoch == a => a,
+            (Some(f), Inflight::Retire(r)) if f.epoch == r => match m.frozen.get(1) {
+                Some(next) if next.acked => next.epoch,
+                _ => r,
+            },
             _ => floor_g.max(base_p),
         };
         let to = if target % 4 == 0 {
