@@ -133,7 +133,7 @@ static __attribute__((noreturn)) void usage_error(const char *msg)
 {
     print("testguest: error: %s\n", msg);
     print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both]"
-          " | dirty [pages_per_ms=N] [mb=M] [seconds=T]"
+          " | dirty [pages_per_ms=N] [mb=M] [seconds=T] [verify=0|1]"
           " | counter [interval_ms=N] [limit=N] | smp | hostile | fault [kind=ud|gp|pf|de]\n");
     print("testguest: exit %d (usage)\n", EXIT_USAGE);
     guest_exit(EXIT_USAGE);
@@ -181,15 +181,18 @@ static int wl_counter(void)
     return EXIT_OK;
 }
 
+#define DIRTY_SALT 0x6469727479000000ull   /* "dirty" */
+
 static int wl_dirty(void)
 {
-    static const char *const keys[] = { "pages_per_ms", "mb", "seconds", NULL };
-    uint64_t ppm, mb, seconds, start, ram_end, avail_mb, npages, page = 0;
-    uint64_t next, tick, ms = 0, total = 0, report = 0;
+    static const char *const keys[] = { "pages_per_ms", "mb", "seconds", "verify", NULL };
+    uint64_t ppm, mb, seconds, verify, start, ram_end, avail_mb, npages, page = 0, pass = 0;
+    uint64_t next, tick, ms = 0, total = 0, report = 0, bad = 0;
     check_keys(keys);
     ppm = opt_u64("pages_per_ms", 100, 1, 1000000);
     mb = opt_u64("mb", 32, 1, 1 << 20);
     seconds = opt_u64("seconds", 0, 0, 1000000);
+    verify = opt_u64("verify", 1, 0, 1);
 
     start = ((uint64_t)(uintptr_t)_end + (1 << 20) - 1) & ~(uint64_t)((1 << 20) - 1);
     ram_end = machine_ram_end(start);
@@ -211,22 +214,45 @@ static int wl_dirty(void)
               (unsigned long long)ppm, (unsigned long long)npages);
         ppm = npages;
     }
-    print("dirty: %llu pages/ms over %llu MiB at 0x%llx, %s%llu s\n",
+    print("dirty: %llu pages/ms over %llu MiB at 0x%llx, %s%llu s%s\n",
           (unsigned long long)ppm, (unsigned long long)mb,
           (unsigned long long)start, seconds ? "" : "forever; report every ",
-          (unsigned long long)(seconds ? seconds : 1));
+          (unsigned long long)(seconds ? seconds : 1),
+          verify ? ", checking every page still holds its previous write" : "");
 
     tick = ms_to_ticks(1);
     next = rdtsc() + tick;
     for (;;) {
         uint64_t i, now;
+        /* Write number w (from 1) goes to page (w-1) % npages, word
+         * pass % 512 with pass = (w-1) / npages, and stores w ^ DIRTY_SALT.
+         * With verify, the word of the previous pass must still hold write
+         * w - npages: memory lost or stale after a checkpoint restore or a
+         * failover shows up here. */
         for (i = 0; i < ppm; i++) {
-            volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)(start + (page << 12));
-            *w = total + i + 1;
-            if (++page == npages)
+            volatile uint64_t *pg = (volatile uint64_t *)(uintptr_t)(start + (page << 12));
+            uint64_t w = total + i + 1;
+            if (verify && pass > 0) {
+                uint64_t want = (w - npages) ^ DIRTY_SALT, got = pg[(pass - 1) % 512];
+                if (got != want && bad++ < 10)
+                    print("dirty: page 0x%llx word %llu holds 0x%llx, expected 0x%llx"
+                          " (write %llu)\n",
+                          (unsigned long long)(uintptr_t)pg,
+                          (unsigned long long)((pass - 1) % 512), (unsigned long long)got,
+                          (unsigned long long)want, (unsigned long long)(w - npages));
+            }
+            pg[pass % 512] = w ^ DIRTY_SALT;
+            if (++page == npages) {
                 page = 0;
+                pass++;
+            }
         }
         total += ppm;
+        if (bad) {
+            print("dirty: FAILED: %llu page(s) lost their last write\n",
+                  (unsigned long long)bad);
+            return EXIT_FAIL;
+        }
         ms++;
         now = spin_until(&next);
         next += tick;
