@@ -67,11 +67,11 @@ static int rw_record(struct vblk *d, int write, uint32_t i, uint64_t sector, con
 
 int wl_disk(const struct cmdline *cl_in)
 {
-    static const char *const keys[] = { "records", "seed", "mode", NULL };
+    static const char *const keys[] = { "records", "seed", "mode", "rounds", NULL };
     static struct vblk dev;
     struct vblk *d = &dev;
     struct cmdline *cl = (struct cmdline *)cl_in;
-    uint64_t n, seed, t0;
+    uint64_t n, seed, rounds, r, t0;
     int do_write = 1, do_verify = 1, bad = 0;
     const char *mode;
     size_t mlen;
@@ -81,7 +81,8 @@ int wl_disk(const struct cmdline *cl_in)
     char why[128];
 
     if (cmdline_check_keys(cl, keys) || cmdline_u64(cl, "records", 64, 1, 0xffffffffu, &n) ||
-        cmdline_u64(cl, "seed", 1, 0, UINT64_MAX, &seed))
+        cmdline_u64(cl, "seed", 1, 0, UINT64_MAX, &seed) ||
+        cmdline_u64(cl, "rounds", 1, 0, UINT64_MAX, &rounds))
         goto usage;
     mode = cmdline_str(cl, "mode", &mlen);
     if (mode && str_eqn(mode, mlen, "write"))
@@ -119,11 +120,26 @@ int wl_disk(const struct cmdline *cl_in)
         return EXIT_FAIL;
     }
 
-    if (do_write) {
+    /* Round r writes every record with seed + r.  From the second round on,
+     * each record is first read back and must hold round r-1: the disk has
+     * to agree with what the guest's memory says it wrote last, across
+     * checkpoints, restores and failovers. */
+    for (r = 0; do_write && (rounds == 0 || r < rounds); r++) {
         t0 = rdtsc();
         for (i = 0; i < n; i++) {
             uint64_t sector = record_sector(i, (uint32_t)n, d->capacity);
-            record_fill(recbuf, i, (uint32_t)n, sector, seed);
+            if (r > 0) {
+                mem_fill(recbuf, 0xa5, sizeof recbuf);
+                if (rw_record(d, 0, i, sector, "disk"))
+                    return EXIT_FAIL;
+                if (record_check(recbuf, i, (uint32_t)n, sector, seed + r - 1, why,
+                                 sizeof why)) {
+                    print("disk: FAILED: round %llu: record %u at sector %llu: %s\n",
+                          (unsigned long long)r, i, (unsigned long long)sector, why);
+                    return EXIT_FAIL;
+                }
+            }
+            record_fill(recbuf, i, (uint32_t)n, sector, seed + r);
             if (rw_record(d, 1, i, sector, "disk"))
                 return EXIT_FAIL;
         }
@@ -134,13 +150,21 @@ int wl_disk(const struct cmdline *cl_in)
                       vb_status_name(st));
                 return EXIT_FAIL;
             }
-        } else {
+        } else if (r == 0) {
             print("disk: warning: no VIRTIO_BLK_F_FLUSH offered, not flushing\n");
         }
-        print("disk: wrote %llu records (seed %llu) and flushed in %llu ms\n",
-              (unsigned long long)n, (unsigned long long)seed,
-              (unsigned long long)ticks_to_ms(rdtsc() - t0));
+        if (rounds == 1)
+            print("disk: wrote %llu records (seed %llu) and flushed in %llu ms\n",
+                  (unsigned long long)n, (unsigned long long)seed,
+                  (unsigned long long)ticks_to_ms(rdtsc() - t0));
+        else
+            print("disk: round %llu: %s%llu records (seed %llu) and flushed in %llu ms\n",
+                  (unsigned long long)r + 1, r ? "checked and rewrote " : "wrote ",
+                  (unsigned long long)n, (unsigned long long)(seed + r),
+                  (unsigned long long)ticks_to_ms(rdtsc() - t0));
     }
+    if (do_write)
+        seed += rounds - 1;   /* what the disk holds now */
 
     if (do_verify) {
         t0 = rdtsc();
@@ -169,6 +193,6 @@ int wl_disk(const struct cmdline *cl_in)
 
 usage:
     print("disk: error: %s\n", cl->err);
-    print("disk: usage: disk [records=N] [seed=S] [mode=both|write|verify]\n");
+    print("disk: usage: disk [records=N] [seed=S] [mode=both|write|verify] [rounds=R]\n");
     return EXIT_USAGE;
 }

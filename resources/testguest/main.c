@@ -132,7 +132,7 @@ static struct cmdline cl;
 static __attribute__((noreturn)) void usage_error(const char *msg)
 {
     print("testguest: error: %s\n", msg);
-    print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both]"
+    print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both] [rounds=R]"
           " | dirty [pages_per_ms=N] [mb=M] [seconds=T] [verify=0|1]"
           " | counter [interval_ms=N] [limit=N] | smp | hostile | fault [kind=ud|gp|pf|de]\n");
     print("testguest: exit %d (usage)\n", EXIT_USAGE);
