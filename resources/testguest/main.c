@@ -134,7 +134,7 @@ static __attribute__((noreturn)) void usage_error(const char *msg)
     print("testguest: error: %s\n", msg);
     print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both] [rounds=R]"
           " | dirty [pages_per_ms=N] [mb=M] [seconds=T] [verify=0|1]"
-          " | counter [interval_ms=N] [limit=N] | smp | hostile | fault [kind=ud|gp|pf|de]\n");
+          " | counter [interval_ms=N] [limit=N] | smp | hostile | fault [kind=ud|gp|pf|de|kpf]\n");
     print("testguest: exit %d (usage)\n", EXIT_USAGE);
     guest_exit(EXIT_USAGE);
 }
@@ -291,11 +291,13 @@ static int wl_fault(void)
         __asm__ volatile("hlt");
     } else if (str_eqn(kind, len, "pf")) {
         *(volatile uint64_t *)(uintptr_t)0x8000000000ull = 1; /* not mapped */
+    } else if (str_eqn(kind, len, "kpf")) {
+        sys_write((const void *)(uintptr_t)0x8000000000ull, 1); /* #PF at CPL0 */
     } else if (str_eqn(kind, len, "de")) {
         volatile unsigned zero = 0, one = 1;
         one /= zero;
     } else {
-        usage_error("fault: kind must be ud, gp, pf or de");
+        usage_error("fault: kind must be ud, gp, pf, de or kpf");
     }
     print("fault: FAILED: no exception\n");
     return EXIT_FAIL;

@@ -53,6 +53,7 @@ run hostile 0 '^hostile: all [0-9]+ cases behaved$' -- --cmdline hostile --disk 
 run smp1 0 '^smp: 1 cpus running$' -- --cmdline smp
 run smp4 0 '^smp: 4 cpus running$' -- --cmdline smp --cpus 4
 run fault 3 'vector 0x0e #PF at CPL3' -- --cmdline "fault kind=pf"
+run fault-cpl0 3 "vector 0x0e #PF at CPL0" -- --cmdline "fault kind=kpf"
 run bad-workload 2 "unknown workload 'nope'" -- --cmdline nope
 run bad-option 2 "unknown option 'x'" -- --cmdline "counter x=1"
 
