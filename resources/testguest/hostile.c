@@ -27,7 +27,8 @@ struct hcase {
     int has_status;     /* the chain has a usable device-writable status byte */
     /* build the chain; return the head index to submit */
     uint16_t (*build)(struct vblk *d);
-    int rings;          /* instead of a chain: corrupt the ring addresses */
+    int rings;          /* also place ring 1 (descriptors), 2 (avail), 3 (used)
+                           outside guest memory at queue setup */
 };
 
 static void set_desc(struct vblk *d, uint16_t i, uint64_t addr, uint32_t len, uint16_t flags,
@@ -197,6 +198,8 @@ static const struct hcase cases[] = {
     { "missing status descriptor", 0, b_missing_status, 0 },
     { "avail ring head out of range", 0, b_head_out_of_range, 0 },
     { "descriptor table outside guest memory", 0, b_normal_read, 1 },
+    { "avail ring outside guest memory", 0, b_normal_read, 2 },
+    { "used ring outside guest memory", 0, b_normal_read, 3 },
 };
 #define NCASES ((int)(sizeof cases / sizeof cases[0]))
 
@@ -222,7 +225,12 @@ static int run_case(struct vblk *d, int k, int *dead)
     char what[120];
 
     if (c->rings) {
-        d->desc_addr = FAR_AWAY;
+        if (c->rings == 1)
+            d->desc_addr = FAR_AWAY;
+        else if (c->rings == 2)
+            d->driver_addr = FAR_AWAY;
+        else
+            d->device_addr = FAR_AWAY;
         if (vblk_init(d)) {
             /* refusing DRIVER_OK / raising NEEDS_RESET at once is fine too */
             uint32_t s = vb_read32(d, VMMIO_STATUS);
