@@ -21,6 +21,7 @@
 #define BI_TSC_KHZ      (BOOTINFO_ADDR + 8)
 #define BI_HV_MAX_LEAF  (BOOTINFO_ADDR + 12)
 #define BI_AP_INDEX     (BOOTINFO_ADDR + 16)
+#define BI_CPUID1_ECX   (BOOTINFO_ADDR + 20)
 
 /* ------------------------------------------------------------------------ */
 /* Vector stubs                                                             */
@@ -112,6 +113,10 @@ _start:
         xorl    %ecx, %ecx
         cpuid
         movl    %eax, BI_TSC_KHZ
+        movl    $1, %eax
+        xorl    %ecx, %ecx
+        cpuid
+        movl    %ecx, BI_CPUID1_ECX
         xorl    %edi, %edi
         jmp     cpu_common
 
@@ -164,6 +169,9 @@ cpu_common:
         /* software-enable the LAPIC (spurious vector 0xff) */
         movl    $(LAPIC_BASE + 0xf0), %eax
         movl    $0x1ff, (%rax)
+        /* LVT timer: TSC-deadline mode, TIMER_VECTOR (used by SYS_SLEEP) */
+        movl    $(LAPIC_BASE + 0x320), %eax
+        movl    $((2 << 17) | TIMER_VECTOR), (%rax)
         /* iretq to cpl3_entry(cpu) on this cpu's user stack */
         movl    %edi, %eax
         incl    %eax
@@ -178,7 +186,9 @@ cpu_common:
         iretq
 
 /* int3 through the DPL3 gate.  rax = number, rdi/rsi = arguments, result in
- * rax.  Clobbers rcx, rdx, rsi, rdi (the wrappers in guest.h say so). */
+ * rax.  Clobbers rcx, rdx, rsi, rdi (the wrappers in guest.h say so).
+ * SYS_SLEEP takes the (interrupt-gate) handler's IF=0 through sti; hlt: the
+ * timer interrupt nests on this stack, then cli and return. */
 isr_syscall:
         cmpl    $SYS_WRITE, %eax
         jne     2f
@@ -192,7 +202,19 @@ isr_syscall:
         jnz     0b
 1:      xorl    %eax, %eax
         iretq
-2:      cmpl    $SYS_EXIT, %eax
+2:      cmpl    $SYS_SLEEP, %eax
+        jne     10f
+        movl    %edi, %eax
+        shrq    $32, %rdi
+        movl    %edi, %edx
+        movl    $0x6e0, %ecx                    /* IA32_TSC_DEADLINE */
+        wrmsr
+        sti                                     /* hlt runs in sti's shadow: */
+        hlt                                     /* no wake-up is lost */
+        cli
+        xorl    %eax, %eax
+        iretq
+10:     cmpl    $SYS_EXIT, %eax
         jne     3f
         movl    %edi, %eax
         jmp     do_exit
@@ -427,7 +449,7 @@ bootinfo:
         .long   0                       /* TSC kHz, CPUID 0x40000010 eax */
         .long   0                       /* CPUID 0x40000000 eax */
         .long   0                       /* index of the AP being started */
-        .long   0
+        .long   0                       /* CPUID 1 ecx */
         .org    CPL0_DATA_END - CPL0_DATA_ADDR
 
 /* ------------------------------------------------------------------------ */

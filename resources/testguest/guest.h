@@ -17,7 +17,7 @@ struct bootinfo {
     uint32_t tsc_khz;       /* CPUID 0x40000010 EAX */
     uint32_t hv_max_leaf;   /* CPUID 0x40000000 EAX */
     uint32_t ap_index;      /* index of the AP being started (smp) */
-    uint32_t reserved;
+    uint32_t cpuid1_ecx;    /* CPUID 1 ECX (bit 24: TSC-deadline timer) */
 };
 #define BOOTINFO ((volatile struct bootinfo *)(uintptr_t)BOOTINFO_ADDR)
 
@@ -55,6 +55,12 @@ static inline uint32_t sys_apic_read(uint32_t reg)
 static inline void sys_apic_write(uint32_t reg, uint32_t val)
 {
     sys_call2(SYS_APIC_WRITE, reg, val);
+}
+
+/* Halt until an interrupt, at the latest the TSC reaching deadline. */
+static inline void sys_sleep(uint64_t deadline)
+{
+    sys_call2(SYS_SLEEP, (long)deadline, 0);
 }
 
 /* ---- time ---- */
@@ -99,6 +105,14 @@ int timeout_expired(struct timeout *t);  /* polls; 1 once the time ran out */
  * periodic schedule (deadline += period) keeps its cadence.
  */
 uint64_t spin_until(uint64_t *deadline);
+
+/*
+ * With idle set (option idle=1 of counter and dirty), spin_until halts the
+ * vCPU in SYS_SLEEP (TSC-deadline timer, at most 10 ms at a time) instead
+ * of spinning, leaving the host CPU free.  Returns 0, or -1 if the CPU has
+ * no TSC-deadline timer.
+ */
+int set_idle(int on);
 
 /* ---- console ---- */
 void print(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -55,6 +55,11 @@
 #define SYS_EXIT            1   /* rdi = exit code (low byte); never returns */
 #define SYS_APIC_READ       2   /* rdi = LAPIC register offset -> rax = value */
 #define SYS_APIC_WRITE      3   /* rdi = LAPIC register offset, rsi = value */
+#define SYS_SLEEP           4   /* rdi = TSC deadline: arm the TSC-deadline
+                                   timer, sti; hlt until an interrupt */
+
+/* LAPIC timer vector (TSC-deadline mode, programmed on every cpu) */
+#define TIMER_VECTOR        0x40
 
 /* Exit codes written to EXIT_PORT */
 #define EXIT_OK             0

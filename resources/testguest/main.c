@@ -40,6 +40,16 @@ void delay_us(uint64_t us)
         cpu_relax();
 }
 
+static int idle;
+
+int set_idle(int on)
+{
+    if (on && !(BOOTINFO->cpuid1_ecx & (1u << 24)))
+        return -1;
+    idle = on;
+    return 0;
+}
+
 uint64_t spin_until(uint64_t *deadline)
 {
     uint64_t prev = rdtsc(), now;
@@ -49,7 +59,14 @@ uint64_t spin_until(uint64_t *deadline)
             *deadline = *deadline > back ? *deadline - back : 0;
         }
         prev = now;
-        cpu_relax();
+        if (idle) {
+            /* at most 10 ms per sleep: a TSC that jumps back on a restore
+             * elsewhere must not leave the timer armed far in the future */
+            uint64_t cap = now + ms_to_ticks(10);
+            sys_sleep(*deadline < cap ? *deadline : cap);
+        } else {
+            cpu_relax();
+        }
     }
     return now;
 }
@@ -133,8 +150,8 @@ static __attribute__((noreturn)) void usage_error(const char *msg)
 {
     print("testguest: error: %s\n", msg);
     print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both] [rounds=R]"
-          " | dirty [pages_per_ms=N] [mb=M] [seconds=T] [verify=0|1]"
-          " | counter [interval_ms=N] [limit=N] | smp | hostile | fault [kind=ud|gp|pf|de|kpf]\n");
+          " | dirty [pages_per_ms=N] [mb=M] [seconds=T] [verify=0|1] [idle=0|1]"
+          " | counter [interval_ms=N] [limit=N] [idle=0|1] | smp | hostile | fault [kind=ud|gp|pf|de|kpf]\n");
     print("testguest: exit %d (usage)\n", EXIT_USAGE);
     guest_exit(EXIT_USAGE);
 }
@@ -153,6 +170,14 @@ static uint64_t opt_u64(const char *key, uint64_t def, uint64_t min, uint64_t ma
     return v;
 }
 
+/* idle=0|1: halt between paced steps instead of spinning */
+static void opt_idle(void)
+{
+    if (opt_u64("idle", 0, 0, 1) && set_idle(1))
+        print("testguest: warning: no TSC-deadline timer (CPUID 1 ecx bit 24): "
+              "spinning instead of idling\n");
+}
+
 static int wl_hello(void)
 {
     static const char *const keys[] = { NULL };
@@ -163,11 +188,12 @@ static int wl_hello(void)
 
 static int wl_counter(void)
 {
-    static const char *const keys[] = { "interval_ms", "limit", NULL };
+    static const char *const keys[] = { "interval_ms", "limit", "idle", NULL };
     uint64_t interval, limit, n, next, step;
     check_keys(keys);
     interval = opt_u64("interval_ms", 100, 1, 3600000);
     limit = opt_u64("limit", 0, 0, UINT64_MAX);
+    opt_idle();
     step = ms_to_ticks(interval);
     next = rdtsc() + step;
     for (n = 1; limit == 0 || n <= limit; n++) {
@@ -185,7 +211,8 @@ static int wl_counter(void)
 
 static int wl_dirty(void)
 {
-    static const char *const keys[] = { "pages_per_ms", "mb", "seconds", "verify", NULL };
+    static const char *const keys[] = { "pages_per_ms", "mb", "seconds", "verify", "idle",
+                                        NULL };
     uint64_t ppm, mb, seconds, verify, start, ram_end, avail_mb, npages, page = 0, pass = 0;
     uint64_t next, tick, ms = 0, total = 0, report = 0, bad = 0;
     check_keys(keys);
@@ -193,6 +220,7 @@ static int wl_dirty(void)
     mb = opt_u64("mb", 32, 1, 1 << 20);
     seconds = opt_u64("seconds", 0, 0, 1000000);
     verify = opt_u64("verify", 1, 0, 1);
+    opt_idle();
 
     start = ((uint64_t)(uintptr_t)_end + (1 << 20) - 1) & ~(uint64_t)((1 << 20) - 1);
     ram_end = machine_ram_end(start);

@@ -33,12 +33,17 @@ run() {
 
 truncate -s 64M "$work/disk.img"
 truncate -s 16M "$work/hostile.img"
+truncate -s 16M "$work/rounds.img"
 
 run hello 0 '^mirrorvm test guest: hello$' -- --cmdline hello
 run default 0 '^mirrorvm test guest: hello$' --
 run counter 0 '^counter 5$' -- --cmdline "counter interval_ms=20 limit=5"
+run counter-idle 0 '^counter 5$' -- --cmdline "counter interval_ms=20 limit=5 idle=1"
 run dirty 0 '^dirty: done, [0-9]+ pages dirtied' -- --cmdline "dirty seconds=2 pages_per_ms=200 mb=16"
+run dirty-idle 0 '^dirty: done, 100000 pages dirtied' -- --cmdline "dirty seconds=1 idle=1"
 run disk 0 '^disk: 64 records verified$' -- --cmdline disk --disk "path=$work/disk.img"
+run disk-rounds 0 '^disk: 16 records verified$' -- --cmdline "disk records=16 seed=5 rounds=3" \
+    --disk "path=$work/rounds.img"
 if python3 "$here/verify-disk.py" "$work/disk.img" --records 64 --seed 1 >/dev/null; then
     pass=$((pass + 1)); echo "ok   disk image: verify-disk.py"
 else
