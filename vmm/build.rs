@@ -120,11 +120,7 @@ fn main() {
 
     // The CPL0 code must not use what the KVM emulator lacks (int3, x87,
     // SSE, xsave, rep movs/stos, ...): check-cpl0.sh disassembles it.
-    run_check(
-        Command::new("sh")
-            .arg(src.join("check-cpl0.sh"))
-            .arg(&elf),
-    );
+    run_check(Command::new("sh").arg(src.join("check-cpl0.sh")).arg(&elf));
     println!("cargo:rustc-env=TESTGUEST_ELF={}", elf.display());
 }
 
