@@ -126,21 +126,25 @@ pub fn repo() -> PathBuf {
 }
 
 /// Builds (or finds cached) the small Linux kernel; returns its output directory.
+/// The tests of one binary share a single build.
 pub fn linux_artifacts() -> PathBuf {
-    let script = repo().join("resources/linux/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run resources/linux/build.sh");
-    assert!(
-        out.status.success(),
-        "resources/linux/build.sh failed:\n{}",
-        show(&out)
-    );
-    let dir = std::env::var_os("MIRRORVM_LINUX_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("resources/linux/build"));
-    dir.join("out")
+    static OUT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    OUT.get_or_init(|| {
+        let script = repo().join("resources/linux/build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("resources/linux/build.sh failed:\n{}", show(&out)));
+        }
+        let dir = std::env::var_os("MIRRORVM_LINUX_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("resources/linux/build"));
+        Ok(dir.join("out"))
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The command line that gets the small kernel through KVM's emulator here

@@ -433,14 +433,14 @@ mod tests {
         load_cmdline(&m, "hello world").unwrap();
         write_zero_page(&m, &k, 12, Some((GuestAddress(0x100_0000), 4096))).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
-        assert_eq!(p.hdr.cmd_line_ptr as u64, CMDLINE_START);
+        assert_eq!({ p.hdr.cmd_line_ptr } as u64, CMDLINE_START);
         assert_eq!(p.e820_entries, 3);
         let last = p.e820_table[2];
         assert_eq!(
             (last.addr, last.size, last.r#type),
             (HIMEM_START, (64 << 20) - HIMEM_START, 1)
         );
-        assert_eq!(p.hdr.ramdisk_image, 0x100_0000);
+        assert_eq!({ p.hdr.ramdisk_image }, 0x100_0000);
     }
 
     #[test]
