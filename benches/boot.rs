@@ -15,10 +15,11 @@ struct Sample {
     exit: Duration,
 }
 
-fn one_run(cmdline: &str) -> Option<Sample> {
+fn one_run(args: &[&str]) -> Option<Sample> {
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mirrorvm"))
-        .args(["run", "--memory", "128M", "--cmdline", cmdline])
+        .args(["run", "--memory", "128M"])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -61,19 +62,23 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
-    println!("mirrorvm boot benchmark: {runs} runs each, 1 vCPU, 128 MiB, test guest");
+    println!("mirrorvm boot benchmark: {runs} runs each, 128 MiB, test guest");
     println!();
     println!(
         "| workload | first serial byte p50 (ms) | p90 | guest exit p50 (ms) | p90 | min exit |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
-    for workload in ["hello", "counter limit=1 interval_ms=0"] {
+    let workloads: [(&str, &[&str]); 2] = [
+        ("hello, 1 vCPU", &["--cmdline", "hello"]),
+        ("smp, 2 vCPUs", &["--cpus", "2", "--cmdline", "smp"]),
+    ];
+    for (workload, args) in workloads {
         // One warm-up run so page cache and binary loading do not skew the first.
-        let _ = one_run(workload);
+        let _ = one_run(args);
         let mut first = Vec::new();
         let mut exit = Vec::new();
         for _ in 0..runs {
-            match one_run(workload) {
+            match one_run(args) {
                 Some(s) => {
                     first.push(s.first_byte);
                     exit.push(s.exit);
