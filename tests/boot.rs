@@ -114,7 +114,7 @@ fn sigterm_ends_the_run_cleanly() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let start = std::time::Instant::now();
     let o = loop {
-        if let Some(_) = child.try_wait().expect("wait") {
+        if child.try_wait().expect("wait").is_some() {
             break child.wait_with_output().expect("output");
         }
         assert!(

@@ -195,7 +195,7 @@ impl VmConfig {
     /// Checks a vCPU count given as a plain number.
     pub fn cpus_from(n: u32) -> Result<u8, ConfigError> {
         match u8::try_from(n) {
-            Ok(c) if c >= 1 && c <= crate::mptable::MAX_VCPUS => Ok(c),
+            Ok(c) if (1..=crate::mptable::MAX_VCPUS).contains(&c) => Ok(c),
             _ => Err(ConfigError::Cpus(n)),
         }
     }

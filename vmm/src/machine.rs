@@ -385,7 +385,7 @@ impl Machine {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
         let mut events: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| VmmError::EventLoop(e))?;
+            EventManager::new().map_err(VmmError::EventLoop)?;
 
         // Legacy devices.
         let (serial_out, attach_stdin): (Box<dyn Write + Send>, bool) = match &config.serial {
