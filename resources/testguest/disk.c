@@ -65,6 +65,83 @@ static int rw_record(struct vblk *d, int write, uint32_t i, uint64_t sector, con
     return 0;
 }
 
+int disk_open(const struct cmdline *cl, struct vblk *d, const char *who)
+{
+    if (find_blk(cl, d, who))
+        return -1;
+    if (vblk_init(d)) {
+        print("%s: FAILED: initialising virtio-blk at 0x%llx: %s\n", who,
+              (unsigned long long)d->base, d->err);
+        return -1;
+    }
+    print("%s: virtio-blk at 0x%llx: %llu sectors (%llu MiB), features 0x%llx "
+          "(accepted 0x%llx), queue size %u of %u\n",
+          who, (unsigned long long)d->base, (unsigned long long)d->capacity,
+          (unsigned long long)(d->capacity >> 11), (unsigned long long)d->dev_features,
+          (unsigned long long)d->features, d->qsize, d->qmax);
+    return get_id(d, who);
+}
+
+int disk_round(struct vblk *d, uint32_t n, uint64_t seed, uint64_t r, const char *who)
+{
+    uint32_t i;
+    uint8_t st;
+    enum vb_outcome o;
+    char why[128];
+
+    for (i = 0; i < n; i++) {
+        uint64_t sector = record_sector(i, n, d->capacity);
+        if (r > 0) {
+            mem_fill(recbuf, 0xa5, sizeof recbuf);
+            if (rw_record(d, 0, i, sector, who))
+                return -1;
+            if (record_check(recbuf, i, n, sector, seed + r - 1, why, sizeof why)) {
+                print("%s: FAILED: round %llu: record %u at sector %llu: %s\n", who,
+                      (unsigned long long)r + 1, i, (unsigned long long)sector, why);
+                return -1;
+            }
+        }
+        record_fill(recbuf, i, n, sector, seed + r);
+        if (rw_record(d, 1, i, sector, who))
+            return -1;
+    }
+    if (d->features & (1ull << VIRTIO_BLK_F_FLUSH)) {
+        o = vblk_request(d, VIRTIO_BLK_T_FLUSH, 0, NULL, 0, 0, 0, &st);
+        if (o != VB_DONE || st != VIRTIO_BLK_S_OK) {
+            print("%s: FAILED: FLUSH %s, status %s\n", who, vb_outcome_name(o),
+                  vb_status_name(st));
+            return -1;
+        }
+    } else if (r == 0) {
+        print("%s: warning: no VIRTIO_BLK_F_FLUSH offered, not flushing\n", who);
+    }
+    return 0;
+}
+
+int disk_verify(struct vblk *d, uint32_t n, uint64_t seed, const char *who)
+{
+    uint32_t i, bad = 0;
+    char why[128];
+
+    for (i = 0; i < n; i++) {
+        uint64_t sector = record_sector(i, n, d->capacity);
+        mem_fill(recbuf, 0xa5, sizeof recbuf);
+        if (rw_record(d, 0, i, sector, who))
+            return -1;
+        if (record_check(recbuf, i, n, sector, seed, why, sizeof why)) {
+            if (bad < 10)
+                print("%s: record %u at sector %llu: %s\n", who, i,
+                      (unsigned long long)sector, why);
+            bad++;
+        }
+    }
+    if (bad) {
+        print("%s: FAILED: %u of %u records do not verify\n", who, bad, n);
+        return -1;
+    }
+    return 0;
+}
+
 int wl_disk(const struct cmdline *cl_in)
 {
     static const char *const keys[] = { "records", "seed", "mode", "rounds", NULL };
@@ -72,13 +149,9 @@ int wl_disk(const struct cmdline *cl_in)
     struct vblk *d = &dev;
     struct cmdline *cl = (struct cmdline *)cl_in;
     uint64_t n, seed, rounds, r, t0;
-    int do_write = 1, do_verify = 1, bad = 0;
+    int do_write = 1, do_verify = 1;
     const char *mode;
     size_t mlen;
-    uint32_t i;
-    uint8_t st;
-    enum vb_outcome o;
-    char why[128];
 
     if (cmdline_check_keys(cl, keys) || cmdline_u64(cl, "records", 64, 1, 0xffffffffu, &n) ||
         cmdline_u64(cl, "seed", 1, 0, UINT64_MAX, &seed) ||
@@ -94,19 +167,7 @@ int wl_disk(const struct cmdline *cl_in)
         goto usage;
     }
 
-    if (find_blk(cl, d, "disk"))
-        return EXIT_FAIL;
-    if (vblk_init(d)) {
-        print("disk: FAILED: initialising virtio-blk at 0x%llx: %s\n",
-              (unsigned long long)d->base, d->err);
-        return EXIT_FAIL;
-    }
-    print("disk: virtio-blk at 0x%llx: %llu sectors (%llu MiB), features 0x%llx "
-          "(accepted 0x%llx), queue size %u of %u\n",
-          (unsigned long long)d->base, (unsigned long long)d->capacity,
-          (unsigned long long)(d->capacity >> 11), (unsigned long long)d->dev_features,
-          (unsigned long long)d->features, d->qsize, d->qmax);
-    if (get_id(d, "disk"))
+    if (disk_open(cl, d, "disk"))
         return EXIT_FAIL;
     if (n > record_slots(d->capacity)) {
         fmt_snprintf(cl->err, sizeof cl->err,
@@ -126,33 +187,8 @@ int wl_disk(const struct cmdline *cl_in)
      * checkpoints, restores and failovers. */
     for (r = 0; do_write && (rounds == 0 || r < rounds); r++) {
         t0 = rdtsc();
-        for (i = 0; i < n; i++) {
-            uint64_t sector = record_sector(i, (uint32_t)n, d->capacity);
-            if (r > 0) {
-                mem_fill(recbuf, 0xa5, sizeof recbuf);
-                if (rw_record(d, 0, i, sector, "disk"))
-                    return EXIT_FAIL;
-                if (record_check(recbuf, i, (uint32_t)n, sector, seed + r - 1, why,
-                                 sizeof why)) {
-                    print("disk: FAILED: round %llu: record %u at sector %llu: %s\n",
-                          (unsigned long long)r, i, (unsigned long long)sector, why);
-                    return EXIT_FAIL;
-                }
-            }
-            record_fill(recbuf, i, (uint32_t)n, sector, seed + r);
-            if (rw_record(d, 1, i, sector, "disk"))
-                return EXIT_FAIL;
-        }
-        if (d->features & (1ull << VIRTIO_BLK_F_FLUSH)) {
-            o = vblk_request(d, VIRTIO_BLK_T_FLUSH, 0, NULL, 0, 0, 0, &st);
-            if (o != VB_DONE || st != VIRTIO_BLK_S_OK) {
-                print("disk: FAILED: FLUSH %s, status %s\n", vb_outcome_name(o),
-                      vb_status_name(st));
-                return EXIT_FAIL;
-            }
-        } else if (r == 0) {
-            print("disk: warning: no VIRTIO_BLK_F_FLUSH offered, not flushing\n");
-        }
+        if (disk_round(d, (uint32_t)n, seed, r, "disk"))
+            return EXIT_FAIL;
         if (rounds == 1)
             print("disk: wrote %llu records (seed %llu) and flushed in %llu ms\n",
                   (unsigned long long)n, (unsigned long long)seed,
@@ -168,22 +204,8 @@ int wl_disk(const struct cmdline *cl_in)
 
     if (do_verify) {
         t0 = rdtsc();
-        for (i = 0; i < n; i++) {
-            uint64_t sector = record_sector(i, (uint32_t)n, d->capacity);
-            mem_fill(recbuf, 0xa5, sizeof recbuf);
-            if (rw_record(d, 0, i, sector, "disk"))
-                return EXIT_FAIL;
-            if (record_check(recbuf, i, (uint32_t)n, sector, seed, why, sizeof why)) {
-                if (bad < 10)
-                    print("disk: record %u at sector %llu: %s\n", i,
-                          (unsigned long long)sector, why);
-                bad++;
-            }
-        }
-        if (bad) {
-            print("disk: FAILED: %d of %llu records do not verify\n", bad, (unsigned long long)n);
+        if (disk_verify(d, (uint32_t)n, seed, "disk"))
             return EXIT_FAIL;
-        }
         print("disk: read back in %llu ms\n", (unsigned long long)ticks_to_ms(rdtsc() - t0));
         print("disk: %llu records verified\n", (unsigned long long)n);
     } else {

@@ -95,8 +95,13 @@ void delay_us(uint64_t us);
 struct timeout {
     uint64_t last;   /* TSC at the previous poll */
     uint64_t left;   /* ticks still to run */
+    uint64_t cap;    /* the most one gap between polls counts for */
 };
 void timeout_start(struct timeout *t, uint64_t ms);
+/* The same for wall-clock periods ("run for T seconds", reports): any gap
+ * counts in full, only a TSC going backwards counts as nothing.  Suits code
+ * that polls rarely. */
+void timeout_start_wall(struct timeout *t, uint64_t ms);
 int timeout_expired(struct timeout *t);  /* polls; 1 once the time ran out */
 
 /*
@@ -133,9 +138,18 @@ struct cmdline;
 struct vblk;
 /* Probe the command line's virtio-mmio devices for a virtio-blk one. */
 int find_blk(const struct cmdline *cl, struct vblk *d, const char *who);
+/* disk.c: bring up the disk; a round of records (see README); verify them */
+int disk_open(const struct cmdline *cl, struct vblk *d, const char *who);
+int disk_round(struct vblk *d, uint32_t n, uint64_t seed, uint64_t r, const char *who);
+int disk_verify(struct vblk *d, uint32_t n, uint64_t seed, const char *who);
 int wl_disk(const struct cmdline *cl);
 int wl_hostile(const struct cmdline *cl);
 int wl_smp(const struct cmdline *cl);
+int wl_mix(const struct cmdline *cl);
 void ap_main(unsigned cpu) __attribute__((noreturn));
+
+/* smp.c: start the other cpus running job (NULL: count); see smp.c */
+int smp_start(void (*job)(unsigned cpu), const char *who);
+void smp_tick(unsigned cpu);   /* a job shows it is alive */
 
 #endif

@@ -3,6 +3,7 @@
  * the simple workloads (hello, counter, dirty).
  */
 #include "cmdline.h"
+#include "dirty.h"
 #include "guest.h"
 
 uint64_t tsc_khz;
@@ -15,13 +16,20 @@ void timeout_start(struct timeout *t, uint64_t ms)
 {
     t->last = rdtsc();
     t->left = ms_to_ticks(ms);
+    t->cap = ms_to_ticks(TIMEOUT_MAX_GAP_MS);
+}
+
+void timeout_start_wall(struct timeout *t, uint64_t ms)
+{
+    timeout_start(t, ms);
+    t->cap = UINT64_MAX;
 }
 
 int timeout_expired(struct timeout *t)
 {
-    uint64_t now = rdtsc(), ran = 0, cap = ms_to_ticks(TIMEOUT_MAX_GAP_MS);
+    uint64_t now = rdtsc(), ran = 0;
     if (now > t->last)
-        ran = now - t->last < cap ? now - t->last : cap;
+        ran = now - t->last < t->cap ? now - t->last : t->cap;
     t->last = now;
     if (ran >= t->left) {
         t->left = 0;
@@ -34,7 +42,7 @@ int timeout_expired(struct timeout *t)
 void delay_us(uint64_t us)
 {
     struct timeout t;
-    t.last = rdtsc();
+    timeout_start(&t, 0);
     t.left = us_to_ticks(us);
     while (!timeout_expired(&t))
         cpu_relax();
@@ -71,6 +79,8 @@ uint64_t spin_until(uint64_t *deadline)
     return now;
 }
 
+static int print_lock;
+
 void print(const char *fmt, ...)
 {
     char buf[512];
@@ -79,7 +89,11 @@ void print(const char *fmt, ...)
     va_start(ap, fmt);
     n = fmt_vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
+    /* one line at a time, whichever cpu prints */
+    while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE))
+        cpu_relax();
     sys_write(buf, n);
+    __atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE);
 }
 
 void guest_exit(int code)
@@ -151,7 +165,8 @@ static __attribute__((noreturn)) void usage_error(const char *msg)
     print("testguest: error: %s\n", msg);
     print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both] [rounds=R]"
           " | dirty [pages_per_ms=N] [mb=M] [seconds=T] [verify=0|1] [idle=0|1]"
-          " | counter [interval_ms=N] [limit=N] [idle=0|1] | smp | hostile | fault [kind=ud|gp|pf|de|kpf]\n");
+          " | counter [interval_ms=N] [limit=N] [idle=0|1] | smp | hostile"
+          " | mix [seconds=T] [records=N] [seed=S] [pages_per_ms=N] [mb=M] | fault [kind=ud|gp|pf|de|kpf]\n");
     print("testguest: exit %d (usage)\n", EXIT_USAGE);
     guest_exit(EXIT_USAGE);
 }
@@ -207,78 +222,34 @@ static int wl_counter(void)
     return EXIT_OK;
 }
 
-#define DIRTY_SALT 0x6469727479000000ull   /* "dirty" */
-
 static int wl_dirty(void)
 {
     static const char *const keys[] = { "pages_per_ms", "mb", "seconds", "verify", "idle",
                                         NULL };
-    uint64_t ppm, mb, seconds, verify, start, ram_end, avail_mb, npages, page = 0, pass = 0;
-    uint64_t next, tick, ms = 0, total = 0, report = 0, bad = 0;
+    uint64_t ppm, mb, seconds, base, next, tick, ms = 0, report = 0;
+    struct dirty g;
     check_keys(keys);
     ppm = opt_u64("pages_per_ms", 100, 1, 1000000);
     mb = opt_u64("mb", 32, 1, 1 << 20);
     seconds = opt_u64("seconds", 0, 0, 1000000);
-    verify = opt_u64("verify", 1, 0, 1);
     opt_idle();
 
-    start = ((uint64_t)(uintptr_t)_end + (1 << 20) - 1) & ~(uint64_t)((1 << 20) - 1);
-    ram_end = machine_ram_end(start);
-    avail_mb = ram_end > start ? (ram_end - start) >> 20 : 0;
-    if (avail_mb == 0) {
-        print("dirty: FAILED: no RAM above the guest image at 0x%llx\n",
-              (unsigned long long)start);
+    base = ((uint64_t)(uintptr_t)_end + (1 << 20) - 1) & ~(uint64_t)((1 << 20) - 1);
+    if (dirty_setup(&g, base, mb, ppm, (int)opt_u64("verify", 1, 0, 1), "dirty"))
         return EXIT_FAIL;
-    }
-    if (mb > avail_mb) {
-        print("dirty: warning: mb=%llu capped to %llu (RAM ends at 0x%llx)\n",
-              (unsigned long long)mb, (unsigned long long)avail_mb,
-              (unsigned long long)ram_end);
-        mb = avail_mb;
-    }
-    npages = mb << 8;
-    if (ppm > npages) {
-        print("dirty: warning: pages_per_ms=%llu capped to the region's %llu pages\n",
-              (unsigned long long)ppm, (unsigned long long)npages);
-        ppm = npages;
-    }
     print("dirty: %llu pages/ms over %llu MiB at 0x%llx, %s%llu s%s\n",
-          (unsigned long long)ppm, (unsigned long long)mb,
-          (unsigned long long)start, seconds ? "" : "forever; report every ",
+          (unsigned long long)g.ppm, (unsigned long long)(g.npages >> 8),
+          (unsigned long long)g.start, seconds ? "" : "forever; report every ",
           (unsigned long long)(seconds ? seconds : 1),
-          verify ? ", checking every page still holds its previous write" : "");
+          g.verify ? ", checking every page still holds its previous write" : "");
 
     tick = ms_to_ticks(1);
     next = rdtsc() + tick;
     for (;;) {
-        uint64_t i, now;
-        /* Write number w (from 1) goes to page (w-1) % npages, word
-         * pass % 512 with pass = (w-1) / npages, and stores w ^ DIRTY_SALT.
-         * With verify, the word of the previous pass must still hold write
-         * w - npages: memory lost or stale after a checkpoint restore or a
-         * failover shows up here. */
-        for (i = 0; i < ppm; i++) {
-            volatile uint64_t *pg = (volatile uint64_t *)(uintptr_t)(start + (page << 12));
-            uint64_t w = total + i + 1;
-            if (verify && pass > 0) {
-                uint64_t want = (w - npages) ^ DIRTY_SALT, got = pg[(pass - 1) % 512];
-                if (got != want && bad++ < 10)
-                    print("dirty: page 0x%llx word %llu holds 0x%llx, expected 0x%llx"
-                          " (write %llu)\n",
-                          (unsigned long long)(uintptr_t)pg,
-                          (unsigned long long)((pass - 1) % 512), (unsigned long long)got,
-                          (unsigned long long)want, (unsigned long long)(w - npages));
-            }
-            pg[pass % 512] = w ^ DIRTY_SALT;
-            if (++page == npages) {
-                page = 0;
-                pass++;
-            }
-        }
-        total += ppm;
-        if (bad) {
+        uint64_t now;
+        if (dirty_step(&g)) {
             print("dirty: FAILED: %llu page(s) lost their last write\n",
-                  (unsigned long long)bad);
+                  (unsigned long long)g.bad);
             return EXIT_FAIL;
         }
         ms++;
@@ -289,12 +260,12 @@ static int wl_dirty(void)
         if (ms % 1000 == 0) {         /* one report per 1000 paced milliseconds */
             report++;
             print("dirty: %llu s, %llu pages dirtied\n", (unsigned long long)report,
-                  (unsigned long long)total);
+                  (unsigned long long)g.total);
             if (seconds && report >= seconds)
                 break;
         }
     }
-    print("dirty: done, %llu pages dirtied in %llu ms\n", (unsigned long long)total,
+    print("dirty: done, %llu pages dirtied in %llu ms\n", (unsigned long long)g.total,
           (unsigned long long)ms);
     return EXIT_OK;
 }
@@ -361,6 +332,8 @@ static void bsp_main(void)
         code = wl_hostile(&cl);
     else if (str_eqn(cl.workload, cl.wlen, "smp"))
         code = wl_smp(&cl);
+    else if (str_eqn(cl.workload, cl.wlen, "mix"))
+        code = wl_mix(&cl);
     else if (str_eqn(cl.workload, cl.wlen, "fault"))
         code = wl_fault();
     else {

@@ -24,11 +24,20 @@ struct percpu {
 } __attribute__((aligned(64)));
 
 static struct percpu pcpu[MAX_CPUS];
+static void (*volatile ap_job)(unsigned cpu);
+
+void smp_tick(unsigned cpu)
+{
+    pcpu[cpu].counter++;
+}
 
 void ap_main(unsigned cpu)
 {
     struct percpu *p = &pcpu[cpu < MAX_CPUS ? cpu : 0];
+    void (*job)(unsigned) = ap_job;
     p->alive = 1;
+    if (job)
+        job(cpu);       /* calls smp_tick() as it goes */
     for (;;)
         p->counter++;
 }
@@ -133,10 +142,13 @@ static int wait_alive(unsigned idx, uint64_t ms)
     return 1;
 }
 
-int wl_smp(const struct cmdline *cl_in)
+/*
+ * Start every other cpu of the MP table with job (NULL: just count) and
+ * wait until each cpu's counter moves.  Returns the number of cpus running,
+ * the BSP included, or -1 after printing why.
+ */
+int smp_start(void (*job)(unsigned cpu), const char *who)
 {
-    static const char *const keys[] = { NULL };
-    struct cmdline *cl = (struct cmdline *)cl_in;
     struct mp_cpu cpus[64];
     uint8_t ids[MAX_CPUS];
     uint64_t snap[MAX_CPUS], t0;
@@ -144,22 +156,19 @@ int wl_smp(const struct cmdline *cl_in)
     uint8_t self;
     int n, i, started = 1, failed = 0;
 
-    if (cmdline_check_keys(cl, keys)) {
-        print("smp: error: %s\n", cl->err);
-        return EXIT_USAGE;
-    }
     n = mp_cpus(cpus, 64);
     if (n < 0)
-        return EXIT_FAIL;
+        return -1;
     if (n == 0) {
-        print("smp: FAILED: the MP table lists no processor\n");
-        return EXIT_FAIL;
+        print("%s: FAILED: the MP table lists no processor\n", who);
+        return -1;
     }
     self = (uint8_t)(sys_apic_read(APIC_ID) >> 24);
-    print("smp: MP table lists %d cpu(s); this is apic id %u\n", n, self);
+    print("%s: MP table lists %d cpu(s); this is apic id %u\n", who, n, self);
     if (n > 64)
         n = 64;
 
+    ap_job = job;
     mem_copy((void *)(uintptr_t)TRAMP_ADDR, tramp_start, (size_t)(tramp_end - tramp_start));
     ids[0] = self;
     t0 = rdtsc();
@@ -168,12 +177,13 @@ int wl_smp(const struct cmdline *cl_in)
         if (cpus[i].apic_id == self)
             continue;
         if (!(cpus[i].flags & 1)) {
-            print("smp: apic id %u is disabled in the MP table, skipped\n", cpus[i].apic_id);
+            print("%s: apic id %u is disabled in the MP table, skipped\n", who,
+                  cpus[i].apic_id);
             continue;
         }
         if (idx >= MAX_CPUS) {
-            print("smp: FAILED: more than %d cpus\n", MAX_CPUS);
-            return EXIT_FAIL;
+            print("%s: FAILED: more than %d cpus\n", who, MAX_CPUS);
+            return -1;
         }
         ids[idx] = cpus[i].apic_id;
         BOOTINFO->ap_index = idx;
@@ -184,9 +194,9 @@ int wl_smp(const struct cmdline *cl_in)
         if (!wait_alive(idx, 1)) {
             ipi(cpus[i].apic_id, ICR_STARTUP | (TRAMP_ADDR >> 12));
             if (!wait_alive(idx, SMP_TIMEOUT_MS)) {
-                print("smp: FAILED: cpu %u (apic id %u) did not start within %u ms\n", idx,
-                      cpus[i].apic_id, SMP_TIMEOUT_MS);
-                return EXIT_FAIL;
+                print("%s: FAILED: cpu %u (apic id %u) did not start within %u ms\n", who,
+                      idx, cpus[i].apic_id, SMP_TIMEOUT_MS);
+                return -1;
             }
         }
         started++;
@@ -200,16 +210,32 @@ int wl_smp(const struct cmdline *cl_in)
         while (pcpu[i].counter == snap[i] && !timeout_expired(&t))
             cpu_relax();
         if (pcpu[i].counter == snap[i]) {
-            print("smp: cpu %d (apic id %u) started but its counter is stuck at %llu\n", i,
-                  ids[i], (unsigned long long)snap[i]);
+            print("%s: cpu %d (apic id %u) started but its counter is stuck at %llu\n", who,
+                  i, ids[i], (unsigned long long)snap[i]);
             failed++;
         }
     }
     if (failed) {
-        print("smp: FAILED: %d cpu(s) not running\n", failed);
-        return EXIT_FAIL;
+        print("%s: FAILED: %d cpu(s) not running\n", who, failed);
+        return -1;
     }
-    print("smp: all started in %llu ms\n", (unsigned long long)ticks_to_ms(rdtsc() - t0));
-    print("smp: %d cpus running\n", started);
+    print("%s: all started in %llu ms\n", who, (unsigned long long)ticks_to_ms(rdtsc() - t0));
+    return started;
+}
+
+int wl_smp(const struct cmdline *cl_in)
+{
+    static const char *const keys[] = { NULL };
+    struct cmdline *cl = (struct cmdline *)cl_in;
+    int n;
+
+    if (cmdline_check_keys(cl, keys)) {
+        print("smp: error: %s\n", cl->err);
+        return EXIT_USAGE;
+    }
+    n = smp_start(NULL, "smp");
+    if (n < 0)
+        return EXIT_FAIL;
+    print("smp: %d cpus running\n", n);
     return EXIT_OK;
 }

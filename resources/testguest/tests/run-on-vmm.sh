@@ -54,6 +54,8 @@ run disk-verify 0 '^disk: 64 records verified$' -- --cmdline "disk mode=verify" 
 run disk-wrong-seed 1 '^disk: FAILED: 64 of 64 records' -- --cmdline "disk mode=verify seed=2" \
     --disk "path=$work/disk.img"
 run disk-nodisk 1 'no virtio_mmio.device' -- --cmdline disk
+run mix 0 '^mix: [0-9]+ disk rounds and [0-9]+ pages dirtied, all verified$' -- \
+    --cmdline "mix seconds=2" --cpus 2 --disk "path=$work/rounds.img"
 run hostile 0 '^hostile: all [0-9]+ cases behaved$' -- --cmdline hostile --disk "path=$work/hostile.img"
 run smp1 0 '^smp: 1 cpus running$' -- --cmdline smp
 run smp4 0 '^smp: 4 cpus running$' -- --cmdline smp --cpus 4
