@@ -146,6 +146,7 @@ int wl_disk(const struct cmdline *cl);
 int wl_hostile(const struct cmdline *cl);
 int wl_smp(const struct cmdline *cl);
 int wl_mix(const struct cmdline *cl);
+int wl_pauses(const struct cmdline *cl);
 void ap_main(unsigned cpu) __attribute__((noreturn));
 
 /* smp.c: start the other cpus running job (NULL: count); see smp.c */

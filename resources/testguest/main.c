@@ -166,7 +166,8 @@ static __attribute__((noreturn)) void usage_error(const char *msg)
     print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both] [rounds=R]"
           " | dirty [pages_per_ms=N] [mb=M] [seconds=T] [verify=0|1] [idle=0|1]"
           " | counter [interval_ms=N] [limit=N] [idle=0|1] | smp | hostile"
-          " | mix [seconds=T] [records=N] [seed=S] [pages_per_ms=N] [mb=M] | fault [kind=ud|gp|pf|de|kpf]\n");
+          " | mix [seconds=T] [records=N] [seed=S] [pages_per_ms=N] [mb=M]"
+          " | pauses [seconds=T] [threshold_us=N] | fault [kind=ud|gp|pf|de|kpf]\n");
     print("testguest: exit %d (usage)\n", EXIT_USAGE);
     guest_exit(EXIT_USAGE);
 }
@@ -332,6 +333,8 @@ static void bsp_main(void)
         code = wl_hostile(&cl);
     else if (str_eqn(cl.workload, cl.wlen, "smp"))
         code = wl_smp(&cl);
+    else if (str_eqn(cl.workload, cl.wlen, "pauses"))
+        code = wl_pauses(&cl);
     else if (str_eqn(cl.workload, cl.wlen, "mix"))
         code = wl_mix(&cl);
     else if (str_eqn(cl.workload, cl.wlen, "fault"))

@@ -56,6 +56,7 @@ run disk-wrong-seed 1 '^disk: FAILED: 64 of 64 records' -- --cmdline "disk mode=
 run disk-nodisk 1 'no virtio_mmio.device' -- --cmdline disk
 run mix 0 '^mix: [0-9]+ disk rounds and [0-9]+ pages dirtied, all verified$' -- \
     --cmdline "mix seconds=2" --cpus 2 --disk "path=$work/rounds.img"
+run pauses 0 '^pauses: [0-9]+ gaps in 1 s' -- --cmdline "pauses seconds=1"
 run hostile 0 '^hostile: all [0-9]+ cases behaved$' -- --cmdline hostile --disk "path=$work/hostile.img"
 run smp1 0 '^smp: 1 cpus running$' -- --cmdline smp
 run smp4 0 '^smp: 4 cpus running$' -- --cmdline smp --cpus 4
