@@ -28,7 +28,8 @@ struct hcase {
     /* build the chain; return the head index to submit */
     uint16_t (*build)(struct vblk *d);
     int rings;          /* also place ring 1 (descriptors), 2 (avail), 3 (used)
-                           outside guest memory at queue setup */
+                           outside guest memory at queue setup; 4: advance the
+                           avail index by more than the queue size */
 };
 
 static void set_desc(struct vblk *d, uint16_t i, uint64_t addr, uint32_t len, uint16_t flags,
@@ -200,6 +201,7 @@ static const struct hcase cases[] = {
     { "descriptor table outside guest memory", 0, b_normal_read, 1 },
     { "avail ring outside guest memory", 0, b_normal_read, 2 },
     { "used ring outside guest memory", 0, b_normal_read, 3 },
+    { "avail index ahead by more than the queue size", 0, b_normal_read, 4 },
 };
 #define NCASES ((int)(sizeof cases / sizeof cases[0]))
 
@@ -224,7 +226,9 @@ static int run_case(struct vblk *d, int k, int *dead)
     int ok;
     char what[120];
 
-    if (c->rings) {
+    if (c->rings == 4) {
+        d->avail_extra = d->qsize;    /* the device sees qsize + 1 new entries */
+    } else if (c->rings) {
         if (c->rings == 1)
             d->desc_addr = FAR_AWAY;
         else if (c->rings == 2)
@@ -235,7 +239,7 @@ static int run_case(struct vblk *d, int k, int *dead)
             /* refusing DRIVER_OK / raising NEEDS_RESET at once is fine too */
             uint32_t s = vb_read32(d, VMMIO_STATUS);
             ok = (s & VS_NEEDS_RESET) != 0;
-            print("hostile: %2d %-42s %s: init: %s\n", k + 1, c->name, ok ? "ok  " : "FAIL",
+            print("hostile: %2d %-46s %s: init: %s\n", k + 1, c->name, ok ? "ok  " : "FAIL",
                   d->err);
             if (reinit(d, "the case"))
                 *dead = 1;
@@ -277,7 +281,7 @@ static int run_case(struct vblk *d, int k, int *dead)
                      CASE_TIMEOUT_MS, vb_read32(d, VMMIO_STATUS));
         break;
     }
-    print("hostile: %2d %-42s %s: %s\n", k + 1, c->name, ok ? "ok  " : "FAIL", what);
+    print("hostile: %2d %-46s %s: %s\n", k + 1, c->name, ok ? "ok  " : "FAIL", what);
     if (o != VB_DONE || c->rings) {
         if (reinit(d, o == VB_NEEDS_RESET ? "DEVICE_NEEDS_RESET" : "the case"))
             *dead = 1;

@@ -192,7 +192,8 @@ enum vb_outcome vblk_submit(struct vblk *d, uint16_t head, uint64_t timeout_ms,
 
     d->avail->ring[d->avail_idx % d->qsize] = head;
     barrier();
-    d->avail_idx++;
+    d->avail_idx = (uint16_t)(d->avail_idx + 1 + d->avail_extra);
+    d->avail_extra = 0;
     d->avail->idx = d->avail_idx;
     barrier();
     vb_write32(d, VMMIO_QUEUE_NOTIFY, 0);

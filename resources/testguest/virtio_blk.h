@@ -110,6 +110,7 @@ struct vblk {
     volatile struct virtq_used *used;
     uint16_t avail_idx;
     uint16_t used_idx;
+    uint16_t avail_extra;       /* hostile: advance avail idx this much more, once */
     uint64_t capacity;          /* 512-byte sectors */
     /* ring addresses given to the device (normally the buffers above) */
     uint64_t desc_addr, driver_addr, device_addr;
