@@ -56,8 +56,8 @@ ensure_packages() {
         say "installing missing packages: ${missing[*]}"
         [ "$(id -u)" = 0 ] || die "need root to apt-get install ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >/dev/null
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"
     fi
     [ -e "$TARBALL" ] || die "kernel source tarball not found: $TARBALL"
     [ -x "$BUSYBOX" ] || die "busybox not found at $BUSYBOX"
@@ -138,7 +138,7 @@ run_logged() { # name command...
 
 # --- source tree ------------------------------------------------------------
 if [ ! -f "$SRC/.mirrorvm-src" ] || [ "$(cat "$SRC/.mirrorvm-src")" != "$SRC_KEY" ]; then
-    say "extracting $(basename "$TARBALL") into $SRC (about a minute)"
+    say "extracting $(basename "$TARBALL") into $SRC"
     rm -rf "$SRC" "$OBJ"
     mkdir -p "$SRC"
     tar -xf "$TARBALL" -C "$SRC" --strip-components=1
@@ -219,6 +219,9 @@ fi
 echo "mirrorvm-init: $(uname -sr), $(grep -c ^processor /proc/cpuinfo) cpu(s); starting a shell"
 exec setsid cttyhack /bin/sh
 EOF
+cp "$BUSYBOX" "$IRD/busybox"
+# gen_init_cpio stores a regular file's own mtime: pin it, for a reproducible archive.
+touch -d @0 "$IRD/init" "$IRD/busybox"
 cat >"$IRD/list" <<EOF
 dir /bin 0755 0 0
 dir /sbin 0755 0 0
@@ -233,7 +236,7 @@ dir /tmp 1777 0 0
 dir /root 0700 0 0
 nod /dev/console 0600 0 0 c 5 1
 nod /dev/null 0666 0 0 c 1 3
-file /bin/busybox $BUSYBOX 0755 0 0
+file /bin/busybox $IRD/busybox 0755 0 0
 slink /bin/sh busybox 0777 0 0
 file /init $IRD/init 0755 0 0
 EOF
