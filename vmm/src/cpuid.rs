@@ -53,10 +53,9 @@ pub fn filter(
                     }
                 }
             }
-            LEAF_HYPERVISOR
-                if tsc_khz.is_some() => {
-                    e.eax = e.eax.max(CPUID_TSC_LEAF);
-                }
+            LEAF_HYPERVISOR if tsc_khz.is_some() => {
+                e.eax = e.eax.max(CPUID_TSC_LEAF);
+            }
             CPUID_TSC_LEAF => has_tsc_leaf = true,
             _ => {}
         }

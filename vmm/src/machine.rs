@@ -10,7 +10,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +24,6 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootError, DEFAULT_INITRD_ADDR_MAX};
 use crate::config::{KernelSource, SerialConfig, VmConfig};
@@ -33,7 +31,7 @@ use crate::console::{EscapeDecoder, Keystroke, RawTerminal};
 use crate::layout::*;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::mptable::{self, MptableError};
-use crate::vcpu::{self, Vcpu, VcpuError, VcpuStop};
+use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError, VcpuStop};
 
 /// How long stopping vCPUs may take before one is declared stuck.
 pub const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(3);
@@ -574,15 +572,15 @@ impl Machine {
 
         let (done_tx, done_rx) = mpsc::channel::<u8>();
         let mut threads = Vec::new();
-        let mut stops = Vec::new();
+        let mut controls = Vec::new();
         for mut vcpu in self.vcpus.drain(..) {
-            let stop = Arc::new(AtomicBool::new(false));
-            let (stop2, shutdown, done) = (stop.clone(), self.shutdown.clone(), done_tx.clone());
+            let control = VcpuControl::new(vcpu.index());
+            let (ctl, shutdown, done) = (control.clone(), self.shutdown.clone(), done_tx.clone());
             let index = vcpu.index();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    if let VcpuStop::GuestError(msg) = vcpu.run(&stop2) {
+                    if let VcpuStop::GuestError(msg) = vcpu.run(&ctl) {
                         shutdown.request(RunEnd::GuestError(msg));
                     }
                     let _ = done.send(index);
@@ -593,9 +591,8 @@ impl Machine {
                     source,
                 })?;
             threads.push(handle);
-            stops.push(stop);
+            controls.push(control);
         }
-
         let loop_result = loop {
             if self.shutdown.reason().is_some() {
                 break Ok(());
@@ -609,15 +606,12 @@ impl Machine {
         }
 
         // Stop the vCPUs: set every stop flag, then kick until each thread reports.
-        for s in &stops {
-            s.store(true, Ordering::Release);
-        }
         let deadline = Instant::now() + VCPU_STOP_DEADLINE;
         let mut running: Vec<bool> = vec![true; threads.len()];
         while running.iter().any(|r| *r) {
-            for (i, h) in threads.iter().enumerate() {
+            for (i, c) in controls.iter().enumerate() {
                 if running[i] {
-                    let _ = h.kill(vcpu::kick_signal());
+                    c.request_stop();
                 }
             }
             match done_rx.recv_timeout(Duration::from_millis(10)) {

@@ -14,11 +14,16 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use devices::bus::Bus;
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_run, CpuId, Msrs};
+use devices::bus::{lock_recover, Bus};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 
 use crate::boot;
@@ -39,6 +44,22 @@ pub enum VcpuError {
     /// Building the MSR list failed.
     #[error("vCPU {0}: cannot build the boot MSR list")]
     MsrList(u8),
+    /// An MSR in the save list could not be read.
+    #[error("vCPU {index}: MSR {msr:#x} could not be read")]
+    MsrRead {
+        /// vCPU index.
+        index: u8,
+        /// The MSR.
+        msr: u32,
+    },
+    /// A saved MSR was refused on restore.
+    #[error("vCPU {index}: KVM refused to restore MSR {msr:#x}")]
+    MsrWrite {
+        /// vCPU index.
+        index: u8,
+        /// The MSR.
+        msr: u32,
+    },
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -141,12 +162,66 @@ fn set_lvt_mode(regs: &mut [libc::c_char], offset: usize, mode: u32) {
     }
 }
 
+/// Rounds of KVM_RUN with immediate_exit allowed to finish a pending exit.
+const PENDING_EXIT_ROUNDS: usize = 64;
+
+/// A KVM exit that ends the run.
+enum ExitProblem {
+    /// KVM_EXIT_INTERNAL_ERROR: described from the kvm_run page.
+    Internal,
+    /// Anything else, already described.
+    Other(String),
+}
+
+/// Serves one KVM exit: PIO and MMIO go to the buses (unclaimed reads return all
+/// ones); exits that end the run are returned as problems.
+fn dispatch(pio: &Bus, mmio: &Bus, exit: VcpuExit) -> Result<(), ExitProblem> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            mmio.write(addr, data);
+        }
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
+        VcpuExit::Shutdown => {
+            return Err(ExitProblem::Other(
+                "the guest shut down (KVM_EXIT_SHUTDOWN: triple fault)".into(),
+            ))
+        }
+        VcpuExit::InternalError => return Err(ExitProblem::Internal),
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Err(ExitProblem::Other(format!(
+                "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}, cpu {cpu})"
+            )))
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            return Err(ExitProblem::Other(format!(
+                "the guest raised system event {kind} (KVM_EXIT_SYSTEM_EVENT)"
+            )))
+        }
+        other => return Err(ExitProblem::Other(format!("unexpected KVM exit {other:?}"))),
+    }
+    Ok(())
+}
+
 /// A configured vCPU, ready to run on its own thread.
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    msr_list: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -157,6 +232,7 @@ impl Vcpu {
             fd,
             pio,
             mmio,
+            msr_list: Arc::new(Vec::new()),
         }
     }
 
@@ -219,69 +295,81 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs guest code until `stop` is set or the guest ends the run.
+    /// Runs guest code until the control asks it to stop or the guest ends the run;
+    /// parks (and serves state requests) whenever the control asks for a pause.
     ///
     /// Must be called on the thread that will be kicked (it registers this vCPU's
-    /// `kvm_run` page for the kick handler).
-    pub fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
+    /// `kvm_run` page for the kick handler and its thread id with `control`).
+    pub fn run(&mut self, control: &VcpuControl) -> VcpuStop {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
-        let result = self.run_loop(stop);
+        // SAFETY: pthread_self has no preconditions.
+        control.set_thread(unsafe { libc::pthread_self() });
+        let result = self.run_loop(control);
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        control.exited();
         result
     }
 
-    fn run_loop(&mut self, stop: &AtomicBool) -> VcpuStop {
+    fn run_loop(&mut self, control: &VcpuControl) -> VcpuStop {
         loop {
-            if stop.load(Ordering::Acquire) {
+            if control.stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
+            if control.pause.load(Ordering::Acquire) {
+                // Complete a PIO/MMIO exit still pending in KVM: with immediate_exit
+                // set, KVM_RUN finishes the instruction and returns EINTR without
+                // running guest code, so the registers saved at the cut are whole. A
+                // string instruction may need more than one round (KVM then returns
+                // the next exit instead of EINTR); a bounded number of rounds.
+                for _ in 0..PENDING_EXIT_ROUNDS {
+                    self.fd.set_kvm_immediate_exit(1);
+                    let r = self.fd.run();
+                    let done = match r {
+                        Err(_) => true,
+                        Ok(exit) => {
+                            if let Err(reason) = dispatch(&self.pio, &self.mmio, exit) {
+                                self.fd.set_kvm_immediate_exit(0);
+                                return self.guest_error(reason);
+                            }
+                            false
+                        }
+                    };
+                    if done {
+                        break;
+                    }
+                }
+                self.fd.set_kvm_immediate_exit(0);
+                if control.park(self) {
+                    return VcpuStop::Requested;
+                }
+                continue;
+            }
             let outcome = match self.fd.run() {
-                Ok(exit) => match exit {
-                    VcpuExit::IoIn(port, data) => {
-                        if !self.pio.read(u64::from(port), data) {
-                            data.fill(0xff);
-                        }
-                        None
-                    }
-                    VcpuExit::IoOut(port, data) => {
-                        self.pio.write(u64::from(port), data);
-                        None
-                    }
-                    VcpuExit::MmioRead(addr, data) => {
-                        if !self.mmio.read(addr, data) {
-                            data.fill(0xff);
-                        }
-                        None
-                    }
-                    VcpuExit::MmioWrite(addr, data) => {
-                        self.mmio.write(addr, data);
-                        None
-                    }
-                    VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
-                    VcpuExit::Shutdown => Some("the guest shut down (KVM_EXIT_SHUTDOWN: triple fault)".to_string()),
-                    VcpuExit::InternalError => Some(self.describe_internal_error()),
-                    VcpuExit::FailEntry(reason, cpu) => Some(format!(
-                        "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}, cpu {cpu})"
-                    )),
-                    VcpuExit::SystemEvent(kind, _) => Some(format!("the guest raised system event {kind} (KVM_EXIT_SYSTEM_EVENT)")),
-                    other => Some(format!("unexpected KVM exit {other:?}")),
-                },
+                Ok(exit) => dispatch(&self.pio, &self.mmio, exit).err(),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     None
                 }
-                Err(e) => Some(format!("KVM_RUN failed: {e}")),
+                Err(e) => Some(ExitProblem::Other(format!("KVM_RUN failed: {e}"))),
             };
             if let Some(reason) = outcome {
-                let rip = self
-                    .fd
-                    .get_regs()
-                    .map(|r| format!("{:#x}", r.rip))
-                    .unwrap_or_else(|_| "unknown".into());
-                return VcpuStop::GuestError(format!("vCPU {}: {reason} at RIP {rip}", self.index));
+                return self.guest_error(reason);
             }
         }
+    }
+
+    fn guest_error(&mut self, reason: ExitProblem) -> VcpuStop {
+        let reason = match reason {
+            ExitProblem::Internal => self.describe_internal_error(),
+            ExitProblem::Other(r) => r,
+        };
+        let rip = self
+            .fd
+            .get_regs()
+            .map(|r| format!("{:#x}", r.rip))
+            .unwrap_or_else(|_| "unknown".into());
+        VcpuStop::GuestError(format!("vCPU {}: {reason} at RIP {rip}", self.index))
     }
 
     fn describe_internal_error(&mut self) -> String {
@@ -317,5 +405,323 @@ impl Vcpu {
             "KVM_EXIT_INTERNAL_ERROR (suberror {}: {what}; data {data:x?})",
             internal.suberror
         )
+    }
+}
+
+/// A request a parked vCPU thread serves.
+enum Request {
+    /// Save the vCPU's state.
+    Save,
+}
+
+#[derive(Default)]
+struct Parking {
+    parked: bool,
+    exited: bool,
+    request: Option<Request>,
+    saved: Option<Result<VcpuState, VcpuError>>,
+}
+
+/// How another thread steers a vCPU thread: pause (the thread completes any pending
+/// exit and parks), save state while parked, resume, stop.
+///
+/// Protocol: the owner sets `pause`, kicks the thread, and waits until it reports
+/// parked; while parked the thread serves [`VcpuControl::save`] requests on its own
+/// thread (so the VcpuFd never leaves it); clearing `pause` lets it run again.
+pub struct VcpuControl {
+    index: u8,
+    pause: AtomicBool,
+    stop: AtomicBool,
+    thread: Mutex<Option<libc::pthread_t>>,
+    parking: Mutex<Parking>,
+    cv: Condvar,
+}
+
+/// Failures of the pause protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The vCPU did not park in time.
+    #[error("vCPU {0} did not leave KVM_RUN within {1:?} of being kicked: the guest is stuck in an instruction KVM cannot interrupt (see ENVIRONMENT.md: vmcall under kvm_pvm)")]
+    Stuck(u8, Duration),
+    /// The vCPU thread has ended.
+    #[error("vCPU {0} is no longer running")]
+    Exited(u8),
+    /// Saving the vCPU's state failed.
+    #[error(transparent)]
+    Save(#[from] VcpuError),
+}
+
+impl VcpuControl {
+    /// A control for vCPU `index`, running.
+    pub fn new(index: u8) -> Arc<Self> {
+        Arc::new(VcpuControl {
+            index,
+            pause: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            parking: Mutex::new(Parking::default()),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn set_thread(&self, t: libc::pthread_t) {
+        *lock_recover(&self.thread) = Some(t);
+    }
+
+    fn exited(&self) {
+        *lock_recover(&self.thread) = None;
+        let mut p = lock_recover(&self.parking);
+        p.exited = true;
+        self.cv.notify_all();
+    }
+
+    /// Sends the kick signal to the vCPU thread, if it runs.
+    pub fn kick(&self) {
+        if let Some(t) = *lock_recover(&self.thread) {
+            // SAFETY: `t` is the id of the live vCPU thread: it is cleared (under
+            // the same lock) before the thread returns from `Vcpu::run`.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Asks the vCPU to stop for good and kicks it.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.cv.notify_all();
+        self.kick();
+    }
+
+    /// Asks the vCPU to pause and kicks it; see [`VcpuControl::wait_parked`].
+    pub fn request_pause(&self) {
+        self.pause.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    /// Waits until the vCPU has parked, kicking again every millisecond (a signal
+    /// that lands between the flag check and KVM_RUN is caught by immediate_exit,
+    /// but a lost one costs nothing to resend).
+    pub fn wait_parked(&self, deadline: Duration) -> Result<(), ControlError> {
+        let start = Instant::now();
+        let mut p = lock_recover(&self.parking);
+        loop {
+            if p.parked {
+                return Ok(());
+            }
+            if p.exited {
+                return Err(ControlError::Exited(self.index));
+            }
+            if start.elapsed() > deadline {
+                return Err(ControlError::Stuck(self.index, deadline));
+            }
+            let (g, _) = self
+                .cv
+                .wait_timeout(p, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner());
+            p = g;
+            if !p.parked {
+                drop(p);
+                self.kick();
+                p = lock_recover(&self.parking);
+            }
+        }
+    }
+
+    /// Has the parked vCPU save its state, on its own thread.
+    pub fn save(&self) -> Result<VcpuState, ControlError> {
+        let mut p = lock_recover(&self.parking);
+        if !p.parked {
+            return Err(ControlError::Exited(self.index));
+        }
+        p.request = Some(Request::Save);
+        p.saved = None;
+        self.cv.notify_all();
+        loop {
+            if let Some(r) = p.saved.take() {
+                return r.map_err(ControlError::Save);
+            }
+            if p.exited {
+                return Err(ControlError::Exited(self.index));
+            }
+            p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::Release);
+        let _g = lock_recover(&self.parking);
+        self.cv.notify_all();
+    }
+
+    /// Parks the calling vCPU thread until resumed; true if it must stop.
+    fn park(&self, vcpu: &Vcpu) -> bool {
+        let mut p = lock_recover(&self.parking);
+        p.parked = true;
+        self.cv.notify_all();
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                p.parked = false;
+                return true;
+            }
+            if let Some(Request::Save) = p.request.take() {
+                drop(p);
+                let r = vcpu.save_state();
+                p = lock_recover(&self.parking);
+                p.saved = Some(r);
+                self.cv.notify_all();
+                continue;
+            }
+            if !self.pause.load(Ordering::Acquire) {
+                p.parked = false;
+                return false;
+            }
+            p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Everything KVM holds for one vCPU, as saved at a cut.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    /// The CPUID table (restored first: KVM refuses it after the first KVM_RUN).
+    pub cpuid: CpuId,
+    /// TSC frequency in kHz, when KVM reports it.
+    pub tsc_khz: Option<u32>,
+    /// Every readable MSR, IA32_TSC first.
+    pub msrs: Msrs,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// x87/SSE/AVX state.
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// Local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// Run state (running, halted, waiting for SIPI, …).
+    pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts, NMIs and SMIs.
+    pub vcpu_events: kvm_vcpu_events,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .field("msrs", &self.msrs.as_slice().len())
+            .field("mp_state", &self.mp_state.mp_state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The MSRs of KVM_GET_MSR_INDEX_LIST that this vCPU can read back, IA32_TSC first
+/// (restoring the TSC before the TSC-deadline MSR keeps the deadline meaningful).
+pub fn readable_msrs(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Vec<u32> {
+    let Ok(list) = kvm.get_msr_index_list() else {
+        return Vec::new();
+    };
+    let mut out = vec![MSR_IA32_TSC];
+    for &index in list.as_slice() {
+        if index == MSR_IA32_TSC {
+            continue;
+        }
+        let Ok(mut one) = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }]) else {
+            continue;
+        };
+        if matches!(vcpu.get_msrs(&mut one), Ok(1)) {
+            out.push(index);
+        }
+    }
+    out
+}
+
+impl Vcpu {
+    /// Sets the MSRs to save at every cut (see [`readable_msrs`]).
+    pub fn set_msr_list(&mut self, list: Arc<Vec<u32>>) {
+        self.msr_list = list;
+    }
+
+    /// Reads this vCPU's whole state. Call only while it is not in KVM_RUN.
+    ///
+    /// Ordering: none is needed for reading, except that the pending exit was
+    /// completed before parking (see `run_loop`).
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let entries: Vec<kvm_msr_entry> = self
+            .msr_list
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrList(self.index))?;
+        let n = self.kvm("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))?;
+        if n != entries.len() {
+            return Err(VcpuError::MsrRead {
+                index: self.index,
+                msr: entries[n].index,
+            });
+        }
+        Ok(VcpuState {
+            cpuid: self.kvm("KVM_GET_CPUID2", self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES))?,
+            tsc_khz: self.fd.get_tsc_khz().ok(),
+            msrs,
+            regs: self.kvm("KVM_GET_REGS", self.fd.get_regs())?,
+            sregs: self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?,
+            xsave: self.kvm("KVM_GET_XSAVE", self.fd.get_xsave())?,
+            xcrs: self.kvm("KVM_GET_XCRS", self.fd.get_xcrs())?,
+            debugregs: self.kvm("KVM_GET_DEBUGREGS", self.fd.get_debug_regs())?,
+            lapic: self.kvm("KVM_GET_LAPIC", self.fd.get_lapic())?,
+            mp_state: self.kvm("KVM_GET_MP_STATE", self.fd.get_mp_state())?,
+            vcpu_events: self.kvm("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?,
+        })
+    }
+
+    /// Loads a saved state into this (new, never run) vCPU.
+    ///
+    /// Ordering (each step depends on the ones before):
+    /// 1. CPUID: KVM refuses it once the vCPU has run, and derives the LAPIC's
+    ///    x2APIC support and the MSRs it accepts from it;
+    /// 2. TSC frequency, before anything that reads the TSC;
+    /// 3. MP state, then regs and sregs (sregs sets the APIC base MSR, which the
+    ///    LAPIC restore depends on);
+    /// 4. xsave and xcrs, debug registers;
+    /// 5. LAPIC, then MSRs (the TSC-deadline MSR is only accepted with the LAPIC in
+    ///    TSC-deadline mode; IA32_TSC comes first in the list);
+    /// 6. vCPU events last, so pending injections are not cleared by the above.
+    pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        self.kvm("KVM_SET_CPUID2", self.fd.set_cpuid2(&s.cpuid))?;
+        if let Some(khz) = s.tsc_khz {
+            if let Err(e) = self.fd.set_tsc_khz(khz) {
+                tracing::warn!("vCPU {}: cannot set the TSC to {khz} kHz: {e}", self.index);
+            }
+        }
+        self.kvm("KVM_SET_MP_STATE", self.fd.set_mp_state(s.mp_state))?;
+        self.kvm("KVM_SET_REGS", self.fd.set_regs(&s.regs))?;
+        self.kvm("KVM_SET_SREGS", self.fd.set_sregs(&s.sregs))?;
+        // SAFETY: `s.xsave` is a complete kvm_xsave (the legacy 4 KiB layout, which
+        // is what KVM_GET_XSAVE returned and what KVM_SET_XSAVE reads).
+        self.kvm("KVM_SET_XSAVE", unsafe { self.fd.set_xsave(&s.xsave) })?;
+        self.kvm("KVM_SET_XCRS", self.fd.set_xcrs(&s.xcrs))?;
+        self.kvm("KVM_SET_DEBUGREGS", self.fd.set_debug_regs(&s.debugregs))?;
+        self.kvm("KVM_SET_LAPIC", self.fd.set_lapic(&s.lapic))?;
+        let n = self.kvm("KVM_SET_MSRS", self.fd.set_msrs(&s.msrs))?;
+        if n != s.msrs.as_slice().len() {
+            return Err(VcpuError::MsrWrite {
+                index: self.index,
+                msr: s.msrs.as_slice()[n].index,
+            });
+        }
+        self.kvm(
+            "KVM_SET_VCPU_EVENTS",
+            self.fd.set_vcpu_events(&s.vcpu_events),
+        )?;
+        Ok(())
     }
 }
