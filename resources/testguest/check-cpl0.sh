@@ -37,6 +37,7 @@ dis() { # mode section [start stop]
 
 {
     dis x86-64 .text.cpl0 | sed 's/^/cpl0 /'
+    dis i386 .text.pvh32 | sed 's/^/pvh  /'
     dis i8086 .trampoline "$(sym tramp_start)" "$(sym tramp_start32)" | sed 's/^/real /'
     dis i386 .trampoline "$(sym tramp_start32)" "$(sym tramp_start64)" | sed 's/^/prot /'
     dis x86-64 .trampoline "$(sym tramp_start64)" "$(sym tramp_data)" | sed 's/^/long /'

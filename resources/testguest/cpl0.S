@@ -14,6 +14,8 @@
  *   .text.cpl0        the rest of the CPL0 code
  *   .data.cpl0        tables and boot info, at CPL0_DATA_ADDR
  *   .text.trampoline  AP start-up code, copied to TRAMP_ADDR by CPL3
+ *   .text.pvh32       32-bit PVH entry (for QEMU and other PVH loaders)
+ *   .note.Xen         the PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)
  */
 #include "layout.h"
 
@@ -22,6 +24,7 @@
 #define BI_HV_MAX_LEAF  (BOOTINFO_ADDR + 12)
 #define BI_AP_INDEX     (BOOTINFO_ADDR + 16)
 #define BI_CPUID1_ECX   (BOOTINFO_ADDR + 20)
+#define BI_PVH_INFO     (BOOTINFO_ADDR + 24)
 
 /* ------------------------------------------------------------------------ */
 /* Vector stubs                                                             */
@@ -81,9 +84,21 @@ _start:
         movw    %ax, %fs
         movw    %ax, %gs
         pushq   $SEL_KCODE
-        pushq   $1f
+        pushq   $bsp_common
         lretq
-1:
+
+/* PVH entry, continued in long mode (see pvh_start): CS is already ours. */
+pvh_entry64:
+        movl    $SEL_KDATA, %eax
+        movw    %ax, %ds
+        movw    %ax, %es
+        movw    %ax, %ss
+        xorl    %eax, %eax
+        movw    %ax, %fs
+        movw    %ax, %gs
+        movq    $(kstacks + (1 << KSTACK_SHIFT)), %rsp
+
+bsp_common:
         /* 8259 PICs: move their vectors to 0x20..0x2f (so that even a
          * spurious IRQ 7/15 is not taken for an exception), then mask all
          * lines.  Devices' interrupts are never used: drivers poll. */
@@ -450,6 +465,7 @@ bootinfo:
         .long   0                       /* CPUID 0x40000000 eax */
         .long   0                       /* index of the AP being started */
         .long   0                       /* CPUID 1 ecx */
+        .quad   0                       /* hvm_start_info address (PVH entry) */
         .org    CPL0_DATA_END - CPL0_DATA_ADDR
 
 /* ------------------------------------------------------------------------ */
@@ -464,6 +480,43 @@ kstacks:
         .globl  ustacks
 ustacks:
         .skip   MAX_CPUS << USTACK_SHIFT
+
+/* ------------------------------------------------------------------------ */
+/* PVH entry (Xen's direct boot ABI, used by QEMU -kernel): 32-bit          */
+/* protected mode, paging off, EBX = hvm_start_info.  Goes to long mode on  */
+/* the guest's tables and joins the BSP path; CPL3 then reads the command   */
+/* line and memory map from hvm_start_info instead of the zero page.        */
+/* ------------------------------------------------------------------------ */
+        .section .text.pvh32, "ax", @progbits
+        .code32
+        .globl  pvh_start, pvh_start_end
+pvh_start:
+        cli
+        movl    %ebx, BI_PVH_INFO
+        lgdt    gdt_ptr
+        movl    %cr4, %eax
+        orl     $0x20, %eax                     /* PAE */
+        movl    %eax, %cr4
+        movl    $PML4_ADDR, %eax
+        movl    %eax, %cr3
+        movl    $0xc0000080, %ecx               /* EFER */
+        rdmsr
+        orl     $0x100, %eax                    /* LME */
+        wrmsr
+        movl    %cr0, %eax
+        orl     $0x80000001, %eax               /* PG | PE */
+        movl    %eax, %cr0
+        ljmpl   $SEL_KCODE, $pvh_entry64
+pvh_start_end:
+
+        .section .note.Xen, "a", @note
+        .balign 4
+        .long   4                               /* name size */
+        .long   4                               /* descriptor size */
+        .long   18                              /* XEN_ELFNOTE_PHYS32_ENTRY */
+        .asciz  "Xen"
+        .long   pvh_start
+        .code64
 
 /* ------------------------------------------------------------------------ */
 /* AP trampoline: runs at TRAMP_ADDR in real mode after SIPI vector         */

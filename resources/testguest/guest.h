@@ -18,6 +18,7 @@ struct bootinfo {
     uint32_t hv_max_leaf;   /* CPUID 0x40000000 EAX */
     uint32_t ap_index;      /* index of the AP being started (smp) */
     uint32_t cpuid1_ecx;    /* CPUID 1 ECX (bit 24: TSC-deadline timer) */
+    uint64_t pvh_info;      /* EBX at the PVH entry: hvm_start_info; else 0 */
 };
 #define BOOTINFO ((volatile struct bootinfo *)(uintptr_t)BOOTINFO_ADDR)
 

@@ -112,10 +112,49 @@ static const uint8_t *zero_page(void)
     return (const uint8_t *)(uintptr_t)BOOTINFO->zero_page;
 }
 
+/* PVH boot: struct hvm_start_info */
+#define PVH_MAGIC           0x336ec578u
+#define PVH_VERSION         4
+#define PVH_CMDLINE_PADDR   24
+#define PVH_MEMMAP_PADDR    40
+#define PVH_MEMMAP_ENTRIES  48
+
+static const uint8_t *pvh_info(void)
+{
+    const uint8_t *p = (const uint8_t *)(uintptr_t)BOOTINFO->pvh_info;
+    uint32_t magic;
+    if (!p)
+        return NULL;
+    mem_copy(&magic, p, 4);
+    return magic == PVH_MAGIC ? p : NULL;
+}
+
 int machine_e820(struct e820_entry *out, int max)
 {
-    const uint8_t *zp = zero_page();
-    int n = zp[BP_E820_ENTRIES], i;
+    const uint8_t *zp = zero_page(), *pvh = pvh_info();
+    int n, i;
+
+    if (pvh) {
+        /* hvm_memmap_table_entry: u64 addr, u64 size, u32 type, u32 reserved */
+        uint32_t version, count;
+        uint64_t table;
+        mem_copy(&version, pvh + PVH_VERSION, 4);
+        mem_copy(&table, pvh + PVH_MEMMAP_PADDR, 8);
+        mem_copy(&count, pvh + PVH_MEMMAP_ENTRIES, 4);
+        if (version < 1 || !table)
+            return 0;
+        n = count > E820_MAX ? E820_MAX : (int)count;
+        if (n > max)
+            n = max;
+        for (i = 0; i < n; i++) {
+            const uint8_t *e = (const uint8_t *)(uintptr_t)table + 24 * i;
+            mem_copy(&out[i].addr, e, 8);
+            mem_copy(&out[i].size, e + 8, 8);
+            mem_copy(&out[i].type, e + 16, 4);
+        }
+        return n;
+    }
+    n = zp[BP_E820_ENTRIES];
     if (n > E820_MAX)
         n = E820_MAX;
     if (n > max)
@@ -152,8 +191,12 @@ static uint64_t machine_ram_total(void)
 
 const char *machine_cmdline(void)
 {
-    uint32_t p;
-    mem_copy(&p, zero_page() + BP_CMD_LINE_PTR, 4);
+    const uint8_t *pvh = pvh_info();
+    uint64_t p = 0;
+    if (pvh)
+        mem_copy(&p, pvh + PVH_CMDLINE_PADDR, 8);
+    else if (zero_page())
+        mem_copy(&p, zero_page() + BP_CMD_LINE_PTR, 4);
     return p ? (const char *)(uintptr_t)p : "";
 }
 
@@ -315,8 +358,9 @@ static void bsp_main(void)
               (unsigned long long)tsc_khz, BOOTINFO->hv_max_leaf, TSC_KHZ_FALLBACK);
         tsc_khz = TSC_KHZ_FALLBACK;
     }
-    print("testguest: cmdline \"%.300s\"; %llu MiB RAM, TSC %llu kHz\n", cmd,
-          (unsigned long long)(machine_ram_total() >> 20), (unsigned long long)tsc_khz);
+    print("testguest: cmdline \"%.300s\"; %llu MiB RAM, TSC %llu kHz%s\n", cmd,
+          (unsigned long long)(machine_ram_total() >> 20), (unsigned long long)tsc_khz,
+          pvh_info() ? "; PVH boot" : "");
 
     if (cmdline_parse(cmd, &cl))
         usage_error(cl.err);

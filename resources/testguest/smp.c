@@ -78,7 +78,7 @@ static int mp_cpus(struct mp_cpu *out, int max)
 {
     const uint8_t *fp = find_mp(), *t, *e, *end;
     uint32_t addr;
-    uint16_t len, count, i;
+    uint16_t len;
     int n = 0;
 
     if (!fp) {
@@ -92,7 +92,6 @@ static int mp_cpus(struct mp_cpu *out, int max)
     }
     t = (const uint8_t *)(uintptr_t)addr;
     mem_copy(&len, t + 4, 2);
-    mem_copy(&count, t + 34, 2);
     if (!(t[0] == 'P' && t[1] == 'C' && t[2] == 'M' && t[3] == 'P') || len < 44 ||
         !checksum_ok(t, len)) {
         print("smp: FAILED: bad MP configuration table at 0x%x\n", addr);
@@ -100,7 +99,9 @@ static int mp_cpus(struct mp_cpu *out, int max)
     }
     e = t + 44;
     end = t + len;
-    for (i = 0; i < count && e < end; i++) {
+    /* Walk the entries by the table's length, as Linux does (the entry count
+     * at offset 34 is not trusted: QEMU's qboot leaves it at 0). */
+    while (e < end) {
         if (e[0] == 0) {            /* processor: 20 bytes */
             if (e + 20 > end)
                 break;
