@@ -11,6 +11,9 @@ static struct blk_req_hdr req_hdr __attribute__((aligned(64)));
 static volatile uint8_t req_status __attribute__((aligned(64)));
 
 #define VB_RESET_TIMEOUT_MS 1000
+/* A request may wait while the VMM defers it (a full checkpoint region waits
+ * for the peer), so be generous; it is vCPU running time (see struct timeout). */
+#define VB_REQUEST_TIMEOUT_MS 30000
 #define VB_STATUS_POLL_MS   2      /* read Status (an MMIO exit) this often */
 
 uint32_t vb_read32(const struct vblk *d, uint32_t off)
@@ -261,7 +264,7 @@ enum vb_outcome vblk_request(struct vblk *d, uint32_t type, uint64_t sector, voi
     d->desc[n].flags = VRING_DESC_F_WRITE;
     d->desc[n].next = 0;
 
-    o = vblk_submit(d, 0, 10000, &used_len);
+    o = vblk_submit(d, 0, VB_REQUEST_TIMEOUT_MS, &used_len);
     *status = req_status;
     return o;
 }
