@@ -84,6 +84,19 @@ impl ExtentMap {
     /// order.
     pub fn lookup(&self, sector: u64, sectors: u64, mut f: impl FnMut(u64, u64, Option<u64>)) {
         let end = sector + sectors;
+        // Fast paths with one tree search: the range lies inside one extent, or in a
+        // hole (the last extent starting before its end ends before it starts).
+        match self.map.range(..end).next_back() {
+            None => return f(sector, sectors, None),
+            Some((&s, &(n, o))) => {
+                if s <= sector && s + n >= end {
+                    return f(sector, sectors, Some(o + (sector - s) * SECTOR_SIZE));
+                }
+                if s + n <= sector {
+                    return f(sector, sectors, None);
+                }
+            }
+        }
         let mut pos = sector;
         let start_key = match self.map.range(..=sector).next_back() {
             Some((&s, &(n, _))) if s + n > sector => s,
