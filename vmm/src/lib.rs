@@ -2,9 +2,11 @@
 //! the run loop.
 
 pub mod boot;
+pub mod checkpoint;
 pub mod config;
 pub mod console;
 pub mod cpuid;
+pub mod dirty;
 pub mod disk;
 pub mod layout;
 pub mod machine;
@@ -12,6 +14,7 @@ pub mod memory;
 pub mod mptable;
 pub mod testguest;
 pub mod vcpu;
+pub mod vm_state;
 
 pub use config::VmConfig;
 pub use machine::{Machine, RunEnd, VmmError};

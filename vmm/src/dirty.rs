@@ -1,0 +1,186 @@
+//! The dirty set of an epoch: KVM's dirty log (guest writes) united with the
+//! vm-memory AtomicBitmap (writes the VMM and its devices made through vm-memory,
+//! which KVM never sees), and the copy of those pages into a staging buffer so the
+//! guest can resume before they are written out.
+//!
+//! Reading KVM's log clears it (manual dirty-log protection is not switched on), and
+//! `AtomicBitmap::get_and_reset` clears ours, so each page dirtied after the harvest
+//! lands in the next epoch's set: no write is lost between two cuts.
+
+use kvm_ioctls::VmFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestMemory;
+
+/// Guest page size the dirty logs count in.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Failures while harvesting dirty pages.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    /// KVM_GET_DIRTY_LOG failed.
+    #[error("KVM_GET_DIRTY_LOG for slot {slot} failed: {source}")]
+    GetLog {
+        /// Memory slot.
+        slot: u32,
+        /// Cause.
+        source: kvm_ioctls::Error,
+    },
+    /// Copying a page out of guest memory failed.
+    #[error("cannot copy guest page {0:#x}")]
+    Copy(u64),
+}
+
+/// One bitmap word per 64 pages, per memory region (slot order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtySet {
+    /// (region start, bitmap words).
+    pub regions: Vec<(u64, Vec<u64>)>,
+}
+
+impl DirtySet {
+    /// Number of dirty pages.
+    pub fn count(&self) -> usize {
+        self.regions
+            .iter()
+            .map(|(_, w)| w.iter().map(|x| x.count_ones() as usize).sum::<usize>())
+            .sum()
+    }
+
+    /// Guest-physical addresses of the dirty pages, ascending.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.regions.iter().flat_map(|(start, words)| {
+            words.iter().enumerate().flat_map(move |(wi, &w)| {
+                BitIter(w).map(move |b| start + ((wi * 64 + b) * PAGE_SIZE) as u64)
+            })
+        })
+    }
+
+    /// Every page of `mem` (a full checkpoint).
+    pub fn all(mem: &GuestMemory) -> DirtySet {
+        let regions = mem
+            .iter()
+            .map(|r| {
+                let pages = (r.len() as usize).div_ceil(PAGE_SIZE);
+                let mut words = vec![u64::MAX; pages.div_ceil(64)];
+                if pages % 64 != 0 {
+                    if let Some(last) = words.last_mut() {
+                        *last = (1u64 << (pages % 64)) - 1;
+                    }
+                }
+                (r.start_addr().0, words)
+            })
+            .collect();
+        DirtySet { regions }
+    }
+}
+
+struct BitIter(u64);
+
+impl Iterator for BitIter {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let b = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(b)
+    }
+}
+
+/// Reads and clears both dirty logs. Call with the vCPUs parked and the device
+/// loop stopped (the caller is the device loop), so the set is exactly the epoch's.
+pub fn harvest(vm: &VmFd, mem: &GuestMemory) -> Result<DirtySet, DirtyError> {
+    let mut regions = Vec::with_capacity(mem.num_regions());
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let mut words = vm
+            .get_dirty_log(slot, region.len() as usize)
+            .map_err(|source| DirtyError::GetLog { slot, source })?;
+        // The region's own bitmap: vm-memory marks every write made through it.
+        let ours = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();
+        for (w, o) in words.iter_mut().zip(ours.iter()) {
+            *w |= *o;
+        }
+        regions.push((region.start_addr().0, words));
+    }
+    Ok(DirtySet { regions })
+}
+
+/// Dirty pages copied out of guest memory: addresses and their contents.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StagedPages {
+    /// Guest-physical address of each page.
+    pub addrs: Vec<u64>,
+    /// `addrs.len() * PAGE_SIZE` bytes, page *i* at `i * PAGE_SIZE`.
+    pub data: Vec<u8>,
+}
+
+impl StagedPages {
+    /// Copies the pages of `set` out of `mem`, reusing `self`'s buffers.
+    pub fn copy_from(&mut self, mem: &GuestMemory, set: &DirtySet) -> Result<(), DirtyError> {
+        self.addrs.clear();
+        self.addrs.extend(set.pages());
+        self.data.resize(self.addrs.len() * PAGE_SIZE, 0);
+        for (i, &gpa) in self.addrs.iter().enumerate() {
+            let dst = &mut self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            mem.read_slice(dst, GuestAddress(gpa))
+                .map_err(|_| DirtyError::Copy(gpa))?;
+        }
+        Ok(())
+    }
+
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    /// Whether no page is staged.
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_of_a_set() {
+        let set = DirtySet {
+            regions: vec![(0, vec![0b1001, 0]), (1 << 32, vec![1 << 63])],
+        };
+        let pages: Vec<u64> = set.pages().collect();
+        assert_eq!(pages, vec![0, 3 * 4096, (1 << 32) + 63 * 4096]);
+        assert_eq!(set.count(), 3);
+    }
+
+    #[test]
+    fn all_pages_of_memory() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 65 * 4096)]).unwrap();
+        let set = DirtySet::all(&mem);
+        assert_eq!(set.count(), 65);
+        assert_eq!(set.pages().last(), Some(64 * 4096));
+    }
+
+    #[test]
+    fn device_writes_are_in_our_bitmap_and_staged() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(5 * 4096 + 8))
+            .unwrap();
+        let region = mem.iter().next().unwrap();
+        let words = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();
+        assert_eq!(words[0], 1 << 5);
+        let set = DirtySet {
+            regions: vec![(0, words)],
+        };
+        let mut staged = StagedPages::default();
+        staged.copy_from(&mem, &set).unwrap();
+        assert_eq!(staged.addrs, vec![5 * 4096]);
+        assert_eq!(&staged.data[8..12], &0xdead_beef_u32.to_le_bytes());
+        // Reading does not dirty.
+        let again = vm_memory::mmap::MmapRegion::bitmap(mem.iter().next().unwrap()).get_and_reset();
+        assert!(again.iter().all(|w| *w == 0));
+    }
+}
