@@ -83,6 +83,7 @@ _start:
         xorl    %eax, %eax
         movw    %ax, %fs
         movw    %ax, %gs
+        movq    $(kstacks + (1 << KSTACK_SHIFT)), %rsp  /* cpu 0's: no need to trust the loader's */
         pushq   $SEL_KCODE
         pushq   $bsp_common
         lretq
