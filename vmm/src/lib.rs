@@ -8,6 +8,7 @@ pub mod console;
 pub mod cpuid;
 pub mod dirty;
 pub mod disk;
+pub mod epoch;
 pub mod layout;
 pub mod machine;
 pub mod memory;
