@@ -57,12 +57,19 @@ fn make_image(path: &Path) -> File {
 }
 
 fn open_store(path: &Path) -> Store {
+    open_store_with(path, true)
+}
+
+/// A store over a fresh image; `preallocate`: the journal is written with zeros at
+/// creation (the default) or left sparse.
+fn open_store_with(path: &Path, preallocate: bool) -> Store {
     make_image(path);
     let cfg = StoreConfig {
         slot_count: 2,
         region_capacity: CAPACITY,
         high_water: None,
         created_epoch: 0,
+        preallocate,
     };
     Store::open_path(path, &cfg, RecoverTo::LastAcknowledged)
         .expect("open store")
@@ -82,6 +89,7 @@ struct StoreWriter {
     store: Store,
     epoch: u64,
     n: u64,
+    sync_every: u64,
 }
 
 impl StoreWriter {
@@ -102,7 +110,7 @@ impl StoreWriter {
             }
         }
         self.n += 1;
-        if self.n % SYNC_EVERY == 0 {
+        if self.n % self.sync_every == 0 {
             self.store.flush().expect("flush");
         }
         side
@@ -231,6 +239,7 @@ fn retire(c: &mut Criterion) {
             store: open_store(&d.path.join(format!("retire-{pattern}.img"))),
             epoch: 0,
             n: 0,
+            sync_every: SYNC_EVERY,
         };
         let mut i = 0u64;
         g.bench_function(BenchmarkId::new("8MiB", pattern), |b| {
@@ -384,9 +393,20 @@ fn paired_table() {
     println!("\nPaired medians (alternating batches; ratio = raw time / store time, higher is better):\n");
     println!("| operation | store | raw | ratio | goal |");
     println!("| --- | --- | --- | --- | --- |");
-    for random in [false, true] {
+    for (random, preallocate, sync) in [
+        (false, true, true),
+        (true, true, true),
+        (false, false, true),
+        (false, true, false),
+    ] {
         let pattern = if random { "random" } else { "sequential" };
-        let raw = make_image(&d.path.join(format!("p-raw-{pattern}.img")));
+        let journal = match (preallocate, sync) {
+            (true, true) => "",
+            (false, _) => ", sparse journal",
+            (true, false) => ", never synced (page cache only)",
+        };
+        let every = if sync { SYNC_EVERY } else { u64::MAX };
+        let raw = make_image(&d.path.join(format!("p-raw-{pattern}{journal}.img")));
         let mut rn = 0u64;
         let mut raw_total = Vec::new();
         let mut raw_batch = |n: u64| {
@@ -395,7 +415,7 @@ fn paired_table() {
                 raw.write_all_at(&data, block(rn, random, BLOCKS) * BLOCK as u64)
                     .unwrap();
                 rn += 1;
-                if rn % SYNC_EVERY == 0 {
+                if rn % every == 0 {
                     raw.sync_data().unwrap();
                 }
             }
@@ -404,9 +424,13 @@ fn paired_table() {
             e
         };
         let mut w = StoreWriter {
-            store: open_store(&d.path.join(format!("p-store-{pattern}.img"))),
+            store: open_store_with(
+                &d.path.join(format!("p-store-{pattern}{journal}.img")),
+                preallocate,
+            ),
             epoch: 0,
             n: 0,
+            sync_every: every,
         };
         let mut i = 0u64;
         let mut steady_total = Vec::new();
@@ -428,13 +452,15 @@ fn paired_table() {
             v.iter().map(|d| d.as_nanos() as f64).sum::<f64>() / (v.len() as f64 * batch as f64)
         };
         row(
-            &format!("{pattern} 4 KiB writes, write path (medians)"),
+            &format!("{pattern} 4 KiB writes{journal}, write path (medians)"),
             path_ns,
             raw_ns,
             ">= 0.9",
         );
         row(
-            &format!("{pattern} 4 KiB writes, steady state incl. cut+ack+retire inline (means)"),
+            &format!(
+                "{pattern} 4 KiB writes{journal}, steady state incl. cut+ack+retire inline (means)"
+            ),
             mean(&steady_total),
             mean(&raw_total),
             ">= 0.45",
@@ -460,6 +486,11 @@ fn paired_table() {
     let mut region = open_store(&d.path.join("p-region.img"));
     for i in 0..REGION_SPAN_BLOCKS {
         let o = region.write(i * 8, &data).expect("fill");
+        assert!(matches!(o, WriteOutcome::Written { .. }));
+    }
+    let mut sparse = open_store_with(&d.path.join("p-sparse.img"), false);
+    for i in 0..REGION_SPAN_BLOCKS {
+        let o = sparse.write(i * 8, &data).expect("fill");
         assert!(matches!(o, WriteOutcome::Written { .. }));
     }
     let mut frozen = open_store(&d.path.join("p-frozen.img"));
@@ -497,6 +528,20 @@ fn paired_table() {
             (
                 "hit the active region",
                 &region,
+                &raw_large,
+                "1 MiB-written raw file",
+                ">= 0.9",
+            ),
+            (
+                "hit the active region of a sparse journal",
+                &sparse,
+                &raw_small,
+                "4 KiB-written raw file",
+                ">= 0.9",
+            ),
+            (
+                "hit the active region of a sparse journal",
+                &sparse,
                 &raw_large,
                 "1 MiB-written raw file",
                 ">= 0.9",

@@ -71,6 +71,12 @@ pub struct StoreConfig {
     pub high_water: Option<u64>,
     /// The epoch the base image holds when a new journal is created.
     pub created_epoch: u64,
+    /// Write the whole new journal with zeros when creating it (in 1 MiB writes),
+    /// rather than leaving it sparse: its blocks are then allocated, so a region can
+    /// never meet a full file system in mid-run, and the page cache holds it in large
+    /// folios, which makes the 4 KiB record writes and their fdatasync markedly
+    /// cheaper (see the benchmarks).
+    pub preallocate: bool,
 }
 
 impl Default for StoreConfig {
@@ -80,6 +86,7 @@ impl Default for StoreConfig {
             region_capacity: 64 << 20,
             high_water: None,
             created_epoch: 0,
+            preallocate: true,
         }
     }
 }
@@ -976,6 +983,18 @@ fn create_journal<F: StoreFile>(j: &F, config: &StoreConfig, base_len: u64) -> R
     let len = h.geometry().journal_len();
     j.set_len(0).ctx(FileRole::Journal, "creating")?;
     j.set_len(len).ctx(FileRole::Journal, "creating")?;
+    if config.preallocate {
+        // Zeros everywhere but the header, which comes last: a crash before it leaves
+        // a blank journal.
+        let zeros = vec![0u8; (1 << 20).min(len as usize)];
+        let mut pos = format::FILE_HEADER_AREA;
+        while pos < len {
+            let n = (len - pos).min(zeros.len() as u64) as usize;
+            j.write_at(&zeros[..n], pos)
+                .ctx(FileRole::Journal, "preallocating")?;
+            pos += n as u64;
+        }
+    }
     j.write_at(&h.encode(), 0)
         .ctx(FileRole::Journal, "writing the file header")?;
     j.sync().ctx(FileRole::Journal, "syncing the new journal")?;

@@ -13,6 +13,7 @@ pub(super) fn cfg(slots: u32, capacity: u64) -> StoreConfig {
         region_capacity: capacity,
         high_water: None,
         created_epoch: 0,
+        preallocate: false,
     }
 }
 

@@ -272,6 +272,7 @@ pub fn fuzz_journal(data: &[u8]) {
         region_capacity: 4096,
         high_water: None,
         created_epoch: 0,
+        preallocate: false,
     };
     if let Ok((mut store, _)) = Store::open(base, journal, &cfg, to) {
         if store.len() >= SECTOR_SIZE {
