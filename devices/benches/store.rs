@@ -160,6 +160,7 @@ fn writes(c: &mut Criterion) {
                 store: open_store(&d.path.join(format!("{name}-{pattern}.img"))),
                 epoch: 0,
                 n: 0,
+                sync_every: SYNC_EVERY,
             };
             let mut i = 0u64;
             g.bench_function(BenchmarkId::new(name, pattern), |b| {
