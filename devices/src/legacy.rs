@@ -8,7 +8,10 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
+use crate::snapshot::Snapshot;
 
 /// Offset of the data port (`0x60`) in the i8042's range.
 pub const I8042_DATA_OFFSET: u64 = 0;
@@ -68,14 +71,29 @@ const KBD_SELF_TEST_OK: u8 = 0xaa;
 
 /// Bound of the output buffer: a real controller holds one byte; keeping a few lets a
 /// keyboard reset answer ACK and then its self-test result.
-const OUT_QUEUE_MAX: usize = 4;
+pub const I8042_OUT_QUEUE_MAX: usize = 4;
+const OUT_QUEUE_MAX: usize = I8042_OUT_QUEUE_MAX;
 
 /// Default command byte: keyboard interrupt on, system flag, translation on.
 const DEFAULT_CTR: u8 = 0x45;
 
-/// The i8042's plain state (what save/restore will carry). `Default` is the power-on
+/// Errors of the legacy devices.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LegacyError {
+    /// a saved i8042 state holds more output bytes than the controller keeps
+    #[error(
+        "the saved i8042 state holds {len} output bytes, more than the {} the controller keeps",
+        I8042_OUT_QUEUE_MAX
+    )]
+    I8042OutputTooLong {
+        /// Bytes in the saved output queue.
+        len: usize,
+    },
+}
+
+/// The i8042's plain state (what save/restore carries). `Default` is the power-on
 /// state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct I8042State {
     /// Controller command byte ("CTR").
     pub command_byte: u8,
@@ -131,10 +149,18 @@ impl I8042 {
         self.state.clone()
     }
 
-    /// Replaces the state (restore). The output queue is cut to its bound.
-    pub fn set_state(&mut self, mut state: I8042State) {
-        state.output.truncate(OUT_QUEUE_MAX);
+    /// Replaces the state (restore). The state is untrusted input: an output queue
+    /// longer than the controller keeps ([`I8042_OUT_QUEUE_MAX`]) is refused and the
+    /// current state kept. Every other field takes any value (unknown pending commands
+    /// swallow their data byte, as they do when the guest sends them).
+    pub fn set_state(&mut self, state: I8042State) -> Result<(), LegacyError> {
+        if state.output.len() > OUT_QUEUE_MAX {
+            return Err(LegacyError::I8042OutputTooLong {
+                len: state.output.len(),
+            });
+        }
         self.state = state;
+        Ok(())
     }
 
     fn push_output(&mut self, byte: u8) {
@@ -202,6 +228,14 @@ impl I8042 {
                 }
             }
         }
+    }
+}
+
+impl Snapshot for I8042 {
+    type State = I8042State;
+
+    fn snapshot(&self) -> I8042State {
+        self.state()
     }
 }
 
@@ -339,19 +373,62 @@ mod tests {
     #[test]
     fn state_round_trip() {
         let (mut dev, _) = counting_i8042();
+        dev.write(I8042_COMMAND_OFFSET, &[CMD_SELF_TEST]);
         dev.write(I8042_COMMAND_OFFSET, &[CMD_WRITE_CTR]);
-        let saved = dev.state();
+        let saved = dev.snapshot();
         assert_eq!(saved.pending_command, Some(CMD_WRITE_CTR));
+        let bytes = postcard::to_allocvec(&saved).unwrap();
+        let decoded: I8042State = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(decoded, saved);
         let (mut other, _) = counting_i8042();
-        other.set_state(saved.clone());
+        other.set_state(decoded).unwrap();
+        assert_eq!(other.state(), saved);
         other.write(I8042_DATA_OFFSET, &[0x11]);
         assert_eq!(other.state().command_byte, 0x11);
+        assert_eq!(read(&mut other, I8042_DATA_OFFSET), 0x55);
         assert_eq!(I8042State::default().command_byte, DEFAULT_CTR);
-        // A hostile saved state cannot grow the output queue past its bound.
+        // A hostile saved state cannot grow the output queue past its bound: refused,
+        // and the device keeps its state.
+        let before = other.state();
         let mut big = saved;
         big.output = (0..100).collect();
-        other.set_state(big);
-        assert_eq!(other.state().output.len(), OUT_QUEUE_MAX);
+        assert_eq!(
+            other.set_state(big),
+            Err(LegacyError::I8042OutputTooLong { len: 100 })
+        );
+        assert_eq!(other.state(), before);
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes into the decoder, then a restore and port traffic: errors, never
+            /// a panic, and the output queue stays bounded.
+            #[test]
+            fn hostile_states_do_not_panic(
+                bytes in proptest::collection::vec(any::<u8>(), 0..40),
+                ops in proptest::collection::vec((0u64..5, any::<u8>(), any::<bool>()), 0..40),
+            ) {
+                let Ok(state) = postcard::from_bytes::<I8042State>(&bytes) else {
+                    return Ok(());
+                };
+                let (mut dev, _) = counting_i8042();
+                match dev.set_state(state.clone()) {
+                    Ok(()) => prop_assert_eq!(dev.state(), state),
+                    Err(_) => prop_assert!(state.output.len() > OUT_QUEUE_MAX),
+                }
+                for (offset, value, is_write) in ops {
+                    if is_write {
+                        dev.write(offset, &[value]);
+                    } else {
+                        let _ = read(&mut dev, offset);
+                    }
+                    prop_assert!(dev.state().output.len() <= OUT_QUEUE_MAX);
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod serial;
+pub mod snapshot;
 pub mod store;
 pub mod virtio;
 

@@ -12,21 +12,28 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::mmio::{MmioTransport, MmioTransportState};
+use super::{
+    ActivateError, Activation, StateError, VirtioDevice, VirtioInterrupt, VirtqueueState,
+    VIRTIO_F_VERSION_1,
+};
+use crate::snapshot::Snapshot;
 use crate::GuestMemory;
 
 /// Bytes per sector.
@@ -603,14 +610,27 @@ struct Active {
 }
 
 /// The plain state of a block device (for save/restore).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockState {
-    /// Whether the device is active, and then its acked features.
-    pub acked_features: Option<u64>,
-    /// The request queue (positions in the rings), when active.
-    pub queue: Option<QueueState>,
-    /// Whether a request is waiting for the backend (see [`DiskBackend`]).
+    /// The disk's size in sectors (checked on restore: the guest knows it).
+    pub capacity: u64,
+    /// The features the device offered (checked on restore: they depend on read-only).
+    pub device_features: u64,
+    /// The driver's side, while the device is active.
+    pub active: Option<BlockActiveState>,
+    /// Whether a request was waiting for the backend (see [`DiskBackend`]). It stays in
+    /// the available ring (the queue's position is before it), so a restored device does
+    /// it again; a restored device starts undeferred.
     pub deferred: bool,
+}
+
+/// The state of an active block device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BlockActiveState {
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// The request queue: its rings and the device's positions in them.
+    pub queue: VirtqueueState,
 }
 
 /// A virtio-blk device. Share it as `Arc<Mutex<Block>>` between its
@@ -699,21 +719,100 @@ impl Block {
     /// The plain state.
     pub fn state(&self) -> BlockState {
         BlockState {
-            acked_features: self.active.as_ref().map(|a| a.acked_features),
-            queue: self.active.as_ref().map(|a| a.queue.state()),
+            capacity: self.capacity(),
+            device_features: self.avail_features,
+            active: self.active.as_ref().map(|a| BlockActiveState {
+                acked_features: a.acked_features,
+                queue: VirtqueueState::from(&a.queue),
+            }),
             deferred: self.deferred,
         }
     }
 
+    /// Recreates a block device from a saved state (restore): on `disk` (recovered to
+    /// the checkpoint the state belongs to), with the same `read_only` and `id` as the
+    /// saved device, its queue in `mem` (the restored guest memory), raising interrupts
+    /// through `interrupt`, the line the transport is restored on
+    /// ([`super::mmio::MmioTransport::restore`]; [`restore_with_transport`] does both).
+    ///
+    /// A device saved active comes back active, its queue rebuilt at the saved ring
+    /// addresses and positions: the next notification (or
+    /// [`super::mmio::MmioTransport::post_restore`]) continues where it was, including a
+    /// request the disk had deferred. The state is untrusted input: it is refused unless
+    /// it matches this disk (capacity) and options (offered features), the acked features
+    /// are offered ones, and the queue is valid in `mem` (see [`VirtqueueState::to_queue`]).
+    pub fn restore(
+        disk: Box<dyn DiskBackend>,
+        read_only: bool,
+        id: &[u8],
+        state: &BlockState,
+        mem: GuestMemory,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<Self, StateError> {
+        let mut block = Self::new(disk, read_only, id).map_err(StateError::Block)?;
+        if state.capacity != block.capacity() {
+            return Err(StateError::Capacity {
+                saved: state.capacity,
+                disk: block.capacity(),
+            });
+        }
+        if state.device_features != block.avail_features {
+            return Err(StateError::DeviceFeatures {
+                saved: state.device_features,
+                device: block.avail_features,
+            });
+        }
+        match &state.active {
+            None if state.deferred => return Err(StateError::DeferredInactive),
+            None => {}
+            Some(active) => {
+                let acked = active.acked_features;
+                if acked & !block.avail_features != 0 || acked & (1 << VIRTIO_F_VERSION_1) == 0 {
+                    return Err(StateError::FeaturesRefused {
+                        acked,
+                        offered: block.avail_features,
+                    });
+                }
+                let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+                if active.queue.event_idx_enabled != event_idx {
+                    return Err(StateError::EventIdx {
+                        index: 0,
+                        enabled: active.queue.event_idx_enabled,
+                    });
+                }
+                let queue = active.queue.to_queue(0, QUEUE_SIZE, &mem)?;
+                block.active = Some(Active {
+                    mem,
+                    queue,
+                    interrupt,
+                    acked_features: acked,
+                });
+            }
+        }
+        // A deferred request is still in the available ring: the first look at the queue
+        // after the restore submits it again.
+        block.deferred = false;
+        Ok(block)
+    }
+
     /// Drains pending queue notifications and processes the queue (the VMM calls this at
-    /// a cut, before saving device state, so no notification is lost).
+    /// a cut, before saving device state, so no notification is lost). Afterwards no
+    /// request is half done: each request is executed whole or deferred whole.
+    ///
+    /// Cheap when nothing is pending: a few eventfd reads and one read of the available
+    /// index. At most one queue's worth of requests is processed (the queue eventfd is
+    /// then signalled again; requests left in the available ring are looked at after a
+    /// restore too). A deferred request is retried only if the kick eventfd was written
+    /// (the disk made room); otherwise the device stays deferred and the state records
+    /// it: after the region swap at the cut, write [`Block::kick_evt`] to retry.
     pub fn process_pending(&mut self) {
         for evt in &self.queue_evts {
             // EAGAIN means nothing pending: fine.
             let _ = evt.read();
         }
-        let _ = self.kick_evt.read();
-        self.deferred = false;
+        if self.kick_evt.read().is_ok() {
+            self.deferred = false;
+        }
         self.process_queue();
     }
 
@@ -854,6 +953,48 @@ impl VirtioDevice for Block {
         self.active = None;
         self.deferred = false;
     }
+
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+impl Snapshot for Block {
+    type State = BlockState;
+
+    fn snapshot(&self) -> BlockState {
+        self.state()
+    }
+}
+
+/// Restores a block device and its virtio-mmio transport together, on one new interrupt
+/// line: [`Block::restore`] then [`MmioTransport::restore`]. The VMM then registers the
+/// ioeventfds ([`MmioTransport::queue_events`]) and the irqfd
+/// ([`MmioTransport::interrupt_evt`]) as on boot, adds the block device to the event
+/// loop, and calls [`MmioTransport::post_restore`].
+pub fn restore_with_transport(
+    disk: Box<dyn DiskBackend>,
+    read_only: bool,
+    id: &[u8],
+    block_state: &BlockState,
+    transport_state: &MmioTransportState,
+    mem: GuestMemory,
+) -> Result<(Arc<Mutex<Block>>, MmioTransport), StateError> {
+    let interrupt = Arc::new(
+        VirtioInterrupt::new()
+            .map_err(|e| StateError::Transport(super::mmio::MmioError::CreateInterrupt(e)))?,
+    );
+    let block = Block::restore(
+        disk,
+        read_only,
+        id,
+        block_state,
+        mem.clone(),
+        interrupt.clone(),
+    )?;
+    let block = Arc::new(Mutex::new(block));
+    let transport = MmioTransport::restore(block.clone(), mem, interrupt, transport_state)?;
+    Ok((block, transport))
 }
 
 impl MutEventSubscriber for Block {

@@ -9,6 +9,7 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
@@ -16,11 +17,12 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    Activation, VirtioDevice, VirtioInterrupt, VirtioInterruptState, STATUS_ACKNOWLEDGE,
-    STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
+    Activation, StateError, VirtioDevice, VirtioInterrupt, VirtioInterruptState,
+    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use crate::bus::{lock_recover, BusDevice};
+use crate::snapshot::Snapshot;
 use crate::GuestMemory;
 
 /// "virt" in little endian: the MagicValue register.
@@ -92,8 +94,10 @@ enum QueueSetupError {
     OutsideMemory { index: usize },
 }
 
-/// One queue's configuration as the driver wrote it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// One queue's configuration as the driver wrote it (the registers it reads back). The
+/// device's positions in an active queue's rings are saved by the device
+/// ([`super::VirtqueueState`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MmioQueueState {
     /// QueueNumMax.
     pub max_size: u16,
@@ -120,8 +124,13 @@ impl MmioQueueState {
 }
 
 /// The transport's plain state (register file and queue configuration).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct MmioTransportState {
+    /// The virtio device id of the device behind the transport (checked on restore).
+    pub device_type: u32,
+    /// The features the device offered (checked on restore: a device restored with
+    /// different options, read-only for instance, is refused).
+    pub device_features: u64,
     /// DeviceFeaturesSel.
     pub device_features_sel: u32,
     /// DriverFeaturesSel.
@@ -268,8 +277,113 @@ impl MmioTransport {
     /// The register state (for save/restore).
     pub fn state(&self) -> MmioTransportState {
         let mut state = self.state.clone();
+        state.device_type = self.device_type;
+        state.device_features = self.device_features;
         state.interrupt = self.interrupt.state();
         state
+    }
+
+    /// Recreates a transport from a saved state (restore), around a `device` already
+    /// restored on the same `interrupt` (for virtio-blk:
+    /// [`super::block::Block::restore`]), with its queues in `mem`.
+    ///
+    /// The state is untrusted input and is checked against the device: same device type,
+    /// features and queues; a status the driver could have reached (each initialisation
+    /// step after the one before it, accepted features the device offers); and a device
+    /// that is active exactly when the status says so (DRIVER_OK and no
+    /// DEVICE_NEEDS_RESET means active; an active device has DRIVER_OK).
+    ///
+    /// Nothing is signalled here: once the VMM has registered the queue ioeventfds and
+    /// the interrupt irqfd and added the device to the event loop, it calls
+    /// [`MmioTransport::post_restore`].
+    pub fn restore(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        interrupt: Arc<VirtioInterrupt>,
+        state: &MmioTransportState,
+    ) -> Result<Self, StateError> {
+        state.interrupt.validate()?;
+        let mut transport =
+            Self::with_interrupt(device, mem, interrupt).map_err(StateError::Transport)?;
+        if state.device_type != transport.device_type {
+            return Err(StateError::DeviceType {
+                saved: state.device_type,
+                device: transport.device_type,
+            });
+        }
+        if state.device_features != transport.device_features {
+            return Err(StateError::DeviceFeatures {
+                saved: state.device_features,
+                device: transport.device_features,
+            });
+        }
+        if state.queues.len() != transport.state.queues.len() {
+            return Err(StateError::QueueCount {
+                saved: state.queues.len(),
+                device: transport.state.queues.len(),
+            });
+        }
+        for (index, (saved, device)) in state.queues.iter().zip(&transport.state.queues).enumerate()
+        {
+            if saved.max_size != device.max_size {
+                return Err(StateError::QueueMaxSize {
+                    index,
+                    saved: saved.max_size,
+                    device: device.max_size,
+                });
+            }
+        }
+        let status = state.status;
+        let settable = STATUS_ACKNOWLEDGE
+            | STATUS_DRIVER
+            | STATUS_FEATURES_OK
+            | STATUS_DRIVER_OK
+            | STATUS_FAILED;
+        if status & !settable != 0 {
+            return Err(StateError::StatusBits { status });
+        }
+        let needs = |bit: u32, before: u32| status & bit == 0 || status & before != 0;
+        if !needs(STATUS_DRIVER, STATUS_ACKNOWLEDGE)
+            || !needs(STATUS_FEATURES_OK, STATUS_DRIVER)
+            || !needs(STATUS_DRIVER_OK, STATUS_FEATURES_OK)
+        {
+            return Err(StateError::StatusOrder { status });
+        }
+        transport.state = state.clone();
+        if status & STATUS_FEATURES_OK != 0 && !transport.features_acceptable() {
+            return Err(StateError::FeaturesRefused {
+                acked: state.driver_features,
+                offered: transport.device_features,
+            });
+        }
+        let device_active = lock_recover(&transport.device).is_active();
+        let driver_ok = status & STATUS_DRIVER_OK != 0;
+        let needs_reset = state.interrupt.needs_reset;
+        if (device_active && !driver_ok) || (driver_ok && !needs_reset && !device_active) {
+            return Err(StateError::ActivationMismatch {
+                status,
+                needs_reset,
+                device_active,
+            });
+        }
+        transport.interrupt.set_state(&state.interrupt)?;
+        Ok(transport)
+    }
+
+    /// Completes a restore, once the queue ioeventfds and the interrupt irqfd are
+    /// registered and the device is in the event loop: every queue of an activated
+    /// device is looked at again (its eventfd is written, so buffers the driver made
+    /// available after the cut, or a request the disk had deferred, are processed), and
+    /// the interrupt is raised again if the interrupt status is non-zero (an irqfd
+    /// injection may have landed after the interrupt controllers were saved). Calling it
+    /// more than once is harmless.
+    pub fn post_restore(&self) {
+        if self.is_activated() {
+            for i in 0..self.queue_evts.len() {
+                self.notify(i as u32);
+            }
+        }
+        self.interrupt.reraise_if_pending();
     }
 
     /// Whether the driver has set DRIVER_OK. The device may still have refused to start:
@@ -549,6 +663,14 @@ impl MmioTransport {
     }
 }
 
+impl Snapshot for MmioTransport {
+    type State = MmioTransportState;
+
+    fn snapshot(&self) -> MmioTransportState {
+        self.state()
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
@@ -657,6 +779,9 @@ mod tests {
         fn reset(&mut self) {
             self.activation = None;
             self.resets += 1;
+        }
+        fn is_active(&self) -> bool {
+            self.activation.is_some()
         }
     }
 
@@ -957,6 +1082,9 @@ mod tests {
                 Ok(())
             }
             fn reset(&mut self) {}
+            fn is_active(&self) -> bool {
+                false
+            }
         }
         let dev = Arc::new(Mutex::new(NoV1(Dummy::new())));
         assert!(matches!(

@@ -16,7 +16,9 @@ pub mod mmio;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemory;
@@ -143,25 +145,313 @@ impl VirtioInterrupt {
         }
     }
 
-    /// Restores a saved state (does not raise the interrupt: see
-    /// [`VirtioInterrupt::reraise_if_pending`]).
-    pub fn set_state(&self, state: &VirtioInterruptState) {
+    /// Restores a saved state after validating it (does not raise the interrupt: see
+    /// [`VirtioInterrupt::reraise_if_pending`]). On error nothing changes.
+    pub fn set_state(&self, state: &VirtioInterruptState) -> Result<(), StateError> {
+        state.validate()?;
         self.status.store(state.status, Ordering::SeqCst);
         self.needs_reset.store(state.needs_reset, Ordering::SeqCst);
         self.config_generation
             .store(state.config_generation, Ordering::SeqCst);
+        Ok(())
     }
 }
 
 /// The plain state of a [`VirtioInterrupt`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VirtioInterruptState {
-    /// InterruptStatus.
+    /// InterruptStatus: [`INT_USED_RING`] and [`INT_CONFIG`] bits.
     pub status: u32,
     /// Whether DEVICE_NEEDS_RESET is set.
     pub needs_reset: bool,
     /// ConfigGeneration.
     pub config_generation: u32,
+}
+
+impl VirtioInterruptState {
+    /// Checks that the state is one an interrupt line can be in.
+    pub fn validate(&self) -> Result<(), StateError> {
+        if self.status & !(INT_USED_RING | INT_CONFIG) != 0 {
+            return Err(StateError::InterruptStatus {
+                status: self.status,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The saved state of one virtqueue: its configuration and the device's positions in its
+/// rings.
+///
+/// A serde mirror of `virtio_queue::QueueState` (which has no serde support), field for
+/// field. The live queue of an active device belongs to the device, so this state is
+/// saved by the device (see [`block::BlockState`]); the transport saves the queue
+/// registers as the driver wrote them ([`mmio::MmioQueueState`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtqueueState {
+    /// The largest size the device offers (QueueNumMax).
+    pub max_size: u16,
+    /// The size the driver chose (QueueNum).
+    pub size: u16,
+    /// Whether the driver made the queue ready.
+    pub ready: bool,
+    /// Guest address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest address of the available ring.
+    pub avail_ring: u64,
+    /// Guest address of the used ring.
+    pub used_ring: u64,
+    /// The device's position in the available ring: the next entry it will take.
+    pub next_avail: u16,
+    /// The device's position in the used ring: the next entry it will fill.
+    pub next_used: u16,
+    /// Whether VIRTIO_F_EVENT_IDX was negotiated.
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for VirtqueueState {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<&Queue> for VirtqueueState {
+    fn from(q: &Queue) -> Self {
+        q.state().into()
+    }
+}
+
+/// Alignment of the descriptor table (virtio 1.x, split ring).
+const DESC_TABLE_ALIGN: u64 = 16;
+/// Alignment of the available ring.
+const AVAIL_RING_ALIGN: u64 = 2;
+/// Alignment of the used ring.
+const USED_RING_ALIGN: u64 = 4;
+
+impl VirtqueueState {
+    /// Rebuilds the queue of an active device: queue `index`, whose device offers
+    /// `max_size` entries, with its rings in `mem`.
+    ///
+    /// The state is untrusted input. It is refused unless the queue is ready, its maximum
+    /// size is the device's, its size a power of two no larger than that, its rings
+    /// aligned and wholly inside guest memory. The ring positions take any value (they
+    /// are free-running counters; a driver that does not agree with them gets
+    /// DEVICE_NEEDS_RESET at the next notification, as it would on a running device).
+    pub fn to_queue(
+        &self,
+        index: usize,
+        max_size: u16,
+        mem: &GuestMemory,
+    ) -> Result<Queue, StateError> {
+        if self.max_size != max_size {
+            return Err(StateError::QueueMaxSize {
+                index,
+                saved: self.max_size,
+                device: max_size,
+            });
+        }
+        if !self.ready {
+            return Err(StateError::QueueNotReady { index });
+        }
+        if self.size == 0 || self.size > max_size || !self.size.is_power_of_two() {
+            return Err(StateError::QueueSize {
+                index,
+                size: self.size,
+                max_size,
+            });
+        }
+        for (ring, addr, align) in [
+            ("descriptor table", self.desc_table, DESC_TABLE_ALIGN),
+            ("available ring", self.avail_ring, AVAIL_RING_ALIGN),
+            ("used ring", self.used_ring, USED_RING_ALIGN),
+        ] {
+            if addr % align != 0 {
+                return Err(StateError::RingMisaligned { index, ring, addr });
+            }
+        }
+        let mut queue =
+            Queue::new(max_size).map_err(|source| StateError::Queue { index, source })?;
+        queue
+            .try_set_size(self.size)
+            .map_err(|source| StateError::Queue { index, source })?;
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc_table))
+            .map_err(|source| StateError::Queue { index, source })?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.avail_ring))
+            .map_err(|source| StateError::Queue { index, source })?;
+        queue
+            .try_set_used_ring_address(GuestAddress(self.used_ring))
+            .map_err(|source| StateError::Queue { index, source })?;
+        queue.set_event_idx(self.event_idx_enabled);
+        queue.set_next_avail(self.next_avail);
+        queue.set_next_used(self.next_used);
+        queue.set_ready(true);
+        if !queue.is_valid(mem) {
+            return Err(StateError::RingsOutsideMemory { index });
+        }
+        Ok(queue)
+    }
+}
+
+/// Why a saved virtio state (transport, interrupt, queue or device) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// the saved interrupt status has bits beyond used-ring and configuration-change
+    #[error("the saved interrupt status {status:#x} has unknown bits")]
+    InterruptStatus {
+        /// The saved InterruptStatus.
+        status: u32,
+    },
+    /// the saved device status has bits the driver cannot set
+    #[error("the saved device status {status:#x} has bits the driver cannot set")]
+    StatusBits {
+        /// The saved status.
+        status: u32,
+    },
+    /// the saved device status skips a step of the initialisation sequence
+    #[error("the saved device status {status:#x} skips a step of the initialisation")]
+    StatusOrder {
+        /// The saved status.
+        status: u32,
+    },
+    /// the saved features were accepted (FEATURES_OK) but the device would refuse them
+    #[error(
+        "the saved features {acked:#x} were accepted, but the device offers {offered:#x} and \
+         requires VIRTIO_F_VERSION_1"
+    )]
+    FeaturesRefused {
+        /// The features the driver accepted.
+        acked: u64,
+        /// The features the device offers.
+        offered: u64,
+    },
+    /// the state was saved from a different kind of device
+    #[error("the state was saved from virtio device type {saved}, this device is type {device}")]
+    DeviceType {
+        /// The saved device type.
+        saved: u32,
+        /// The device's type.
+        device: u32,
+    },
+    /// the state was saved from a device offering different features
+    #[error(
+        "the state was saved from a device offering features {saved:#x}, this one offers \
+         {device:#x} (a different read-only setting?)"
+    )]
+    DeviceFeatures {
+        /// The saved device features.
+        saved: u64,
+        /// The device's features.
+        device: u64,
+    },
+    /// the state has a different number of queues than the device
+    #[error("the state has {saved} queues, the device has {device}")]
+    QueueCount {
+        /// Queues in the state.
+        saved: usize,
+        /// Queues of the device.
+        device: usize,
+    },
+    /// a queue's saved maximum size differs from the device's
+    #[error("queue {index}: the saved maximum size {saved} is not the device's {device}")]
+    QueueMaxSize {
+        /// The queue.
+        index: usize,
+        /// The saved maximum size.
+        saved: u16,
+        /// The device's maximum size.
+        device: u16,
+    },
+    /// an active queue is not ready
+    #[error("queue {index} of an active device is not ready")]
+    QueueNotReady {
+        /// The queue.
+        index: usize,
+    },
+    /// a queue's size is not a power of two in 1..=its maximum
+    #[error("queue {index}: size {size} is not a power of two between 1 and {max_size}")]
+    QueueSize {
+        /// The queue.
+        index: usize,
+        /// The saved size.
+        size: u16,
+        /// The queue's maximum size.
+        max_size: u16,
+    },
+    /// a ring address breaks its alignment
+    #[error("queue {index}: the {ring} at {addr:#x} is misaligned")]
+    RingMisaligned {
+        /// The queue.
+        index: usize,
+        /// Which ring.
+        ring: &'static str,
+        /// Its address.
+        addr: u64,
+    },
+    /// a queue's rings are not wholly inside guest memory
+    #[error("queue {index}: the rings are not inside guest memory")]
+    RingsOutsideMemory {
+        /// The queue.
+        index: usize,
+    },
+    /// virtio-queue refused the queue configuration
+    #[error("queue {index}: {source}")]
+    Queue {
+        /// The queue.
+        index: usize,
+        /// The cause.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// the transport and the device disagree on whether the device is active
+    #[error(
+        "the transport status {status:#x} (needs reset: {needs_reset}) does not match a device \
+         that is {}", if *.device_active { "active" } else { "inactive" }
+    )]
+    ActivationMismatch {
+        /// The saved transport status.
+        status: u32,
+        /// Whether the saved interrupt has DEVICE_NEEDS_RESET.
+        needs_reset: bool,
+        /// Whether the restored device is active.
+        device_active: bool,
+    },
+    /// the saved event-index setting of a queue disagrees with the acked features
+    #[error("queue {index}: event index {enabled} disagrees with the acked features")]
+    EventIdx {
+        /// The queue.
+        index: usize,
+        /// The saved setting.
+        enabled: bool,
+    },
+    /// a deferred request is recorded on an inactive device
+    #[error("the state records a deferred request on an inactive device")]
+    DeferredInactive,
+    /// the disk to restore onto has a different size than the saved device
+    #[error("the state was saved with a disk of {saved} sectors, this disk has {disk}")]
+    Capacity {
+        /// Sectors at save time.
+        saved: u64,
+        /// Sectors of the disk now.
+        disk: u64,
+    },
+    /// the transport could not be built
+    #[error("cannot build the transport: {0}")]
+    Transport(#[source] mmio::MmioError),
+    /// the block device could not be built
+    #[error("cannot build the block device: {0}")]
+    Block(#[source] block::BlockError),
 }
 
 /// Why a device refused to activate.
@@ -228,4 +518,8 @@ pub trait VirtioDevice: Send {
     /// Stops the device and forgets the queues and the driver's features (the driver wrote
     /// 0 to the status register).
     fn reset(&mut self);
+
+    /// Whether the device was activated and not reset since (checked against the
+    /// transport's state on restore).
+    fn is_active(&self) -> bool;
 }
