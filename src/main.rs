@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use std::time::Duration;
 use vmm::config::{self, DiskConfig, KernelSource, SerialConfig, VmConfig};
+use vmm::epoch::EpochConfig;
+use vmm::machine::RestoreConfig;
 use vmm::{Machine, RunEnd};
 
 /// mirrorvm: a KVM virtual machine monitor that keeps a peer host ready to take over.
@@ -24,6 +27,51 @@ enum Command {
     /// --cmdline names another: hello, disk, dirty, counter, smp, hostile).
     /// On the console, Ctrl-A x quits.
     Run(RunArgs),
+
+    /// Continue a guest from the latest complete checkpoint in a directory written by
+    /// `run --checkpoint-dir`: memory, vCPUs, devices and disks as they were at the cut.
+    Restore(RestoreArgs),
+}
+
+/// Checkpointing options, shared by `run` and `restore`.
+#[derive(Args, Debug)]
+struct EpochArgs {
+    /// Cut a checkpoint every N milliseconds into --checkpoint-dir.
+    #[arg(long, value_name = "N", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    epoch_ms: u64,
+
+    /// Write a full checkpoint, then one incremental checkpoint per epoch, into DIR
+    /// (created if missing; older increments are folded into DIR/memory.img).
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+
+    /// Per-epoch metrics as JSON lines (needs --checkpoint-dir).
+    #[arg(long, value_name = "PATH", requires = "checkpoint_dir")]
+    metrics: Option<PathBuf>,
+}
+
+impl EpochArgs {
+    fn config(self) -> Option<EpochConfig> {
+        self.checkpoint_dir.map(|dir| EpochConfig {
+            epoch: Duration::from_millis(self.epoch_ms),
+            dir,
+            metrics: self.metrics,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The checkpoint directory.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+
+    /// Serial console: tty (stdout, with stdin as input), file=PATH, or off.
+    #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
+    serial: SerialConfig,
+
+    #[command(flatten)]
+    epochs: EpochArgs,
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +104,14 @@ struct RunArgs {
     /// Serial console: tty (stdout, with stdin as input), file=PATH, or off.
     #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
     serial: SerialConfig,
+
+    #[command(flatten)]
+    epochs: EpochArgs,
+}
+
+fn kvm_device() -> PathBuf {
+    std::env::var_os("MIRRORVM_KVM_DEVICE")
+        .map_or_else(|| config::DEFAULT_KVM_DEVICE.into(), Into::into)
 }
 
 impl RunArgs {
@@ -70,8 +126,8 @@ impl RunArgs {
             memory: self.memory,
             disks: self.disk,
             serial: self.serial,
-            kvm_device: std::env::var_os("MIRRORVM_KVM_DEVICE")
-                .map_or_else(|| config::DEFAULT_KVM_DEVICE.into(), Into::into),
+            kvm_device: kvm_device(),
+            epoch: self.epochs.config(),
         })
     }
 }
@@ -80,6 +136,17 @@ fn run(args: RunArgs) -> anyhow::Result<RunEnd> {
     let config = args.into_config()?;
     let machine = Machine::new(&config)?;
     tracing::info!(cmdline = machine.cmdline(), "booting");
+    Ok(machine.run()?)
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<RunEnd> {
+    let cfg = RestoreConfig {
+        from: args.from,
+        serial: args.serial,
+        kvm_device: kvm_device(),
+        epoch: args.epochs.config(),
+    };
+    let machine = Machine::restore(&cfg)?;
     Ok(machine.run()?)
 }
 
@@ -94,6 +161,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
     };
     match result {
         Ok(end) => {

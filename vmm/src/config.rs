@@ -165,6 +165,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// Checkpoint every epoch into a directory.
+    pub epoch: Option<crate::epoch::EpochConfig>,
 }
 
 impl Default for VmConfig {
@@ -178,6 +180,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             serial: SerialConfig::Tty,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            epoch: None,
         }
     }
 }

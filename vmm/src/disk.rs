@@ -10,8 +10,10 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 
 use devices::bus::Bus;
-use devices::virtio::block::{id_from_path, Block, RawFile};
-use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
+use devices::virtio::block::{id_from_path, restore_with_transport, Block, BlockState, RawFile};
+use devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_REG_OFFSET};
+
+use crate::machine::AttachedDisk;
 
 use crate::config::DiskConfig;
 use crate::memory::GuestMemory;
@@ -121,7 +123,10 @@ pub fn open(cfg: &DiskConfig) -> Result<OpenDisk, DiskError> {
 /// Attaches an open disk as virtio-blk on a virtio-mmio window at `base` with
 /// interrupt `gsi`: queue notifications arrive through KVM ioeventfds (no exit to
 /// user space), interrupts leave through an irqfd, and the device's queue work runs
-/// on the event loop `events`.
+/// on the event loop `events`. With `saved`, the transport and device continue from
+/// a checkpoint's state (call `MmioTransport::post_restore` once the vCPUs are
+/// restored).
+#[allow(clippy::too_many_arguments)]
 pub fn attach(
     disk: OpenDisk,
     vm: &VmFd,
@@ -130,18 +135,27 @@ pub fn attach(
     events: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     base: u64,
     gsi: u32,
-) -> Result<(), DiskError> {
+    saved: Option<&(MmioTransportState, BlockState)>,
+) -> Result<AttachedDisk, DiskError> {
     let path = disk.path;
     let device_err = |reason: String| DiskError::Device {
         path: path.clone(),
         reason,
     };
-    let backend = RawFile::new(disk.file, disk.size);
-    let block = Block::new(Box::new(backend), disk.readonly, &id_from_path(&path))
-        .map_err(|e| device_err(e.to_string()))?;
-    let block = Arc::new(Mutex::new(block));
-    let transport =
-        MmioTransport::new(block.clone(), mem.clone()).map_err(|e| device_err(e.to_string()))?;
+    let backend = Box::new(RawFile::new(disk.file, disk.size));
+    let id = id_from_path(&path);
+    let (block, transport) = match saved {
+        None => {
+            let block =
+                Block::new(backend, disk.readonly, &id).map_err(|e| device_err(e.to_string()))?;
+            let block = Arc::new(Mutex::new(block));
+            let transport = MmioTransport::new(block.clone(), mem.clone())
+                .map_err(|e| device_err(e.to_string()))?;
+            (block, transport)
+        }
+        Some((t, b)) => restore_with_transport(backend, disk.readonly, &id, b, t, mem.clone())
+            .map_err(|e| device_err(format!("cannot restore its state: {e}")))?,
+    };
     for (queue, evt) in transport
         .queue_events()
         .map_err(|e| device_err(e.to_string()))?
@@ -160,11 +174,17 @@ pub fn attach(
             what: "an irqfd",
             source,
         })?;
-    mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(transport.clone(), base, MMIO_LEN)
         .map_err(|source| DiskError::Bus {
             path: path.clone(),
             source,
         })?;
-    events.add_subscriber(block);
-    Ok(())
+    events.add_subscriber(block.clone());
+    Ok(AttachedDisk {
+        block,
+        transport,
+        path,
+        readonly: disk.readonly,
+    })
 }

@@ -188,14 +188,20 @@ impl EpochEngine {
         on_error: Box<dyn Fn(String) + Send>,
     ) -> Result<Self, EpochError> {
         let timer = TimerFd::new().map_err(|e| EpochError::Os("timer", e.into()))?;
-        let done_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| EpochError::Os("eventfd", e))?;
+        let done_evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| EpochError::Os("eventfd", e))?;
         let metrics = match &cfg.metrics {
-            Some(p) => Some((p.clone(), BufWriter::new(File::create(p).map_err(|e| EpochError::Metrics(p.clone(), e))?))),
+            Some(p) => Some((
+                p.clone(),
+                BufWriter::new(File::create(p).map_err(|e| EpochError::Metrics(p.clone(), e))?),
+            )),
             None => None,
         };
         let (to_exporter, from_engine) = mpsc::channel::<Checkpoint>();
         let (done_tx, done_rx) = mpsc::channel::<Exported>();
-        let done = done_evt.try_clone().map_err(|e| EpochError::Os("eventfd", e))?;
+        let done = done_evt
+            .try_clone()
+            .map_err(|e| EpochError::Os("eventfd", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
@@ -209,7 +215,10 @@ impl EpochEngine {
                         match sink.write(&c, &layout) {
                             Ok(b) => break Some(b),
                             Err(e) => {
-                                tracing::warn!("checkpoint {}: export failed, retrying: {e}", c.epoch);
+                                tracing::warn!(
+                                    "checkpoint {}: export failed, retrying: {e}",
+                                    c.epoch
+                                );
                                 if stop2.load(Ordering::Acquire) {
                                     break None;
                                 }
@@ -268,7 +277,11 @@ impl EpochEngine {
     fn cut(&mut self) -> Result<(), EpochError> {
         let epoch = self.next_epoch;
         let full = self.need_full;
-        let cut_err = |what: &'static str, reason: String| EpochError::Cut { epoch, what, reason };
+        let cut_err = |what: &'static str, reason: String| EpochError::Cut {
+            epoch,
+            what,
+            reason,
+        };
         let t0 = Instant::now();
         for v in &self.vcpus {
             v.request_pause();
@@ -291,27 +304,41 @@ impl EpochEngine {
         let result = (|| {
             self.devices.drain();
             let t1 = Instant::now();
-            let mut set = dirty::harvest(&self.vm, &self.mem).map_err(|e| cut_err("dirty log", e.to_string()))?;
+            let mut set = dirty::harvest(&self.vm, &self.mem)
+                .map_err(|e| cut_err("dirty log", e.to_string()))?;
             if full {
                 set = DirtySet::all(&self.mem);
             }
             let t_harvest = t1.elapsed();
             let t2 = Instant::now();
             let mut pages = std::mem::take(&mut self.spare);
-            pages.copy_from(&self.mem, &set).map_err(|e| cut_err("page copy", e.to_string()))?;
+            pages
+                .copy_from(&self.mem, &set)
+                .map_err(|e| cut_err("page copy", e.to_string()))?;
             let t_copy = t2.elapsed();
             let t3 = Instant::now();
             // Order: devices (their drained work may have raised interrupts), then
             // vCPUs (LAPICs), then the VM (IOAPIC, PICs, PIT, clock).
-            let devices = self.devices.save().map_err(|e| cut_err("device state", e))?;
+            let devices = self
+                .devices
+                .save()
+                .map_err(|e| cut_err("device state", e))?;
             let mut vcpus = Vec::with_capacity(self.vcpus.len());
             for v in &self.vcpus {
                 vcpus.push(v.save().map_err(|e| cut_err("vCPU state", e.to_string()))?);
             }
             let vm = VmState::save(&self.vm).map_err(|e| cut_err("VM state", e.to_string()))?;
-            let region_bytes = self.devices.start_checkpoint(epoch).map_err(|e| cut_err("disk region", e))?;
+            let region_bytes = self
+                .devices
+                .start_checkpoint(epoch)
+                .map_err(|e| cut_err("disk region", e))?;
             let t_save = t3.elapsed();
-            let state = MachineState { config: self.config.clone(), vcpus, vm, devices };
+            let state = MachineState {
+                config: self.config.clone(),
+                vcpus,
+                vm,
+                devices,
+            };
             let state = encode_state(&state).map_err(|e| cut_err("encode", e.to_string()))?;
             Ok((pages, state, region_bytes, t_harvest, t_copy, t_save))
         })();
@@ -335,9 +362,18 @@ impl EpochEngine {
             ..Default::default()
         };
         if full {
-            tracing::info!("full checkpoint {epoch}: {} pages, pause {} µs", pages.len(), m.pause_us);
+            tracing::info!(
+                "full checkpoint {epoch}: {} pages, pause {} µs",
+                pages.len(),
+                m.pause_us
+            );
         }
-        let c = Checkpoint { epoch, full, state, pages };
+        let c = Checkpoint {
+            epoch,
+            full,
+            state,
+            pages,
+        };
         if let Some(tx) = &self.to_exporter {
             if tx.send(c).is_err() {
                 return Err(cut_err("export", "the exporter thread has stopped".into()));
@@ -365,7 +401,11 @@ impl EpochEngine {
             self.spare = pages;
             self.devices
                 .retire(e.epoch)
-                .map_err(|reason| EpochError::Cut { epoch: e.epoch, what: "retire", reason })?;
+                .map_err(|reason| EpochError::Cut {
+                    epoch: e.epoch,
+                    what: "retire",
+                    reason,
+                })?;
             self.completed += 1;
             if let Some((path, w)) = &mut self.metrics {
                 writeln!(w, "{}", m.json())

@@ -15,19 +15,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::{lock_recover, Bus};
+use devices::legacy::I8042State;
 use devices::legacy::{DebugExit, I8042};
-use devices::serial::SerialDevice;
+use devices::serial::{SerialDevice, SerialDeviceState};
+use devices::snapshot::Snapshot;
+use devices::virtio::block::{Block, BlockState};
+use devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, DEFAULT_INITRD_ADDR_MAX};
-use crate::config::{KernelSource, SerialConfig, VmConfig};
+use crate::checkpoint::SavedConfig;
+use crate::config::{DiskConfig, KernelSource, SerialConfig, VmConfig};
 use crate::console::{EscapeDecoder, Keystroke, RawTerminal};
+use crate::epoch::{DeviceCut, EpochConfig, EpochEngine};
 use crate::layout::*;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::mptable::{self, MptableError};
@@ -124,6 +131,18 @@ pub enum VmmError {
     /// The device event loop failed.
     #[error("device event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
+    /// A writable disk without checkpoint regions under epochs.
+    #[error("disk {0} is writable but not checkpointed: with --checkpoint-dir every writable disk needs checkpoint=on (or readonly=on), or its writes would run ahead of the checkpoints")]
+    UncheckpointedDisk(String),
+    /// Checkpoint files.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// The epoch engine could not start.
+    #[error(transparent)]
+    Epoch(#[from] crate::epoch::EpochError),
+    /// A checkpoint's content cannot be restored.
+    #[error("cannot restore: {0}")]
+    Restore(String),
     /// A vCPU did not leave KVM_RUN when kicked.
     #[error("vCPU {0} did not leave KVM_RUN within {1:?} of being kicked: the guest is stuck in an instruction KVM cannot interrupt (see ENVIRONMENT.md: vmcall under kvm_pvm); giving up on it")]
     VcpuStuck(u8, Duration),
@@ -276,18 +295,108 @@ impl MutEventSubscriber for Control {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// A virtio-blk disk as attached: the device, its transport, and where it came from.
+pub struct AttachedDisk {
+    /// The block device (also an event-loop subscriber).
+    pub block: Arc<Mutex<Block>>,
+    /// Its virtio-mmio transport (on the MMIO bus).
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// The image path.
+    pub path: std::path::PathBuf,
+    /// Whether the guest may not write.
+    pub readonly: bool,
+}
+
+/// The state of every device, as one serde value in the checkpoint.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialDeviceState,
+    /// The i8042.
+    pub i8042: I8042State,
+    /// Each disk's transport and block device, in attach order.
+    pub disks: Vec<(MmioTransportState, BlockState)>,
+}
+
+/// The devices as the epoch engine sees them.
+struct MachineDevices {
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    disks: Vec<(Arc<Mutex<Block>>, Arc<Mutex<MmioTransport>>)>,
+}
+
+impl DeviceCut for MachineDevices {
+    fn drain(&mut self) {
+        for (block, _) in &self.disks {
+            lock_recover(block).process_pending();
+        }
+    }
+
+    fn save(&mut self) -> Result<Vec<u8>, String> {
+        let state = DevicesState {
+            serial: lock_recover(&self.serial).snapshot(),
+            i8042: lock_recover(&self.i8042).snapshot(),
+            disks: self
+                .disks
+                .iter()
+                .map(|(b, t)| (lock_recover(t).snapshot(), lock_recover(b).snapshot()))
+                .collect(),
+        };
+        postcard::to_stdvec(&state).map_err(|e| e.to_string())
+    }
+
+    fn start_checkpoint(&mut self, _epoch: u64) -> Result<u64, String> {
+        // Raw disks are read-only under epochs (checked at build); nothing to freeze.
+        Ok(0)
+    }
+
+    fn wants_cut(&self) -> bool {
+        false
+    }
+
+    fn retire(&mut self, _epoch: u64) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// How a machine comes to life.
+enum Init<'a> {
+    /// Boot a kernel.
+    Boot(&'a VmConfig),
+    /// Continue from a checkpoint directory.
+    Restore(&'a RestoreConfig),
+}
+
+/// What `mirrorvm restore` needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreConfig {
+    /// The checkpoint directory.
+    pub from: std::path::PathBuf,
+    /// Serial console of the restored guest.
+    pub serial: SerialConfig,
+    /// The KVM device node.
+    pub kvm_device: std::path::PathBuf,
+    /// Keep checkpointing the restored guest.
+    pub epoch: Option<EpochConfig>,
+}
+
 /// A built VM, ready to run.
 pub struct Machine {
     // Field order matters for drop: vCPUs and the VM go before the memory they map.
     vcpus: Vec<Vcpu>,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     _kvm: Kvm,
     mem: GuestMemory,
     serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    disks: Vec<AttachedDisk>,
     shutdown: Arc<Shutdown>,
     events: EventManager<Subscriber>,
     attach_stdin: bool,
     cmdline: String,
+    memory_size: u64,
+    epoch: Option<EpochConfig>,
+    first_epoch: u64,
 }
 
 fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
@@ -309,41 +418,105 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
     Ok(kvm)
 }
 
-impl Machine {
-    /// Builds the machine `config` describes.
-    pub fn new(config: &VmConfig) -> Result<Machine, VmmError> {
-        // Validate what needs no KVM first, so bad input is reported as such.
-        memory::check_size(config.memory)?;
-        mptable::build(config.cpus)?;
-        let mut kernel_file = match &config.kernel {
-            KernelSource::File(p) => {
-                Some(File::open(p).map_err(|source| VmmError::OpenKernel {
-                    path: p.display().to_string(),
-                    source,
-                })?)
-            }
-            KernelSource::TestGuest => None,
-        };
-        if let (Some(f), KernelSource::File(p)) = (kernel_file.as_mut(), &config.kernel) {
-            boot::detect_format(f).map_err(|source| VmmError::Kernel {
-                path: p.display().to_string(),
-                source,
-            })?;
-        }
-        let mut initramfs = match &config.initramfs {
-            Some(p) => Some(File::open(p).map_err(|source| VmmError::OpenInitramfs {
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+fn serial_output(serial: &SerialConfig) -> Result<(Box<dyn Write + Send>, bool), VmmError> {
+    Ok(match serial {
+        SerialConfig::Tty => (Box::new(std::io::stdout()), true),
+        SerialConfig::File(p) => (
+            Box::new(File::create(p).map_err(|source| VmmError::SerialFile {
                 path: p.display().to_string(),
                 source,
             })?),
-            None => None,
+            false,
+        ),
+        SerialConfig::Off => (Box::new(std::io::sink()), false),
+    })
+}
+
+impl Machine {
+    /// Builds the machine `config` describes, ready to boot its kernel.
+    pub fn new(config: &VmConfig) -> Result<Machine, VmmError> {
+        Self::build(Init::Boot(config))
+    }
+
+    /// Rebuilds the machine of the latest complete checkpoint in `cfg.from`, ready to
+    /// continue where the checkpoint was cut.
+    pub fn restore(cfg: &RestoreConfig) -> Result<Machine, VmmError> {
+        Self::build(Init::Restore(cfg))
+    }
+
+    fn build(init: Init) -> Result<Machine, VmmError> {
+        // What to build, and checks that need no KVM first, so bad input is reported
+        // as such.
+        let (memory_size, cpus, disk_cfgs, serial_cfg, kvm_device, epoch) = match &init {
+            Init::Boot(c) => (
+                c.memory,
+                c.cpus,
+                c.disks.clone(),
+                c.serial.clone(),
+                c.kvm_device.clone(),
+                c.epoch.clone(),
+            ),
+            Init::Restore(r) => {
+                let saved = crate::checkpoint::peek_config(&r.from)?;
+                let disks = saved
+                    .disks
+                    .iter()
+                    .map(|(path, readonly)| DiskConfig {
+                        path: path.clone(),
+                        readonly: *readonly,
+                    })
+                    .collect();
+                (
+                    saved.memory,
+                    saved.cpus,
+                    disks,
+                    r.serial.clone(),
+                    r.kvm_device.clone(),
+                    r.epoch.clone(),
+                )
+            }
         };
-        let disks = config
-            .disks
+        memory::check_size(memory_size)?;
+        mptable::build(cpus)?;
+        if epoch.is_some() {
+            if let Some(d) = disk_cfgs.iter().find(|d| !d.readonly) {
+                return Err(VmmError::UncheckpointedDisk(d.path.display().to_string()));
+            }
+        }
+        let mut kernel_file = None;
+        let mut initramfs = None;
+        if let Init::Boot(config) = &init {
+            if let KernelSource::File(p) = &config.kernel {
+                let mut f = File::open(p).map_err(|source| VmmError::OpenKernel {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                boot::detect_format(&mut f).map_err(|source| VmmError::Kernel {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                kernel_file = Some(f);
+            }
+            if let Some(p) = &config.initramfs {
+                initramfs = Some(File::open(p).map_err(|source| VmmError::OpenInitramfs {
+                    path: p.display().to_string(),
+                    source,
+                })?);
+            }
+        }
+        let disks = disk_cfgs
             .iter()
             .map(crate::disk::open)
             .collect::<Result<Vec<_>, _>>()?;
+        if disks.len() > (MAX_GSI - VIRTIO_FIRST_GSI + 1) as usize {
+            return Err(crate::disk::DiskError::TooMany(disks.len()).into());
+        }
 
-        let kvm = open_kvm(&config.kvm_device)?;
+        let kvm = open_kvm(&kvm_device)?;
         if !kvm.check_extension(kvm_ioctls::Cap::Irqchip)
             || !kvm.check_extension(kvm_ioctls::Cap::ImmediateExit)
         {
@@ -351,33 +524,43 @@ impl Machine {
                 "in-kernel irqchip and immediate_exit",
             ));
         }
-        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm {
-            what: "KVM_CREATE_VM",
-            source,
-        })?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Ordering: the TSS address and the irqchip must exist before any vCPU is
         // created (KVM creates each vCPU's LAPIC against the irqchip); the PIT after
         // the irqchip, which it injects into.
         vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(|source| VmmError::Kvm {
-                what: "KVM_SET_TSS_ADDR",
-                source,
-            })?;
-        vm.create_irq_chip().map_err(|source| VmmError::Kvm {
-            what: "KVM_CREATE_IRQCHIP",
-            source,
-        })?;
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        vm.create_pit2(pit).map_err(|source| VmmError::Kvm {
-            what: "KVM_CREATE_PIT2",
-            source,
-        })?;
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem = memory::create(config.memory)?;
-        memory::register(&vm, &mem, false)?;
+        let mem = memory::create(memory_size)?;
+        // With epochs, KVM logs guest writes from the start.
+        memory::register(&vm, &mem, epoch.is_some())?;
+
+        // A restore brings memory and the saved state back first.
+        let (restored, first_epoch) = match &init {
+            Init::Restore(r) => {
+                let c = crate::checkpoint::load_latest(&r.from, &mem)?;
+                let state = c.state()?;
+                let devices: DevicesState = postcard::from_bytes(&state.devices).map_err(|e| {
+                    VmmError::Restore(format!("cannot decode the device state: {e}"))
+                })?;
+                if state.vcpus.len() != usize::from(cpus) || devices.disks.len() != disks.len() {
+                    return Err(VmmError::Restore(
+                        "the checkpoint's vCPU or disk count does not match its configuration"
+                            .into(),
+                    ));
+                }
+                tracing::info!("restoring checkpoint {} from {}", c.epoch, r.from.display());
+                (Some((state, devices)), c.epoch + 1)
+            }
+            Init::Boot(_) => (None, 1),
+        };
 
         let shutdown = Arc::new(Shutdown::new()?);
         let mut pio = Bus::new();
@@ -386,35 +569,34 @@ impl Machine {
             EventManager::new().map_err(VmmError::EventLoop)?;
 
         // Legacy devices.
-        let (serial_out, attach_stdin): (Box<dyn Write + Send>, bool) = match &config.serial {
-            SerialConfig::Tty => (Box::new(std::io::stdout()), true),
-            SerialConfig::File(p) => (
-                Box::new(File::create(p).map_err(|source| VmmError::SerialFile {
-                    path: p.display().to_string(),
-                    source,
-                })?),
-                false,
-            ),
-            SerialConfig::Off => (Box::new(std::io::sink()), false),
-        };
+        let (serial_out, attach_stdin) = serial_output(&serial_cfg)?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Os {
             what: "the serial interrupt eventfd",
             source,
         })?;
-        vm.register_irqfd(&serial_irq, SERIAL_GSI)
-            .map_err(|source| VmmError::Kvm {
-                what: "KVM_IRQFD (serial)",
-                source,
-            })?;
-        let serial = Arc::new(Mutex::new(SerialDevice::with_interrupt(
-            serial_irq, serial_out,
-        )));
+        let irq_for_kvm = serial_irq.try_clone().map_err(|source| VmmError::Os {
+            what: "the serial interrupt eventfd",
+            source,
+        })?;
+        let serial = match &restored {
+            Some((_, d)) => SerialDevice::restore(&d.serial, serial_irq, serial_out)
+                .map_err(|e| VmmError::Restore(format!("serial: {e}")))?,
+            None => SerialDevice::with_interrupt(serial_irq, serial_out),
+        };
+        vm.register_irqfd(&irq_for_kvm, SERIAL_GSI)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
         let s = shutdown.clone();
+        let mut i8042 = I8042::new(Box::new(move || s.request(RunEnd::Reset)));
+        if let Some((_, d)) = &restored {
+            i8042
+                .set_state(d.i8042.clone())
+                .map_err(|e| VmmError::Restore(format!("i8042: {e}")))?;
+        }
+        let i8042 = Arc::new(Mutex::new(i8042));
         pio.insert(
-            Arc::new(Mutex::new(I8042::new(Box::new(move || {
-                s.request(RunEnd::Reset)
-            })))),
+            i8042.clone(),
             // One range over 0x60..=0x64: the device decodes data (0x60) and
             // command/status (0x64) by offset.
             u64::from(I8042_DATA_PORT),
@@ -430,76 +612,122 @@ impl Machine {
         )?;
 
         // virtio-mmio disks.
-        let mut cmdline = config.base_cmdline().to_string();
+        let mut cmdline = match &init {
+            Init::Boot(c) => c.base_cmdline().to_string(),
+            Init::Restore(_) => String::new(),
+        };
+        let mut attached = Vec::new();
         for (i, disk) in disks.into_iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
             let gsi = VIRTIO_FIRST_GSI + i as u32;
-            if gsi > MAX_GSI {
-                return Err(crate::disk::DiskError::TooMany(config.disks.len()).into());
-            }
-            crate::disk::attach(disk, &vm, &mem, &mut mmio, &mut events, base, gsi)?;
+            let saved = restored.as_ref().map(|(_, d)| &d.disks[i]);
+            attached.push(crate::disk::attach(
+                disk,
+                &vm,
+                &mem,
+                &mut mmio,
+                &mut events,
+                base,
+                gsi,
+                saved,
+            )?);
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         }
 
-        // Kernel, initramfs, command line, zero page, boot tables, MP table.
-        let kernel = match kernel_file.as_mut() {
-            Some(f) => boot::load_kernel(&mem, f)?,
-            None => boot::load_kernel_bytes(&mem, crate::testguest::ELF)?,
-        };
-        let initrd = match initramfs.as_mut() {
-            Some(f) => {
-                let max = kernel.setup_header.map_or(DEFAULT_INITRD_ADDR_MAX, |h| {
-                    u64::from(h.initrd_addr_max).max(0xfff_ffff)
-                });
-                Some(boot::load_initramfs(&mem, f, kernel.end, max)?)
-            }
-            None => None,
-        };
-        boot::load_cmdline(&mem, &cmdline)?;
-        boot::write_zero_page(&mem, &kernel, cmdline.len() + 1, initrd)?;
-        boot::write_boot_tables(&mem)?;
-        mptable::write(&mem, config.cpus)?;
-
-        // vCPUs.
-        vcpu::install_kick_handler()?;
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmmError::Kvm {
-                what: "KVM_GET_SUPPORTED_CPUID",
-                source,
-            })?;
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        let mut tsc_khz = None;
-        for index in 0..config.cpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(|source| VmmError::Kvm {
-                    what: "KVM_CREATE_VCPU",
-                    source,
-                })?;
-            if index == 0 {
-                tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
+        vcpu::install_kick_handler()?;
+        let mut vcpus = Vec::with_capacity(usize::from(cpus));
+        let cmdline = match (&init, &restored) {
+            (Init::Boot(config), _) => {
+                // Kernel, initramfs, command line, zero page, boot tables, MP table.
+                let kernel = match kernel_file.as_mut() {
+                    Some(f) => boot::load_kernel(&mem, f)?,
+                    None => boot::load_kernel_bytes(&mem, crate::testguest::ELF)?,
+                };
+                let initrd = match initramfs.as_mut() {
+                    Some(f) => {
+                        let max = kernel.setup_header.map_or(DEFAULT_INITRD_ADDR_MAX, |h| {
+                            u64::from(h.initrd_addr_max).max(0xfff_ffff)
+                        });
+                        Some(boot::load_initramfs(&mem, f, kernel.end, max)?)
+                    }
+                    None => None,
+                };
+                boot::load_cmdline(&mem, &cmdline)?;
+                boot::write_zero_page(&mem, &kernel, cmdline.len() + 1, initrd)?;
+                boot::write_boot_tables(&mem)?;
+                mptable::write(&mem, config.cpus)?;
+                let supported = kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+                let mut tsc_khz = None;
+                for index in 0..cpus {
+                    let fd = vm
+                        .create_vcpu(u64::from(index))
+                        .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+                    if index == 0 {
+                        tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
+                    }
+                    let mut cpuid = supported.clone();
+                    crate::cpuid::filter(&mut cpuid, index, cpus, tsc_khz).map_err(|_| {
+                        VmmError::KvmCapability("room for the TSC-frequency CPUID leaf")
+                    })?;
+                    let v = Vcpu::new(index, fd, pio.clone(), mmio.clone());
+                    v.configure(&cpuid, (index == 0).then_some(kernel.entry))?;
+                    vcpus.push(v);
+                }
+                cmdline
             }
-            let mut cpuid = supported.clone();
-            crate::cpuid::filter(&mut cpuid, index, config.cpus, tsc_khz)
-                .map_err(|_| VmmError::KvmCapability("room for the TSC-frequency CPUID leaf"))?;
-            let v = Vcpu::new(index, fd, pio.clone(), mmio.clone());
-            v.configure(&cpuid, (index == 0).then_some(kernel.entry))?;
-            vcpus.push(v);
+            (Init::Restore(_), Some((state, _))) => {
+                // Ordering: VM state (clock, PIT, irqchips) before the vCPUs, whose
+                // LAPICs then see the IOAPIC routing in place; devices were restored
+                // above and are re-kicked after the vCPUs (post_restore below).
+                state
+                    .vm
+                    .restore(&vm)
+                    .map_err(|e| VmmError::Restore(e.to_string()))?;
+                for (index, vs) in state.vcpus.iter().enumerate() {
+                    let fd = vm
+                        .create_vcpu(index as u64)
+                        .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+                    let v = Vcpu::new(index as u8, fd, pio.clone(), mmio.clone());
+                    v.restore_state(vs)?;
+                    vcpus.push(v);
+                }
+                state.config.cmdline.clone()
+            }
+            (Init::Restore(_), None) => return Err(VmmError::Restore("no state".into())),
+        };
+        if epoch.is_some() {
+            if let Some(v0) = vcpus.first() {
+                let list = Arc::new(vcpu::readable_msrs(&kvm, v0.fd()));
+                for v in &mut vcpus {
+                    v.set_msr_list(list.clone());
+                }
+            }
+        }
+        if restored.is_some() {
+            for d in &attached {
+                lock_recover(&d.transport).post_restore();
+            }
         }
 
         Ok(Machine {
             vcpus,
-            vm,
+            vm: Arc::new(vm),
             _kvm: kvm,
             mem,
             serial,
+            i8042,
+            disks: attached,
             shutdown,
             events,
             attach_stdin,
             cmdline,
+            memory_size,
+            epoch,
+            first_epoch,
         })
     }
 
@@ -593,6 +821,47 @@ impl Machine {
             threads.push(handle);
             controls.push(control);
         }
+        let mut engine = None;
+        if let Some(cfg) = &self.epoch {
+            let sink = crate::checkpoint::DirectorySink::new(&cfg.dir)?;
+            let devices = MachineDevices {
+                serial: self.serial.clone(),
+                i8042: self.i8042.clone(),
+                disks: self
+                    .disks
+                    .iter()
+                    .map(|d| (d.block.clone(), d.transport.clone()))
+                    .collect(),
+            };
+            let saved = SavedConfig {
+                memory: self.memory_size,
+                cpus: controls.len() as u8,
+                cmdline: self.cmdline.clone(),
+                disks: self
+                    .disks
+                    .iter()
+                    .map(|d| (d.path.clone(), d.readonly))
+                    .collect(),
+            };
+            let s = self.shutdown.clone();
+            let e = EpochEngine::new(
+                cfg,
+                Box::new(sink),
+                self.vm.clone(),
+                self.mem.clone(),
+                controls.clone(),
+                Box::new(devices),
+                saved,
+                self.first_epoch,
+                Box::new(move |msg| {
+                    s.request(RunEnd::GuestError(format!("checkpointing failed: {msg}")))
+                }),
+            )?;
+            let e = Arc::new(Mutex::new(e));
+            self.events.add_subscriber(e.clone());
+            engine = Some(e);
+        }
+
         let loop_result = loop {
             if self.shutdown.reason().is_some() {
                 break Ok(());
@@ -603,6 +872,16 @@ impl Machine {
         };
         if let Err(e) = &loop_result {
             self.shutdown.request(RunEnd::GuestError(format!("{e}")));
+        }
+
+        // A checkpoint in flight finishes before the run ends (not on a signal:
+        // then the user wants out now, and the last complete checkpoint stands).
+        if let Some(e) = &engine {
+            let mut e = lock_recover(e);
+            match self.shutdown.reason() {
+                Some(RunEnd::Signal(_)) => e.abandon(),
+                _ => e.shutdown(),
+            }
         }
 
         // Stop the vCPUs: set every stop flag, then kick until each thread reports.
