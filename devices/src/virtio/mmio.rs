@@ -712,6 +712,7 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::INT_CONFIG;
     use vm_memory::Bytes;
 
     /// A device with two queues, 16 bytes of config and a record of what happened.
@@ -1058,6 +1059,62 @@ mod tests {
         assert!(act.queues[1].ready());
         // The memory handed to the device is the guest's.
         act.mem.write_obj(1u8, GuestAddress(0)).unwrap();
+    }
+
+    #[test]
+    fn state_round_trip_mid_handshake() {
+        use crate::snapshot::Snapshot;
+
+        let (mut t, _) = setup();
+        negotiate(&mut t, DUMMY_FEATURES);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 64);
+        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x20000);
+        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        t.interrupt().signal_config_change();
+        let saved = t.snapshot();
+        assert_eq!(saved.device_type, 42);
+        assert_eq!(saved.device_features, DUMMY_FEATURES);
+        assert_eq!(saved.interrupt.config_generation, 1);
+        let bytes = postcard::to_allocvec(&saved).unwrap();
+        let decoded: MmioTransportState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(decoded, saved);
+
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
+        let mut t = MmioTransport::restore(dev.clone(), mem(), interrupt, &decoded).unwrap();
+        assert_eq!(t.state(), saved);
+        // Registers read back as before.
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM), 64);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW), 0x20000);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES),
+            (DUMMY_FEATURES >> 32) as u32
+        );
+        assert_eq!(r(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), INT_CONFIG);
+        t.post_restore();
+        assert_eq!(t.interrupt_evt().read().unwrap(), 1);
+        // The driver finishes the handshake on the restored transport.
+        setup_queue(&mut t, 1, 64, 0x20000);
+        w(&mut t, VIRTIO_MMIO_STATUS, ALL_OK);
+        assert!(dev.lock().unwrap().activation.is_some());
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), ALL_OK);
+
+        // DRIVER_OK restored onto a device that is not active: refused, unless the
+        // activation had failed (DEVICE_NEEDS_RESET).
+        let active = t.snapshot();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
+        assert!(matches!(
+            MmioTransport::restore(dev.clone(), mem(), interrupt.clone(), &active),
+            Err(StateError::ActivationMismatch { .. })
+        ));
+        let mut failed = active.clone();
+        failed.interrupt.needs_reset = true;
+        let t = MmioTransport::restore(dev, mem(), interrupt, &failed).unwrap();
+        assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
     }
 
     #[test]

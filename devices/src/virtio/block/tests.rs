@@ -1216,3 +1216,600 @@ fn vmm_wiring() {
     drv.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
     assert_eq!(&id, b"wired");
 }
+
+/// Save and restore: the cut, the state through postcard, a restore on a copy of guest
+/// memory, and the device continuing there.
+mod snapshot {
+    use super::*;
+    use crate::snapshot::Snapshot;
+    use crate::virtio::mmio::MmioTransportState;
+    use crate::virtio::{StateError, VirtqueueState, INT_USED_RING};
+    use vm_memory::GuestMemoryBackend;
+
+    const HDRS: u64 = DATA - PAGE;
+    const STATUSES: u64 = DATA - 64;
+    const ID: &[u8] = b"mirrorvm-test-disk-0123";
+
+    /// A new guest memory with the same layout and contents (what a restore builds from a
+    /// checkpoint's memory image).
+    pub(in super::super) fn copy_memory(mem: &GuestMemory) -> GuestMemory {
+        let ranges: Vec<(GuestAddress, usize)> = mem
+            .iter()
+            .map(|r| (r.start_addr(), r.len() as usize))
+            .collect();
+        let copy = GuestMemory::from_ranges(&ranges).unwrap();
+        for &(addr, len) in &ranges {
+            let mut buf = vec![0u8; len];
+            mem.read_slice(&mut buf, addr).unwrap();
+            copy.write_slice(&buf, addr).unwrap();
+        }
+        copy
+    }
+
+    /// A new disk holding what `disk` holds now.
+    fn copy_disk(disk: &MemDisk) -> MemDisk {
+        let copy = MemDisk::default();
+        copy.inner.lock().unwrap().data = disk.inner.lock().unwrap().data.clone();
+        copy
+    }
+
+    /// Request `k`: descriptors 3k..3k+2 (header, 512 bytes of data at page k, status).
+    /// A write carries 512 bytes of `0xa0 + k`. Returns the head.
+    fn submit_request(drv: &mut Driver, k: u16, request_type: u32, sector: u64) -> u16 {
+        let hdr = HDRS + u64::from(k) * 16;
+        let data = DATA + u64::from(k) * PAGE;
+        let status = STATUSES + u64::from(k);
+        drv.header(hdr, request_type, sector);
+        drv.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let dir = if request_type == VIRTIO_BLK_T_OUT {
+            drv.mem
+                .write_slice(&[0xa0 + k as u8; 512], GuestAddress(data))
+                .unwrap();
+            R
+        } else {
+            WR
+        };
+        drv.submit(
+            3 * k,
+            &[D(hdr, 16, R, 0), D(data, 512, dir, 0), D(status, 1, WR, 0)],
+        )
+    }
+
+    /// Through postcard and back, as the checkpoint format carries them.
+    fn through_postcard<T: serde::Serialize + serde::de::DeserializeOwned>(state: &T) -> T {
+        let bytes = postcard::to_allocvec(state).unwrap();
+        postcard::from_bytes(&bytes).unwrap()
+    }
+
+    /// Restores the device and transport of `drv` (saved as `block_state` and
+    /// `transport_state`) on a copy of its memory and disk, as a driver that continues.
+    fn restore(
+        drv: &Driver,
+        block_state: &BlockState,
+        transport_state: &MmioTransportState,
+        mem: GuestMemory,
+        disk: MemDisk,
+    ) -> Driver {
+        let (block, transport) = restore_with_transport(
+            Box::new(disk.clone()),
+            false,
+            ID,
+            block_state,
+            transport_state,
+            mem.clone(),
+        )
+        .unwrap();
+        Driver {
+            mem,
+            transport,
+            block,
+            disk,
+            queue_size: drv.queue_size,
+            avail_idx: drv.avail_idx,
+            used_seen: drv.used_seen,
+        }
+    }
+
+    #[test]
+    fn restore_continues_the_queue_on_a_copy_of_memory() {
+        let mut drv = Driver::new(64 * 512, false, 32);
+        let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
+        em.add_subscriber(drv.block.clone());
+        assert_eq!(em.run_with_timeout(100).unwrap(), 1); // the activation kick
+
+        // Three requests processed before the cut; their interrupt is not acknowledged.
+        let mut heads = vec![
+            submit_request(&mut drv, 0, VIRTIO_BLK_T_OUT, 10),
+            submit_request(&mut drv, 1, VIRTIO_BLK_T_OUT, 11),
+            submit_request(&mut drv, 2, VIRTIO_BLK_T_IN, 12),
+        ];
+        w(&mut drv.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+        assert_eq!(drv.used_idx(), 3);
+        assert_eq!(drv.transport.interrupt_evt().read().unwrap(), 1);
+
+        // The disk region is full: the next write is deferred, and two more requests
+        // wait behind it, one of them notified (the ioeventfd count is pending).
+        drv.disk.would_block.store(true, Ordering::SeqCst);
+        heads.push(submit_request(&mut drv, 3, VIRTIO_BLK_T_OUT, 13));
+        w(&mut drv.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+        assert!(drv.block.lock().unwrap().state().deferred);
+        heads.push(submit_request(&mut drv, 4, VIRTIO_BLK_T_OUT, 14));
+        heads.push(submit_request(&mut drv, 5, VIRTIO_BLK_T_IN, 10));
+        w(&mut drv.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+
+        // The cut: drain and process what is pending (the deferral holds: no kick, so
+        // the backend is not asked again), then save.
+        let ops = drv.disk.ops.load(Ordering::SeqCst);
+        drv.block.lock().unwrap().process_pending();
+        assert_eq!(drv.disk.ops.load(Ordering::SeqCst), ops);
+        assert_eq!(em.run_with_timeout(0).unwrap(), 0, "notifications drained");
+        let block_state = drv.block.lock().unwrap().snapshot();
+        let transport_state = drv.transport.snapshot();
+        assert!(block_state.deferred);
+        let active = block_state.active.as_ref().unwrap();
+        assert_eq!((active.queue.next_avail, active.queue.next_used), (3, 3));
+        assert_eq!(transport_state.interrupt.status, INT_USED_RING);
+        let mem = copy_memory(&drv.mem);
+        let disk = copy_disk(&drv.disk);
+
+        // A fresh device on the copies, from the states as decoded from a checkpoint.
+        let block_state = through_postcard(&block_state);
+        let transport_state = through_postcard(&transport_state);
+        let mut new = restore(&drv, &block_state, &transport_state, mem, disk);
+        let restored = new.block.lock().unwrap().state();
+        assert_eq!(
+            restored,
+            BlockState {
+                deferred: false,
+                ..block_state.clone()
+            }
+        );
+        assert_eq!(new.transport.state(), transport_state);
+        let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
+        em.add_subscriber(new.block.clone());
+        assert_eq!(em.run_with_timeout(0).unwrap(), 0, "nothing signalled yet");
+
+        // post_restore: the interrupt again, and the queue looked at again.
+        new.transport.post_restore();
+        assert_eq!(new.transport.interrupt_evt().read().unwrap(), 1);
+        assert_eq!(r(&mut new.transport, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+
+        // Every request completed exactly once, the used ring continuing where it was.
+        assert_eq!(new.used_idx(), 6);
+        let mut used = Vec::new();
+        new.used_seen = 0;
+        while let Some((id, len)) = new.pop_used() {
+            used.push((id, len));
+        }
+        let expected: Vec<(u32, u32)> = heads
+            .iter()
+            .zip([1, 1, 513, 1, 1, 513])
+            .map(|(&h, len)| (u32::from(h), len))
+            .collect();
+        assert_eq!(used, expected);
+        for k in 0..6 {
+            assert_eq!(new.status_byte(STATUSES + k), OK, "request {k}");
+        }
+        assert_eq!(new.transport.interrupt_evt().read().unwrap(), 1);
+
+        // The disk: each write once, on the restored disk only.
+        assert_eq!(*new.disk.write_sizes.lock().unwrap(), vec![512, 512]);
+        {
+            let d = new.disk.inner.lock().unwrap();
+            for (sector, byte) in [(10, 0xa0), (11, 0xa1), (13, 0xa3), (14, 0xa4)] {
+                assert!(
+                    d.data[sector * 512..(sector + 1) * 512]
+                        .iter()
+                        .all(|&b| b == byte),
+                    "sector {sector}"
+                );
+            }
+            assert_eq!(d.data[12 * 512], 12);
+        }
+        assert_eq!(drv.disk.inner.lock().unwrap().data[13 * 512], 13);
+        // The reads landed in the restored guest's memory, not the old one.
+        let mut buf = [0u8; 512];
+        new.mem
+            .read_slice(&mut buf, GuestAddress(DATA + 2 * PAGE))
+            .unwrap();
+        assert_eq!(buf, [12; 512]);
+        new.mem
+            .read_slice(&mut buf, GuestAddress(DATA + 5 * PAGE))
+            .unwrap();
+        assert_eq!(buf, [0xa0; 512]);
+        assert!(new.is_dirty(USED_RING));
+        assert_eq!(drv.used_idx(), 3);
+
+        // And the driver goes on: ack, one more request through the notify register.
+        w(&mut new.transport, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut new.transport, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        let head = submit_request(&mut new, 0, VIRTIO_BLK_T_OUT, 20);
+        w(&mut new.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+        assert_eq!(new.pop_used(), Some((u32::from(head), 1)));
+        assert_eq!(new.used_idx(), 7);
+        assert_eq!(new.disk.inner.lock().unwrap().data[20 * 512], 0xa0);
+    }
+
+    #[test]
+    fn restore_with_wrapped_ring_indices() {
+        let mut drv = Driver::new(64 * 512, false, 4);
+        for i in 0..10u64 {
+            assert_eq!(
+                drv.request(VIRTIO_BLK_T_IN, i, &[D(DATA, 512, WR, 0)]),
+                (OK, 513)
+            );
+        }
+        // One request available, not processed, no notification pending.
+        drv.header(DATA - PAGE, VIRTIO_BLK_T_IN, 33);
+        let head = drv.submit(
+            0,
+            &[
+                D(DATA - PAGE, 16, R, 0),
+                D(DATA, 512, WR, 0),
+                D(DATA - 16, 1, WR, 0),
+            ],
+        );
+        let block_state = through_postcard(&drv.block.lock().unwrap().snapshot());
+        let transport_state = through_postcard(&drv.transport.snapshot());
+        let q = block_state.active.as_ref().unwrap().queue;
+        assert_eq!((q.size, q.next_avail, q.next_used), (4, 10, 10));
+        let mem = copy_memory(&drv.mem);
+        let mut new = restore(
+            &drv,
+            &block_state,
+            &transport_state,
+            mem,
+            copy_disk(&drv.disk),
+        );
+        new.transport.post_restore();
+        let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
+        em.add_subscriber(new.block.clone());
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+        assert_eq!(new.pop_used(), Some((u32::from(head), 513)));
+        assert_eq!(new.used_idx(), 11);
+        assert_eq!(new.status_byte(DATA), 33);
+    }
+
+    #[test]
+    fn process_pending_at_the_cut() {
+        let mut drv = Driver::new(64 * 512, false, 16);
+        let evts = drv.transport.queue_events().unwrap();
+        // Nothing pending: nothing happens, nothing is touched.
+        drv.block.lock().unwrap().process_pending();
+        assert_eq!(drv.used_idx(), 0);
+        assert_eq!(drv.disk.ops.load(Ordering::SeqCst), 0);
+
+        // A notification KVM delivered to the ioeventfd: drained and processed.
+        submit_request(&mut drv, 0, VIRTIO_BLK_T_OUT, 1);
+        evts[0].1.write(1).unwrap();
+        drv.block.lock().unwrap().process_pending();
+        assert!(evts[0].1.read().is_err(), "drained");
+        assert_eq!(drv.pop_used(), Some((0, 1)));
+
+        // Deferred: stays deferred without a kick, retried after one.
+        drv.disk.would_block.store(true, Ordering::SeqCst);
+        submit_request(&mut drv, 1, VIRTIO_BLK_T_OUT, 2);
+        drv.block.lock().unwrap().process_pending();
+        assert!(drv.block.lock().unwrap().state().deferred);
+        let ops = drv.disk.ops.load(Ordering::SeqCst);
+        drv.block.lock().unwrap().process_pending();
+        assert_eq!(drv.disk.ops.load(Ordering::SeqCst), ops);
+        drv.disk.would_block.store(false, Ordering::SeqCst);
+        drv.block.lock().unwrap().kick_evt().write(1).unwrap();
+        drv.block.lock().unwrap().process_pending();
+        assert!(!drv.block.lock().unwrap().state().deferred);
+        assert_eq!(drv.pop_used(), Some((3, 1)));
+        assert_eq!(drv.disk.inner.lock().unwrap().data[2 * 512], 0xa1);
+    }
+
+    #[test]
+    fn inactive_and_broken_devices_round_trip() {
+        // Mid-handshake: FEATURES_OK, the queue half configured, the device inactive.
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let disk = MemDisk::new(8 * 512);
+        let block = Arc::new(Mutex::new(
+            Block::new(Box::new(disk.clone()), false, ID).unwrap(),
+        ));
+        let mut t = MmioTransport::new(block.clone(), mem.clone()).unwrap();
+        w(&mut t, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+        );
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, DESC_TABLE as u32);
+        let block_state = through_postcard(&block.lock().unwrap().snapshot());
+        let transport_state = through_postcard(&t.snapshot());
+        assert_eq!(block_state.active, None);
+        let mem2 = copy_memory(&mem);
+        let disk2 = copy_disk(&disk);
+        let (block2, mut t2) = restore_with_transport(
+            Box::new(disk2.clone()),
+            false,
+            ID,
+            &block_state,
+            &transport_state,
+            mem2.clone(),
+        )
+        .unwrap();
+        assert_eq!(t2.state(), transport_state);
+        let evts = t2.queue_events().unwrap();
+        t2.post_restore();
+        assert!(evts[0].1.read().is_err(), "inactive: no queue kick");
+        assert!(t2.interrupt_evt().read().is_err(), "no interrupt pending");
+        // The driver finishes the handshake on the restored transport.
+        let t = &mut t2;
+        w(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL_RING as u32);
+        w(t, VIRTIO_MMIO_QUEUE_USED_LOW, USED_RING as u32);
+        w(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        w(
+            t,
+            VIRTIO_MMIO_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(block2.lock().unwrap().is_active());
+        let mut drv = Driver {
+            mem: mem2,
+            transport: t2,
+            block: block2,
+            disk: disk2,
+            queue_size: 16,
+            avail_idx: 0,
+            used_seen: 0,
+        };
+        assert_eq!(
+            drv.request(VIRTIO_BLK_T_GET_ID, 0, &[D(DATA, 20, WR, 0)]),
+            (OK, 21)
+        );
+
+        // A device that needs a reset stays so, and a reset recovers it.
+        let mut drv = Driver::new(8 * 512, false, 16);
+        drv.mem
+            .write_obj(100u16, GuestAddress(AVAIL_RING + 2))
+            .unwrap();
+        drv.process();
+        assert_ne!(drv.status() & STATUS_NEEDS_RESET, 0);
+        let block_state = through_postcard(&drv.block.lock().unwrap().snapshot());
+        let transport_state = through_postcard(&drv.transport.snapshot());
+        let mut new = restore(
+            &drv,
+            &block_state,
+            &transport_state,
+            copy_memory(&drv.mem),
+            copy_disk(&drv.disk),
+        );
+        assert_ne!(new.status() & STATUS_NEEDS_RESET, 0);
+        new.transport.post_restore();
+        assert_eq!(new.transport.interrupt_evt().read().unwrap(), 1);
+        new.process();
+        assert_eq!(new.used_idx(), 0);
+        w(&mut new.transport, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(new.status(), 0);
+        assert!(!new.block.lock().unwrap().is_active());
+    }
+
+    /// A valid saved pair (active device, one request done, interrupt pending).
+    fn saved() -> (Driver, BlockState, MmioTransportState) {
+        let mut drv = Driver::new(8 * 512, false, 16);
+        assert_eq!(drv.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+        let b = drv.block.lock().unwrap().snapshot();
+        let t = drv.transport.snapshot();
+        (drv, b, t)
+    }
+
+    fn try_restore(
+        drv: &Driver,
+        b: &BlockState,
+        t: &MmioTransportState,
+        read_only: bool,
+        disk_len: usize,
+    ) -> Result<(Arc<Mutex<Block>>, MmioTransport), StateError> {
+        restore_with_transport(
+            Box::new(MemDisk::new(disk_len)),
+            read_only,
+            ID,
+            b,
+            t,
+            drv.mem.clone(),
+        )
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let (drv, b, t) = saved();
+        let ok = |b: &BlockState, t: &MmioTransportState| try_restore(&drv, b, t, false, 8 * 512);
+        assert!(ok(&b, &t).is_ok());
+
+        let with_queue = |f: &dyn Fn(&mut VirtqueueState)| {
+            let mut b = b.clone();
+            f(&mut b.active.as_mut().unwrap().queue);
+            b
+        };
+        let cases: Vec<(BlockState, &str)> = vec![
+            (with_queue(&|q| q.size = 3), "QueueSize"),
+            (with_queue(&|q| q.size = 0), "QueueSize"),
+            (with_queue(&|q| q.size = 512), "QueueSize"),
+            (with_queue(&|q| q.max_size = 1024), "QueueMaxSize"),
+            (with_queue(&|q| q.ready = false), "QueueNotReady"),
+            (with_queue(&|q| q.desc_table += 8), "RingMisaligned"),
+            (with_queue(&|q| q.avail_ring += 1), "RingMisaligned"),
+            (with_queue(&|q| q.used_ring += 2), "RingMisaligned"),
+            (
+                with_queue(&|q| q.used_ring = MEM_SIZE as u64 - 16),
+                "RingsOutsideMemory",
+            ),
+            (
+                with_queue(&|q| q.desc_table = u64::MAX - 15),
+                "RingsOutsideMemory",
+            ),
+            (with_queue(&|q| q.event_idx_enabled = true), "EventIdx"),
+            (
+                BlockState {
+                    capacity: 9,
+                    ..b.clone()
+                },
+                "Capacity",
+            ),
+            (
+                BlockState {
+                    device_features: 0,
+                    ..b.clone()
+                },
+                "DeviceFeatures",
+            ),
+            (
+                BlockState {
+                    active: None,
+                    deferred: true,
+                    ..b.clone()
+                },
+                "DeferredInactive",
+            ),
+            (
+                {
+                    let mut b = b.clone();
+                    b.active.as_mut().unwrap().acked_features |= 1 << 40;
+                    b
+                },
+                "FeaturesRefused",
+            ),
+            (
+                BlockState {
+                    active: None,
+                    ..b.clone()
+                },
+                "ActivationMismatch",
+            ),
+        ];
+        for (bad, want) in cases {
+            let e = ok(&bad, &t).expect_err(want);
+            assert!(format!("{e:?}").starts_with(want), "{want}: got {e:?}");
+            assert!(!e.to_string().is_empty());
+        }
+
+        let with_t = |f: &dyn Fn(&mut MmioTransportState)| {
+            let mut t = t.clone();
+            f(&mut t);
+            t
+        };
+        let cases: Vec<(MmioTransportState, &str)> = vec![
+            (with_t(&|t| t.interrupt.status = 4), "InterruptStatus"),
+            (with_t(&|t| t.status |= STATUS_NEEDS_RESET), "StatusBits"),
+            (with_t(&|t| t.status |= 0x100), "StatusBits"),
+            (with_t(&|t| t.status &= !STATUS_FEATURES_OK), "StatusOrder"),
+            (with_t(&|t| t.status = STATUS_DRIVER), "StatusOrder"),
+            (with_t(&|t| t.driver_features |= 1 << 50), "FeaturesRefused"),
+            (
+                with_t(&|t| t.driver_features_beyond_64 = true),
+                "FeaturesRefused",
+            ),
+            (with_t(&|t| t.device_type = 1), "DeviceType"),
+            (with_t(&|t| t.device_features = 1), "DeviceFeatures"),
+            (with_t(&|t| t.queues.clear()), "QueueCount"),
+            (with_t(&|t| t.queues[0].max_size = 128), "QueueMaxSize"),
+            (
+                with_t(&|t| t.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER),
+                "ActivationMismatch",
+            ),
+        ];
+        for (bad, want) in cases {
+            let e = ok(&b, &bad).expect_err(want);
+            assert!(format!("{e:?}").starts_with(want), "{want}: got {e:?}");
+        }
+
+        // Restored with other options or onto another disk.
+        assert!(matches!(
+            try_restore(&drv, &b, &t, true, 8 * 512),
+            Err(StateError::DeviceFeatures { .. })
+        ));
+        assert!(matches!(
+            try_restore(&drv, &b, &t, false, 16 * 512),
+            Err(StateError::Capacity { saved: 8, disk: 16 })
+        ));
+        // DRIVER_OK with DEVICE_NEEDS_RESET and an inactive device: a failed activation.
+        let failed = with_t(&|t| t.interrupt.needs_reset = true);
+        let inactive = BlockState {
+            active: None,
+            ..b.clone()
+        };
+        assert!(ok(&inactive, &failed).is_ok());
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn mutate_queue() -> impl Strategy<Value = (u8, u64)> {
+            (0u8..8, any::<u64>())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Random bytes into the decoders, then a restore: an error or a device, never
+            /// a panic.
+            #[test]
+            fn random_bytes_never_panic(
+                block_bytes in proptest::collection::vec(any::<u8>(), 0..96),
+                transport_bytes in proptest::collection::vec(any::<u8>(), 0..160),
+            ) {
+                let (drv, b, t) = saved();
+                let b = postcard::from_bytes::<BlockState>(&block_bytes).unwrap_or(b);
+                let t = postcard::from_bytes::<MmioTransportState>(&transport_bytes).unwrap_or(t);
+                if let Ok((block, transport)) = try_restore(&drv, &b, &t, false, 8 * 512) {
+                    transport.post_restore();
+                    block.lock().unwrap().process_pending();
+                }
+            }
+
+            /// A valid state with fields set to random values: refused or restored; a
+            /// restored device survives processing, post_restore and register traffic.
+            #[test]
+            fn mutated_states_never_panic(
+                muts in proptest::collection::vec(mutate_queue(), 1..6),
+                scribble in proptest::collection::vec((0u64..0x8000, any::<u64>()), 0..8),
+                regs in proptest::collection::vec((0u32..0x40, any::<u32>()), 0..16),
+            ) {
+                let (drv, mut b, mut t) = saved();
+                for (field, v) in muts {
+                    let q = &mut b.active.as_mut().unwrap().queue;
+                    match field {
+                        0 => q.size = v as u16,
+                        1 => q.desc_table = v,
+                        2 => q.avail_ring = v & !1,
+                        3 => q.used_ring = v & !3,
+                        4 => q.next_avail = v as u16,
+                        5 => q.next_used = v as u16,
+                        6 => t.status = v as u32,
+                        _ => t.interrupt.status = v as u32 & 3,
+                    }
+                }
+                for (addr, v) in scribble {
+                    drv.mem.write_obj(v, GuestAddress(addr & !7)).unwrap();
+                }
+                if let Ok((block, mut transport)) = try_restore(&drv, &b, &t, false, 8 * 512) {
+                    let q = block.lock().unwrap().state().active.unwrap().queue;
+                    prop_assert!(q.size.is_power_of_two() && q.size <= QUEUE_SIZE);
+                    transport.post_restore();
+                    block.lock().unwrap().process_pending();
+                    for (reg, v) in regs {
+                        transport.write(u64::from(reg * 4), &v.to_le_bytes());
+                        block.lock().unwrap().process_queue();
+                    }
+                }
+            }
+        }
+    }
+}
