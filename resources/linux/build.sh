@@ -34,6 +34,14 @@ OBJ="$DIR/obj"
 OUT="$DIR/out"
 LOGS="$DIR/logs"
 
+# One build per directory at a time: a second caller (e.g. tests started in
+# parallel) waits here and then finds the outputs up to date.
+exec 9>"$DIR/.lock"
+if ! flock -n 9; then
+    say "another build is running in $DIR; waiting for it"
+    flock 9
+fi
+
 # --- host packages -----------------------------------------------------------
 # CI starts from a fresh Debian machine as root: install what is missing.
 ensure_packages() {
