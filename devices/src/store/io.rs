@@ -18,6 +18,10 @@ pub trait StoreFile: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// The file's length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Sets the file's length (extending with zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
 }

@@ -131,19 +131,33 @@ pub(crate) struct ScanEnd {
     pub bad: Option<(u32, u64, String)>,
 }
 
+/// What to scan: the records of `slot` written by region `generation`, at most
+/// `max_records` of them within `limit` bytes, naming sectors below `disk_sectors`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scan {
+    pub slot: u32,
+    pub generation: u64,
+    pub max_records: Option<u32>,
+    pub limit: u64,
+    pub disk_sectors: u64,
+}
+
 /// Scans the records of `slot` written by region `generation`, from the start of the
 /// slot, stopping at `max_records` records, at `limit` bytes, or at the first record
 /// that is not valid. `disk_sectors` bounds the sectors a record may name.
 pub(crate) fn scan_records<F: StoreFile + ?Sized>(
     j: &F,
     geo: &Geometry,
-    slot: u32,
-    generation: u64,
-    max_records: Option<u32>,
-    limit: u64,
-    disk_sectors: u64,
+    region: Scan,
     mut on_record: impl FnMut(RecordLoc),
 ) -> Result<ScanEnd> {
+    let Scan {
+        slot,
+        generation,
+        max_records,
+        limit,
+        disk_sectors,
+    } = region;
     let limit = limit.min(geo.capacity);
     let base = geo.records_offset(slot);
     let mut pos = 0u64;
@@ -248,11 +262,13 @@ pub(crate) fn scan_sealed<F: StoreFile + ?Sized>(
     let end = scan_records(
         j,
         geo,
-        h.slot,
-        h.generation,
-        Some(h.record_count),
-        h.used_bytes,
-        disk_sectors,
+        Scan {
+            slot: h.slot,
+            generation: h.generation,
+            max_records: Some(h.record_count),
+            limit: h.used_bytes,
+            disk_sectors,
+        },
         on_record,
     )?;
     let bad = |seq: u32, offset: u64, reason: String| Error::BadRecord {

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::error::{Error, FileRole, IoContext, Result};
 use super::format::{FileHeader, SlotHeader, SlotState, FILE_HEADER_LEN, SECTOR_SIZE};
 use super::io::{MemFile, StoreFile};
-use super::journal::{read_file_header, read_slot, scan_records, scan_sealed};
+use super::journal::{read_file_header, read_slot, scan_records, scan_sealed, Scan};
 use super::{journal_path, RecoverTo, RecoveryReport, Store, StoreConfig};
 
 /// One slot as found in the journal.
@@ -155,11 +155,13 @@ pub fn inspect_files<F: StoreFile + ?Sized>(
                     let end = scan_records(
                         journal,
                         &geo,
-                        h.slot,
-                        h.generation,
-                        None,
-                        geo.capacity,
-                        disk_sectors,
+                        Scan {
+                            slot: h.slot,
+                            generation: h.generation,
+                            max_records: None,
+                            limit: geo.capacity,
+                            disk_sectors,
+                        },
                         |_| {},
                     )?;
                     rep.records = end.records;
