@@ -30,6 +30,7 @@ static REFUSED: AtomicU64 = AtomicU64::new(0);
 static DEFERRED: AtomicU64 = AtomicU64::new(0);
 static NO_FREE: AtomicU64 = AtomicU64::new(0);
 static RECOVERED_TO_NAMED: AtomicU64 = AtomicU64::new(0);
+static SPLIT_RETIRES: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -48,6 +49,11 @@ enum Op {
     },
     Ack,
     Retire,
+    /// A retire split as the VMM runs it: prepare, the device keeps writing and
+    /// reading while the job copies, then finish.
+    RetireSplit {
+        writes: u8,
+    },
     Rollback,
     Crash {
         any: bool,
@@ -67,7 +73,8 @@ fn op() -> impl Strategy<Value = Op> {
         12 => Just(Op::Cut),
         4 => any::<u8>().prop_map(|pick| Op::Export { pick }),
         10 => Just(Op::Ack),
-        10 => Just(Op::Retire),
+        7 => Just(Op::Retire),
+        5 => (0..4u8).prop_map(|writes| Op::RetireSplit { writes }),
         2 => Just(Op::Rollback),
         4 => (any::<bool>(), any::<u8>(), prop::option::weighted(0.3, 0..40u8))
             .prop_map(|(any, target, in_recovery)| Op::Crash { any, target, in_recovery }),
@@ -294,6 +301,53 @@ impl Harness {
                         (Inflight::Retire(f.epoch), Err(e))
                     }
                 }
+            }
+            Op::RetireSplit { writes } => {
+                let Some(f) = m.frozen.first().copied() else {
+                    return (Inflight::Other, Ok(()));
+                };
+                let job = match self.store.prepare_retire(f.epoch) {
+                    Ok(job) => job,
+                    Err(Error::NotAcknowledged(_)) => {
+                        assert!(!f.acked);
+                        return (Inflight::Other, Ok(()));
+                    }
+                    Err(e) => return (Inflight::Retire(f.epoch), Err(e)),
+                };
+                assert!(f.acked);
+                // The device loop goes on while the job runs.
+                for k in 0..writes {
+                    let sector = (self.rnd() % (SECTORS - 4)) as u64;
+                    let (_, r) = self.apply(&Op::Write {
+                        sector,
+                        sectors: 1 + u64::from(k),
+                    });
+                    if let Err(e) = r {
+                        return (Inflight::Retire(f.epoch), Err(e));
+                    }
+                    let (_, r) = self.apply(&Op::Read {
+                        sector: 0,
+                        sectors: SECTORS,
+                    });
+                    if let Err(e) = r {
+                        return (Inflight::Retire(f.epoch), Err(e));
+                    }
+                }
+                let result = job.run();
+                let crashed = result.as_ref().is_err_and(is_crash);
+                if crashed {
+                    CRASH_IN_RETIRE.fetch_add(1, Relaxed);
+                    if self.world.has_pending(self.base.id()) {
+                        CRASH_IN_RETIRE_BASE_TORN.fetch_add(1, Relaxed);
+                    }
+                }
+                let r = self.store.finish_retire(job, result).map(|()| {
+                    let m = &mut self.m;
+                    m.frozen.remove(0);
+                    m.base_epoch = f.epoch;
+                    SPLIT_RETIRES.fetch_add(1, Relaxed);
+                });
+                (Inflight::Retire(f.epoch), r)
             }
             Op::Rollback => {
                 let r = self.store.rollback().map(|()| {
@@ -522,7 +576,7 @@ fn model_based_crash_test() {
     eprintln!(
         "model test: {} cases in {:.1?}; crashes {} (armed {}), in retire {} (base half-written {}), \
          rewriting a reused slot {}, in recovery {}; recovered to a named epoch {}, refused {}; \
-         writes deferred {}, cuts without a free slot {}",
+         writes deferred {}, cuts without a free slot {}, split retires completed {}",
         cases(),
         t.elapsed(),
         c(&CRASHES),
@@ -535,6 +589,7 @@ fn model_based_crash_test() {
         c(&REFUSED),
         c(&DEFERRED),
         c(&NO_FREE),
+        c(&SPLIT_RETIRES),
     );
     for (name, v) in [
         ("crash in retire", &CRASH_IN_RETIRE),
@@ -549,6 +604,7 @@ fn model_based_crash_test() {
         ("crash in recovery", &CRASH_IN_RECOVERY),
         ("deferred write", &DEFERRED),
         ("cut without a free slot", &NO_FREE),
+        ("split retire", &SPLIT_RETIRES),
     ] {
         assert!(c(v) > 0, "the generator never produced a {name}");
     }
