@@ -343,6 +343,10 @@ pub fn read_file(path: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
 
 /// Where checkpoints go. `write` returns once the checkpoint is durable there.
 pub trait CheckpointSink: Send {
+    /// Pre-copy: makes all of `mem`, read while the guest runs, the base image that
+    /// checkpoint `epoch + 1` will complete. Until that checkpoint is complete the
+    /// base alone is not restorable. Returns the bytes written.
+    fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, CheckpointError>;
     /// Makes checkpoint `c` durable; returns the bytes written.
     fn write(&mut self, c: &Checkpoint, mem_layout: &[(u64, u64)]) -> Result<u64, CheckpointError>;
 }
@@ -401,49 +405,61 @@ impl DirectorySink {
 }
 
 impl CheckpointSink for DirectorySink {
-    /// Durability order: (full) memory.img written and synced; the checkpoint file
-    /// written to a temporary name, synced, renamed, directory synced — from here
-    /// on the checkpoint is complete; then (incremental) its pages are folded into
-    /// memory.img, synced, `memory.epoch` advanced, and older checkpoint files
-    /// removed. A crash anywhere leaves either the previous or this checkpoint
-    /// restorable (replaying a half-folded checkpoint is idempotent).
+    /// Durability order: the old chain is removed first (its checkpoints describe
+    /// another image), then `memory.img` is written under a temporary name, synced,
+    /// renamed, and `memory.epoch` set to `epoch`. All-zero MiB are left as holes.
+    fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, CheckpointError> {
+        let _ = fs::remove_file(self.dir.join(MEMORY_EPOCH));
+        self.remove_older(u64::MAX)?;
+        sync_dir(&self.dir)?;
+        let tmp = self.dir.join("memory.img.tmp");
+        let img = self.dir.join(MEMORY_IMAGE);
+        let f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        let total: u64 = mem.iter().map(|r| r.len()).sum();
+        f.set_len(total).map_err(io("cannot size", &tmp))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        let mut written = 0u64;
+        for r in mem.iter() {
+            let mut done = 0u64;
+            while done < r.len() {
+                let n = (r.len() - done).min(buf.len() as u64) as usize;
+                let gpa = r.start_addr().0 + done;
+                mem.read_slice(&mut buf[..n], GuestAddress(gpa))
+                    .map_err(|_| CheckpointError::PageOutside {
+                        path: tmp.clone(),
+                        addr: gpa,
+                    })?;
+                if buf[..n].iter().any(|b| *b != 0) {
+                    f.write_all_at(&buf[..n], off + done)
+                        .map_err(io("cannot write", &tmp))?;
+                    written += n as u64;
+                }
+                done += n as u64;
+            }
+            off += r.len();
+        }
+        f.sync_all().map_err(io("cannot sync", &tmp))?;
+        fs::rename(&tmp, &img).map_err(io("cannot rename", &tmp))?;
+        self.write_epoch_file(epoch)?;
+        Ok(written)
+    }
+
+    /// Durability order: the checkpoint file is written under a temporary name,
+    /// synced, renamed, and the directory synced: from here on the checkpoint is
+    /// complete. Then its pages are folded into `memory.img`, which is synced,
+    /// `memory.epoch` advanced, and older checkpoint files removed. A crash anywhere
+    /// leaves the previous or this checkpoint restorable: replaying a half-folded
+    /// checkpoint over the image is idempotent.
     fn write(&mut self, c: &Checkpoint, layout: &[(u64, u64)]) -> Result<u64, CheckpointError> {
         let img = self.dir.join(MEMORY_IMAGE);
-        let mut written = 0u64;
-        if c.full {
-            let tmp = self.dir.join("memory.img.tmp");
-            let f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
-            let total: u64 = layout.iter().map(|(_, l)| l).sum();
-            f.set_len(total).map_err(io("cannot size", &tmp))?;
-            for (i, &gpa) in c.pages.addrs.iter().enumerate() {
-                let page = &c.pages.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-                if page.iter().all(|b| *b == 0) {
-                    continue; // leave a hole: the file is sparse
-                }
-                let off = image_offset(layout, gpa).ok_or(CheckpointError::PageOutside {
-                    path: tmp.clone(),
-                    addr: gpa,
-                })?;
-                f.write_all_at(page, off)
-                    .map_err(io("cannot write", &tmp))?;
-                written += PAGE_SIZE as u64;
-            }
-            f.sync_all().map_err(io("cannot sync", &tmp))?;
-            fs::rename(&tmp, &img).map_err(io("cannot rename", &tmp))?;
-            // Old checkpoint files now describe another image: remove them first.
-            self.remove_older(u64::MAX)?;
-            let _ = fs::remove_file(self.dir.join(MEMORY_EPOCH));
-            sync_dir(&self.dir)?;
-        }
         let name = checkpoint_name(c.epoch);
         let tmp = self.dir.join(format!("{name}.tmp"));
         let dst = self.dir.join(&name);
-        let mut f = std::io::BufWriter::with_capacity(
-            1 << 20,
-            File::create(&tmp).map_err(io("cannot create", &tmp))?,
-        );
-        written += write_file(&mut f, c, !c.full).map_err(io("cannot write", &tmp))?;
-        let f = f.into_inner().map_err(|e| CheckpointError::Io {
+        let file = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        let written = write_file(&mut w, c, true).map_err(io("cannot write", &tmp))?;
+        let f = w.into_inner().map_err(|e| CheckpointError::Io {
             what: "cannot write",
             path: tmp.clone(),
             source: e.into_error(),
@@ -452,21 +468,19 @@ impl CheckpointSink for DirectorySink {
         fs::rename(&tmp, &dst).map_err(io("cannot rename", &tmp))?;
         sync_dir(&self.dir)?;
         // Complete. Fold it into the image so the directory stays bounded.
-        if !c.full {
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&img)
-                .map_err(io("cannot open", &img))?;
-            for (i, &gpa) in c.pages.addrs.iter().enumerate() {
-                let off = image_offset(layout, gpa).ok_or(CheckpointError::PageOutside {
-                    path: img.clone(),
-                    addr: gpa,
-                })?;
-                f.write_all_at(&c.pages.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], off)
-                    .map_err(io("cannot write", &img))?;
-            }
-            f.sync_data().map_err(io("cannot sync", &img))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .map_err(io("cannot open", &img))?;
+        for (i, &gpa) in c.pages.addrs.iter().enumerate() {
+            let off = image_offset(layout, gpa).ok_or(CheckpointError::PageOutside {
+                path: img.clone(),
+                addr: gpa,
+            })?;
+            f.write_all_at(&c.pages.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], off)
+                .map_err(io("cannot write", &img))?;
         }
+        f.sync_data().map_err(io("cannot sync", &img))?;
         self.write_epoch_file(c.epoch)?;
         self.remove_older(c.epoch)?;
         Ok(written)
@@ -515,17 +529,12 @@ pub fn load_latest(dir: &Path, mem: &GuestMemory) -> Result<LoadedCheckpoint, Ch
         Ok(s) => s.trim().parse::<u64>().ok(),
         Err(_) => None,
     };
-    // Without memory.epoch, the image is that of the full checkpoint on disk.
-    let base = match base {
-        Some(b) => b,
-        None => {
-            let first = files.first().map(|(e, p)| (*e, p.clone()));
-            match first {
-                Some((e, p)) if read_file(&p)?.full => e,
-                _ => return Err(CheckpointError::NoCheckpoint(dir.to_path_buf())),
-            }
-        }
+    let Some(base) = base else {
+        return Err(CheckpointError::NoCheckpoint(dir.to_path_buf()));
     };
+    if latest <= base && !dir.join(checkpoint_name(base)).exists() {
+        return Err(CheckpointError::NoCheckpoint(dir.to_path_buf()));
+    }
     // Load the image.
     let img = dir.join(MEMORY_IMAGE);
     let f = File::open(&img).map_err(io("cannot open", &img))?;

@@ -37,7 +37,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::checkpoint::{encode_state, Checkpoint, CheckpointSink, MachineState, SavedConfig};
-use crate::dirty::{self, DirtySet, StagedPages, PAGE_SIZE};
+use crate::dirty::{self, StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
 use crate::vcpu::VcpuControl;
 use crate::vm_state::VmState;
@@ -138,8 +138,18 @@ pub enum EpochError {
     Metrics(PathBuf, #[source] std::io::Error),
 }
 
+/// Work for the exporter thread.
+enum Job {
+    /// Pre-copy: write all of guest memory, read while the guest runs, as the base
+    /// image the first checkpoint (this epoch + 1) completes.
+    Base(u64),
+    /// A staged checkpoint.
+    Checkpoint(Checkpoint),
+}
+
 struct Exported {
     epoch: u64,
+    base: bool,
     bytes: u64,
     export_us: u64,
     pages: StagedPages,
@@ -150,7 +160,7 @@ pub struct EpochEngine {
     timer: TimerFd,
     done_evt: EventFd,
     done_rx: Receiver<Exported>,
-    to_exporter: Option<Sender<Checkpoint>>,
+    to_exporter: Option<Sender<Job>>,
     exporter: Option<std::thread::JoinHandle<()>>,
     stop_exporter: Arc<AtomicBool>,
     vm: Arc<VmFd>,
@@ -163,6 +173,7 @@ pub struct EpochEngine {
     in_flight: Option<EpochMetrics>,
     postponed: bool,
     need_full: bool,
+    precopy_start: Option<Instant>,
     spare: StagedPages,
     metrics: Option<(PathBuf, BufWriter<File>)>,
     on_error: Box<dyn Fn(String) + Send>,
@@ -197,7 +208,7 @@ impl EpochEngine {
             )),
             None => None,
         };
-        let (to_exporter, from_engine) = mpsc::channel::<Checkpoint>();
+        let (to_exporter, from_engine) = mpsc::channel::<Job>();
         let (done_tx, done_rx) = mpsc::channel::<Exported>();
         let done = done_evt
             .try_clone()
@@ -205,20 +216,26 @@ impl EpochEngine {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let live = mem.clone();
         let exporter = std::thread::Builder::new()
             .name("exporter".into())
             .spawn(move || {
-                while let Ok(c) = from_engine.recv() {
+                while let Ok(job) = from_engine.recv() {
                     let start = Instant::now();
+                    let epoch = match &job {
+                        Job::Base(e) => *e,
+                        Job::Checkpoint(c) => c.epoch,
+                    };
                     // Retry until the sink has it: a checkpoint is never dropped.
                     let bytes = loop {
-                        match sink.write(&c, &layout) {
+                        let r = match &job {
+                            Job::Base(e) => sink.write_base(&live, *e),
+                            Job::Checkpoint(c) => sink.write(c, &layout),
+                        };
+                        match r {
                             Ok(b) => break Some(b),
                             Err(e) => {
-                                tracing::warn!(
-                                    "checkpoint {}: export failed, retrying: {e}",
-                                    c.epoch
-                                );
+                                tracing::warn!("checkpoint {epoch}: export failed, retrying: {e}");
                                 if stop2.load(Ordering::Acquire) {
                                     break None;
                                 }
@@ -227,11 +244,16 @@ impl EpochEngine {
                         }
                     };
                     let Some(bytes) = bytes else { return };
+                    let (base, pages) = match job {
+                        Job::Base(_) => (true, StagedPages::default()),
+                        Job::Checkpoint(c) => (false, c.pages),
+                    };
                     let e = Exported {
-                        epoch: c.epoch,
+                        epoch,
+                        base,
                         bytes,
                         export_us: start.elapsed().as_micros() as u64,
-                        pages: c.pages,
+                        pages,
                     };
                     if done_tx.send(e).is_err() {
                         return;
@@ -257,11 +279,26 @@ impl EpochEngine {
             in_flight: None,
             postponed: false,
             need_full: true,
+            precopy_start: None,
             spare: StagedPages::default(),
             metrics,
             on_error,
             completed: 0,
         };
+        // Pre-copy: from here on both dirty logs record every write, while the
+        // exporter copies all of memory as the guest runs. The first cut then only
+        // copies what changed since, and completes that image into checkpoint
+        // `first_epoch`.
+        dirty::harvest(&engine.vm, &engine.mem).map_err(|e| EpochError::Cut {
+            epoch: first_epoch,
+            what: "dirty log",
+            reason: e.to_string(),
+        })?;
+        engine.precopy_start = Some(Instant::now());
+        if let Some(tx) = &engine.to_exporter {
+            let _ = tx.send(Job::Base(first_epoch.saturating_sub(1)));
+        }
+        engine.in_flight = Some(EpochMetrics::default());
         engine
             .timer
             .reset(engine.period, Some(engine.period))
@@ -304,11 +341,10 @@ impl EpochEngine {
         let result = (|| {
             self.devices.drain();
             let t1 = Instant::now();
-            let mut set = dirty::harvest(&self.vm, &self.mem)
+            // The first checkpoint ("full") holds what changed since the pre-copy
+            // began; with the pre-copied image it is all of memory.
+            let set = dirty::harvest(&self.vm, &self.mem)
                 .map_err(|e| cut_err("dirty log", e.to_string()))?;
-            if full {
-                set = DirtySet::all(&self.mem);
-            }
             let t_harvest = t1.elapsed();
             let t2 = Instant::now();
             let mut pages = std::mem::take(&mut self.spare);
@@ -375,7 +411,7 @@ impl EpochEngine {
             pages,
         };
         if let Some(tx) = &self.to_exporter {
-            if tx.send(c).is_err() {
+            if tx.send(Job::Checkpoint(c)).is_err() {
                 return Err(cut_err("export", "the exporter thread has stopped".into()));
             }
         }
@@ -389,6 +425,19 @@ impl EpochEngine {
     fn exported(&mut self) -> Result<(), EpochError> {
         let _ = self.done_evt.read();
         while let Ok(e) = self.done_rx.try_recv() {
+            if e.base {
+                self.in_flight = None;
+                if let Some(t) = self.precopy_start.take() {
+                    tracing::info!(
+                        "pre-copy of guest memory: {} bytes in {} ms",
+                        e.bytes,
+                        t.elapsed().as_millis()
+                    );
+                }
+                // Cut the first checkpoint right away.
+                self.postponed = true;
+                continue;
+            }
             let mut m = self.in_flight.take().unwrap_or_default();
             m.bytes = e.bytes;
             m.export_us = e.export_us;
