@@ -822,3 +822,47 @@ fn write_fuzz_seeds() {
     }
     assert!(n > 0);
 }
+
+#[test]
+fn a_preallocated_journal_is_written_whole_and_works() {
+    let mut c = cfg(2, 16 << 10);
+    c.preallocate = true;
+    let world = FaultWorld::new();
+    let base = world.file(vec![0u8; (SECTORS * 512) as usize]);
+    let journal = world.file(Vec::new());
+    world.record();
+    let (mut s, rep) = Store::open(
+        base.clone(),
+        journal.clone(),
+        &c,
+        RecoverTo::LastAcknowledged,
+    )
+    .unwrap();
+    assert!(rep.created);
+    let geo = Geometry {
+        slot_count: 2,
+        capacity: 16 << 10,
+    };
+    // Every byte after the header was written (allocated), the header last.
+    let log = world.log();
+    let writes: Vec<(u64, usize)> = log
+        .iter()
+        .filter_map(|op| match op {
+            LogOp::Write {
+                file: 1,
+                offset,
+                data,
+            } => Some((*offset, data.len())),
+            _ => None,
+        })
+        .collect();
+    let header_at = writes.iter().position(|(o, _)| *o == 0).unwrap();
+    let zeroed: u64 = writes[..header_at].iter().map(|(_, n)| *n as u64).sum();
+    assert!(writes[..header_at]
+        .iter()
+        .all(|(o, _)| *o >= FILE_HEADER_AREA));
+    assert_eq!(zeroed, geo.journal_len() - FILE_HEADER_AREA);
+    written(s.write(2, &pattern(2, 2, 2)).unwrap());
+    s.commit_local(1).unwrap();
+    assert_eq!(&world.durable(base.id())[1024..2048], &pattern(2, 2, 2)[..]);
+}
