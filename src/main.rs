@@ -31,6 +31,35 @@ enum Command {
     /// Continue a guest from the latest complete checkpoint in a directory written by
     /// `run --checkpoint-dir`: memory, vCPUs, devices and disks as they were at the cut.
     Restore(RestoreArgs),
+
+    /// Inspect, verify or recover the checkpoint journal of a disk image used with
+    /// `--disk path=IMAGE,checkpoint=on` (the journal is IMAGE.mvj).
+    #[command(subcommand)]
+    Disk(DiskCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DiskCommand {
+    /// Show the journal: its geometry, the base image's epoch, each region slot's
+    /// state, epoch and size.
+    Inspect {
+        /// The disk image (not the .mvj journal).
+        image: PathBuf,
+    },
+    /// Check every checksum in the journal; exit 1 naming the first bad record.
+    Verify {
+        /// The disk image.
+        image: PathBuf,
+    },
+    /// Apply the recovery rules offline: redo sealed regions up to the epoch, drop
+    /// later ones, so the base image alone holds that epoch.
+    Recover {
+        /// The disk image.
+        image: PathBuf,
+        /// Recover to this checkpoint [default: the last acknowledged one].
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
 }
 
 /// Checkpointing options, shared by `run` and `restore`.
@@ -150,6 +179,31 @@ fn restore(args: RestoreArgs) -> anyhow::Result<RunEnd> {
     Ok(machine.run()?)
 }
 
+fn disk(cmd: DiskCommand) -> anyhow::Result<()> {
+    use devices::store;
+    match cmd {
+        DiskCommand::Inspect { image } => print!("{}", store::inspect(&image)?),
+        DiskCommand::Verify { image } => {
+            let report = store::verify(&image)?;
+            print!("{report}");
+            println!("verify: every checksum is good");
+        }
+        DiskCommand::Recover { image, epoch } => {
+            let r = store::recover(&image, epoch)?;
+            println!(
+                "recovered {}: the base image now holds epoch {} (was {}); redone {:?}, dropped {:?}, {} unacknowledged region(s) discarded",
+                image.display(),
+                r.epoch,
+                r.base_epoch_before,
+                r.redone,
+                r.dropped,
+                r.discarded_active
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -162,6 +216,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
+        Command::Disk(cmd) => {
+            return match disk(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mirrorvm: error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     };
     match result {
         Ok(end) => {

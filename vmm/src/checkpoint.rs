@@ -44,8 +44,8 @@ pub struct SavedConfig {
     pub cpus: u8,
     /// The guest's command line (with devices appended).
     pub cmdline: String,
-    /// Disks: path and read-only flag, in attach order.
-    pub disks: Vec<(PathBuf, bool)>,
+    /// Disks, in attach order.
+    pub disks: Vec<crate::config::DiskConfig>,
 }
 
 /// Everything but memory, at a cut.
@@ -601,4 +601,12 @@ pub fn peek_config(dir: &Path) -> Result<SavedConfig, CheckpointError> {
         .last()
         .ok_or_else(|| CheckpointError::NoCheckpoint(dir.to_path_buf()))?;
     Ok(read_file(path)?.state()?.config)
+}
+
+/// The epoch of the latest checkpoint file in `dir`.
+pub fn latest_epoch(dir: &Path) -> Result<u64, CheckpointError> {
+    list_checkpoints(dir)?
+        .last()
+        .map(|(e, _)| *e)
+        .ok_or_else(|| CheckpointError::NoCheckpoint(dir.to_path_buf()))
 }

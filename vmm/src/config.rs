@@ -61,12 +61,15 @@ pub enum KernelSource {
 }
 
 /// One virtio-blk disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     /// The raw image file.
     pub path: PathBuf,
     /// Refuse guest writes (VIRTIO_BLK_F_RO).
     pub readonly: bool,
+    /// Guest writes go into checkpoint regions of a journal beside the image
+    /// (`IMAGE.mvj`) and reach the image only when their checkpoint is retired.
+    pub checkpoint: bool,
 }
 
 fn parse_on_off(key: &str, v: &str, value: &str) -> Result<bool, ConfigError> {
@@ -86,6 +89,7 @@ impl FromStr for DiskConfig {
     fn from_str(value: &str) -> Result<Self, Self::Err> {
         let mut path = None;
         let mut readonly = false;
+        let mut checkpoint = false;
         for item in value.split(',') {
             let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Disk {
                 value: value.to_string(),
@@ -94,10 +98,13 @@ impl FromStr for DiskConfig {
             match k {
                 "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
                 "readonly" => readonly = parse_on_off(k, v, value)?,
+                "checkpoint" => checkpoint = parse_on_off(k, v, value)?,
                 _ => {
                     return Err(ConfigError::Disk {
                         value: value.to_string(),
-                        reason: format!("unknown or empty option '{k}' (known: path, readonly)"),
+                        reason: format!(
+                            "unknown or empty option '{k}' (known: path, readonly, checkpoint)"
+                        ),
                     })
                 }
             }
@@ -106,7 +113,17 @@ impl FromStr for DiskConfig {
             value: value.to_string(),
             reason: "path=FILE is required".into(),
         })?;
-        Ok(DiskConfig { path, readonly })
+        if readonly && checkpoint {
+            return Err(ConfigError::Disk {
+                value: value.to_string(),
+                reason: "a read-only disk has no writes to checkpoint: use readonly=on or checkpoint=on, not both".into(),
+            });
+        }
+        Ok(DiskConfig {
+            path,
+            readonly,
+            checkpoint,
+        })
     }
 }
 
@@ -227,9 +244,19 @@ mod tests {
             d,
             DiskConfig {
                 path: "/tmp/a.img".into(),
-                readonly: true
+                readonly: true,
+                checkpoint: false,
             }
         );
+        assert!(
+            "path=x,checkpoint=on"
+                .parse::<DiskConfig>()
+                .unwrap()
+                .checkpoint
+        );
+        assert!("path=x,checkpoint=on,readonly=on"
+            .parse::<DiskConfig>()
+            .is_err());
         assert!(!"path=x".parse::<DiskConfig>().unwrap().readonly);
         assert!("readonly=on".parse::<DiskConfig>().is_err());
         assert!("path=x,readonly=maybe".parse::<DiskConfig>().is_err());

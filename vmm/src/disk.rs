@@ -6,11 +6,17 @@ use std::path::PathBuf;
 
 use std::sync::{Arc, Mutex};
 
+use devices::bus::lock_recover;
+use vmm_sys_util::eventfd::EventFd;
+
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 
 use devices::bus::Bus;
-use devices::virtio::block::{id_from_path, restore_with_transport, Block, BlockState, RawFile};
+use devices::store::{Store, StoreConfig, WriteOutcome};
+use devices::virtio::block::{
+    id_from_path, restore_with_transport, Block, BlockState, DiskBackend, RawFile,
+};
 use devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_REG_OFFSET};
 
 use crate::machine::AttachedDisk;
@@ -39,6 +45,14 @@ pub enum DiskError {
         path: PathBuf,
         /// Its size.
         size: u64,
+    },
+    /// The checkpoint store could not be opened or recovered.
+    #[error("disk {path}: {source}")]
+    Store {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        source: devices::store::Error,
     },
     /// The image is empty.
     #[error("disk image {0} is empty")]
@@ -76,8 +90,10 @@ pub enum DiskError {
 
 /// A checked, open disk image.
 pub struct OpenDisk {
-    /// The image file.
+    /// The image file (for a checkpointed disk, the store holds its own handle).
     pub file: File,
+    /// The checkpoint store over the image, for `checkpoint=on`.
+    pub store: Option<Arc<Mutex<Store>>>,
     /// Its path, for messages and the device id.
     pub path: PathBuf,
     /// Size in bytes.
@@ -88,7 +104,9 @@ pub struct OpenDisk {
 
 /// Opens and checks a disk image: it must exist, be a non-empty regular file, and be
 /// whole 512-byte sectors.
-pub fn open(cfg: &DiskConfig) -> Result<OpenDisk, DiskError> {
+/// With `checkpoint=on`, the store's journal is opened (created if missing) and
+/// recovered to `to` (`None`: the last acknowledged checkpoint).
+pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
     let path = cfg.path.clone();
     let file = OpenOptions::new()
         .read(true)
@@ -112,11 +130,34 @@ pub fn open(cfg: &DiskConfig) -> Result<OpenDisk, DiskError> {
     if size % 512 != 0 {
         return Err(DiskError::NotSectorAligned { path, size });
     }
+    let store = if cfg.checkpoint {
+        let (store, report) =
+            Store::open_path(&path, &StoreConfig::default(), to.into()).map_err(|source| {
+                DiskError::Store {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        if !report.redone.is_empty() || !report.dropped.is_empty() || report.discarded_active > 0 {
+            tracing::warn!(
+                "disk {}: recovered its journal to epoch {} (redone {:?}, dropped {:?}, {} unacknowledged region(s) discarded)",
+                path.display(),
+                report.epoch,
+                report.redone,
+                report.dropped,
+                report.discarded_active
+            );
+        }
+        Some(Arc::new(Mutex::new(store)))
+    } else {
+        None
+    };
     Ok(OpenDisk {
         file,
         path,
         size,
         readonly: cfg.readonly,
+        store,
     })
 }
 
@@ -136,13 +177,21 @@ pub fn attach(
     base: u64,
     gsi: u32,
     saved: Option<&(MmioTransportState, BlockState)>,
+    mode: &StoreMode,
 ) -> Result<AttachedDisk, DiskError> {
     let path = disk.path;
     let device_err = |reason: String| DiskError::Device {
         path: path.clone(),
         reason,
     };
-    let backend = Box::new(RawFile::new(disk.file, disk.size));
+    let backend: Box<dyn DiskBackend> = match &disk.store {
+        Some(store) => Box::new(CheckpointedDisk {
+            store: store.clone(),
+            size: disk.size,
+            mode: mode.clone(),
+        }),
+        None => Box::new(RawFile::new(disk.file, disk.size)),
+    };
     let id = id_from_path(&path);
     let (block, transport) = match saved {
         None => {
@@ -186,5 +235,106 @@ pub fn attach(
         transport,
         path,
         readonly: disk.readonly,
+        store: disk.store,
     })
+}
+
+/// When a checkpointed disk's regions are cut and retired.
+#[derive(Clone)]
+pub enum StoreMode {
+    /// No checkpoint sink: a guest FLUSH, a full region and a clean shutdown each cut
+    /// a checkpoint and retire it at once (`Store::commit_local`), so a completed
+    /// flush is as durable as on a raw disk and the journal stays bounded.
+    Local,
+    /// The epoch engine cuts and retires; the disk asks for an early cut through
+    /// this eventfd when its region passes the high-water mark or a write must wait.
+    Epochs(Arc<EventFd>),
+}
+
+/// A virtio-blk backend over the checkpoint store: reads merge the regions and the
+/// base; writes go to the active region and never touch the base image.
+pub struct CheckpointedDisk {
+    store: Arc<Mutex<Store>>,
+    size: u64,
+    mode: StoreMode,
+}
+
+fn store_io(e: devices::store::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl CheckpointedDisk {
+    fn commit_local(store: &mut Store) -> std::io::Result<()> {
+        let next = store.status().last_epoch + 1;
+        store.commit_local(next).map_err(store_io)
+    }
+
+    fn ask_for_cut(&self) {
+        if let StoreMode::Epochs(evt) = &self.mode {
+            let _ = evt.write(1);
+        }
+    }
+}
+
+impl DiskBackend for CheckpointedDisk {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        lock_recover(&self.store)
+            .read(offset / 512, buf)
+            .map_err(store_io)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut store = lock_recover(&self.store);
+        match store.write(offset / 512, buf).map_err(store_io)? {
+            WriteOutcome::Written { end_epoch_early } => {
+                if end_epoch_early {
+                    match self.mode {
+                        StoreMode::Local => Self::commit_local(&mut store)?,
+                        StoreMode::Epochs(_) => self.ask_for_cut(),
+                    }
+                }
+                Ok(())
+            }
+            WriteOutcome::Deferred => match self.mode {
+                StoreMode::Local => {
+                    Self::commit_local(&mut store)?;
+                    match store.write(offset / 512, buf).map_err(store_io)? {
+                        WriteOutcome::Written { .. } => Ok(()),
+                        WriteOutcome::Deferred => Err(std::io::Error::other(
+                            "a write larger than a whole checkpoint region",
+                        )),
+                    }
+                }
+                StoreMode::Epochs(_) => {
+                    // The device holds the request and resubmits it whole after the
+                    // next cut kicks it; the event loop never waits here.
+                    drop(store);
+                    self.ask_for_cut();
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                }
+            },
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut store = lock_recover(&self.store);
+        match self.mode {
+            // Durable in the journal; the checkpoint that covers it is complete
+            // before the guest could observe anything later (DESIGN.md, Flush).
+            StoreMode::Epochs(_) => store.flush().map_err(store_io),
+            StoreMode::Local => Self::commit_local(&mut store),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.size
+    }
+}
+
+/// Retires everything a checkpointed disk holds into its base image (clean
+/// shutdown): afterwards the base image alone is the guest's disk.
+pub fn commit_all(store: &Arc<Mutex<Store>>) -> Result<(), devices::store::Error> {
+    let mut s = lock_recover(store);
+    let next = s.status().last_epoch + 1;
+    s.commit_local(next)
 }

@@ -67,8 +67,17 @@ pub trait DeviceCut: Send {
     fn start_checkpoint(&mut self, epoch: u64) -> Result<u64, String>;
     /// Whether a disk region passed its high-water mark (end the epoch early).
     fn wants_cut(&self) -> bool;
-    /// Checkpoint `epoch` is durable at the sink: retire its disk regions.
-    fn retire(&mut self, epoch: u64) -> Result<(), String>;
+}
+
+/// The disk half of making checkpoint N complete, run on the exporter thread.
+pub trait DiskCommit: Send {
+    /// Makes the regions frozen at cut `epoch` durable (sealed), before the
+    /// checkpoint that names them is: the memory side names the epoch, so its disk
+    /// state must already be recoverable.
+    fn seal(&mut self, epoch: u64) -> Result<(), String>;
+    /// Checkpoint `epoch` is complete at the sink: acknowledge and retire its
+    /// regions (commit them to the base images, free the slots).
+    fn commit(&mut self, epoch: u64) -> Result<(), String>;
 }
 
 /// Timings and sizes of one cut, written as a JSON line once its export finished.
@@ -148,6 +157,7 @@ enum Job {
 }
 
 struct Exported {
+    error: Option<String>,
     epoch: u64,
     base: bool,
     bytes: u64,
@@ -155,10 +165,24 @@ struct Exported {
     pages: StagedPages,
 }
 
+impl Exported {
+    fn failed(epoch: u64, why: String) -> Self {
+        Exported {
+            error: Some(why),
+            epoch,
+            base: false,
+            bytes: 0,
+            export_us: 0,
+            pages: StagedPages::default(),
+        }
+    }
+}
+
 /// The engine; add it to the device event loop.
 pub struct EpochEngine {
     timer: TimerFd,
     done_evt: EventFd,
+    cut_request: Option<EventFd>,
     done_rx: Receiver<Exported>,
     to_exporter: Option<Sender<Job>>,
     exporter: Option<std::thread::JoinHandle<()>>,
@@ -183,6 +207,7 @@ pub struct EpochEngine {
 
 const TOKEN_TIMER: u32 = 0;
 const TOKEN_DONE: u32 = 1;
+const TOKEN_CUT_REQUEST: u32 = 2;
 
 impl EpochEngine {
     /// Builds the engine and starts its exporter thread. `on_error` ends the run.
@@ -194,6 +219,8 @@ impl EpochEngine {
         mem: GuestMemory,
         vcpus: Vec<Arc<VcpuControl>>,
         devices: Box<dyn DeviceCut>,
+        mut disks: Box<dyn DiskCommit>,
+        cut_request: Option<EventFd>,
         config: SavedConfig,
         first_epoch: u64,
         on_error: Box<dyn Fn(String) + Send>,
@@ -226,6 +253,16 @@ impl EpochEngine {
                         Job::Base(e) => *e,
                         Job::Checkpoint(c) => c.epoch,
                     };
+                    if let Job::Checkpoint(c) = &job {
+                        if let Err(reason) = disks.seal(c.epoch) {
+                            let _ = done_tx.send(Exported::failed(
+                                c.epoch,
+                                format!("sealing the disk regions: {reason}"),
+                            ));
+                            let _ = done.write(1);
+                            return;
+                        }
+                    }
                     // Retry until the sink has it: a checkpoint is never dropped.
                     let bytes = loop {
                         let r = match &job {
@@ -244,11 +281,22 @@ impl EpochEngine {
                         }
                     };
                     let Some(bytes) = bytes else { return };
+                    if let Job::Checkpoint(c) = &job {
+                        if let Err(reason) = disks.commit(c.epoch) {
+                            let _ = done_tx.send(Exported::failed(
+                                c.epoch,
+                                format!("retiring the disk regions: {reason}"),
+                            ));
+                            let _ = done.write(1);
+                            return;
+                        }
+                    }
                     let (base, pages) = match job {
                         Job::Base(_) => (true, StagedPages::default()),
                         Job::Checkpoint(c) => (false, c.pages),
                     };
                     let e = Exported {
+                        error: None,
                         epoch,
                         base,
                         bytes,
@@ -265,6 +313,7 @@ impl EpochEngine {
         let mut engine = EpochEngine {
             timer,
             done_evt,
+            cut_request,
             done_rx,
             to_exporter: Some(to_exporter),
             exporter: Some(exporter),
@@ -425,6 +474,13 @@ impl EpochEngine {
     fn exported(&mut self) -> Result<(), EpochError> {
         let _ = self.done_evt.read();
         while let Ok(e) = self.done_rx.try_recv() {
+            if let Some(reason) = e.error {
+                return Err(EpochError::Cut {
+                    epoch: e.epoch,
+                    what: "export",
+                    reason,
+                });
+            }
             if e.base {
                 self.in_flight = None;
                 if let Some(t) = self.precopy_start.take() {
@@ -448,13 +504,6 @@ impl EpochEngine {
                 pages = StagedPages::default();
             }
             self.spare = pages;
-            self.devices
-                .retire(e.epoch)
-                .map_err(|reason| EpochError::Cut {
-                    epoch: e.epoch,
-                    what: "retire",
-                    reason,
-                })?;
             self.completed += 1;
             if let Some((path, w)) = &mut self.metrics {
                 writeln!(w, "{}", m.json())
@@ -466,6 +515,19 @@ impl EpochEngine {
             self.cut()?;
         }
         Ok(())
+    }
+
+    /// A disk region passed its high-water mark or had to defer a write: end the
+    /// epoch now (or as soon as the checkpoint in flight is done).
+    fn early_cut(&mut self) -> Result<(), EpochError> {
+        if let Some(evt) = &self.cut_request {
+            let _ = evt.read();
+        }
+        if self.in_flight.is_some() {
+            self.postponed = true;
+            return Ok(());
+        }
+        self.cut()
     }
 
     fn tick(&mut self) -> Result<(), EpochError> {
@@ -502,12 +564,18 @@ impl MutEventSubscriber for EpochEngine {
         if let Err(e) = ops.add(Events::with_data(&self.done_evt, TOKEN_DONE, EventSet::IN)) {
             (self.on_error)(format!("cannot watch the exporter: {e:?}"));
         }
+        if let Some(evt) = &self.cut_request {
+            if let Err(e) = ops.add(Events::with_data(evt, TOKEN_CUT_REQUEST, EventSet::IN)) {
+                (self.on_error)(format!("cannot watch the disks' cut requests: {e:?}"));
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let r = match events.data() {
             TOKEN_TIMER => self.tick(),
             TOKEN_DONE => self.exported(),
+            TOKEN_CUT_REQUEST => self.early_cut(),
             _ => Ok(()),
         };
         if let Err(e) = r {

@@ -34,11 +34,13 @@ use crate::boot::{self, BootError, DEFAULT_INITRD_ADDR_MAX};
 use crate::checkpoint::SavedConfig;
 use crate::config::{DiskConfig, KernelSource, SerialConfig, VmConfig};
 use crate::console::{EscapeDecoder, Keystroke, RawTerminal};
-use crate::epoch::{DeviceCut, EpochConfig, EpochEngine};
+use crate::disk::StoreMode;
+use crate::epoch::{DeviceCut, DiskCommit, EpochConfig, EpochEngine};
 use crate::layout::*;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::mptable::{self, MptableError};
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError, VcpuStop};
+use devices::store::Store;
 
 /// How long stopping vCPUs may take before one is declared stuck.
 pub const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(3);
@@ -305,6 +307,8 @@ pub struct AttachedDisk {
     pub path: std::path::PathBuf,
     /// Whether the guest may not write.
     pub readonly: bool,
+    /// The checkpoint store, for `checkpoint=on`.
+    pub store: Option<Arc<Mutex<devices::store::Store>>>,
 }
 
 /// The state of every device, as one serde value in the checkpoint.
@@ -323,6 +327,7 @@ struct MachineDevices {
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
     disks: Vec<(Arc<Mutex<Block>>, Arc<Mutex<MmioTransport>>)>,
+    stores: Vec<Arc<Mutex<Store>>>,
 }
 
 impl DeviceCut for MachineDevices {
@@ -345,16 +350,59 @@ impl DeviceCut for MachineDevices {
         postcard::to_stdvec(&state).map_err(|e| e.to_string())
     }
 
-    fn start_checkpoint(&mut self, _epoch: u64) -> Result<u64, String> {
-        // Raw disks are read-only under epochs (checked at build); nothing to freeze.
-        Ok(0)
+    fn start_checkpoint(&mut self, epoch: u64) -> Result<u64, String> {
+        let mut bytes = 0;
+        for store in &self.stores {
+            let mut s = lock_recover(store);
+            s.start_checkpoint(epoch).map_err(|e| e.to_string())?;
+            bytes += s.status().frozen.last().map_or(0, |r| r.used_bytes);
+        }
+        // A write deferred for lack of room goes again into the new active region.
+        if !self.stores.is_empty() {
+            for (block, _) in &self.disks {
+                let _ = lock_recover(block).kick_evt().write(1);
+            }
+        }
+        Ok(bytes)
     }
 
     fn wants_cut(&self) -> bool {
-        false
+        self.stores
+            .iter()
+            .any(|s| lock_recover(s).end_epoch_early())
+    }
+}
+
+/// The disks' side of a complete checkpoint, on the exporter thread.
+struct StoreCommit {
+    stores: Vec<Arc<Mutex<Store>>>,
+}
+
+impl DiskCommit for StoreCommit {
+    fn seal(&mut self, epoch: u64) -> Result<(), String> {
+        for store in &self.stores {
+            lock_recover(store)
+                .export_meta(epoch)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
-    fn retire(&mut self, _epoch: u64) -> Result<(), String> {
+    fn commit(&mut self, epoch: u64) -> Result<(), String> {
+        for store in &self.stores {
+            lock_recover(store)
+                .acknowledge(epoch)
+                .map_err(|e| e.to_string())?;
+            // The copy into the base image runs without the store's lock, so the
+            // device keeps serving the guest meanwhile.
+            let job = lock_recover(store)
+                .prepare_retire(epoch)
+                .map_err(|e| e.to_string())?;
+            let result = job.run();
+            lock_recover(store)
+                .finish_retire(job, result)
+                .map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 }
@@ -397,6 +445,7 @@ pub struct Machine {
     memory_size: u64,
     epoch: Option<EpochConfig>,
     first_epoch: u64,
+    cut_request: Option<Arc<EventFd>>,
 }
 
 fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
@@ -462,14 +511,7 @@ impl Machine {
             ),
             Init::Restore(r) => {
                 let saved = crate::checkpoint::peek_config(&r.from)?;
-                let disks = saved
-                    .disks
-                    .iter()
-                    .map(|(path, readonly)| DiskConfig {
-                        path: path.clone(),
-                        readonly: *readonly,
-                    })
-                    .collect();
+                let disks = saved.disks.clone();
                 (
                     saved.memory,
                     saved.cpus,
@@ -483,7 +525,7 @@ impl Machine {
         memory::check_size(memory_size)?;
         mptable::build(cpus)?;
         if epoch.is_some() {
-            if let Some(d) = disk_cfgs.iter().find(|d| !d.readonly) {
+            if let Some(d) = disk_cfgs.iter().find(|d| !d.readonly && !d.checkpoint) {
                 return Err(VmmError::UncheckpointedDisk(d.path.display().to_string()));
             }
         }
@@ -508,10 +550,29 @@ impl Machine {
                 })?);
             }
         }
+        // A restore recovers every checkpointed disk to the epoch of the checkpoint
+        // (the memory side names it); a boot to the last acknowledged one.
+        let restore_epoch = match &init {
+            Init::Restore(r) => Some(crate::checkpoint::latest_epoch(&r.from)?),
+            Init::Boot(_) => None,
+        };
         let disks = disk_cfgs
             .iter()
-            .map(crate::disk::open)
+            .map(|d| crate::disk::open(d, restore_epoch))
             .collect::<Result<Vec<_>, _>>()?;
+        let cut_request = match epoch {
+            Some(_) => Some(Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(
+                |source| VmmError::Os {
+                    what: "the cut-request eventfd",
+                    source,
+                },
+            )?)),
+            None => None,
+        };
+        let store_mode = match &cut_request {
+            Some(evt) => StoreMode::Epochs(evt.clone()),
+            None => StoreMode::Local,
+        };
         if disks.len() > (MAX_GSI - VIRTIO_FIRST_GSI + 1) as usize {
             return Err(crate::disk::DiskError::TooMany(disks.len()).into());
         }
@@ -559,7 +620,16 @@ impl Machine {
                 tracing::info!("restoring checkpoint {} from {}", c.epoch, r.from.display());
                 (Some((state, devices)), c.epoch + 1)
             }
-            Init::Boot(_) => (None, 1),
+            Init::Boot(_) => {
+                // Checkpoint numbers continue each store's own.
+                let next = disks
+                    .iter()
+                    .filter_map(|d| d.store.as_ref())
+                    .map(|s| lock_recover(s).status().last_epoch + 1)
+                    .max()
+                    .unwrap_or(1);
+                (None, next)
+            }
         };
 
         let shutdown = Arc::new(Shutdown::new()?);
@@ -630,6 +700,7 @@ impl Machine {
                 base,
                 gsi,
                 saved,
+                &store_mode,
             )?);
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         }
@@ -728,6 +799,7 @@ impl Machine {
             memory_size,
             epoch,
             first_epoch,
+            cut_request,
         })
     }
 
@@ -824,6 +896,7 @@ impl Machine {
         let mut engine = None;
         if let Some(cfg) = &self.epoch {
             let sink = crate::checkpoint::DirectorySink::new(&cfg.dir)?;
+            let stores: Vec<_> = self.disks.iter().filter_map(|d| d.store.clone()).collect();
             let devices = MachineDevices {
                 serial: self.serial.clone(),
                 i8042: self.i8042.clone(),
@@ -832,6 +905,14 @@ impl Machine {
                     .iter()
                     .map(|d| (d.block.clone(), d.transport.clone()))
                     .collect(),
+                stores: stores.clone(),
+            };
+            let cut_request = match &self.cut_request {
+                Some(e) => Some(e.try_clone().map_err(|source| VmmError::Os {
+                    what: "the cut-request eventfd",
+                    source,
+                })?),
+                None => None,
             };
             let saved = SavedConfig {
                 memory: self.memory_size,
@@ -840,7 +921,11 @@ impl Machine {
                 disks: self
                     .disks
                     .iter()
-                    .map(|d| (d.path.clone(), d.readonly))
+                    .map(|d| DiskConfig {
+                        path: d.path.clone(),
+                        readonly: d.readonly,
+                        checkpoint: d.store.is_some(),
+                    })
                     .collect(),
             };
             let s = self.shutdown.clone();
@@ -851,6 +936,8 @@ impl Machine {
                 self.mem.clone(),
                 controls.clone(),
                 Box::new(devices),
+                Box::new(StoreCommit { stores }),
+                cut_request,
                 saved,
                 self.first_epoch,
                 Box::new(move |msg| {
@@ -909,6 +996,22 @@ impl Machine {
             }
         }
         let _ = lock_recover(&self.serial).output_mut().flush();
+        // Clean shutdown: every checkpointed disk's regions go into its base image,
+        // which then alone holds the guest's disk.
+        for d in &self.disks {
+            if let Some(store) = &d.store {
+                if let Err(e) = crate::disk::commit_all(store) {
+                    self.shutdown.request(RunEnd::GuestError(format!(
+                        "disk {}: {e}",
+                        d.path.display()
+                    )));
+                    return Err(VmmError::Restore(format!(
+                        "disk {}: cannot retire its checkpoint regions at shutdown: {e}",
+                        d.path.display()
+                    )));
+                }
+            }
+        }
         loop_result?;
         Ok(self.shutdown.reason().unwrap_or(RunEnd::Quit))
     }
