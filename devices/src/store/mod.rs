@@ -944,24 +944,45 @@ impl<F: StoreFile> RetireJob<F> {
     }
 }
 
+/// Copies a region's extents (in sector order) from the journal into the base image.
+/// Extents that continue one another on the disk are gathered into one buffer and
+/// written with one call (up to 1 MiB), so a region written as many small sequential
+/// records costs few large base writes.
 fn copy_extents<F: StoreFile + ?Sized>(base: &F, journal: &F, extents: &[Extent]) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
-    let mut buf = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    // The pending run: first sector and bytes gathered in `buf`.
+    let mut run_sector = 0u64;
+    let flush = |buf: &mut Vec<u8>, sector: u64| -> Result<()> {
+        if !buf.is_empty() {
+            base.write_at(buf, sector * SECTOR_SIZE)
+                .ctx(FileRole::Base, "writing retired data")?;
+            buf.clear();
+        }
+        Ok(())
+    };
     for e in extents {
         let bytes = e.sectors * SECTOR_SIZE;
         let mut done = 0;
         while done < bytes {
-            let n = (bytes - done).min(CHUNK);
-            buf.resize(n as usize, 0);
+            let sector = e.sector + done / SECTOR_SIZE;
+            let contiguous =
+                !buf.is_empty() && run_sector + buf.len() as u64 / SECTOR_SIZE == sector;
+            if !contiguous || buf.len() as u64 >= CHUNK {
+                flush(&mut buf, run_sector)?;
+                run_sector = sector;
+            }
+            let room = CHUNK - buf.len() as u64;
+            let n = (bytes - done).min(room.max(SECTOR_SIZE));
+            let at = buf.len();
+            buf.resize(at + n as usize, 0);
             journal
-                .read_at(&mut buf, e.offset + done)
+                .read_at(&mut buf[at..], e.offset + done)
                 .ctx(FileRole::Journal, "reading region data to retire")?;
-            base.write_at(&buf, e.sector * SECTOR_SIZE + done)
-                .ctx(FileRole::Base, "writing retired data")?;
             done += n;
         }
     }
-    Ok(())
+    flush(&mut buf, run_sector)
 }
 
 fn create_journal<F: StoreFile>(j: &F, config: &StoreConfig, base_len: u64) -> Result<FileHeader> {
