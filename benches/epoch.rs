@@ -1,0 +1,184 @@
+//! Epoch benchmark: the checkpoint pause of the real binary under load, the guest's
+//! slowdown under 40 Hz checkpointing, and the pause against its copy-bound limit,
+//! all measured side by side in one run and printed as tables.
+//!
+//!     cargo bench --bench epoch
+//!     MIRRORVM_BENCH_SECONDS=20 cargo bench --bench epoch    # longer runs
+//!
+//! Pause figures come from `--metrics` (one JSON line per checkpoint); the first
+//! checkpoint of each run is left out of the pause statistics (it completes the
+//! pre-copy, its size depends on how long the pre-copy took). The copy-bound limit
+//! of a pause is `dirty bytes / memcpy bandwidth + fixed cost`, with the bandwidth
+//! measured here (a 64 MiB copy between two buffers, median of 9) and the fixed cost
+//! taken as the idle guest's median pause (kick, empty dirty-log harvest, state save).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mirrorvm"));
+    c.stdin(Stdio::null()).stderr(Stdio::null());
+    c
+}
+
+fn field(line: &str, key: &str) -> Option<u64> {
+    let pat = format!("\"{key}\":");
+    let i = line.find(&pat)? + pat.len();
+    line[i..].split([',', '}']).next()?.trim().parse().ok()
+}
+
+struct Run {
+    pauses: Vec<u64>,
+    pages: Vec<u64>,
+    out: String,
+}
+
+/// Runs the test guest with `cmdline` for `secs`, checkpointing every `epoch_ms`
+/// when `Some`.
+fn run(cmdline: &str, epoch_ms: Option<u64>, secs: u64) -> Run {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = dir.path().join("metrics.jsonl");
+    let mut c = bin();
+    c.args(["run", "--memory", "256M", "--cmdline", cmdline]);
+    if let Some(ms) = epoch_ms {
+        c.args(["--epoch-ms", &ms.to_string(), "--checkpoint-dir"])
+            .arg(dir.path().join("ck"));
+        c.arg("--metrics").arg(&metrics);
+    }
+    c.stdout(Stdio::piped());
+    let child = c.spawn().expect("spawn mirrorvm");
+    let start = Instant::now();
+    let out = child.wait_with_output().expect("wait");
+    if start.elapsed() > Duration::from_secs(secs + 60) {
+        eprintln!("warning: run took {:?}", start.elapsed());
+    }
+    let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+    let mut pauses = Vec::new();
+    let mut pages = Vec::new();
+    for line in text.lines().skip(1) {
+        if let (Some(p), Some(n)) = (field(line, "pause_us"), field(line, "dirty_pages")) {
+            pauses.push(p);
+            pages.push(n);
+        }
+    }
+    Run {
+        pauses,
+        pages,
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+    }
+}
+
+fn pct(v: &[u64], p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    s[((s.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn memcpy_bytes_per_us() -> f64 {
+    let n = 64 << 20;
+    let src = vec![0x5au8; n];
+    let mut dst = vec![0u8; n];
+    let mut t = Vec::new();
+    for _ in 0..9 {
+        let s = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&dst);
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    n as f64 / (t[4] * 1e6)
+}
+
+/// Pages the `dirty` workload reports having dirtied, and in how many ms.
+fn dirty_rate(out: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.starts_with("dirty: done,"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let pages: f64 = words.get(2)?.parse().ok()?;
+    let ms: f64 = words.get(6)?.parse().ok()?;
+    Some(pages / ms)
+}
+
+fn main() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("*** SKIPPED epoch benchmark: /dev/kvm is unusable ***");
+        return;
+    }
+    let secs: u64 = std::env::var("MIRRORVM_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let bw = memcpy_bytes_per_us();
+    println!("mirrorvm epoch benchmark: 25 ms epochs (40 Hz), {secs} s per run, 1 vCPU, 256 MiB, test guest");
+    println!("memcpy bandwidth here: {:.0} MB/s", bw);
+    println!();
+
+    // 1,000 pages per 25 ms epoch = 40 pages/ms; 10,000 = 400 pages/ms.
+    let loads = [
+        (
+            "idle",
+            format!("counter interval_ms=1000 idle=1 limit={secs}"),
+        ),
+        (
+            "1,000 pages/epoch",
+            format!("dirty pages_per_ms=40 mb=64 verify=0 seconds={secs}"),
+        ),
+        (
+            "10,000 pages/epoch",
+            format!("dirty pages_per_ms=400 mb=64 verify=0 seconds={secs}"),
+        ),
+    ];
+    println!("| load | checkpoints | dirty pages p50 | pause p50 (µs) | pause p99 (µs) | copy-bound limit (µs) | pause / limit |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut fixed = 0u64;
+    for (name, cmdline) in &loads {
+        let r = run(cmdline, Some(25), secs);
+        let p50 = pct(&r.pauses, 0.5);
+        let p99 = pct(&r.pauses, 0.99);
+        let pages = pct(&r.pages, 0.5);
+        if *name == "idle" {
+            fixed = p50;
+        }
+        let limit = (pages as f64 * 4096.0 / bw) as u64 + fixed;
+        let ratio = if limit > 0 {
+            p50 as f64 / limit as f64
+        } else {
+            0.0
+        };
+        println!(
+            "| {name} | {} | {pages} | {p50} | {p99} | {limit} | {ratio:.2} |",
+            r.pauses.len()
+        );
+    }
+    println!();
+
+    // Slowdown: the dirty workload flat out (more pages per ms than it can write),
+    // without and with checkpointing, alternating to share the machine's noise.
+    let flat = format!("dirty pages_per_ms=1000000 mb=192 verify=0 seconds={secs}");
+    let mut plain = Vec::new();
+    let mut ckpt = Vec::new();
+    for _ in 0..2 {
+        if let Some(r) = dirty_rate(&run(&flat, None, secs).out) {
+            plain.push(r);
+        }
+        if let Some(r) = dirty_rate(&run(&flat, Some(25), secs).out) {
+            ckpt.push(r);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (p, c) = (med(&mut plain), med(&mut ckpt));
+    println!("| dirty flat out | pages/ms without checkpoints | pages/ms at 40 Hz | slowdown |");
+    println!("| --- | --- | --- | --- |");
+    let slowdown = if p > 0.0 { (1.0 - c / p) * 100.0 } else { 0.0 };
+    println!("| 192 MiB region | {p:.0} | {c:.0} | {slowdown:.1} % |");
+}
