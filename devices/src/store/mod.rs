@@ -22,6 +22,23 @@
 //!   last acknowledged one.
 //!
 //! The files sit behind [`StoreFile`], so tests put a fault-injecting layer underneath.
+//!
+//! # From the device event loop
+//!
+//! The loop owns the store (or locks a [`SharedStore`] briefly per request):
+//!
+//! * a guest write calls [`Store::write`]; on [`WriteOutcome::Written`] complete the
+//!   request; if `end_epoch_early` is set, ask the epoch engine for a cut. On
+//!   [`WriteOutcome::Deferred`] keep the request (its descriptor chain) in a FIFO,
+//!   ask for a cut, and return to the loop; resubmit the FIFO after the next cut,
+//!   before any newer write (so write order is kept). Never wait on the loop;
+//! * a guest read calls [`Store::read`]; a guest FLUSH calls [`Store::flush`] (with a
+//!   sink), or [`Store::commit_local`] (local policy: cut, acknowledge, retire);
+//! * the cut (vCPUs paused, loop parked) calls [`Store::start_checkpoint`]; on
+//!   [`Error::NoFreeRegion`] the cut is postponed and the guest keeps running;
+//! * the replication thread exports, acknowledges, and retires with
+//!   [`SharedStore::retire`], which holds the lock only to start and finish, so the
+//!   copy into the base image never stalls the loop.
 
 mod error;
 mod extent;
