@@ -866,3 +866,84 @@ fn a_preallocated_journal_is_written_whole_and_works() {
     s.commit_local(1).unwrap();
     assert_eq!(&world.durable(base.id())[1024..2048], &pattern(2, 2, 2)[..]);
 }
+
+#[test]
+fn large_and_odd_sized_writes() {
+    let (rig, mut s) = Rig::new(cfg(2, 1 << 20));
+    let big = pattern(1, 0, 60); // 30 KiB in one record
+    written(s.write(0, &big).unwrap());
+    written(s.write(3, &pattern(2, 3, 3)).unwrap());
+    written(s.write(59, &pattern(3, 59, 5)).unwrap());
+    let mut expect = vec![0u8; (SECTORS * 512) as usize];
+    apply(&mut expect, 0, &big);
+    apply(&mut expect, 3 * 512, &pattern(2, 3, 3));
+    apply(&mut expect, 59 * 512, &pattern(3, 59, 5));
+    assert_eq!(read_all(&s), expect);
+    // A read starting and ending inside extents.
+    let mut part = vec![0u8; 7 * 512];
+    s.read(2, &mut part).unwrap();
+    assert_eq!(part, expect[2 * 512..9 * 512]);
+    assert!(matches!(
+        s.write(SECTORS - 1, &pattern(4, 0, 2)),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.write(0, &[0u8; 100]),
+        Err(Error::Unaligned { .. })
+    ));
+    s.commit_local(1).unwrap();
+    assert_eq!(rig.base_bytes(), expect);
+}
+
+#[test]
+fn retire_runs_beside_a_writing_device_loop() {
+    // One thread plays the device loop (writes and reads through the lock), another
+    // the replication thread (cuts, acknowledges, retires with the split retire).
+    let world = FaultWorld::new();
+    let base = world.file(vec![0u8; (SECTORS * 512) as usize]);
+    let journal = world.file(Vec::new());
+    let (s, _) = Store::open(
+        base.clone(),
+        journal,
+        &cfg(3, 16 << 10),
+        RecoverTo::LastAcknowledged,
+    )
+    .unwrap();
+    let shared = SharedStore::new(s);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let device = {
+        let shared = Arc::clone(&shared);
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut guest = vec![0u8; (SECTORS * 512) as usize];
+            let mut tag = 0u64;
+            let mut deferred = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || tag < 2000 {
+                tag += 1;
+                let sector = (tag * 13) % (SECTORS - 2);
+                let data = pattern(tag, sector, 2);
+                match shared.lock().write(sector, &data).unwrap() {
+                    WriteOutcome::Written { .. } => apply(&mut guest, sector * 512, &data),
+                    WriteOutcome::Deferred => deferred += 1,
+                }
+                let mut all = vec![0u8; guest.len()];
+                shared.lock().read(0, &mut all).unwrap();
+                assert!(all == guest, "the device saw stale data at write {tag}");
+            }
+            (guest, deferred)
+        })
+    };
+    let mut epoch = 0;
+    for _ in 0..300 {
+        epoch += 1;
+        shared
+            .start_checkpoint_wait(epoch, Duration::from_secs(10))
+            .unwrap();
+        shared.lock().acknowledge(epoch).unwrap();
+        shared.retire(epoch).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (guest, _deferred) = device.join().unwrap();
+    shared.lock().commit_local(epoch + 1).unwrap();
+    assert_eq!(world.durable(base.id()), guest);
+}
