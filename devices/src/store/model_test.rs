@@ -317,7 +317,7 @@ impl Harness {
                 assert!(f.acked);
                 // The device loop goes on while the job runs.
                 for k in 0..writes {
-                    let sector = (self.rnd() % (SECTORS - 4)) as u64;
+                    let sector = self.rnd() % (SECTORS - 4);
                     let (_, r) = self.apply(&Op::Write {
                         sector,
                         sectors: 1 + u64::from(k),
