@@ -226,11 +226,13 @@ int smp_start(void (*job)(unsigned cpu), const char *who)
 
 int wl_smp(const struct cmdline *cl_in)
 {
-    static const char *const keys[] = { NULL };
+    static const char *const keys[] = { "seconds", NULL };
     struct cmdline *cl = (struct cmdline *)cl_in;
-    int n;
+    uint64_t seconds, s, snap[MAX_CPUS];
+    struct timeout t;
+    int n, i;
 
-    if (cmdline_check_keys(cl, keys)) {
+    if (cmdline_check_keys(cl, keys) || cmdline_u64(cl, "seconds", 0, 0, 1000000, &seconds)) {
         print("smp: error: %s\n", cl->err);
         return EXIT_USAGE;
     }
@@ -238,5 +240,23 @@ int wl_smp(const struct cmdline *cl_in)
     if (n < 0)
         return EXIT_FAIL;
     print("smp: %d cpus running\n", n);
+    /* seconds=T: keep them all counting at CPL3 for T s (checkpoint tests),
+     * checking every second that every cpu's counter moved */
+    for (s = 1; s <= seconds; s++) {
+        for (i = 1; i < n; i++)
+            snap[i] = pcpu[i].counter;
+        timeout_start_wall(&t, 1000);
+        while (!timeout_expired(&t))
+            cpu_relax();
+        for (i = 1; i < n; i++)
+            if (pcpu[i].counter == snap[i]) {
+                print("smp: FAILED: cpu %d stopped counting (at %llu)\n", i,
+                      (unsigned long long)snap[i]);
+                return EXIT_FAIL;
+            }
+        print("smp: %llu s, all %d cpus counting\n", (unsigned long long)s, n);
+    }
+    if (seconds)
+        print("smp: %d cpus ran for %llu s\n", n, (unsigned long long)seconds);
     return EXIT_OK;
 }

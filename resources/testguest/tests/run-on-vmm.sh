@@ -60,6 +60,7 @@ run pauses 0 '^pauses: [0-9]+ gaps in 1 s' -- --cmdline "pauses seconds=1"
 run hostile 0 '^hostile: all [0-9]+ cases behaved$' -- --cmdline hostile --disk "path=$work/hostile.img"
 run smp1 0 '^smp: 1 cpus running$' -- --cmdline smp
 run smp4 0 '^smp: 4 cpus running$' -- --cmdline smp --cpus 4
+run smp-seconds 0 '^smp: 2 cpus ran for 2 s$' -- --cmdline "smp seconds=2" --cpus 2
 run fault 3 'vector 0x0e #PF at CPL3' -- --cmdline "fault kind=pf"
 run fault-cpl0 3 "vector 0x0e #PF at CPL0" -- --cmdline "fault kind=kpf"
 run bad-workload 2 "unknown workload 'nope'" -- --cmdline nope
@@ -102,6 +103,7 @@ if "$vmm" restore --help >/dev/null 2>&1; then
     else
         fail=$((fail + 1)); echo "FAIL restore-mix image: verify-disk.py"
     fi
+    kill_restore restore-smp 3 '^smp: 4 cpus ran for 5 s$' -- --cpus 4 --cmdline "smp seconds=5"
     kill_restore restore-counter-idle 1 '^counter 40$' -- --cmdline "counter interval_ms=50 limit=40 idle=1"
     # console continuity: no line lost across the restore (repeats mean the
     # output of an epoch was released before its checkpoint was complete)
