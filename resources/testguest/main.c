@@ -208,7 +208,7 @@ static __attribute__((noreturn)) void usage_error(const char *msg)
     print("testguest: error: %s\n", msg);
     print("testguest: usage: hello | disk [records=N] [seed=S] [mode=write|verify|both] [rounds=R]"
           " | dirty [pages_per_ms=N] [mb=M] [seconds=T] [verify=0|1] [idle=0|1]"
-          " | counter [interval_ms=N] [limit=N] [idle=0|1] | smp [seconds=T] | hostile"
+          " | counter [interval_ms=N] [limit=N] [idle=0|1] | smp [seconds=T] [delay_ms=D] | hostile"
           " | mix [seconds=T] [records=N] [seed=S] [pages_per_ms=N] [mb=M]"
           " | pauses [seconds=T] [threshold_us=N] | fault [kind=ud|gp|pf|de|kpf]\n");
     print("testguest: exit %d (usage)\n", EXIT_USAGE);

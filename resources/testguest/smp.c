@@ -148,6 +148,8 @@ static int wait_alive(unsigned idx, uint64_t ms)
  * wait until each cpu's counter moves.  Returns the number of cpus running,
  * the BSP included, or -1 after printing why.
  */
+static uint64_t start_delay_ms;   /* smp delay_ms=: pause before each AP */
+
 int smp_start(void (*job)(unsigned cpu), const char *who)
 {
     struct mp_cpu cpus[64];
@@ -187,6 +189,8 @@ int smp_start(void (*job)(unsigned cpu), const char *who)
             return -1;
         }
         ids[idx] = cpus[i].apic_id;
+        if (start_delay_ms)
+            delay_us(start_delay_ms * 1000);
         BOOTINFO->ap_index = idx;
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         ipi(cpus[i].apic_id, ICR_INIT);
@@ -226,13 +230,14 @@ int smp_start(void (*job)(unsigned cpu), const char *who)
 
 int wl_smp(const struct cmdline *cl_in)
 {
-    static const char *const keys[] = { "seconds", NULL };
+    static const char *const keys[] = { "seconds", "delay_ms", NULL };
     struct cmdline *cl = (struct cmdline *)cl_in;
     uint64_t seconds, s, snap[MAX_CPUS];
     struct timeout t;
     int n, i;
 
-    if (cmdline_check_keys(cl, keys) || cmdline_u64(cl, "seconds", 0, 0, 1000000, &seconds)) {
+    if (cmdline_check_keys(cl, keys) || cmdline_u64(cl, "seconds", 0, 0, 1000000, &seconds) ||
+        cmdline_u64(cl, "delay_ms", 0, 0, 60000, &start_delay_ms)) {
         print("smp: error: %s\n", cl->err);
         return EXIT_USAGE;
     }

@@ -112,6 +112,8 @@ if "$vmm" restore --help >/dev/null 2>&1; then
     fi
     kill_restore restore-smp 1 '^smp: 4 cpus ran for 8 s$' -- --memory 64M --cpus 4 \
         --cmdline "smp seconds=8"
+    kill_restore restore-smp-bringup 0.5 '^smp: 4 cpus ran for 1 s$' -- --memory 64M --cpus 4 \
+        --cmdline "smp delay_ms=700 seconds=1"
     kill_restore restore-counter-idle 0.5 '^counter 100$' -- --memory 64M \
         --cmdline "counter interval_ms=50 limit=100 idle=1"
     # console continuity: no line lost across the restore (repeats mean the
