@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A running mirrorvm whose stdout lines arrive on a channel.
+/// A running mirrorvm whose stdout lines arrive on a channel. Dropping it kills the
+/// process, so a failing assertion leaves nothing running behind.
 struct Running {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -67,7 +68,7 @@ impl Running {
         while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
             self.seen.push(l);
         }
-        self.seen
+        std::mem::take(&mut self.seen)
     }
 
     fn stderr(mut self) -> String {
@@ -78,6 +79,13 @@ impl Running {
             let _ = std::io::Read::read_to_string(&mut e, &mut s);
         }
         s
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -237,7 +245,7 @@ fn dirty_pages_survive_kill_and_restore() {
     let progress = progress.get();
     let err = r.stderr();
     assert!(
-        !ok,
+        !failed,
         "the restored guest found a lost page:\n{}\n{err}",
         lines.join("\n")
     );
@@ -520,5 +528,87 @@ fn two_vcpus_with_a_checkpointed_disk_restore_with_memory_and_disk_agreeing() {
         disk_rounds >= 2 && mem_rounds >= 2,
         "both vCPUs must go on after the restore:\n{}\n{err}",
         lines.join("\n")
+    );
+}
+
+fn memory_epoch(dir: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join("memory.epoch"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_failing_sink_is_retried_while_the_guest_runs_on() {
+    if skip_without_kvm("a_failing_sink_is_retried_while_the_guest_runs_on") {
+        return;
+    }
+    let dir = tempdir();
+    let ck = dir.path().join("ck");
+    let away = dir.path().join("ck.away");
+    let mut c = mirrorvm();
+    c.args([
+        "run",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "counter interval_ms=10",
+        "--epoch-ms",
+        "20",
+        "--checkpoint-dir",
+    ])
+    .arg(&ck);
+    let mut r = Running::spawn(c);
+    assert!(
+        wait_complete(&ck, Duration::from_secs(30)),
+        "no checkpoint completed"
+    );
+    // Take the directory away: every write to it fails, and is retried.
+    std::fs::rename(&ck, &away).unwrap();
+    let stuck_at = memory_epoch(&away).unwrap();
+    let before = counters(&r.seen).last().copied().unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(300));
+    let last_seen = |r: &mut Running| {
+        let _ = r.wait_for(Duration::from_millis(300), |_| false);
+        counters(&r.seen).last().copied().unwrap_or(0)
+    };
+    let during = last_seen(&mut r);
+    assert!(
+        during > before + 5,
+        "the guest must keep running while exports fail ({before} -> {during})"
+    );
+    assert_eq!(
+        memory_epoch(&away),
+        Some(stuck_at),
+        "nothing can complete meanwhile"
+    );
+    // Bring it back: the checkpoint in flight lands, and the chain goes on.
+    std::fs::rename(&away, &ck).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while memory_epoch(&ck).unwrap_or(0) < stuck_at + 3 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let resumed = memory_epoch(&ck).unwrap_or(0);
+    assert!(
+        resumed >= stuck_at + 3,
+        "checkpointing did not resume: epoch {stuck_at} -> {resumed}"
+    );
+    let printed = r.kill9();
+    let last = counters(&printed).last().copied().unwrap_or(0);
+
+    let mut c = mirrorvm();
+    c.args(["restore", "--from"]).arg(&ck);
+    let mut r = Running::spawn(c);
+    assert!(
+        r.wait_for(Duration::from_secs(30), |l| l.starts_with("counter ")),
+        "restore printed nothing"
+    );
+    let first = counters(&r.seen)[0];
+    let _ = r.kill9();
+    // A checkpoint cut after the directory came back: later than the outage.
+    assert!(
+        first > during && first <= last + 1,
+        "resumed at {first}; outage at {during}, last printed {last}"
     );
 }

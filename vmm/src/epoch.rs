@@ -197,6 +197,7 @@ pub struct EpochEngine {
     in_flight: Option<EpochMetrics>,
     postponed: bool,
     need_full: bool,
+    closing: bool,
     precopy_start: Option<Instant>,
     spare: StagedPages,
     metrics: Option<(PathBuf, BufWriter<File>)>,
@@ -328,6 +329,7 @@ impl EpochEngine {
             in_flight: None,
             postponed: false,
             need_full: true,
+            closing: false,
             precopy_start: None,
             spare: StagedPages::default(),
             metrics,
@@ -511,7 +513,7 @@ impl EpochEngine {
                     .map_err(|err| EpochError::Metrics(path.clone(), err))?;
             }
         }
-        if self.postponed || self.devices.wants_cut() {
+        if !self.closing && (self.postponed || self.devices.wants_cut()) {
             self.cut()?;
         }
         Ok(())
@@ -542,6 +544,7 @@ impl EpochEngine {
 
     /// Stops the exporter after the checkpoint in flight (if any) is written.
     pub fn shutdown(&mut self) {
+        self.closing = true;
         self.to_exporter = None;
         if let Some(t) = self.exporter.take() {
             let _ = t.join();
@@ -549,10 +552,12 @@ impl EpochEngine {
         let _ = self.exported();
     }
 
-    /// Stops the exporter without waiting for the checkpoint in flight.
+    /// Stops the exporter as soon as it can: a write in progress finishes (so the
+    /// disks are not touched by two threads at once afterwards), a failing one is
+    /// not retried. The last complete checkpoint stands.
     pub fn abandon(&mut self) {
         self.stop_exporter.store(true, Ordering::Release);
-        self.to_exporter = None;
+        self.shutdown();
     }
 }
 
