@@ -94,3 +94,159 @@ mod tests {
         assert_eq!(d.feed(b'x'), Keystroke::Guest(b'x'));
     }
 }
+
+/// Output commit for the console: with checkpoints, what the guest writes in epoch N
+/// is held back until checkpoint N is complete, so nothing the outside world saw is
+/// ever repeated or contradicted by a guest restored from a checkpoint.
+///
+/// Without checkpoints the gate is open and bytes pass straight through.
+pub struct OutputGate {
+    inner: std::sync::Mutex<GateState>,
+}
+
+struct GateState {
+    out: Box<dyn std::io::Write + Send>,
+    held: bool,
+    /// Written since the last cut.
+    pending: Vec<u8>,
+    /// Sealed at cut N, waiting for checkpoint N: (N, bytes).
+    sealed: std::collections::VecDeque<(u64, Vec<u8>)>,
+}
+
+/// Most bytes held for one epoch; beyond it the oldest held output is released
+/// early rather than growing without bound (a guest printing megabytes per epoch).
+pub const GATE_MAX_HELD: usize = 16 << 20;
+
+impl OutputGate {
+    /// A gate in front of `out`; `held` turns output commit on.
+    pub fn new(out: Box<dyn std::io::Write + Send>, held: bool) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(OutputGate {
+            inner: std::sync::Mutex::new(GateState {
+                out,
+                held,
+                pending: Vec::new(),
+                sealed: std::collections::VecDeque::new(),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        devices::bus::lock_recover(&self.inner)
+    }
+
+    /// At cut `epoch`: what was written since the previous cut belongs to it.
+    pub fn seal(&self, epoch: u64) {
+        let mut s = self.state();
+        if s.held && !s.pending.is_empty() {
+            let bytes = std::mem::take(&mut s.pending);
+            s.sealed.push_back((epoch, bytes));
+        }
+    }
+
+    /// Checkpoint `epoch` is complete: release its output and everything before.
+    pub fn release(&self, epoch: u64) {
+        let mut s = self.state();
+        while s.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
+            if let Some((_, bytes)) = s.sealed.pop_front() {
+                let _ = s.out.write_all(&bytes);
+            }
+        }
+        let _ = s.out.flush();
+    }
+
+    /// The run is ending cleanly: release everything, and stop holding.
+    pub fn open(&self) {
+        let mut s = self.state();
+        while let Some((_, bytes)) = s.sealed.pop_front() {
+            let _ = s.out.write_all(&bytes);
+        }
+        let pending = std::mem::take(&mut s.pending);
+        let _ = s.out.write_all(&pending);
+        let _ = s.out.flush();
+        s.held = false;
+    }
+
+    /// A writer for the serial device.
+    pub fn writer(self: &std::sync::Arc<Self>) -> GateWriter {
+        GateWriter(self.clone())
+    }
+}
+
+/// The serial device's end of an [`OutputGate`].
+pub struct GateWriter(std::sync::Arc<OutputGate>);
+
+impl std::io::Write for GateWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut s = self.0.state();
+        if !s.held {
+            return s.out.write(buf);
+        }
+        if s.pending.len() + buf.len() > GATE_MAX_HELD {
+            // Bounded: release the oldest sealed output early (documented).
+            let pending = std::mem::take(&mut s.pending);
+            while let Some((_, bytes)) = s.sealed.pop_front() {
+                s.out.write_all(&bytes)?;
+            }
+            s.out.write_all(&pending)?;
+        }
+        s.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut s = self.0.state();
+        if s.held {
+            Ok(())
+        } else {
+            s.out.flush()
+        }
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_waits_for_its_checkpoint() {
+        let sink = Sink::default();
+        let gate = OutputGate::new(Box::new(sink.clone()), true);
+        let mut w = gate.writer();
+        w.write_all(b"one ").unwrap();
+        gate.seal(1);
+        w.write_all(b"two ").unwrap();
+        gate.seal(2);
+        w.write_all(b"three").unwrap();
+        assert!(sink.0.lock().unwrap().is_empty());
+        gate.release(1);
+        assert_eq!(&*sink.0.lock().unwrap(), b"one ");
+        gate.release(2);
+        assert_eq!(&*sink.0.lock().unwrap(), b"one two ");
+        gate.open();
+        assert_eq!(&*sink.0.lock().unwrap(), b"one two three");
+        w.write_all(b"!").unwrap();
+        assert_eq!(&*sink.0.lock().unwrap(), b"one two three!");
+    }
+
+    #[test]
+    fn an_open_gate_passes_through() {
+        let sink = Sink::default();
+        let gate = OutputGate::new(Box::new(sink.clone()), false);
+        gate.writer().write_all(b"now").unwrap();
+        assert_eq!(&*sink.0.lock().unwrap(), b"now");
+    }
+}

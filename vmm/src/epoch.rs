@@ -67,6 +67,9 @@ pub trait DeviceCut: Send {
     fn start_checkpoint(&mut self, epoch: u64) -> Result<u64, String>;
     /// Whether a disk region passed its high-water mark (end the epoch early).
     fn wants_cut(&self) -> bool;
+    /// Checkpoint `epoch` is complete: release what was held back for it (output
+    /// commit).
+    fn complete(&mut self, epoch: u64);
 }
 
 /// The disk half of making checkpoint N complete, run on the exporter thread.
@@ -507,6 +510,7 @@ impl EpochEngine {
             }
             self.spare = pages;
             self.completed += 1;
+            self.devices.complete(e.epoch);
             if let Some((path, w)) = &mut self.metrics {
                 writeln!(w, "{}", m.json())
                     .and_then(|_| w.flush())

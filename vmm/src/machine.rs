@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError, DEFAULT_INITRD_ADDR_MAX};
 use crate::checkpoint::SavedConfig;
 use crate::config::{DiskConfig, KernelSource, SerialConfig, VmConfig};
-use crate::console::{EscapeDecoder, Keystroke, RawTerminal};
+use crate::console::{EscapeDecoder, Keystroke, OutputGate, RawTerminal};
 use crate::disk::StoreMode;
 use crate::epoch::{DeviceCut, DiskCommit, EpochConfig, EpochEngine};
 use crate::layout::*;
@@ -324,6 +324,7 @@ pub struct DevicesState {
 
 /// The devices as the epoch engine sees them.
 struct MachineDevices {
+    gate: Arc<OutputGate>,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
     disks: Vec<(Arc<Mutex<Block>>, Arc<Mutex<MmioTransport>>)>,
@@ -351,6 +352,8 @@ impl DeviceCut for MachineDevices {
     }
 
     fn start_checkpoint(&mut self, epoch: u64) -> Result<u64, String> {
+        // Console output of this epoch waits for its checkpoint.
+        self.gate.seal(epoch);
         let mut bytes = 0;
         for store in &self.stores {
             let mut s = lock_recover(store);
@@ -370,6 +373,10 @@ impl DeviceCut for MachineDevices {
         self.stores
             .iter()
             .any(|s| lock_recover(s).end_epoch_early())
+    }
+
+    fn complete(&mut self, epoch: u64) {
+        self.gate.release(epoch);
     }
 }
 
@@ -436,6 +443,7 @@ pub struct Machine {
     _kvm: Kvm,
     mem: GuestMemory,
     serial: Arc<Mutex<SerialDevice>>,
+    gate: Arc<OutputGate>,
     i8042: Arc<Mutex<I8042>>,
     disks: Vec<AttachedDisk>,
     shutdown: Arc<Shutdown>,
@@ -640,6 +648,9 @@ impl Machine {
 
         // Legacy devices.
         let (serial_out, attach_stdin) = serial_output(&serial_cfg)?;
+        // Output commit: with checkpoints, console output waits for its checkpoint.
+        let gate = OutputGate::new(serial_out, epoch.is_some());
+        let serial_out: Box<dyn Write + Send> = Box::new(gate.writer());
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Os {
             what: "the serial interrupt eventfd",
             source,
@@ -790,6 +801,7 @@ impl Machine {
             _kvm: kvm,
             mem,
             serial,
+            gate,
             i8042,
             disks: attached,
             shutdown,
@@ -898,6 +910,7 @@ impl Machine {
             let sink = crate::checkpoint::DirectorySink::new(&cfg.dir)?;
             let stores: Vec<_> = self.disks.iter().filter_map(|d| d.store.clone()).collect();
             let devices = MachineDevices {
+                gate: self.gate.clone(),
                 serial: self.serial.clone(),
                 i8042: self.i8042.clone(),
                 disks: self
@@ -995,6 +1008,8 @@ impl Machine {
                 self.vcpus.push(v);
             }
         }
+        // Everything the guest wrote is released on a clean end.
+        self.gate.open();
         let _ = lock_recover(&self.serial).output_mut().flush();
         // Clean shutdown: every checkpointed disk's regions go into its base image,
         // which then alone holds the guest's disk.
