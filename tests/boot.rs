@@ -301,3 +301,41 @@ fn missing_or_forbidden_kvm_is_a_clear_error() {
         loud("*** SKIPPED missing_or_forbidden_kvm_is_a_clear_error (permission case): needs root to drop privileges ***");
     }
 }
+
+#[test]
+fn a_vcpu_spinning_in_kvm_is_still_stopped_cleanly() {
+    if skip_without_kvm("a_vcpu_spinning_in_kvm_is_still_stopped_cleanly") {
+        return;
+    }
+    // vmcall at CPL0 makes kvm_pvm spin the vCPU inside KVM_RUN forever: the run
+    // loop must still end on SIGTERM, through the kick or, failing that, the stop
+    // deadline with a clear message, never by hanging.
+    let mut child = mirrorvm()
+        .args(["run", "--cmdline", "fault kind=vmcall"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = std::time::Instant::now();
+    let o = loop {
+        if child.try_wait().expect("wait").is_some() {
+            break child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("mirrorvm hung with a vCPU spinning in KVM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("this vCPU now hangs"), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    match o.status.code() {
+        Some(143) => {}
+        Some(1) => assert!(err.contains("did not leave KVM_RUN"), "{}", show(&o)),
+        _ => panic!("unexpected end: {}", show(&o)),
+    }
+}

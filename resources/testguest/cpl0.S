@@ -249,7 +249,17 @@ isr_syscall:
         movl    %esi, (%rax)
         xorl    %eax, %eax
         iretq
-5:      movq    $-1, %rax
+5:      cmpl    $SYS_HANG, %eax
+        jne     7f
+        /* The one deliberate forbidden instruction (check-cpl0.sh allows exactly
+         * this address): under kvm_pvm, vmcall at CPL0 spins the vCPU inside
+         * KVM_RUN where no kick reaches it. `fault kind=vmcall` uses it to test
+         * that the VMM gives up on such a vCPU with a clear message. */
+        .globl  deliberate_vmcall
+deliberate_vmcall:
+        vmcall
+        jmp     deliberate_vmcall
+7:      movq    $-1, %rax
         iretq
 
 /* al = exit code.  Port 0xf4 ends the run; the i8042 reset is a fallback. */

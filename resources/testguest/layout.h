@@ -55,6 +55,7 @@
 #define SYS_EXIT            1   /* rdi = exit code (low byte); never returns */
 #define SYS_APIC_READ       2   /* rdi = LAPIC register offset -> rax = value */
 #define SYS_APIC_WRITE      3   /* rdi = LAPIC register offset, rsi = value */
+#define SYS_HANG            5   /* vmcall at CPL0: a vCPU KVM cannot interrupt under kvm_pvm (tests the VMM watchdog) */
 #define SYS_SLEEP           4   /* rdi = TSC deadline: arm the TSC-deadline
                                    timer, sti; hlt until an interrupt */
 

@@ -210,7 +210,7 @@ static __attribute__((noreturn)) void usage_error(const char *msg)
           " | dirty [pages_per_ms=N] [mb=M] [seconds=T] [verify=0|1] [idle=0|1]"
           " | counter [interval_ms=N] [limit=N] [idle=0|1] | smp [seconds=T] [delay_ms=D] | hostile"
           " | mix [seconds=T] [records=N] [seed=S] [pages_per_ms=N] [mb=M]"
-          " | pauses [seconds=T] [threshold_us=N] | fault [kind=ud|gp|pf|de|kpf]\n");
+          " | pauses [seconds=T] [threshold_us=N] | fault [kind=ud|gp|pf|de|kpf|vmcall]\n");
     print("testguest: exit %d (usage)\n", EXIT_USAGE);
     guest_exit(EXIT_USAGE);
 }
@@ -336,11 +336,15 @@ static int wl_fault(void)
         *(volatile uint64_t *)(uintptr_t)0x8000000000ull = 1; /* not mapped */
     } else if (str_eqn(kind, len, "kpf")) {
         sys_write((const void *)(uintptr_t)0x8000000000ull, 1); /* #PF at CPL0 */
+    } else if (str_eqn(kind, len, "vmcall")) {
+        /* Not an exception: the vCPU hangs in KVM (see SYS_HANG). */
+        print("fault: vmcall at CPL0: this vCPU now hangs where no kick reaches it\n");
+        sys_call2(SYS_HANG, 0, 0);
     } else if (str_eqn(kind, len, "de")) {
         volatile unsigned zero = 0, one = 1;
         one /= zero;
     } else {
-        usage_error("fault: kind must be ud, gp, pf, de or kpf");
+        usage_error("fault: kind must be ud, gp, pf, de, kpf or vmcall");
     }
     print("fault: FAILED: no exception\n");
     return EXIT_FAIL;
