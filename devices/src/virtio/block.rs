@@ -590,8 +590,12 @@ impl DiskIo {
             tracing::warn!("virtio-blk: cannot write the status byte: {e}");
             return Outcome::Done(0);
         }
-        // Every writable byte of the chain, status included (at most 4 GiB - 1: the chain
+        // The bytes written into the chain: after a failure only the status byte; after
+        // success every writable byte, status included (at most 4 GiB - 1: the chain
         // iterator stops at a u32 overflow of the total).
+        if status != VIRTIO_BLK_S_OK as u8 {
+            return Outcome::Done(1);
+        }
         let used = descs
             .iter()
             .filter(|d| d.is_write_only())
