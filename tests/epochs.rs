@@ -407,7 +407,7 @@ fn linux_restored_in_the_middle_of_its_boot_mounts_its_root() {
             "--memory",
             "128M",
             "--cmdline",
-            &cmdline,
+            cmdline,
             "--epoch-ms",
             "25",
             "--checkpoint-dir",

@@ -322,12 +322,15 @@ pub struct DevicesState {
     pub disks: Vec<(MmioTransportState, BlockState)>,
 }
 
+/// A block device and its transport, as the cut saves them.
+type DiskPair = (Arc<Mutex<Block>>, Arc<Mutex<MmioTransport>>);
+
 /// The devices as the epoch engine sees them.
 struct MachineDevices {
     gate: Arc<OutputGate>,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
-    disks: Vec<(Arc<Mutex<Block>>, Arc<Mutex<MmioTransport>>)>,
+    disks: Vec<DiskPair>,
     stores: Vec<Arc<Mutex<Store>>>,
 }
 
