@@ -108,6 +108,40 @@ fn wait_complete(dir: &std::path::Path, timeout: Duration) -> bool {
     false
 }
 
+/// Starts `mirrorvm run` of the test guest with `cmdline` (plus `extra` arguments),
+/// checkpointing every `epoch_ms` into `ck`; returns once `started` matched a line
+/// and the first checkpoint is complete.
+fn start_checkpointed(
+    ck: &std::path::Path,
+    cmdline: &str,
+    epoch_ms: u32,
+    extra: &[&str],
+    started: impl Fn(&str) -> bool,
+) -> Running {
+    let mut c = mirrorvm();
+    c.args([
+        "run",
+        "--cmdline",
+        cmdline,
+        "--epoch-ms",
+        &epoch_ms.to_string(),
+    ])
+    .args(extra)
+    .arg("--checkpoint-dir")
+    .arg(ck);
+    let mut r = Running::spawn(c);
+    assert!(
+        r.wait_for(Duration::from_secs(30), started),
+        "the guest did not start:\n{}",
+        r.seen.join("\n")
+    );
+    assert!(
+        wait_complete(ck, Duration::from_secs(30)),
+        "no checkpoint completed"
+    );
+    r
+}
+
 fn counters(lines: &[String]) -> Vec<u64> {
     lines
         .iter()
@@ -141,25 +175,7 @@ fn counter_killed_at_random_moments_resumes_from_its_last_checkpoint() {
     for (round, delay) in kill_delays(3).into_iter().enumerate() {
         let dir = tempdir();
         let ck = dir.path().join("ck");
-        let mut c = mirrorvm();
-        c.args([
-            "run",
-            "--cmdline",
-            "counter interval_ms=10",
-            "--epoch-ms",
-            "20",
-            "--checkpoint-dir",
-        ])
-        .arg(&ck);
-        let mut r = Running::spawn(c);
-        assert!(
-            r.wait_for(Duration::from_secs(30), |l| l == "counter 3"),
-            "round {round}: guest did not start"
-        );
-        assert!(
-            wait_complete(&ck, Duration::from_secs(30)),
-            "round {round}: no checkpoint completed"
-        );
+        let r = start_checkpointed(&ck, "counter interval_ms=10", 20, &[], |l| l == "counter 3");
         std::thread::sleep(delay);
         let before = counters(&r.kill9());
         let last = *before.last().expect("printed values");
@@ -210,25 +226,9 @@ fn dirty_pages_survive_kill_and_restore() {
     // a page missing from a checkpoint shows up as a failure after the restore.
     let dir = tempdir();
     let ck = dir.path().join("ck");
-    let mut c = mirrorvm();
-    c.args([
-        "run",
-        "--cmdline",
-        "dirty pages_per_ms=50 mb=16",
-        "--epoch-ms",
-        "25",
-        "--checkpoint-dir",
-    ])
-    .arg(&ck);
-    let mut r = Running::spawn(c);
-    assert!(
-        r.wait_for(Duration::from_secs(30), |l| l.contains("pages dirtied")),
-        "dirty did not start"
-    );
-    assert!(
-        wait_complete(&ck, Duration::from_secs(30)),
-        "no checkpoint completed"
-    );
+    let r = start_checkpointed(&ck, "dirty pages_per_ms=50 mb=16", 25, &[], |l| {
+        l.contains("pages dirtied")
+    });
     std::thread::sleep(Duration::from_millis(1500));
     let _ = r.kill9();
 
@@ -388,13 +388,7 @@ fn linux_restored_in_the_middle_of_its_boot_mounts_its_root() {
     let out = linux_artifacts();
     let dir = tempdir();
     let img = dir.path().join("root.ext4");
-    make_image(&img, 32 << 20);
-    let mk = Command::new("mkfs.ext4")
-        .args(["-F", "-q"])
-        .arg(&img)
-        .output()
-        .expect("mkfs.ext4");
-    assert!(mk.status.success());
+    make_ext4(&img, 32 << 20);
     let ck = dir.path().join("ck");
     // A writable root on a checkpointed disk: its writes stay in store regions
     // until their checkpoint is complete.
@@ -469,29 +463,13 @@ fn two_vcpus_with_a_checkpointed_disk_restore_with_memory_and_disk_agreeing() {
     let img = dir.path().join("disk.img");
     make_image(&img, 32 << 20);
     let ck = dir.path().join("ck");
-    let mut c = mirrorvm();
-    c.args([
-        "run",
-        "--cpus",
-        "2",
-        "--cmdline",
+    let disk = format!("path={},checkpoint=on", img.display());
+    let r = start_checkpointed(
+        &ck,
         "mix seconds=0",
-        "--epoch-ms",
-        "25",
-        "--checkpoint-dir",
-    ])
-    .arg(&ck)
-    .arg("--disk")
-    .arg(format!("path={},checkpoint=on", img.display()));
-    let mut r = Running::spawn(c);
-    assert!(
-        r.wait_for(Duration::from_secs(30), |l| l.starts_with("mix: disk:")),
-        "mix did not start:\n{}",
-        r.seen.join("\n")
-    );
-    assert!(
-        wait_complete(&ck, Duration::from_secs(30)),
-        "no checkpoint completed"
+        25,
+        &["--cpus", "2", "--disk", &disk],
+        |l| l.starts_with("mix: disk:"),
     );
     std::thread::sleep(Duration::from_millis(1200));
     let _ = r.kill9();
@@ -555,22 +533,12 @@ fn a_failing_sink_is_retried_while_the_guest_runs_on() {
     let dir = tempdir();
     let ck = dir.path().join("ck");
     let away = dir.path().join("ck.away");
-    let mut c = mirrorvm();
-    c.args([
-        "run",
-        "--memory",
-        "64M",
-        "--cmdline",
+    let mut r = start_checkpointed(
+        &ck,
         "counter interval_ms=10",
-        "--epoch-ms",
-        "20",
-        "--checkpoint-dir",
-    ])
-    .arg(&ck);
-    let mut r = Running::spawn(c);
-    assert!(
-        wait_complete(&ck, Duration::from_secs(30)),
-        "no checkpoint completed"
+        20,
+        &["--memory", "64M"],
+        |l| l.starts_with("counter "),
     );
     // Take the directory away: every write to it fails, and is retried.
     std::fs::rename(&ck, &away).unwrap();

@@ -34,13 +34,7 @@ fn linux_mounts_its_ext4_root_from_our_virtio_blk() {
     let out = linux_artifacts();
     let dir = tempdir();
     let img = dir.path().join("root.ext4");
-    make_image(&img, 32 << 20);
-    let mk = Command::new("mkfs.ext4")
-        .args(["-F", "-q"])
-        .arg(&img)
-        .output()
-        .expect("mkfs.ext4 (e2fsprogs)");
-    assert!(mk.status.success(), "mkfs.ext4: {}", show(&mk));
+    make_ext4(&img, 32 << 20);
     let before = mount_count(&img);
 
     let mut c = mirrorvm();

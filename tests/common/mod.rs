@@ -150,3 +150,14 @@ pub fn linux_artifacts() -> PathBuf {
 /// The command line that gets the small kernel through KVM's emulator here
 /// (ENVIRONMENT.md).
 pub const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 tsc=reliable noxsave nopku nofsgsbase noinvpcid nopcid clearcpuid=popcnt,rdrand,rdseed,smap,umip,avx,avx2,movbe,bmi1,bmi2,abm,rdpid,aes,pclmulqdq root=/dev/vda rw rootfstype=ext4";
+
+/// Creates an empty ext4 file system image of `size` bytes at `path`.
+pub fn make_ext4(path: &Path, size: u64) {
+    make_image(path, size);
+    let mk = Command::new("mkfs.ext4")
+        .args(["-F", "-q"])
+        .arg(path)
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(mk.status.success(), "mkfs.ext4: {}", show(&mk));
+}
