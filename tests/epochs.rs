@@ -599,3 +599,54 @@ fn a_failing_sink_is_retried_while_the_guest_runs_on() {
         "resumed at {first}; outage at {during}, last printed {last}"
     );
 }
+
+#[test]
+fn a_full_disk_region_ends_the_epoch_early() {
+    if skip_without_kvm("a_full_disk_region_ends_the_epoch_early") {
+        return;
+    }
+    // Epochs of a minute, but the guest writes 16 MiB per round: every cut after
+    // the first comes from the region passing its high-water mark (48 MiB of 64).
+    let dir = tempdir();
+    let img = dir.path().join("disk.img");
+    make_image(&img, 64 << 20);
+    let ck = dir.path().join("ck");
+    let metrics = dir.path().join("metrics.jsonl");
+    let disk = format!("path={},checkpoint=on", img.display());
+    let m = metrics.to_str().unwrap();
+    let r = start_checkpointed(
+        &ck,
+        "disk rounds=0 records=4096",
+        60_000,
+        &["--disk", &disk, "--metrics", m],
+        |l| l.starts_with("disk: round 1:"),
+    );
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let end = Instant::now() + Duration::from_secs(60);
+    while lines(&metrics).len() < 3 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = r.kill9();
+    let got = lines(&metrics);
+    assert!(
+        got.len() >= 3,
+        "no early cuts in a minute-long epoch: {got:?}"
+    );
+    let region = |l: &str| -> u64 {
+        let i = l.find("\"region_bytes\":").unwrap() + "\"region_bytes\":".len();
+        l[i..].split([',', '}']).next().unwrap().parse().unwrap()
+    };
+    for l in &got[1..3] {
+        assert!(
+            region(l) >= 48 << 20,
+            "an early cut before the high-water mark: {l}"
+        );
+        assert!(region(l) <= 64 << 20, "a region past its capacity: {l}");
+    }
+}

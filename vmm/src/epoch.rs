@@ -529,8 +529,9 @@ impl EpochEngine {
         if let Some(evt) = &self.cut_request {
             let _ = evt.read();
         }
-        if self.in_flight.is_some() {
-            self.postponed = true;
+        // The signal may be stale (raised for a region already cut): ask the disks.
+        // While a checkpoint is in flight, its completion asks them again.
+        if self.in_flight.is_some() || !self.devices.wants_cut() {
             return Ok(());
         }
         self.cut()
