@@ -145,11 +145,10 @@ impl StagedPages {
                 .get_slice(GuestAddress(start), len)
                 .map_err(|_| DirtyError::Copy(start))?;
             let dst = &mut self.data[i * PAGE_SIZE..i * PAGE_SIZE + len];
-            // SAFETY: `slice` is a live mapping of `len` bytes of guest memory (a
-            // run within one region: get_slice fails across regions), `dst` is a
-            // distinct host buffer of the same length, and no one writes guest
-            // memory while the guest is quiescent (the caller's contract), so a
-            // plain memcpy reads a stable source.
+            // `slice` maps `len` bytes inside one region (get_slice fails across
+            // regions) and `dst` is a distinct host buffer of the same length.
+            // SAFETY: both ranges are valid for `len` bytes and do not overlap; the
+            // guest is quiescent (the caller's contract), so the source is stable.
             unsafe {
                 std::ptr::copy_nonoverlapping(slice.ptr_guard().as_ptr(), dst.as_mut_ptr(), len)
             };

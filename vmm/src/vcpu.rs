@@ -91,9 +91,9 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     KVM_RUN_PTR.with(|p| {
         let run = p.get();
         if !run.is_null() {
-            // SAFETY: the pointer was set by this very thread from its own VcpuFd's
-            // kvm_run mapping, which lives as long as the VcpuFd, and it is reset to
-            // null before the VcpuFd is dropped. A volatile byte store is
+            // The pointer was set by this very thread from its own VcpuFd's kvm_run
+            // mapping, and is reset to null before that VcpuFd can be dropped.
+            // SAFETY: `run` points at a live kvm_run; a volatile byte store is
             // async-signal-safe.
             unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
         }
