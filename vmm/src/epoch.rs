@@ -413,9 +413,17 @@ impl EpochEngine {
                 .devices
                 .save()
                 .map_err(|e| cut_err("device state", e))?;
+            // Every parked vCPU saves itself on its own thread, all at once.
+            for v in &self.vcpus {
+                v.request_save()
+                    .map_err(|e| cut_err("vCPU state", e.to_string()))?;
+            }
             let mut vcpus = Vec::with_capacity(self.vcpus.len());
             for v in &self.vcpus {
-                vcpus.push(v.save().map_err(|e| cut_err("vCPU state", e.to_string()))?);
+                vcpus.push(
+                    v.wait_saved()
+                        .map_err(|e| cut_err("vCPU state", e.to_string()))?,
+                );
             }
             let vm = VmState::save(&self.vm).map_err(|e| cut_err("VM state", e.to_string()))?;
             let region_bytes = self
@@ -429,7 +437,6 @@ impl EpochEngine {
                 vm,
                 devices,
             };
-            let state = encode_state(&state).map_err(|e| cut_err("encode", e.to_string()))?;
             Ok((pages, state, region_bytes, t_harvest, t_copy, t_save))
         })();
         // Resume whatever happened: the guest must not stay paused.
@@ -438,6 +445,8 @@ impl EpochEngine {
         }
         let pause = t0.elapsed();
         let (pages, state, region_bytes, t_harvest, t_copy, t_save) = result?;
+        // Encoding needs no pause.
+        let state = encode_state(&state).map_err(|e| cut_err("encode", e.to_string()))?;
 
         let m = EpochMetrics {
             epoch,

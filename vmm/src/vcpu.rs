@@ -426,7 +426,7 @@ struct Parking {
 /// exit and parks), save state while parked, resume, stop.
 ///
 /// Protocol: the owner sets `pause`, kicks the thread, and waits until it reports
-/// parked; while parked the thread serves [`VcpuControl::save`] requests on its own
+/// parked; while parked the thread serves [`VcpuControl::request_save`] requests on its own
 /// thread (so the VcpuFd never leaves it); clearing `pause` lets it run again.
 pub struct VcpuControl {
     index: u8,
@@ -526,8 +526,9 @@ impl VcpuControl {
         }
     }
 
-    /// Has the parked vCPU save its state, on its own thread.
-    pub fn save(&self) -> Result<VcpuState, ControlError> {
+    /// Asks the parked vCPU to save its state (see [`VcpuControl::wait_saved`]), so
+    /// several vCPUs can save at once.
+    pub fn request_save(&self) -> Result<(), ControlError> {
         let mut p = lock_recover(&self.parking);
         if !p.parked {
             return Err(ControlError::Exited(self.index));
@@ -535,6 +536,12 @@ impl VcpuControl {
         p.request = Some(Request::Save);
         p.saved = None;
         self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Waits for the state asked for by [`VcpuControl::request_save`].
+    pub fn wait_saved(&self) -> Result<VcpuState, ControlError> {
+        let mut p = lock_recover(&self.parking);
         loop {
             if let Some(r) = p.saved.take() {
                 return r.map_err(ControlError::Save);
