@@ -142,6 +142,14 @@ pub enum VmmError {
     /// The epoch engine could not start.
     #[error(transparent)]
     Epoch(#[from] crate::epoch::EpochError),
+    /// A checkpointed disk could not be retired into its base image at the end.
+    #[error("disk {path}: cannot retire its checkpoint regions at shutdown (the journal keeps them; `mirrorvm disk recover` applies them): {source}")]
+    DiskShutdown {
+        /// The image.
+        path: String,
+        /// Cause.
+        source: devices::store::Error,
+    },
     /// A checkpoint's content cannot be restored.
     #[error("cannot restore: {0}")]
     Restore(String),
@@ -1018,15 +1026,11 @@ impl Machine {
         // which then alone holds the guest's disk.
         for d in &self.disks {
             if let Some(store) = &d.store {
-                if let Err(e) = crate::disk::commit_all(store) {
-                    self.shutdown.request(RunEnd::GuestError(format!(
-                        "disk {}: {e}",
-                        d.path.display()
-                    )));
-                    return Err(VmmError::Restore(format!(
-                        "disk {}: cannot retire its checkpoint regions at shutdown: {e}",
-                        d.path.display()
-                    )));
+                if let Err(source) = crate::disk::commit_all(store) {
+                    return Err(VmmError::DiskShutdown {
+                        path: d.path.display().to_string(),
+                        source,
+                    });
                 }
             }
         }
