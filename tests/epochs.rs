@@ -346,6 +346,11 @@ fn corrupted_checkpoint_directories_are_refused_clearly() {
         );
     };
 
+    // The guest ended that run itself: nothing to resume, and restore says so.
+    expect(&restore(&ck), "the guest ended that run itself");
+    // Without that mark, the chain itself is sound; from here on, damage it.
+    std::fs::remove_file(ck.join("finished")).unwrap();
+
     // A flipped byte in the state.
     let file = first_checkpoint(&ck);
     let good = std::fs::read(&file).unwrap();
@@ -649,4 +654,45 @@ fn a_full_disk_region_ends_the_epoch_early() {
         );
         assert!(region(l) <= 64 << 20, "a region past its capacity: {l}");
     }
+}
+
+#[test]
+fn stopping_the_vmm_cuts_a_final_checkpoint_that_restore_resumes() {
+    if skip_without_kvm("stopping_the_vmm_cuts_a_final_checkpoint_that_restore_resumes") {
+        return;
+    }
+    // SIGTERM (like Ctrl-A x) ends the run with one last checkpoint, vCPUs parked:
+    // every line the guest printed is covered, the checkpointed disk is at exactly
+    // that checkpoint, and restore continues with the very next line.
+    let dir = tempdir();
+    let img = dir.path().join("disk.img");
+    make_image(&img, 32 << 20);
+    let ck = dir.path().join("ck");
+    let disk = format!("path={},checkpoint=on", img.display());
+    let mut r = start_checkpointed(&ck, "counter interval_ms=10", 25, &["--disk", &disk], |l| {
+        l.starts_with("counter ")
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+    let status = r.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    let _ = r.wait_for(Duration::from_millis(500), |_| false);
+    let last = *counters(&r.seen).last().expect("printed values");
+    assert!(
+        !ck.join("finished").exists(),
+        "a stopped guest is not finished"
+    );
+
+    let mut c = mirrorvm();
+    c.args(["restore", "--from"]).arg(&ck);
+    let mut r = Running::spawn(c);
+    let ok = r.wait_for(Duration::from_secs(30), |l| l.starts_with("counter "));
+    let first = counters(&r.seen).first().copied();
+    assert!(ok, "restore printed nothing: {}", r.stderr());
+    assert_eq!(
+        first,
+        Some(last + 1),
+        "the restored guest must continue with the very next line"
+    );
 }

@@ -143,6 +143,34 @@ pub enum CheckpointError {
         /// The page address.
         addr: u64,
     },
+    /// The guest of this chain ended its run itself.
+    #[error("{dir}: the guest ended that run itself ({how}); there is nothing to resume, and its disks hold its final state")]
+    Finished {
+        /// The directory.
+        dir: PathBuf,
+        /// How it ended.
+        how: String,
+    },
+    /// A checkpoint file's name and header disagree.
+    #[error("{path}: the header says epoch {header}, the name says {name}")]
+    EpochMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Epoch in the header.
+        header: u64,
+        /// Epoch in the name.
+        name: u64,
+    },
+    /// More pages than the guest has.
+    #[error("{path}: {pages} pages, more than the guest's {max}")]
+    TooManyPages {
+        /// The file.
+        path: PathBuf,
+        /// Pages in the file.
+        pages: u64,
+        /// Pages of guest memory.
+        max: u64,
+    },
     /// The directory holds no complete checkpoint.
     #[error("{0}: no complete checkpoint")]
     NoCheckpoint(PathBuf),
@@ -253,7 +281,19 @@ impl LoadedCheckpoint {
 
 /// Reads and checks a checkpoint file: magic, version, header CRC, sizes against
 /// the file length (before allocating), body CRC.
-pub fn read_file(path: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
+/// A checked checkpoint header.
+struct Header {
+    raw: [u8; HEADER_LEN],
+    flags: u32,
+    epoch: u64,
+    state_len: u64,
+    npages: u64,
+}
+
+/// Opens a checkpoint file and checks, in order: length, magic, version, header CRC,
+/// the state bound, the page count against `max_pages`, and that the sizes add up to
+/// the file's length exactly. Nothing is allocated from the header before that.
+fn open_checked(path: &Path, max_pages: u64) -> Result<(File, Header), CheckpointError> {
     let mut f = File::open(path).map_err(io("cannot open", path))?;
     let len = f.metadata().map_err(io("cannot stat", path))?.len();
     let p = || path.to_path_buf();
@@ -282,31 +322,61 @@ pub fn read_file(path: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
     if u32_at(60) != crc32c::crc32c(&h[..60]) {
         return Err(CheckpointError::HeaderCrc(p()));
     }
-    let flags = u32_at(12);
-    let epoch = u64_at(16);
-    let state_len = u64_at(24);
-    let npages = u64_at(32);
-    if state_len > MAX_STATE_LEN {
+    let header = Header {
+        raw: h,
+        flags: u32_at(12),
+        epoch: u64_at(16),
+        state_len: u64_at(24),
+        npages: u64_at(32),
+    };
+    if header.state_len > MAX_STATE_LEN {
         return Err(CheckpointError::TooLarge {
             path: p(),
             what: "machine state",
-            len: state_len,
+            len: header.state_len,
         });
     }
-    let page_bytes = npages.checked_mul(8 + PAGE_SIZE as u64);
-    let expected = page_bytes
-        .and_then(|b| b.checked_add(state_len))
+    if header.npages > max_pages {
+        return Err(CheckpointError::TooManyPages {
+            path: p(),
+            pages: header.npages,
+            max: max_pages,
+        });
+    }
+    let expected = header
+        .npages
+        .checked_mul(8 + PAGE_SIZE as u64)
+        .and_then(|b| b.checked_add(header.state_len))
         .and_then(|b| b.checked_add((HEADER_LEN + TRAILER_LEN) as u64));
     match expected {
-        Some(e) if e == len => {}
-        _ => {
-            return Err(CheckpointError::Size {
-                path: p(),
-                expected: expected.unwrap_or(u64::MAX),
-                actual: len,
-            })
-        }
+        Some(e) if e == len => Ok((f, header)),
+        _ => Err(CheckpointError::Size {
+            path: p(),
+            expected: expected.unwrap_or(u64::MAX),
+            actual: len,
+        }),
     }
+}
+
+/// Reads only the machine state of a checkpoint file (not its pages, and without
+/// the body checksum: `read_file` checks that when the checkpoint is loaded).
+fn read_state_only(path: &Path) -> Result<MachineState, CheckpointError> {
+    let (mut f, h) = open_checked(path, u64::MAX)?;
+    let mut state = vec![0u8; h.state_len as usize];
+    f.read_exact(&mut state).map_err(io("cannot read", path))?;
+    postcard::from_bytes(&state).map_err(|source| CheckpointError::Decode {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads and checks a whole checkpoint file holding at most `max_pages` pages: the
+/// header (see `open_checked`), then the body and its CRC.
+pub fn read_file(path: &Path, max_pages: u64) -> Result<LoadedCheckpoint, CheckpointError> {
+    let (mut f, hdr) = open_checked(path, max_pages)?;
+    let p = || path.to_path_buf();
+    let h = hdr.raw;
+    let (flags, epoch, state_len, npages) = (hdr.flags, hdr.epoch, hdr.state_len, hdr.npages);
     // Sizes are now bounded by the file's length.
     let mut state = vec![0u8; state_len as usize];
     f.read_exact(&mut state).map_err(io("cannot read", path))?;
@@ -363,6 +433,8 @@ pub fn checkpoint_name(epoch: u64) -> String {
 }
 
 const MEMORY_IMAGE: &str = "memory.img";
+/// Present when the guest of the chain ended the run itself: nothing to resume.
+const FINISHED: &str = "finished";
 const MEMORY_EPOCH: &str = "memory.epoch";
 
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
@@ -410,6 +482,7 @@ impl CheckpointSink for DirectorySink {
     /// renamed, and `memory.epoch` set to `epoch`. All-zero MiB are left as holes.
     fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, CheckpointError> {
         let _ = fs::remove_file(self.dir.join(MEMORY_EPOCH));
+        let _ = fs::remove_file(self.dir.join(FINISHED));
         self.remove_older(u64::MAX)?;
         sync_dir(&self.dir)?;
         let tmp = self.dir.join("memory.img.tmp");
@@ -521,6 +594,7 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointErr
 /// The latest complete checkpoint in `dir`, with guest memory rebuilt into `mem`
 /// (which must have the checkpoint's layout: build it from [`peek_config`]).
 pub fn load_latest(dir: &Path, mem: &GuestMemory) -> Result<LoadedCheckpoint, CheckpointError> {
+    check_not_finished(dir)?;
     let files = list_checkpoints(dir)?;
     let Some((latest, _)) = files.last().cloned() else {
         return Err(CheckpointError::NoCheckpoint(dir.to_path_buf()));
@@ -578,7 +652,15 @@ pub fn load_latest(dir: &Path, mem: &GuestMemory) -> Result<LoadedCheckpoint, Ch
                 base,
             });
         }
-        let c = read_file(&path)?;
+        let max_pages = total / PAGE_SIZE as u64;
+        let c = read_file(&path, max_pages)?;
+        if c.epoch != epoch {
+            return Err(CheckpointError::EpochMismatch {
+                path,
+                header: c.epoch,
+                name: epoch,
+            });
+        }
         for (i, &gpa) in c.pages.addrs.iter().enumerate() {
             mem.write_slice(
                 &c.pages.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
@@ -596,11 +678,12 @@ pub fn load_latest(dir: &Path, mem: &GuestMemory) -> Result<LoadedCheckpoint, Ch
 
 /// The saved configuration of the latest checkpoint in `dir`.
 pub fn peek_config(dir: &Path) -> Result<SavedConfig, CheckpointError> {
+    check_not_finished(dir)?;
     let files = list_checkpoints(dir)?;
     let (_, path) = files
         .last()
         .ok_or_else(|| CheckpointError::NoCheckpoint(dir.to_path_buf()))?;
-    Ok(read_file(path)?.state()?.config)
+    Ok(read_state_only(path)?.config)
 }
 
 /// The epoch of the latest checkpoint file in `dir`.
@@ -609,4 +692,21 @@ pub fn latest_epoch(dir: &Path) -> Result<u64, CheckpointError> {
         .last()
         .map(|(e, _)| *e)
         .ok_or_else(|| CheckpointError::NoCheckpoint(dir.to_path_buf()))
+}
+
+/// Marks `dir` as the chain of a guest that ended its run itself (`how`).
+pub fn mark_finished(dir: &Path, how: &str) -> Result<(), CheckpointError> {
+    let path = dir.join(FINISHED);
+    fs::write(&path, format!("{how}\n")).map_err(io("cannot write", &path))?;
+    sync_dir(dir)
+}
+
+fn check_not_finished(dir: &Path) -> Result<(), CheckpointError> {
+    match fs::read_to_string(dir.join(FINISHED)) {
+        Ok(how) => Err(CheckpointError::Finished {
+            dir: dir.to_path_buf(),
+            how: how.trim().to_string(),
+        }),
+        Err(_) => Ok(()),
+    }
 }

@@ -152,6 +152,8 @@ pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
     } else {
         None
     };
+    // Kept absolute, so a checkpoint names the same image from any directory.
+    let path = std::fs::canonicalize(&path).unwrap_or(path);
     Ok(OpenDisk {
         file,
         path,

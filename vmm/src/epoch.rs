@@ -201,6 +201,7 @@ pub struct EpochEngine {
     postponed: bool,
     need_full: bool,
     closing: bool,
+    failed: bool,
     precopy_start: Option<Instant>,
     spare: StagedPages,
     metrics: Option<(PathBuf, BufWriter<File>)>,
@@ -269,6 +270,9 @@ impl EpochEngine {
                     }
                     // Retry until the sink has it: a checkpoint is never dropped.
                     let bytes = loop {
+                        if stop2.load(Ordering::Acquire) {
+                            break None;
+                        }
                         let r = match &job {
                             Job::Base(e) => sink.write_base(&live, *e),
                             Job::Checkpoint(c) => sink.write(c, &layout),
@@ -333,6 +337,7 @@ impl EpochEngine {
             postponed: false,
             need_full: true,
             closing: false,
+            failed: false,
             precopy_start: None,
             spare: StagedPages::default(),
             metrics,
@@ -366,6 +371,29 @@ impl EpochEngine {
 
     /// Cuts checkpoint `next_epoch`: see the module documentation.
     fn cut(&mut self) -> Result<(), EpochError> {
+        self.cut_and(true)
+    }
+
+    /// Cuts checkpoint `next_epoch`; with `resume` false the vCPUs stay parked (the
+    /// final checkpoint of a run).
+    fn cut_and(&mut self, resume: bool) -> Result<(), EpochError> {
+        if self.failed {
+            // A failed cut may have harvested (and so cleared) dirty logs whose pages
+            // no checkpoint holds: no later checkpoint may be cut in this run.
+            return Err(EpochError::Cut {
+                epoch: self.next_epoch,
+                what: "cut",
+                reason: "an earlier cut failed".into(),
+            });
+        }
+        let r = self.cut_inner(resume);
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn cut_inner(&mut self, resume: bool) -> Result<(), EpochError> {
         let epoch = self.next_epoch;
         let full = self.need_full;
         let cut_err = |what: &'static str, reason: String| EpochError::Cut {
@@ -387,6 +415,16 @@ impl EpochEngine {
         if let Err(e) = parked {
             for v in &self.vcpus {
                 v.resume();
+            }
+            // A vCPU whose thread ended is ending the run for its own reason (which
+            // it reports); nothing was harvested, so nothing is lost.
+            if let EpochError::Pause {
+                source: crate::vcpu::ControlError::Exited(_),
+                ..
+            } = e
+            {
+                self.postponed = false;
+                return Ok(());
             }
             return Err(e);
         }
@@ -439,9 +477,12 @@ impl EpochEngine {
             };
             Ok((pages, state, region_bytes, t_harvest, t_copy, t_save))
         })();
-        // Resume whatever happened: the guest must not stay paused.
-        for v in &self.vcpus {
-            v.resume();
+        // Resume whatever happened (the guest must not stay paused), unless this is
+        // the run's final checkpoint and it succeeded.
+        if resume || result.is_err() {
+            for v in &self.vcpus {
+                v.resume();
+            }
         }
         let pause = t0.elapsed();
         let (pages, state, region_bytes, t_harvest, t_copy, t_save) = result?;
@@ -488,46 +529,51 @@ impl EpochEngine {
     fn exported(&mut self) -> Result<(), EpochError> {
         let _ = self.done_evt.read();
         while let Ok(e) = self.done_rx.try_recv() {
-            if let Some(reason) = e.error {
-                return Err(EpochError::Cut {
-                    epoch: e.epoch,
-                    what: "export",
-                    reason,
-                });
-            }
-            if e.base {
-                self.in_flight = None;
-                if let Some(t) = self.precopy_start.take() {
-                    tracing::info!(
-                        "pre-copy of guest memory: {} bytes in {} ms",
-                        e.bytes,
-                        t.elapsed().as_millis()
-                    );
-                }
-                // Cut the first checkpoint right away.
-                self.postponed = true;
-                continue;
-            }
-            let mut m = self.in_flight.take().unwrap_or_default();
-            m.bytes = e.bytes;
-            m.export_us = e.export_us;
-            // Keep the staging buffer for the next cut unless it is far too big
-            // (the full checkpoint's).
-            let mut pages = e.pages;
-            if pages.data.capacity() > 4 * (pages.data.len().max(64 * PAGE_SIZE)) {
-                pages = StagedPages::default();
-            }
-            self.spare = pages;
-            self.completed += 1;
-            self.devices.complete(e.epoch);
-            if let Some((path, w)) = &mut self.metrics {
-                writeln!(w, "{}", m.json())
-                    .and_then(|_| w.flush())
-                    .map_err(|err| EpochError::Metrics(path.clone(), err))?;
-            }
+            self.handle_exported(e)?;
         }
         if !self.closing && (self.postponed || self.devices.wants_cut()) {
             self.cut()?;
+        }
+        Ok(())
+    }
+
+    fn handle_exported(&mut self, e: Exported) -> Result<(), EpochError> {
+        if let Some(reason) = e.error {
+            self.failed = true;
+            return Err(EpochError::Cut {
+                epoch: e.epoch,
+                what: "export",
+                reason,
+            });
+        }
+        if e.base {
+            self.in_flight = None;
+            if let Some(t) = self.precopy_start.take() {
+                tracing::info!(
+                    "pre-copy of guest memory: {} bytes in {} ms",
+                    e.bytes,
+                    t.elapsed().as_millis()
+                );
+            }
+            // Cut the first checkpoint right away.
+            self.postponed = true;
+            return Ok(());
+        }
+        let mut m = self.in_flight.take().unwrap_or_default();
+        m.bytes = e.bytes;
+        m.export_us = e.export_us;
+        // Keep the staging buffer for the next cut unless it is far too big.
+        let mut pages = e.pages;
+        if pages.data.capacity() > 4 * (pages.data.len().max(64 * PAGE_SIZE)) {
+            pages = StagedPages::default();
+        }
+        self.spare = pages;
+        self.completed += 1;
+        self.devices.complete(e.epoch);
+        if let Some((path, w)) = &mut self.metrics {
+            writeln!(w, "{}", m.json())
+                .and_then(|_| w.flush())
+                .map_err(|err| EpochError::Metrics(path.clone(), err))?;
         }
         Ok(())
     }
@@ -556,22 +602,75 @@ impl EpochEngine {
         self.cut()
     }
 
-    /// Stops the exporter after the checkpoint in flight (if any) is written.
-    pub fn shutdown(&mut self) {
-        self.closing = true;
+    /// Waits until no checkpoint is in flight, handling completions, for at most
+    /// `deadline`; false if one is still in flight then.
+    fn drain_in_flight(&mut self, deadline: Instant) -> Result<bool, EpochError> {
+        while self.in_flight.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            // Poll the completion channel (the eventfd is only a wake-up).
+            match self
+                .done_rx
+                .recv_timeout(left.min(Duration::from_millis(50)))
+            {
+                Ok(e) => {
+                    let _ = self.done_evt.read();
+                    self.handle_exported(e)?;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(self.in_flight.is_none()),
+            }
+        }
+        Ok(true)
+    }
+
+    fn stop_exporter_thread(&mut self) {
+        self.stop_exporter.store(true, Ordering::Release);
         self.to_exporter = None;
         if let Some(t) = self.exporter.take() {
             let _ = t.join();
         }
-        let _ = self.exported();
     }
 
-    /// Stops the exporter as soon as it can: a write in progress finishes (so the
-    /// disks are not touched by two threads at once afterwards), a failing one is
-    /// not retried. The last complete checkpoint stands.
-    pub fn abandon(&mut self) {
-        self.stop_exporter.store(true, Ordering::Release);
-        self.shutdown();
+    /// Ends checkpointing when the guest itself ended the run: the checkpoint in
+    /// flight (if any) gets until `deadline` to land; no further cut.
+    pub fn shutdown(&mut self, deadline: Duration) {
+        self.closing = true;
+        let end = Instant::now() + deadline;
+        if let Err(e) = self.drain_in_flight(end) {
+            tracing::warn!("while ending: {e}");
+        }
+        self.stop_exporter_thread();
+    }
+
+    /// Ends checkpointing when the user stops the run (a signal, Ctrl-A x): waits
+    /// for the checkpoint in flight, then cuts one final checkpoint with the vCPUs
+    /// left parked and waits for it too, so that the directory holds the guest's
+    /// last state and `restore` resumes it where it was stopped. Returns the final
+    /// epoch; an error leaves the last complete checkpoint standing.
+    pub fn finish(&mut self, deadline: Duration) -> Result<u64, EpochError> {
+        self.closing = true;
+        let end = Instant::now() + deadline;
+        let timed_out = |epoch| EpochError::Cut {
+            epoch,
+            what: "final checkpoint",
+            reason: format!("not written within {deadline:?}"),
+        };
+        let result = (|| {
+            if !self.drain_in_flight(end)? {
+                return Err(timed_out(self.next_epoch.saturating_sub(1)));
+            }
+            let epoch = self.next_epoch;
+            self.cut_and(false)?;
+            if !self.drain_in_flight(end)? {
+                return Err(timed_out(epoch));
+            }
+            Ok(epoch)
+        })();
+        self.stop_exporter_thread();
+        result
     }
 }
 

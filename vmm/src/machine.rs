@@ -42,6 +42,9 @@ use crate::mptable::{self, MptableError};
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError, VcpuStop};
 use devices::store::Store;
 
+/// How long the last checkpoint of a run may take to be written.
+pub const FINAL_CHECKPOINT_DEADLINE: Duration = Duration::from_secs(30);
+
 /// How long stopping vCPUs may take before one is declared stuck.
 pub const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -571,10 +574,32 @@ impl Machine {
         }
         // A restore recovers every checkpointed disk to the epoch of the checkpoint
         // (the memory side names it); a boot to the last acknowledged one.
-        let restore_epoch = match &init {
-            Init::Restore(r) => Some(crate::checkpoint::latest_epoch(&r.from)?),
+        // A restore reads and checks the whole checkpoint chain into memory first,
+        // so a bad directory is refused before any disk is touched.
+        let mem = memory::create(memory_size)?;
+        let loaded = match &init {
+            Init::Restore(r) => {
+                let c = crate::checkpoint::load_latest(&r.from, &mem)?;
+                let state = c.state()?;
+                let devices: DevicesState = postcard::from_bytes(&state.devices).map_err(|e| {
+                    VmmError::Restore(format!("cannot decode the device state: {e}"))
+                })?;
+                if state.vcpus.len() != usize::from(cpus) || devices.disks.len() != disk_cfgs.len()
+                {
+                    return Err(VmmError::Restore(
+                        "the checkpoint's vCPU or disk count does not match its configuration"
+                            .into(),
+                    ));
+                }
+                let next = c.epoch.checked_add(1).ok_or_else(|| {
+                    VmmError::Restore(format!("checkpoint epoch {} cannot be continued", c.epoch))
+                })?;
+                tracing::info!("restoring checkpoint {} from {}", c.epoch, r.from.display());
+                Some((c.epoch, next, state, devices))
+            }
             Init::Boot(_) => None,
         };
+        let restore_epoch = loaded.as_ref().map(|l| l.0);
         let disks = disk_cfgs
             .iter()
             .map(|d| crate::disk::open(d, restore_epoch))
@@ -591,6 +616,19 @@ impl Machine {
         let store_mode = match &cut_request {
             Some(evt) => StoreMode::Epochs(evt.clone()),
             None => StoreMode::Local,
+        };
+        let (restored, first_epoch) = match loaded {
+            Some((_, next, state, devices)) => (Some((state, devices)), next),
+            None => {
+                // Checkpoint numbers continue each store's own.
+                let next = disks
+                    .iter()
+                    .filter_map(|d| d.store.as_ref())
+                    .map(|s| lock_recover(s).status().last_epoch + 1)
+                    .max()
+                    .unwrap_or(1);
+                (None, next)
+            }
         };
         if disks.len() > (MAX_GSI - VIRTIO_FIRST_GSI + 1) as usize {
             return Err(crate::disk::DiskError::TooMany(disks.len()).into());
@@ -618,38 +656,8 @@ impl Machine {
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem = memory::create(memory_size)?;
         // With epochs, KVM logs guest writes from the start.
         memory::register(&vm, &mem, epoch.is_some())?;
-
-        // A restore brings memory and the saved state back first.
-        let (restored, first_epoch) = match &init {
-            Init::Restore(r) => {
-                let c = crate::checkpoint::load_latest(&r.from, &mem)?;
-                let state = c.state()?;
-                let devices: DevicesState = postcard::from_bytes(&state.devices).map_err(|e| {
-                    VmmError::Restore(format!("cannot decode the device state: {e}"))
-                })?;
-                if state.vcpus.len() != usize::from(cpus) || devices.disks.len() != disks.len() {
-                    return Err(VmmError::Restore(
-                        "the checkpoint's vCPU or disk count does not match its configuration"
-                            .into(),
-                    ));
-                }
-                tracing::info!("restoring checkpoint {} from {}", c.epoch, r.from.display());
-                (Some((state, devices)), c.epoch + 1)
-            }
-            Init::Boot(_) => {
-                // Checkpoint numbers continue each store's own.
-                let next = disks
-                    .iter()
-                    .filter_map(|d| d.store.as_ref())
-                    .map(|s| lock_recover(s).status().last_epoch + 1)
-                    .max()
-                    .unwrap_or(1);
-                (None, next)
-            }
-        };
 
         let shutdown = Arc::new(Shutdown::new()?);
         let mut pio = Bus::new();
@@ -893,29 +901,12 @@ impl Machine {
         }));
         self.events.add_subscriber(control);
 
-        let (done_tx, done_rx) = mpsc::channel::<u8>();
-        let mut threads = Vec::new();
-        let mut controls = Vec::new();
-        for mut vcpu in self.vcpus.drain(..) {
-            let control = VcpuControl::new(vcpu.index());
-            let (ctl, shutdown, done) = (control.clone(), self.shutdown.clone(), done_tx.clone());
-            let index = vcpu.index();
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || {
-                    if let VcpuStop::GuestError(msg) = vcpu.run(&ctl) {
-                        shutdown.request(RunEnd::GuestError(msg));
-                    }
-                    let _ = done.send(index);
-                    vcpu
-                })
-                .map_err(|source| VmmError::Os {
-                    what: "a vCPU thread",
-                    source,
-                })?;
-            threads.push(handle);
-            controls.push(control);
-        }
+        // Everything that can fail is set up before any guest code runs.
+        let controls: Vec<Arc<VcpuControl>> = self
+            .vcpus
+            .iter()
+            .map(|v| VcpuControl::new(v.index()))
+            .collect();
         let mut engine = None;
         if let Some(cfg) = &self.epoch {
             let sink = crate::checkpoint::DirectorySink::new(&cfg.dir)?;
@@ -973,6 +964,26 @@ impl Machine {
             engine = Some(e);
         }
 
+        let (done_tx, done_rx) = mpsc::channel::<u8>();
+        let mut threads = Vec::new();
+        for (mut vcpu, control) in self.vcpus.drain(..).zip(controls.iter().cloned()) {
+            let (ctl, shutdown, done) = (control.clone(), self.shutdown.clone(), done_tx.clone());
+            let index = vcpu.index();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    if let VcpuStop::GuestError(msg) = vcpu.run(&ctl) {
+                        shutdown.request(RunEnd::GuestError(msg));
+                    }
+                    let _ = done.send(index);
+                    vcpu
+                })
+                .map_err(|source| VmmError::Os {
+                    what: "a vCPU thread",
+                    source,
+                })?;
+            threads.push(handle);
+        }
         let loop_result = loop {
             if self.shutdown.reason().is_some() {
                 break Ok(());
@@ -985,13 +996,29 @@ impl Machine {
             self.shutdown.request(RunEnd::GuestError(format!("{e}")));
         }
 
-        // A checkpoint in flight finishes before the run ends (not on a signal:
-        // then the user wants out now, and the last complete checkpoint stands).
+        // How checkpointing ends. When the guest itself ended the run (exit, reset,
+        // error) the checkpoint in flight may land, and the directory is marked
+        // finished: there is nothing to resume. When the user stopped it (signal,
+        // Ctrl-A x), one final checkpoint is cut with the vCPUs parked, so that
+        // `restore` resumes the guest where it was stopped; its disks are then at
+        // exactly that checkpoint. If that fails, the last complete checkpoint
+        // stands: disks and held output are left as they are, for it.
+        let user_stop = matches!(
+            self.shutdown.reason(),
+            Some(RunEnd::Signal(_) | RunEnd::Quit)
+        ) && loop_result.is_ok();
+        let mut final_result = Ok(());
+        let mut commit_disks = true;
         if let Some(e) = &engine {
             let mut e = lock_recover(e);
-            match self.shutdown.reason() {
-                Some(RunEnd::Signal(_)) => e.abandon(),
-                _ => e.shutdown(),
+            if user_stop {
+                commit_disks = false;
+                match e.finish(FINAL_CHECKPOINT_DEADLINE) {
+                    Ok(epoch) => tracing::info!("final checkpoint {epoch} written"),
+                    Err(err) => final_result = Err(VmmError::Epoch(err)),
+                }
+            } else {
+                e.shutdown(FINAL_CHECKPOINT_DEADLINE);
             }
         }
 
@@ -1019,19 +1046,29 @@ impl Machine {
                 self.vcpus.push(v);
             }
         }
+        if final_result.is_err() {
+            // The held output belongs to checkpoints that never completed.
+            let _ = lock_recover(&self.serial).output_mut().flush();
+            return final_result.map(|_| RunEnd::Quit);
+        }
         // Everything the guest wrote is released on a clean end.
         self.gate.open();
         let _ = lock_recover(&self.serial).output_mut().flush();
-        // Clean shutdown: every checkpointed disk's regions go into its base image,
-        // which then alone holds the guest's disk.
-        for d in &self.disks {
-            if let Some(store) = &d.store {
-                if let Err(source) = crate::disk::commit_all(store) {
-                    return Err(VmmError::DiskShutdown {
-                        path: d.path.display().to_string(),
-                        source,
-                    });
+        // The guest ended (or there are no epochs): every checkpointed disk's
+        // regions go into its base image, which then alone holds the guest's disk.
+        if commit_disks {
+            for d in &self.disks {
+                if let Some(store) = &d.store {
+                    if let Err(source) = crate::disk::commit_all(store) {
+                        return Err(VmmError::DiskShutdown {
+                            path: d.path.display().to_string(),
+                            source,
+                        });
+                    }
                 }
+            }
+            if let (Some(cfg), Some(reason)) = (&self.epoch, self.shutdown.reason()) {
+                crate::checkpoint::mark_finished(&cfg.dir, &format!("{reason:?}"))?;
             }
         }
         loop_result?;

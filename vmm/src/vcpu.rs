@@ -322,6 +322,7 @@ impl Vcpu {
                 // running guest code, so the registers saved at the cut are whole. A
                 // string instruction may need more than one round (KVM then returns
                 // the next exit instead of EINTR); a bounded number of rounds.
+                let mut completed = false;
                 for _ in 0..PENDING_EXIT_ROUNDS {
                     self.fd.set_kvm_immediate_exit(1);
                     let r = self.fd.run();
@@ -336,10 +337,17 @@ impl Vcpu {
                         }
                     };
                     if done {
+                        completed = true;
                         break;
                     }
                 }
                 self.fd.set_kvm_immediate_exit(0);
+                if !completed {
+                    // Still inside a long string instruction: parking now would save
+                    // registers in the middle of it. Go round again (the stop flag
+                    // and the pauser's deadline still apply).
+                    continue;
+                }
                 if control.park(self) {
                     return VcpuStop::Requested;
                 }
@@ -487,7 +495,11 @@ impl VcpuControl {
     /// Asks the vCPU to stop for good and kicks it.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
-        self.cv.notify_all();
+        {
+            // Under the lock, so a vCPU about to wait in `park` cannot miss it.
+            let _g = lock_recover(&self.parking);
+            self.cv.notify_all();
+        }
         self.kick();
     }
 
