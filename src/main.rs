@@ -24,7 +24,8 @@ enum Command {
     /// Boot a guest and run it until it exits, resets or is stopped.
     ///
     /// With no --kernel, boots the built-in test guest (workload `hello` unless
-    /// --cmdline names another: hello, disk, dirty, counter, smp, hostile).
+    /// --cmdline names another: hello, disk, dirty, counter, smp, mix, pauses, hostile,
+    /// fault; see resources/testguest/README.md).
     /// On the console, Ctrl-A x quits.
     Run(RunArgs),
 
@@ -69,8 +70,10 @@ struct EpochArgs {
     #[arg(long, value_name = "N", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     epoch_ms: u64,
 
-    /// Write a full checkpoint, then one incremental checkpoint per epoch, into DIR
-    /// (created if missing; older increments are folded into DIR/memory.img).
+    /// Checkpoint the guest into DIR (created if missing): memory is pre-copied while the
+    /// guest runs, then one checkpoint is cut per epoch; older ones are folded into
+    /// DIR/memory.img. Every writable disk needs checkpoint=on. Stopping mirrorvm
+    /// (SIGINT, SIGTERM, Ctrl-A x) cuts a final checkpoint that `restore` resumes.
     #[arg(long, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
 
@@ -126,8 +129,10 @@ struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_size)]
     memory: u64,
 
-    /// A virtio-blk disk: path=FILE[,readonly=on]. Repeat for more disks (vda, vdb, …).
-    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    /// A virtio-blk disk: path=FILE[,readonly=on][,checkpoint=on]. With checkpoint=on the
+    /// guest's writes go into checkpoint regions of FILE.mvj and reach FILE when their
+    /// checkpoint is retired. Repeat for more disks (vda, vdb, …).
+    #[arg(long, value_name = "path=FILE[,readonly=on][,checkpoint=on]")]
     disk: Vec<DiskConfig>,
 
     /// Serial console: tty (stdout, with stdin as input), file=PATH, or off.
