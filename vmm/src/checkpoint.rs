@@ -686,14 +686,6 @@ pub fn peek_config(dir: &Path) -> Result<SavedConfig, CheckpointError> {
     Ok(read_state_only(path)?.config)
 }
 
-/// The epoch of the latest checkpoint file in `dir`.
-pub fn latest_epoch(dir: &Path) -> Result<u64, CheckpointError> {
-    list_checkpoints(dir)?
-        .last()
-        .map(|(e, _)| *e)
-        .ok_or_else(|| CheckpointError::NoCheckpoint(dir.to_path_buf()))
-}
-
 /// Marks `dir` as the chain of a guest that ended its run itself (`how`).
 pub fn mark_finished(dir: &Path, how: &str) -> Result<(), CheckpointError> {
     let path = dir.join(FINISHED);

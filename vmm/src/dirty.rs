@@ -55,24 +55,6 @@ impl DirtySet {
             })
         })
     }
-
-    /// Every page of `mem` (a full checkpoint).
-    pub fn all(mem: &GuestMemory) -> DirtySet {
-        let regions = mem
-            .iter()
-            .map(|r| {
-                let pages = (r.len() as usize).div_ceil(PAGE_SIZE);
-                let mut words = vec![u64::MAX; pages.div_ceil(64)];
-                if pages % 64 != 0 {
-                    if let Some(last) = words.last_mut() {
-                        *last = (1u64 << (pages % 64)) - 1;
-                    }
-                }
-                (r.start_addr().0, words)
-            })
-            .collect();
-        DirtySet { regions }
-    }
 }
 
 struct BitIter(u64);
@@ -181,14 +163,6 @@ mod tests {
         let pages: Vec<u64> = set.pages().collect();
         assert_eq!(pages, vec![0, 3 * 4096, (1 << 32) + 63 * 4096]);
         assert_eq!(set.count(), 3);
-    }
-
-    #[test]
-    fn all_pages_of_memory() {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 65 * 4096)]).unwrap();
-        let set = DirtySet::all(&mem);
-        assert_eq!(set.count(), 65);
-        assert_eq!(set.pages().last(), Some(64 * 4096));
     }
 
     #[test]
