@@ -696,3 +696,53 @@ fn stopping_the_vmm_cuts_a_final_checkpoint_that_restore_resumes() {
         "the restored guest must continue with the very next line"
     );
 }
+
+#[test]
+fn a_swapped_disk_journal_is_refused_before_anything_is_touched() {
+    if skip_without_kvm("a_swapped_disk_journal_is_refused_before_anything_is_touched") {
+        return;
+    }
+    let dir = tempdir();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    make_image(&a, 16 << 20);
+    make_image(&b, 16 << 20);
+    let ck = dir.path().join("ck");
+    let disk = format!("path={},checkpoint=on", a.display());
+    let mut r = start_checkpointed(
+        &ck,
+        "counter interval_ms=10",
+        25,
+        &["--memory", "64M", "--disk", &disk],
+        |l| l.starts_with("counter "),
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+    let _ = r.child.wait();
+    drop(r);
+    // Another disk's journal, put in place of a's.
+    let mut c = mirrorvm();
+    c.args(["run", "--cmdline", "disk records=4", "--disk"])
+        .arg(format!("path={},checkpoint=on", b.display()));
+    let o = run_with_timeout(c, Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let (ja, jb) = (dir.path().join("a.img.mvj"), dir.path().join("b.img.mvj"));
+    let before = std::fs::read(&jb).unwrap();
+    std::fs::copy(&jb, &ja).unwrap();
+
+    let mut c = mirrorvm();
+    c.args(["restore", "--serial", "off", "--from"]).arg(&ck);
+    let o = run_with_timeout(c, Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("is not the one this checkpoint was taken with"),
+        "{}",
+        show(&o)
+    );
+    // Refused before recovery: the journal in a's place is byte for byte untouched.
+    assert_eq!(
+        std::fs::read(&ja).unwrap(),
+        before,
+        "the refused journal was modified"
+    );
+}

@@ -46,6 +46,10 @@ pub struct SavedConfig {
     pub cmdline: String,
     /// Disks, in attach order.
     pub disks: Vec<crate::config::DiskConfig>,
+    /// The journal id of each checkpointed disk (same order; `None` for the others):
+    /// a restore checks it before recovering, so a swapped or recreated journal is
+    /// refused instead of being recovered to the wrong history.
+    pub journal_ids: Vec<Option<u64>>,
 }
 
 /// Everything but memory, at a cut.

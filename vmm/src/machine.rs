@@ -489,6 +489,25 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
     Ok(kvm)
 }
 
+/// Before a restore touches any disk: each checkpointed disk's journal must be the
+/// one the checkpoint was taken with.
+fn check_journals(saved: &SavedConfig) -> Result<(), VmmError> {
+    for (disk, id) in saved.disks.iter().zip(&saved.journal_ids) {
+        let Some(id) = id else { continue };
+        let found = devices::store::inspect(&disk.path)
+            .map_err(|e| VmmError::Restore(format!("disk {}: {e}", disk.path.display())))?
+            .header
+            .journal_id;
+        if found != *id {
+            return Err(VmmError::Restore(format!(
+                "disk {}: its journal (id {found:#x}) is not the one this checkpoint was taken with (id {id:#x})",
+                disk.path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
@@ -600,6 +619,9 @@ impl Machine {
             Init::Boot(_) => None,
         };
         let restore_epoch = loaded.as_ref().map(|l| l.0);
+        if let Some((_, _, state, _)) = &loaded {
+            check_journals(&state.config)?;
+        }
         let disks = disk_cfgs
             .iter()
             .map(|d| crate::disk::open(d, restore_epoch))
@@ -940,6 +962,15 @@ impl Machine {
                         path: d.path.clone(),
                         readonly: d.readonly,
                         checkpoint: d.store.is_some(),
+                    })
+                    .collect(),
+                journal_ids: self
+                    .disks
+                    .iter()
+                    .map(|d| {
+                        d.store
+                            .as_ref()
+                            .map(|s| lock_recover(s).file_header().journal_id)
                     })
                     .collect(),
             };
