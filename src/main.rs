@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
-use vmm::config::{self, DiskConfig, KernelSource, SerialConfig, VmConfig};
-use vmm::epoch::EpochConfig;
+use vmm::config::{
+    self, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig, VmConfig,
+};
 use vmm::machine::RestoreConfig;
 use vmm::{Machine, RunEnd};
 
@@ -86,7 +87,7 @@ impl EpochArgs {
     fn config(self) -> Option<EpochConfig> {
         self.checkpoint_dir.map(|dir| EpochConfig {
             epoch: Duration::from_millis(self.epoch_ms),
-            dir,
+            sink: SinkConfig::Directory(dir),
             metrics: self.metrics,
         })
     }
@@ -225,7 +226,7 @@ fn main() -> ExitCode {
             return match disk(cmd) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("mirrorvm: error: {e}");
+                    eprintln!("mirrorvm: error: {e:#}");
                     ExitCode::from(1)
                 }
             }
@@ -242,7 +243,7 @@ fn main() -> ExitCode {
             ExitCode::from(end.exit_code().clamp(0, 255) as u8)
         }
         Err(e) => {
-            eprintln!("mirrorvm: error: {e}");
+            eprintln!("mirrorvm: error: {e:#}");
             ExitCode::from(1)
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod lock;
 pub mod serial;
 pub mod snapshot;
 pub mod store;

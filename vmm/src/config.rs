@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// Bad option values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -154,6 +155,25 @@ impl FromStr for SerialConfig {
     }
 }
 
+/// Where checkpoints go. Built into a sink at the one point where a configuration
+/// becomes a machine (`machine::build`), so the run loop never chooses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkConfig {
+    /// A local directory (`--checkpoint-dir`): `docs/checkpoint-format.md`.
+    Directory(PathBuf),
+}
+
+/// Epoch settings: how often to cut, where checkpoints go, where metrics go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochConfig {
+    /// Epoch length.
+    pub epoch: Duration,
+    /// Where checkpoints go.
+    pub sink: SinkConfig,
+    /// Per-epoch metrics as JSON lines.
+    pub metrics: Option<PathBuf>,
+}
+
 /// The KVM device node used unless the configuration names another.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 /// Default guest memory.
@@ -182,8 +202,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// The KVM device node.
     pub kvm_device: PathBuf,
-    /// Checkpoint every epoch into a directory.
-    pub epoch: Option<crate::epoch::EpochConfig>,
+    /// Checkpoint every epoch into a sink.
+    pub epoch: Option<EpochConfig>,
 }
 
 impl Default for VmConfig {

@@ -3,23 +3,21 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
-
 use std::sync::{Arc, Mutex};
-
-use devices::bus::lock_recover;
-use vmm_sys_util::eventfd::EventFd;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use devices::bus::Bus;
-use devices::store::{Store, StoreConfig, WriteOutcome};
+use devices::store::{SharedStore, Store, StoreConfig, WriteOutcome};
 use devices::virtio::block::{
-    id_from_path, restore_with_transport, Block, BlockState, DiskBackend, RawFile,
+    id_from_path, restore_with_transport, Block, BlockError, BlockState, DiskBackend, RawFile,
 };
-use devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_REG_OFFSET};
-
-use crate::machine::AttachedDisk;
+use devices::virtio::mmio::{
+    MmioError, MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_REG_OFFSET,
+};
+use devices::virtio::StateError;
 
 use crate::config::DiskConfig;
 use crate::memory::GuestMemory;
@@ -60,13 +58,37 @@ pub enum DiskError {
     /// More disks than interrupt lines.
     #[error("{0} disks requested; at most {max} fit the interrupt lines", max = crate::layout::MAX_GSI - crate::layout::VIRTIO_FIRST_GSI + 1)]
     TooMany(usize),
-    /// The virtio device could not be created.
-    #[error("cannot create the virtio-blk device for {path}: {reason}")]
-    Device {
+    /// The virtio-blk device could not be created.
+    #[error("cannot create the virtio-blk device for {path}")]
+    Block {
         /// The image.
         path: PathBuf,
-        /// What failed.
-        reason: String,
+        /// Cause.
+        source: BlockError,
+    },
+    /// The virtio-mmio transport could not be created.
+    #[error("cannot create the virtio-mmio transport for {path}")]
+    Transport {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        source: MmioError,
+    },
+    /// The saved device state does not fit.
+    #[error("cannot restore the state of disk {path}")]
+    RestoreState {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        source: StateError,
+    },
+    /// The queue notification eventfds could not be created.
+    #[error("cannot create the queue notifiers of disk {path}")]
+    QueueEvents {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
     },
     /// Registering the device's eventfds with KVM failed.
     #[error("cannot register {what} for disk {path} with KVM: {source}")]
@@ -93,7 +115,7 @@ pub struct OpenDisk {
     /// The image file (for a checkpointed disk, the store holds its own handle).
     pub file: File,
     /// The checkpoint store over the image, for `checkpoint=on`.
-    pub store: Option<Arc<Mutex<Store>>>,
+    pub store: Option<Arc<SharedStore>>,
     /// Its path, for messages and the device id.
     pub path: PathBuf,
     /// Size in bytes.
@@ -148,7 +170,7 @@ pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
                 report.discarded_active
             );
         }
-        Some(Arc::new(Mutex::new(store)))
+        Some(SharedStore::new(store))
     } else {
         None
     };
@@ -161,6 +183,22 @@ pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
         readonly: cfg.readonly,
         store,
     })
+}
+
+/// A virtio-blk disk as attached: the device, its transport, and where it came from.
+pub struct AttachedDisk {
+    /// The block device (also an event-loop subscriber).
+    pub block: Arc<Mutex<Block>>,
+    /// Its virtio-mmio transport (on the MMIO bus).
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// The image path.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether the guest may not write.
+    pub readonly: bool,
+    /// The checkpoint store, for `checkpoint=on`.
+    pub store: Option<Arc<SharedStore>>,
 }
 
 /// Attaches an open disk as virtio-blk on a virtio-mmio window at `base` with
@@ -182,10 +220,6 @@ pub fn attach(
     mode: &StoreMode,
 ) -> Result<AttachedDisk, DiskError> {
     let path = disk.path;
-    let device_err = |reason: String| DiskError::Device {
-        path: path.clone(),
-        reason,
-    };
     let backend: Box<dyn DiskBackend> = match &disk.store {
         Some(store) => Box::new(CheckpointedDisk {
             store: store.clone(),
@@ -198,19 +232,32 @@ pub fn attach(
     let (block, transport) = match saved {
         None => {
             let block =
-                Block::new(backend, disk.readonly, &id).map_err(|e| device_err(e.to_string()))?;
+                Block::new(backend, disk.readonly, &id).map_err(|source| DiskError::Block {
+                    path: path.clone(),
+                    source,
+                })?;
             let block = Arc::new(Mutex::new(block));
-            let transport = MmioTransport::new(block.clone(), mem.clone())
-                .map_err(|e| device_err(e.to_string()))?;
+            let transport = MmioTransport::new(block.clone(), mem.clone()).map_err(|source| {
+                DiskError::Transport {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             (block, transport)
         }
         Some((t, b)) => restore_with_transport(backend, disk.readonly, &id, b, t, mem.clone())
-            .map_err(|e| device_err(format!("cannot restore its state: {e}")))?,
+            .map_err(|source| DiskError::RestoreState {
+                path: path.clone(),
+                source,
+            })?,
     };
-    for (queue, evt) in transport
+    let queue_events = transport
         .queue_events()
-        .map_err(|e| device_err(e.to_string()))?
-    {
+        .map_err(|source| DiskError::QueueEvents {
+            path: path.clone(),
+            source,
+        })?;
+    for (queue, evt) in queue_events {
         // KVM keeps its own reference to the eventfd; our duplicate may be dropped.
         vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), queue)
             .map_err(|source| DiskError::Kvm {
@@ -236,6 +283,7 @@ pub fn attach(
         block,
         transport,
         path,
+        size: disk.size,
         readonly: disk.readonly,
         store: disk.store,
     })
@@ -256,13 +304,13 @@ pub enum StoreMode {
 /// A virtio-blk backend over the checkpoint store: reads merge the regions and the
 /// base; writes go to the active region and never touch the base image.
 pub struct CheckpointedDisk {
-    store: Arc<Mutex<Store>>,
+    store: Arc<SharedStore>,
     size: u64,
     mode: StoreMode,
 }
 
 fn store_io(e: devices::store::Error) -> std::io::Error {
-    std::io::Error::other(e.to_string())
+    std::io::Error::other(e)
 }
 
 impl CheckpointedDisk {
@@ -280,13 +328,11 @@ impl CheckpointedDisk {
 
 impl DiskBackend for CheckpointedDisk {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        lock_recover(&self.store)
-            .read(offset / 512, buf)
-            .map_err(store_io)
+        self.store.lock().read(offset / 512, buf).map_err(store_io)
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let mut store = lock_recover(&self.store);
+        let mut store = self.store.lock();
         match store.write(offset / 512, buf).map_err(store_io)? {
             WriteOutcome::Written { end_epoch_early } => {
                 if end_epoch_early {
@@ -319,7 +365,7 @@ impl DiskBackend for CheckpointedDisk {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        let mut store = lock_recover(&self.store);
+        let mut store = self.store.lock();
         match self.mode {
             // Durable in the journal; the checkpoint that covers it is complete
             // before the guest could observe anything later (DESIGN.md, Flush).
@@ -335,8 +381,8 @@ impl DiskBackend for CheckpointedDisk {
 
 /// Retires everything a checkpointed disk holds into its base image (clean
 /// shutdown): afterwards the base image alone is the guest's disk.
-pub fn commit_all(store: &Arc<Mutex<Store>>) -> Result<(), devices::store::Error> {
-    let mut s = lock_recover(store);
+pub fn commit_all(store: &SharedStore) -> Result<(), devices::store::Error> {
+    let mut s = store.lock();
     let next = s.status().last_epoch + 1;
     s.commit_local(next)
 }

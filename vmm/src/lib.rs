@@ -1,10 +1,16 @@
-//! mirrorvm's virtual machine: KVM VM and memory, vCPUs, boot, devices wiring and
-//! the run loop.
+//! mirrorvm's virtual machine: KVM VM and memory, vCPUs, boot, devices wiring, the
+//! epoch engine and checkpoints.
+//!
+//! Where to look:
+//! - configuration becomes a machine: `machine/build.rs`;
+//! - how a cut works: `epoch/cut.rs` (the engine's state machine: `epoch/mod.rs`);
+//! - where checkpoints go: `checkpoint/sink.rs` (the directory: `checkpoint/directory.rs`);
+//! - where they come from on restore: `checkpoint/source.rs`;
+//! - how a run ends: `epoch/ending.rs`, carried out by `machine/run.rs`.
 
 pub mod boot;
 pub mod checkpoint;
 pub mod config;
-pub mod console;
 pub mod cpuid;
 pub mod dirty;
 pub mod disk;
@@ -13,9 +19,13 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod mptable;
+pub mod output;
+pub mod run_end;
+pub mod terminal;
 pub mod testguest;
 pub mod vcpu;
 pub mod vm_state;
 
 pub use config::VmConfig;
-pub use machine::{Machine, RunEnd, VmmError};
+pub use machine::{Machine, VmmError};
+pub use run_end::RunEnd;

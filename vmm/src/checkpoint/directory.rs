@@ -1,0 +1,714 @@
+//! Checkpoints in a local directory: the [`DirectorySink`] that `--checkpoint-dir`
+//! writes and the [`DirectorySource`] that `mirrorvm restore --from` reads. Layout
+//! and crash rules are specified in `docs/checkpoint-format.md`:
+//!
+//! ```text
+//! DIR/machine.json         the manifest (written once, at begin)
+//! DIR/memory.img           guest memory as of memory.epoch (regions back to back)
+//! DIR/memory.epoch         the epoch memory.img holds
+//! DIR/ckpt-<epoch>.mvc     checkpoint files after it (format: `super::format`)
+//! DIR/finished             present when the guest ended its run itself
+//! ```
+//!
+//! The directory shares the disks' journals (they live beside their images on the
+//! same host), so its checkpoints carry region metadata only
+//! ([`StorageMode::Shared`]): a restore recovers each journal to the checkpoint's
+//! epoch.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::format::{self, FormatError};
+use super::sink::{CheckpointSink, SinkEnd, SinkError, StorageMode};
+use super::source::{CheckpointSource, Restored, SourceError};
+use super::{apply_pages, Checkpoint, ContentError, Manifest};
+use crate::dirty::PAGE_SIZE;
+use crate::memory::{self, GuestMemory, MemoryError};
+
+/// Failures reading or writing a checkpoint directory.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// An I/O error on a file or the directory.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A checkpoint file is malformed.
+    #[error("{path}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: FormatError,
+    },
+    /// A checkpoint's content does not fit the machine.
+    #[error("{path}")]
+    Content {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: ContentError,
+    },
+    /// The manifest cannot be read or written.
+    #[error("manifest {path}")]
+    Manifest {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: serde_json::Error,
+    },
+    /// The directory is locked by another process.
+    #[error("checkpoint directory {path}")]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+        /// Who holds it.
+        source: devices::lock::LockError,
+    },
+    /// The guest of this chain ended its run itself.
+    #[error("{dir}: the guest ended that run itself ({how}); there is nothing to resume, and its disks hold its final state")]
+    Finished {
+        /// The directory.
+        dir: PathBuf,
+        /// How it ended.
+        how: String,
+    },
+    /// A checkpoint file's name and header disagree.
+    #[error("{path}: the header says epoch {header}, the name says {name}")]
+    EpochMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Epoch in the header.
+        header: u64,
+        /// Epoch in the name.
+        name: u64,
+    },
+    /// The directory holds no complete checkpoint.
+    #[error("{0}: no complete checkpoint")]
+    NoCheckpoint(PathBuf),
+    /// A checkpoint between the memory image and the latest is missing.
+    #[error("{dir}: checkpoint {epoch} is missing (the chain from the memory image at epoch {base} is broken)")]
+    Gap {
+        /// The directory.
+        dir: PathBuf,
+        /// Missing epoch.
+        epoch: u64,
+        /// Epoch of the memory image.
+        base: u64,
+    },
+    /// The memory image does not match the manifest's memory size.
+    #[error("{path}: memory image is {actual} bytes, the checkpoint's guest has {expected}")]
+    ImageSize {
+        /// The image.
+        path: PathBuf,
+        /// Guest memory size.
+        expected: u64,
+        /// Image size.
+        actual: u64,
+    },
+    /// A checkpoint was written before the manifest.
+    #[error("{0}: a checkpoint was offered before the manifest")]
+    NotBegun(PathBuf),
+    /// Guest memory for the restore could not be created.
+    #[error("cannot allocate the restored guest's memory")]
+    Memory(#[source] MemoryError),
+}
+
+impl From<DirectoryError> for SinkError {
+    fn from(e: DirectoryError) -> Self {
+        SinkError::failed(e)
+    }
+}
+
+impl From<DirectoryError> for SourceError {
+    fn from(e: DirectoryError) -> Self {
+        SourceError::Unreadable(Box::new(e))
+    }
+}
+
+fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> DirectoryError + 'a {
+    move |source| DirectoryError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Name of a checkpoint file.
+pub fn checkpoint_name(epoch: u64) -> String {
+    format!("ckpt-{epoch:020}.mvc")
+}
+
+const MANIFEST: &str = "machine.json";
+const MEMORY_IMAGE: &str = "memory.img";
+const MEMORY_EPOCH: &str = "memory.epoch";
+/// Present when the guest of the chain ended the run itself: nothing to resume.
+const FINISHED: &str = "finished";
+
+fn sync_dir(dir: &Path) -> Result<(), DirectoryError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot sync directory", dir))
+}
+
+/// Writes `bytes` to `dir/name` through a synced temporary file and a rename.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DirectoryError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dst = dir.join(name);
+    let mut f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+    f.write_all(bytes).map_err(io("cannot write", &tmp))?;
+    f.sync_all().map_err(io("cannot sync", &tmp))?;
+    fs::rename(&tmp, &dst).map_err(io("cannot rename", &tmp))?;
+    sync_dir(dir)
+}
+
+/// Offset in `memory.img` of guest address `gpa`: regions are stored back to back.
+fn image_offset(layout: &[(u64, u64)], gpa: u64) -> Option<u64> {
+    let mut off = 0;
+    for &(start, len) in layout {
+        if gpa >= start && gpa < start + len {
+            return Some(off + gpa - start);
+        }
+        off += len;
+    }
+    None
+}
+
+fn layout_of(memory: u64) -> Vec<(u64, u64)> {
+    memory::ram_ranges(memory)
+        .into_iter()
+        .map(|(a, l)| (a.0, l as u64))
+        .collect()
+}
+
+/// The checkpoint files in `dir`, by epoch.
+pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, DirectoryError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io("cannot read directory", dir))? {
+        let entry = entry.map_err(io("cannot read directory", dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(num) = name
+            .strip_prefix("ckpt-")
+            .and_then(|n| n.strip_suffix(".mvc"))
+        {
+            if num.len() == 20 && num.bytes().all(|b| b.is_ascii_digit()) {
+                if let Ok(e) = num.parse::<u64>() {
+                    out.push((e, entry.path()));
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn check_not_finished(dir: &Path) -> Result<(), DirectoryError> {
+    match fs::read_to_string(dir.join(FINISHED)) {
+        Ok(how) => Err(DirectoryError::Finished {
+            dir: dir.to_path_buf(),
+            how: how.trim().to_string(),
+        }),
+        Err(_) => Ok(()),
+    }
+}
+
+fn lock(dir: &Path) -> Result<devices::lock::DirLock, DirectoryError> {
+    devices::lock::lock_dir(dir).map_err(|source| DirectoryError::Locked {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// The sink of `--checkpoint-dir`: a directory holding `memory.img` (guest memory as
+/// of `memory.epoch`) and the checkpoint files after it. The directory is locked for
+/// the life of the sink, so two runs never write one chain.
+pub struct DirectorySink {
+    dir: PathBuf,
+    layout: Option<Vec<(u64, u64)>>,
+    _lock: devices::lock::DirLock,
+}
+
+impl DirectorySink {
+    /// A sink writing into `dir` (created if missing, then locked).
+    pub fn open(dir: &Path) -> Result<Self, DirectoryError> {
+        fs::create_dir_all(dir).map_err(io("cannot create checkpoint directory", dir))?;
+        let lock = lock(dir)?;
+        Ok(DirectorySink {
+            dir: dir.to_path_buf(),
+            layout: None,
+            _lock: lock,
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes every earlier chain unrestorable, then removes its files.
+    fn clear_chain(&self) -> Result<(), DirectoryError> {
+        for name in [MEMORY_EPOCH, FINISHED] {
+            let p = self.dir.join(name);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("cannot remove", &p)(e)),
+            }
+        }
+        self.remove_older(u64::MAX)?;
+        sync_dir(&self.dir)
+    }
+
+    fn remove_older(&self, epoch: u64) -> Result<(), DirectoryError> {
+        for (e, path) in list_checkpoints(&self.dir)? {
+            if e < epoch {
+                fs::remove_file(&path).map_err(io("cannot remove", &path))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn layout(&self) -> Result<&[(u64, u64)], DirectoryError> {
+        self.layout
+            .as_deref()
+            .ok_or_else(|| DirectoryError::NotBegun(self.dir.clone()))
+    }
+
+    fn write_base_inner(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, DirectoryError> {
+        self.clear_chain()?;
+        let tmp = self.dir.join("memory.img.tmp");
+        let img = self.dir.join(MEMORY_IMAGE);
+        let f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        let total: u64 = mem.iter().map(|r| r.len()).sum();
+        f.set_len(total).map_err(io("cannot size", &tmp))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        let mut written = 0u64;
+        for r in mem.iter() {
+            let mut done = 0u64;
+            while done < r.len() {
+                let n = (r.len() - done).min(buf.len() as u64) as usize;
+                let gpa = r.start_addr().0 + done;
+                mem.read_slice(&mut buf[..n], GuestAddress(gpa))
+                    .map_err(|_| DirectoryError::Content {
+                        path: tmp.clone(),
+                        source: ContentError::PageOutside(gpa),
+                    })?;
+                // All-zero MiB are left as holes.
+                if buf[..n].iter().any(|b| *b != 0) {
+                    f.write_all_at(&buf[..n], off + done)
+                        .map_err(io("cannot write", &tmp))?;
+                    written += n as u64;
+                }
+                done += n as u64;
+            }
+            off += r.len();
+        }
+        f.sync_all().map_err(io("cannot sync", &tmp))?;
+        fs::rename(&tmp, &img).map_err(io("cannot rename", &tmp))?;
+        write_atomic(&self.dir, MEMORY_EPOCH, format!("{epoch}\n").as_bytes())?;
+        Ok(written)
+    }
+
+    fn write_inner(&mut self, c: &Checkpoint) -> Result<u64, DirectoryError> {
+        let img = self.dir.join(MEMORY_IMAGE);
+        let name = checkpoint_name(c.epoch);
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let dst = self.dir.join(&name);
+        let file = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        let written = format::write(&mut w, c, true).map_err(io("cannot write", &tmp))?;
+        let f = w.into_inner().map_err(|e| DirectoryError::Io {
+            what: "cannot write",
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        f.sync_all().map_err(io("cannot sync", &tmp))?;
+        fs::rename(&tmp, &dst).map_err(io("cannot rename", &tmp))?;
+        sync_dir(&self.dir)?;
+        // Complete. Fold it into the image so the directory stays bounded.
+        let layout = self.layout()?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .map_err(io("cannot open", &img))?;
+        for (gpa, page) in c
+            .pages
+            .addrs
+            .iter()
+            .zip(c.pages.data.chunks_exact(PAGE_SIZE))
+        {
+            let off = image_offset(layout, *gpa).ok_or_else(|| DirectoryError::Content {
+                path: img.clone(),
+                source: ContentError::PageOutside(*gpa),
+            })?;
+            f.write_all_at(page, off)
+                .map_err(io("cannot write", &img))?;
+        }
+        f.sync_data().map_err(io("cannot sync", &img))?;
+        write_atomic(&self.dir, MEMORY_EPOCH, format!("{}\n", c.epoch).as_bytes())?;
+        self.remove_older(c.epoch)?;
+        Ok(written)
+    }
+}
+
+impl CheckpointSink for DirectorySink {
+    fn storage(&self) -> StorageMode {
+        StorageMode::Shared
+    }
+
+    /// The old chain is made unrestorable first (it describes another machine), then
+    /// the manifest is written atomically.
+    fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {
+        self.clear_chain()?;
+        let path = self.dir.join(MANIFEST);
+        let json = serde_json::to_vec_pretty(manifest)
+            .map_err(|source| DirectoryError::Manifest { path, source })?;
+        write_atomic(&self.dir, MANIFEST, &json)?;
+        self.layout = Some(layout_of(manifest.memory));
+        Ok(())
+    }
+
+    /// Durability order: the old chain is removed first (its checkpoints describe
+    /// another image), then `memory.img` is written under a temporary name, synced,
+    /// renamed, and `memory.epoch` set to `epoch`.
+    fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, SinkError> {
+        Ok(self.write_base_inner(mem, epoch)?)
+    }
+
+    /// Durability order: the checkpoint file is written under a temporary name,
+    /// synced, renamed, and the directory synced: from here on the checkpoint is
+    /// complete. Then its pages are folded into `memory.img`, which is synced,
+    /// `memory.epoch` advanced, and older checkpoint files removed. A crash anywhere
+    /// leaves the previous or this checkpoint restorable: replaying a half-folded
+    /// checkpoint over the image is idempotent.
+    fn write(&mut self, c: &Checkpoint) -> Result<u64, SinkError> {
+        Ok(self.write_inner(c)?)
+    }
+
+    /// A guest that ended its run marks the directory finished: restore refuses it.
+    fn end(&mut self, how: &SinkEnd) -> Result<(), SinkError> {
+        if let SinkEnd::Finished(how) = how {
+            write_atomic(&self.dir, FINISHED, format!("{how}\n").as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// The source of `mirrorvm restore --from DIR`.
+pub struct DirectorySource {
+    dir: PathBuf,
+}
+
+impl DirectorySource {
+    /// A source reading `dir`.
+    pub fn new(dir: &Path) -> Self {
+        DirectorySource {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn manifest_inner(&self) -> Result<Manifest, DirectoryError> {
+        check_not_finished(&self.dir)?;
+        let path = self.dir.join(MANIFEST);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| DirectoryError::Manifest { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Format version 1 kept the manifest inside every checkpoint.
+                let files = list_checkpoints(&self.dir)?;
+                let (_, path) = files
+                    .last()
+                    .ok_or_else(|| DirectoryError::NoCheckpoint(self.dir.clone()))?;
+                let mut f = File::open(path).map_err(io("cannot open", path))?;
+                let len = f.metadata().map_err(io("cannot stat", path))?.len();
+                let file_err = |source| DirectoryError::File {
+                    path: path.clone(),
+                    source,
+                };
+                let (h, state) = format::read_state_section(&mut f, len).map_err(file_err)?;
+                let section = format::decode_state(h.version, &state).map_err(file_err)?;
+                let mut m = section
+                    .v1_manifest
+                    .ok_or_else(|| DirectoryError::NoCheckpoint(self.dir.clone()))?;
+                for d in &mut m.disks {
+                    d.size = fs::metadata(&d.config.path).map_or(0, |m| m.len());
+                }
+                Ok(m)
+            }
+            Err(e) => Err(io("cannot read", &path)(e)),
+        }
+    }
+
+    fn load_inner(&self) -> Result<Restored, DirectoryError> {
+        let manifest = self.manifest_inner()?;
+        let dir = &self.dir;
+        let files = list_checkpoints(dir)?;
+        let Some((latest, _)) = files.last().cloned() else {
+            return Err(DirectoryError::NoCheckpoint(dir.clone()));
+        };
+        let base = fs::read_to_string(dir.join(MEMORY_EPOCH))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| DirectoryError::NoCheckpoint(dir.clone()))?;
+        if latest <= base && !dir.join(checkpoint_name(base)).exists() {
+            return Err(DirectoryError::NoCheckpoint(dir.clone()));
+        }
+        let mem = memory::create(manifest.memory).map_err(DirectoryError::Memory)?;
+        let img = dir.join(MEMORY_IMAGE);
+        let f = File::open(&img).map_err(io("cannot open", &img))?;
+        let total: u64 = mem.iter().map(|r| r.len()).sum();
+        let actual = f.metadata().map_err(io("cannot stat", &img))?.len();
+        if actual != total {
+            return Err(DirectoryError::ImageSize {
+                path: img,
+                expected: total,
+                actual,
+            });
+        }
+        let mut off = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for r in mem.iter() {
+            let mut done = 0u64;
+            while done < r.len() {
+                let n = (r.len() - done).min(buf.len() as u64) as usize;
+                let gpa = r.start_addr().0 + done;
+                f.read_exact_at(&mut buf[..n], off + done)
+                    .map_err(io("cannot read", &img))?;
+                mem.write_slice(&buf[..n], GuestAddress(gpa)).map_err(|_| {
+                    DirectoryError::Content {
+                        path: img.clone(),
+                        source: ContentError::PageOutside(gpa),
+                    }
+                })?;
+                done += n as u64;
+            }
+            off += r.len();
+        }
+        // Replay every checkpoint after the image, in order; the last one's state wins.
+        let max_pages = total / PAGE_SIZE as u64;
+        let mut last = None;
+        for epoch in base..=latest {
+            let path = dir.join(checkpoint_name(epoch));
+            if !path.exists() {
+                if epoch == base {
+                    continue; // folded into the image and removed
+                }
+                return Err(DirectoryError::Gap {
+                    dir: dir.clone(),
+                    epoch,
+                    base,
+                });
+            }
+            let mut file = File::open(&path).map_err(io("cannot open", &path))?;
+            let len = file.metadata().map_err(io("cannot stat", &path))?.len();
+            let file_err = |source| DirectoryError::File {
+                path: path.clone(),
+                source,
+            };
+            let d = format::read(&mut file, len, max_pages).map_err(file_err)?;
+            if d.header.epoch != epoch {
+                return Err(DirectoryError::EpochMismatch {
+                    path,
+                    header: d.header.epoch,
+                    name: epoch,
+                });
+            }
+            apply_pages(&mem, &d.pages).map_err(|source| DirectoryError::Content {
+                path: path.clone(),
+                source,
+            })?;
+            last = Some((epoch, d.header.version, d.state, path));
+        }
+        let (epoch, version, state, path) =
+            last.ok_or_else(|| DirectoryError::NoCheckpoint(dir.clone()))?;
+        let section = format::decode_state(version, &state)
+            .map_err(|source| DirectoryError::File { path, source })?;
+        Ok(Restored {
+            epoch,
+            memory: mem,
+            state: section.state,
+        })
+    }
+}
+
+impl CheckpointSource for DirectorySource {
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn manifest(&mut self) -> Result<Manifest, SourceError> {
+        Ok(self.manifest_inner()?)
+    }
+
+    /// Reads `memory.img` and replays every checkpoint after it, checking each file
+    /// whole (sizes, checksums, epochs, page addresses) as it goes. The directory is
+    /// locked while it is read.
+    fn load(&mut self) -> Result<Restored, SourceError> {
+        let _lock = lock(&self.dir)?;
+        Ok(self.load_inner()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{encode_state, DiskManifest, MachineState};
+    use crate::config::DiskConfig;
+    use crate::dirty::StagedPages;
+    use crate::vm_state::VmState;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            memory: 16 << 20,
+            cpus: 1,
+            cmdline: "x".into(),
+            disks: vec![DiskManifest {
+                config: DiskConfig {
+                    path: "/nonexistent".into(),
+                    readonly: true,
+                    checkpoint: false,
+                },
+                size: 4096,
+                journal_id: None,
+            }],
+        }
+    }
+
+    fn state(tag: u8) -> Vec<u8> {
+        encode_state(&MachineState {
+            vcpus: vec![],
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            devices: vec![tag],
+        })
+        .unwrap()
+    }
+
+    fn page(gpa: u64, byte: u8) -> StagedPages {
+        StagedPages {
+            addrs: vec![gpa],
+            data: vec![byte; PAGE_SIZE],
+        }
+    }
+
+    #[test]
+    fn a_chain_written_by_the_sink_is_read_by_the_source() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ck");
+        let m = manifest();
+        let mem = memory::create(m.memory).unwrap();
+        mem.write_slice(&[7u8; 8], GuestAddress(0x3000)).unwrap();
+        {
+            let mut sink = DirectorySink::open(&dir).unwrap();
+            // A second sink on the same directory is refused while the first lives.
+            assert!(matches!(
+                DirectorySink::open(&dir),
+                Err(DirectoryError::Locked { .. })
+            ));
+            sink.begin(&m).unwrap();
+            sink.write_base(&mem, 4).unwrap();
+            for (e, b) in [(5u64, 0x55u8), (6, 0x66)] {
+                sink.write(&Checkpoint {
+                    epoch: e,
+                    full: e == 5,
+                    state: state(b),
+                    pages: page(0x2000, b),
+                    disks: vec![],
+                })
+                .unwrap();
+            }
+        }
+        let mut src = DirectorySource::new(&dir);
+        assert_eq!(src.manifest().unwrap(), m);
+        let r = src.load().unwrap();
+        assert_eq!(r.epoch, 6);
+        assert_eq!(r.state.devices, vec![0x66]);
+        assert_eq!(r.memory.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0x66);
+        assert_eq!(r.memory.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 7);
+        // Older checkpoint files were folded and removed.
+        assert_eq!(list_checkpoints(&dir).unwrap().len(), 1);
+
+        // Marked finished: nothing to resume.
+        let mut sink = DirectorySink::open(&dir).unwrap();
+        sink.end(&SinkEnd::Finished("GuestExit(0)".into())).unwrap();
+        drop(sink);
+        let err = DirectorySource::new(&dir).manifest().unwrap_err();
+        assert!(format!("{:?}", err).contains("Finished"), "{err:?}");
+    }
+
+    #[test]
+    fn a_missing_link_or_a_wrong_name_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let m = manifest();
+        let mem = memory::create(m.memory).unwrap();
+        let mut sink = DirectorySink::open(&dir).unwrap();
+        sink.begin(&m).unwrap();
+        sink.write_base(&mem, 1).unwrap();
+        drop(sink);
+        // A checkpoint file after a gap.
+        let c = Checkpoint {
+            epoch: 4,
+            state: state(1),
+            ..Default::default()
+        };
+        let mut bytes = Vec::new();
+        format::write(&mut bytes, &c, true).unwrap();
+        fs::write(dir.join(checkpoint_name(4)), &bytes).unwrap();
+        let err = DirectorySource::new(&dir).load_inner().unwrap_err();
+        assert!(
+            matches!(err, DirectoryError::Gap { epoch: 2, .. }),
+            "{err:?}"
+        );
+        // The same file under another epoch's name.
+        fs::remove_file(dir.join(checkpoint_name(4))).unwrap();
+        fs::write(dir.join(checkpoint_name(2)), &bytes).unwrap();
+        let err = DirectorySource::new(&dir).load_inner().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DirectoryError::EpochMismatch {
+                    header: 4,
+                    name: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn checkpoint_names_are_strict() {
+        let tmp = tempfile::tempdir().unwrap();
+        for n in [
+            "ckpt-1.mvc",
+            "ckpt-0000000000000000000x.mvc",
+            "ckpt-00000000000000000003.mvc.tmp",
+        ] {
+            fs::write(tmp.path().join(n), b"").unwrap();
+        }
+        fs::write(tmp.path().join(checkpoint_name(3)), b"").unwrap();
+        let l = list_checkpoints(tmp.path()).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].0, 3);
+    }
+}

@@ -1,0 +1,201 @@
+//! Checkpoints: what a cut produces, where checkpoints go, and where a restore reads
+//! them from.
+//!
+//! - [`Checkpoint`]: one cut, staged in memory: dirty pages, encoded machine state,
+//!   and the disk regions frozen at the cut (their data for a sink that keeps its own
+//!   disk copy, their metadata for one that shares the disks' journals).
+//! - [`Manifest`]: the one-time facts of a checkpoint stream (memory, vCPUs, disks,
+//!   command line). A sink receives it once, in [`CheckpointSink::begin`], not in
+//!   every 25 ms checkpoint.
+//! - [`sink`]: the [`CheckpointSink`] trait, the one seam every destination plugs
+//!   into: the [`directory`] sink now, the peer (a standby host) next.
+//! - [`source`]: the [`CheckpointSource`] trait a restore reads from: a directory, or
+//!   a replica whose memory is already in place (a standby taking over).
+//! - [`format`]: the checkpoint file format, pure encode/decode, no file system.
+
+pub mod directory;
+pub mod format;
+pub mod sink;
+pub mod source;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::config::DiskConfig;
+use crate::dirty::{StagedPages, PAGE_SIZE};
+use crate::memory::GuestMemory;
+use crate::vcpu::VcpuState;
+use crate::vm_state::VmState;
+
+pub use sink::{CheckpointSink, SinkError, StorageMode};
+pub use source::{CheckpointSource, Restored, SourceError};
+
+/// One disk of a [`Manifest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskManifest {
+    /// How it was attached.
+    pub config: DiskConfig,
+    /// Its size in bytes (a peer's copy must have the same).
+    pub size: u64,
+    /// The journal id of a checkpointed disk: a restore checks it before recovering,
+    /// so a swapped or recreated journal is refused instead of being recovered to
+    /// the wrong history.
+    pub journal_id: Option<u64>,
+}
+
+/// The one-time facts of a checkpoint stream: what a restore needs to rebuild the
+/// same machine before it applies any checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Guest memory in bytes (the layout follows from it: `memory::ram_ranges`).
+    pub memory: u64,
+    /// vCPU count.
+    pub cpus: u8,
+    /// The guest's command line (with devices appended).
+    pub cmdline: String,
+    /// Disks, in attach order.
+    pub disks: Vec<DiskManifest>,
+}
+
+/// Everything but memory, at a cut.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    /// Each vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Interrupt controllers, PIT, clock.
+    pub vm: VmState,
+    /// Device state, postcard-encoded by the machine's devices.
+    pub devices: Vec<u8>,
+}
+
+/// What a checkpoint carries of one disk's region frozen at its cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegionContent {
+    /// Metadata only: the sink shares the disk's journal (a local directory; shared
+    /// storage).
+    Meta(devices::store::RegionMeta),
+    /// Metadata and the final contents of every sector: the sink keeps its own copy
+    /// of the disk (replicated storage).
+    Data(devices::store::Export),
+}
+
+/// One disk's region frozen at a cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRegion {
+    /// The disk's index in attach order.
+    pub disk: usize,
+    /// What travels of it.
+    pub content: RegionContent,
+}
+
+/// One checkpoint, staged in memory at the cut.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    /// Its epoch.
+    pub epoch: u64,
+    /// Whether it completes a base image (the first checkpoint after a pre-copy).
+    pub full: bool,
+    /// The encoded [`MachineState`].
+    pub state: Vec<u8>,
+    /// The dirty pages.
+    pub pages: StagedPages,
+    /// The disk regions frozen at its cut, filled in when they are sealed (on the
+    /// exporter, after the guest resumed).
+    pub disks: Vec<DiskRegion>,
+}
+
+/// Failures encoding or applying checkpoint content.
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    /// The machine state could not be encoded.
+    #[error("cannot encode the machine state")]
+    Encode(#[source] postcard::Error),
+    /// The machine state could not be decoded.
+    #[error("cannot decode the machine state")]
+    Decode(#[source] postcard::Error),
+    /// A page lies outside guest memory.
+    #[error("page {0:#x} is outside guest memory")]
+    PageOutside(u64),
+    /// The staged pages and their addresses disagree.
+    #[error("{addrs} page addresses for {bytes} bytes of page data")]
+    Malformed {
+        /// Addresses.
+        addrs: usize,
+        /// Data bytes.
+        bytes: usize,
+    },
+}
+
+/// Encodes the machine state.
+pub fn encode_state(state: &MachineState) -> Result<Vec<u8>, ContentError> {
+    postcard::to_stdvec(state).map_err(ContentError::Encode)
+}
+
+/// Decodes the machine state.
+pub fn decode_state(bytes: &[u8]) -> Result<MachineState, ContentError> {
+    postcard::from_bytes(bytes).map_err(ContentError::Decode)
+}
+
+/// Writes checkpoint pages into guest memory: how every source brings memory to a
+/// checkpoint (a directory replaying its chain, a standby applying what arrived).
+/// Every address is checked against `mem` before anything is written.
+pub fn apply_pages(mem: &GuestMemory, pages: &StagedPages) -> Result<(), ContentError> {
+    if pages.addrs.len().checked_mul(PAGE_SIZE) != Some(pages.data.len()) {
+        return Err(ContentError::Malformed {
+            addrs: pages.addrs.len(),
+            bytes: pages.data.len(),
+        });
+    }
+    for &gpa in &pages.addrs {
+        if mem.get_slice(GuestAddress(gpa), PAGE_SIZE).is_err() {
+            return Err(ContentError::PageOutside(gpa));
+        }
+    }
+    for (gpa, page) in pages.addrs.iter().zip(pages.data.chunks_exact(PAGE_SIZE)) {
+        mem.write_slice(page, GuestAddress(*gpa))
+            .map_err(|_| ContentError::PageOutside(*gpa))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryBackend;
+
+    #[test]
+    fn pages_are_applied_or_refused_whole() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap();
+        let mut data = vec![0u8; 2 * PAGE_SIZE];
+        data[0] = 0xaa;
+        data[PAGE_SIZE] = 0xbb;
+        let good = StagedPages {
+            addrs: vec![3 * PAGE_SIZE as u64, 5 * PAGE_SIZE as u64],
+            data: data.clone(),
+        };
+        apply_pages(&mem, &good).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(3 * 4096)).unwrap(), 0xaa);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(5 * 4096)).unwrap(), 0xbb);
+
+        // One page outside memory: nothing at all is written.
+        let bad = StagedPages {
+            addrs: vec![7 * PAGE_SIZE as u64, 16 * PAGE_SIZE as u64],
+            data,
+        };
+        assert!(matches!(
+            apply_pages(&mem, &bad),
+            Err(ContentError::PageOutside(a)) if a == 16 * 4096
+        ));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(7 * 4096)).unwrap(), 0);
+
+        let short = StagedPages {
+            addrs: vec![0],
+            data: vec![0; 10],
+        };
+        assert!(matches!(
+            apply_pages(&mem, &short),
+            Err(ContentError::Malformed { .. })
+        ));
+        assert_eq!(mem.num_regions(), 1);
+    }
+}

@@ -1,0 +1,161 @@
+//! How a cut works: the steps inside one pause of every vCPU, in their order.
+
+use std::time::Instant;
+
+use super::{CutError, EpochEngine, EpochError, EpochMetrics, Job, PauseError, Phase};
+use crate::checkpoint::{encode_state, Checkpoint};
+
+fn us(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl EpochEngine {
+    /// Cuts checkpoint `next_epoch`; with `resume` false the vCPUs stay parked (the
+    /// final checkpoint of a run). A failure leaves the engine [`Phase::Failed`]: a
+    /// failed cut may have harvested (and so cleared) dirty logs whose pages no
+    /// checkpoint holds, so no later checkpoint may be cut in this run.
+    pub(super) fn cut(&mut self, resume: bool) -> Result<(), EpochError> {
+        let epoch = self.next_epoch;
+        if matches!(self.phase, Phase::Failed) {
+            return Err(EpochError::AfterFailure(epoch));
+        }
+        if matches!(self.phase, Phase::Fenced | Phase::Unprotected { .. }) {
+            return Ok(());
+        }
+        let r = self.cut_inner(epoch, resume);
+        if r.is_err() {
+            self.phase = Phase::Failed;
+            #[cfg(test)]
+            if self.sabotage.cut_after_failure {
+                self.phase = Phase::Idle;
+            }
+        }
+        r
+    }
+
+    fn cut_inner(&mut self, epoch: u64, resume: bool) -> Result<(), EpochError> {
+        let full = self.need_full;
+        let t0 = Instant::now();
+        // 1. Pause: kick every vCPU out of KVM_RUN and wait until all are parked.
+        match self.parts.vcpus.pause() {
+            Ok(()) => {}
+            Err(PauseError::Exited(_)) => {
+                // A vCPU whose thread ended is ending the run for its own reason
+                // (which it reports); nothing was harvested, so nothing is lost.
+                self.parts.vcpus.resume();
+                return Ok(());
+            }
+            Err(source) => {
+                self.parts.vcpus.resume();
+                return Err(EpochError::Pause { epoch, source });
+            }
+        }
+        let t_kick = t0.elapsed();
+        let staged = self.capture(epoch);
+        // Resume whatever happened (the guest must not stay paused), unless this is
+        // the run's final checkpoint and it succeeded.
+        if resume || staged.is_err() {
+            self.parts.vcpus.resume();
+        }
+        let pause = t0.elapsed();
+        let (pages, state, region_bytes, t_harvest, t_copy, t_save) =
+            staged.map_err(|source| EpochError::Cut { epoch, source })?;
+        // Encoding needs no pause.
+        let state = encode_state(&state).map_err(|e| EpochError::Cut {
+            epoch,
+            source: CutError::Encode(e),
+        })?;
+        let m = EpochMetrics {
+            epoch,
+            full,
+            pause_us: us(pause),
+            kick_us: us(t_kick),
+            harvest_us: us(t_harvest),
+            copy_us: us(t_copy),
+            save_us: us(t_save),
+            dirty_pages: pages.len() as u64,
+            region_bytes,
+            ..Default::default()
+        };
+        if full {
+            tracing::info!(
+                "checkpoint {epoch} completes the base: {} pages, pause {} µs",
+                pages.len(),
+                m.pause_us
+            );
+        }
+        #[cfg(test)]
+        if self.sabotage.retire_early {
+            self.exporter.submit(Job::Retire(epoch));
+        }
+        self.exporter.submit(Job::Checkpoint {
+            checkpoint: Checkpoint {
+                epoch,
+                full,
+                state,
+                pages,
+                disks: Vec::new(),
+            },
+            sealed: false,
+        });
+        self.in_flight = Some(m);
+        self.need_full = false;
+        self.next_epoch += 1;
+        self.phase = Phase::Exporting {
+            epoch,
+            written: false,
+        };
+        #[cfg(test)]
+        {
+            if self.sabotage.release_early {
+                self.parts.output.release(epoch);
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps 2–6, with every vCPU parked and the device loop stopped (the caller is
+    /// the device loop).
+    #[allow(clippy::type_complexity)]
+    fn capture(
+        &mut self,
+        epoch: u64,
+    ) -> Result<
+        (
+            crate::dirty::StagedPages,
+            crate::checkpoint::MachineState,
+            u64,
+            std::time::Duration,
+            std::time::Duration,
+            std::time::Duration,
+        ),
+        CutError,
+    > {
+        // 2. Devices process pending queue notifications, so none is lost.
+        self.parts.state.drain();
+        // 3. Harvest: KVM's log ∪ the VMM's own writes; reading clears both.
+        let t1 = Instant::now();
+        #[allow(unused_mut)]
+        let mut set = self.parts.dirty.harvest()?;
+        #[cfg(test)]
+        if self.sabotage.lose_a_page {
+            super::model_test::drop_highest(&mut set);
+        }
+        let t_harvest = t1.elapsed();
+        // 4. Copy the dirty pages to staging: the guest resumes before they travel.
+        let t2 = Instant::now();
+        let mut pages = std::mem::take(&mut self.spare);
+        self.parts.dirty.copy(&set, &mut pages)?;
+        let t_copy = t2.elapsed();
+        // 5. Save devices (their drained work may have raised interrupts), then
+        //    vCPUs (LAPICs), then the VM (IOAPIC, PICs, PIT, clock).
+        let t3 = Instant::now();
+        let state = self.parts.state.save()?;
+        // 6. Swap the disks' regions: later writes land in the new ones. Then seal
+        //    the console output of this epoch. Both inside the pause, so no guest
+        //    write or output straddles the cut.
+        let region_bytes = self.parts.disks.start_checkpoint(epoch)?;
+        self.parts.output.seal(epoch);
+        Ok((pages, state, region_bytes, t_harvest, t_copy, t3.elapsed()))
+    }
+}

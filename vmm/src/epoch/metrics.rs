@@ -1,0 +1,64 @@
+//! Per-checkpoint figures, written as one JSON line each (`--metrics PATH`).
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+/// Timings and sizes of one cut, written once its export finished.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// Checkpoint number.
+    pub epoch: u64,
+    /// Whether it completed a base image (the first after a pre-copy).
+    pub full: bool,
+    /// Whole pause, µs.
+    pub pause_us: u64,
+    /// Kick until every vCPU parked, µs.
+    pub kick_us: u64,
+    /// Dirty-log harvest, µs.
+    pub harvest_us: u64,
+    /// Page copy into staging, µs.
+    pub copy_us: u64,
+    /// Device, vCPU, VM state save and disk region swap, µs.
+    pub save_us: u64,
+    /// Pages in the checkpoint.
+    pub dirty_pages: u64,
+    /// Bytes written to the sink.
+    pub bytes: u64,
+    /// Bytes in the disk regions frozen at the cut.
+    pub region_bytes: u64,
+    /// Time from handing the checkpoint to the exporter until the sink had it, µs.
+    pub export_us: u64,
+}
+
+impl EpochMetrics {
+    /// Writes the JSON line and flushes.
+    pub fn write_line(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        serde_json::to_writer(&mut *w, self).map_err(std::io::Error::other)?;
+        w.write_all(b"\n")?;
+        w.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_that_reads_back() {
+        let m = EpochMetrics {
+            epoch: 3,
+            full: true,
+            pause_us: 200,
+            dirty_pages: 17,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        m.write_line(&mut out).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.ends_with('\n') && s.matches('\n').count() == 1);
+        assert!(s.starts_with("{\"epoch\":3,\"full\":true,\"pause_us\":200,"));
+        let back: EpochMetrics = serde_json::from_str(s.trim()).unwrap();
+        assert_eq!(back, m);
+    }
+}

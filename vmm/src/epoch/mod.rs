@@ -1,0 +1,904 @@
+//! The epoch engine on the primary: one state machine that cuts checkpoints, hands
+//! them to the exporter, releases held output and retires disk regions when they are
+//! complete, and decides how a run ends.
+//!
+//! ```text
+//!            start
+//!              │  harvest (clears the logs), Begin(manifest), Base(memory)
+//!              ▼
+//!          PreCopy ── base written ──▶ cut (full) ─┐
+//!              ▲                                   ▼
+//!              │ BaseLost          tick   ┌──── Exporting{N} ──── tick / region full ───▶ CutPostponed{N}
+//!              │                  ┌──────▶│   written: release output ≤ N, Retire(N)          │
+//!            (any)              Idle      │   retired ──▶ Idle                    retired ──▶ cut N+1
+//!                                 ▲       └────────────────┘                                  │
+//!                                 └───────────────────────────────────────────────────────────┘
+//!
+//!   sink Lost ──▶ Unprotected   (output released, every region retired locally, ticks swap regions only)
+//!   fence lost ─▶ Fenced        (nothing released or retired any more, no cut)
+//!   a cut or a disk commit fails ─▶ Failed (no cut any more: a failed cut may have cleared dirty logs)
+//!   stop ──▶ Closing            (the checkpoint in flight lands; a user stop cuts one final checkpoint)
+//! ```
+//!
+//! A cut (`cut.rs`), all inside one pause of every vCPU: drain the devices' pending
+//! notifications; harvest the dirty set; copy the dirty pages to a staging buffer;
+//! save devices, vCPUs and VM; swap the disks' regions; seal the epoch's console
+//! output; resume. The staged checkpoint then travels to the sink on the exporter
+//! thread (`exporter.rs`) while the guest runs epoch N+1. Only one checkpoint is in
+//! flight: until checkpoint N is at the sink and its disk regions are retired, cut
+//! N+1 is postponed and the guest keeps running. A failed export is retried with
+//! backoff, never dropped.
+//!
+//! The engine drives the machine only through the small traits below ([`Vcpus`],
+//! [`DirtyLog`], [`StateCapture`], [`DiskCut`], [`Output`], [`ExportQueue`]), so
+//! `model_test.rs` drives it with fakes and checks its invariants after every step,
+//! without KVM. The machine's implementations live in `machine/adapters.rs`.
+//!
+//! How a run ends (final checkpoint, releasing output, retiring disks, marking the
+//! sink) is decided in `ending.rs`.
+
+mod cut;
+pub mod ending;
+pub mod exporter;
+pub mod metrics;
+#[cfg(test)]
+mod model_test;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::checkpoint::sink::SinkEnd;
+use crate::checkpoint::{DiskRegion, MachineState, Manifest, StorageMode};
+use crate::dirty::{DirtySet, StagedPages, PAGE_SIZE};
+use crate::memory::GuestMemory;
+
+pub use exporter::{ExportEvent, ExportQueue, Job, LostDuring};
+pub use metrics::EpochMetrics;
+
+/// How long a vCPU may take to park before the cut gives up on it.
+pub const PARK_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Where the engine is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// All of memory is travelling to the sink as its base while the guest runs;
+    /// nothing is complete yet. The first cut after it (`first`) completes the base.
+    PreCopy {
+        /// The checkpoint that will complete the base.
+        first: u64,
+    },
+    /// No checkpoint in flight: the next tick cuts.
+    Idle,
+    /// Checkpoint `epoch` is travelling to the sink (`written` false) or retiring its
+    /// disk regions (`written` true).
+    Exporting {
+        /// The checkpoint.
+        epoch: u64,
+        /// Whether the sink has it.
+        written: bool,
+    },
+    /// A tick or a full region came while checkpoint `epoch` was in flight: cut as
+    /// soon as it is done. The guest keeps running meanwhile.
+    CutPostponed {
+        /// The checkpoint in flight.
+        epoch: u64,
+        /// Whether the sink has it.
+        written: bool,
+    },
+    /// The run is ending: no cut but the final one; `in_flight` lands first.
+    Closing {
+        /// A checkpoint still in flight.
+        in_flight: Option<u64>,
+        /// A base is travelling (the sink lost its own): the final checkpoint must
+        /// complete it.
+        rebasing: bool,
+    },
+    /// A cut or a disk commit failed: no further cut in this run.
+    Failed,
+    /// The sink is lost: held output was released, regions retire locally, ticks
+    /// only swap disk regions. `since`: the last checkpoint the sink completed.
+    Unprotected {
+        /// The last complete checkpoint, if any.
+        since: Option<u64>,
+    },
+    /// Another host holds the right to run: nothing more is released or retired,
+    /// and no checkpoint is cut.
+    Fenced,
+}
+
+impl Phase {
+    /// The checkpoint in flight, if any.
+    pub fn in_flight(&self) -> Option<u64> {
+        match *self {
+            Phase::Exporting { epoch, .. } | Phase::CutPostponed { epoch, .. } => Some(epoch),
+            Phase::Closing { in_flight, .. } => in_flight,
+            _ => None,
+        }
+    }
+}
+
+/// Why a vCPU would not pause.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// The vCPU's thread has ended (the run is ending for its own reason).
+    #[error("vCPU {0} has stopped running")]
+    Exited(u8),
+    /// The vCPU could not be paused (stuck in KVM_RUN, or its control failed).
+    #[error("cannot pause the vCPUs")]
+    Failed(#[source] Cause),
+}
+
+/// A boxed cause.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failed step of a cut, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum CutError {
+    /// The dirty log could not be read.
+    #[error("cannot read the dirty log")]
+    DirtyLog(#[source] Cause),
+    /// Dirty pages could not be copied.
+    #[error("cannot copy the dirty pages")]
+    PageCopy(#[source] Cause),
+    /// Device state could not be saved.
+    #[error("cannot save the device state")]
+    Devices(#[source] Cause),
+    /// A vCPU's state could not be saved.
+    #[error("cannot save a vCPU's state")]
+    Vcpu(#[source] Cause),
+    /// The VM state (irqchips, PIT, clock) could not be saved.
+    #[error("cannot save the VM state")]
+    Vm(#[source] Cause),
+    /// A disk could not start its new checkpoint region.
+    #[error("cannot swap a disk's checkpoint region")]
+    DiskRegion(#[source] Cause),
+    /// The machine state could not be encoded.
+    #[error("cannot encode the machine state")]
+    Encode(#[source] crate::checkpoint::ContentError),
+}
+
+/// Failures that end checkpointing (and the run).
+#[derive(Debug, thiserror::Error)]
+pub enum EpochError {
+    /// Timer or eventfd creation failed.
+    #[error("cannot create the epoch {0}")]
+    Os(&'static str, #[source] std::io::Error),
+    /// A vCPU would not park.
+    #[error("checkpoint {epoch}")]
+    Pause {
+        /// The checkpoint.
+        epoch: u64,
+        /// Cause.
+        source: PauseError,
+    },
+    /// A step of the cut failed.
+    #[error("checkpoint {epoch}")]
+    Cut {
+        /// The checkpoint.
+        epoch: u64,
+        /// Cause.
+        source: CutError,
+    },
+    /// An earlier cut failed; no later one may be cut.
+    #[error("checkpoint {0}: an earlier cut failed, so no later checkpoint can be complete")]
+    AfterFailure(u64),
+    /// The exporter failed to seal or retire a disk region.
+    #[error("checkpoint {epoch}: {what}")]
+    Commit {
+        /// The checkpoint.
+        epoch: u64,
+        /// The step.
+        what: &'static str,
+        /// Cause.
+        source: Cause,
+    },
+    /// The exporter thread is gone.
+    #[error("the checkpoint exporter has stopped")]
+    ExporterGone,
+    /// The final checkpoint was not written in time.
+    #[error("final checkpoint {epoch} not written within {deadline:?}")]
+    FinalTimeout {
+        /// The checkpoint.
+        epoch: u64,
+        /// The deadline.
+        deadline: Duration,
+    },
+    /// There is no sink to write a final checkpoint to.
+    #[error("no final checkpoint: the run is {0:?}")]
+    NoFinal(Phase),
+    /// The metrics could not be written.
+    #[error("cannot write metrics")]
+    Metrics(#[source] std::io::Error),
+}
+
+/// The vCPUs, as a cut pauses and resumes them.
+pub trait Vcpus: Send {
+    /// Kicks every vCPU out of KVM_RUN and waits until all are parked.
+    fn pause(&mut self) -> Result<(), PauseError>;
+    /// Lets every vCPU run again.
+    fn resume(&mut self);
+}
+
+/// The pages written since the last harvest (KVM's log ∪ the VMM's own writes).
+pub trait DirtyLog: Send {
+    /// Reads and clears the log.
+    fn harvest(&mut self) -> Result<DirtySet, CutError>;
+    /// Copies the pages of `set` into `into` (guest quiescent).
+    fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError>;
+}
+
+/// The machine's state at a cut.
+pub trait StateCapture: Send {
+    /// Processes pending device notifications so no event is lost at the cut.
+    fn drain(&mut self);
+    /// Saves devices, then vCPUs, then the VM (irqchips, PIT, clock), in that order.
+    fn save(&mut self) -> Result<MachineState, CutError>;
+}
+
+/// The disks at a cut, on the device loop.
+pub trait DiskCut: Send {
+    /// Freezes the active regions as checkpoint `epoch`'s and opens new ones; returns
+    /// the bytes in the regions just frozen.
+    fn start_checkpoint(&mut self, epoch: u64) -> Result<u64, CutError>;
+    /// Whether a region passed its high-water mark or deferred a write (cut early).
+    fn wants_cut(&self) -> bool;
+}
+
+/// Output commit (the console).
+pub trait Output: Send {
+    /// At cut `epoch`: what was written since the previous cut belongs to it.
+    fn seal(&mut self, epoch: u64);
+    /// Checkpoint `epoch` is complete: release its output and everything before.
+    fn release(&mut self, epoch: u64);
+    /// Release everything held and stop holding (unprotected, or a clean end).
+    fn release_all(&mut self);
+}
+
+/// The disks' side of a checkpoint after the cut, on the exporter thread.
+pub trait DiskCommit: Send {
+    /// Makes the regions frozen at cut `epoch` durable and returns what the sink
+    /// needs of them (`mode`: metadata or data).
+    fn seal(&mut self, epoch: u64, mode: StorageMode) -> Result<Vec<DiskRegion>, Cause>;
+    /// Checkpoint `epoch` is complete: acknowledge and retire its regions (commit
+    /// them to the base images, free the slots).
+    fn retire(&mut self, epoch: u64) -> Result<(), Cause>;
+    /// No sink any more: acknowledge and retire every frozen region locally.
+    fn retire_all(&mut self) -> Result<(), Cause>;
+}
+
+/// The machine parts a cut drives.
+pub struct Parts {
+    /// The vCPUs.
+    pub vcpus: Box<dyn Vcpus>,
+    /// The dirty log.
+    pub dirty: Box<dyn DirtyLog>,
+    /// Device, vCPU and VM state.
+    pub state: Box<dyn StateCapture>,
+    /// Region swaps.
+    pub disks: Box<dyn DiskCut>,
+    /// Output commit.
+    pub output: Box<dyn Output>,
+}
+
+/// Deliberate faults, to show that the model test catches each broken invariant.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Sabotage {
+    /// Drop the highest dirty page from each harvest.
+    pub lose_a_page: bool,
+    /// Cut on a tick even while a checkpoint is in flight.
+    pub two_in_flight: bool,
+    /// Retire a checkpoint's regions as soon as it is cut.
+    pub retire_early: bool,
+    /// Release a checkpoint's output as soon as it is cut.
+    pub release_early: bool,
+    /// Release held output when fenced.
+    pub release_when_fenced: bool,
+    /// Forget that a cut failed.
+    pub cut_after_failure: bool,
+}
+
+/// The engine. Call its `on_*` methods from the device loop ([`EpochLoop`] does).
+pub struct EpochEngine {
+    parts: Parts,
+    exporter: Box<dyn ExportQueue>,
+    mem: GuestMemory,
+    phase: Phase,
+    next_epoch: u64,
+    spare: StagedPages,
+    in_flight: Option<EpochMetrics>,
+    last_complete: Option<u64>,
+    local_retire_pending: bool,
+    need_full: bool,
+    metrics: Option<Box<dyn Write + Send>>,
+    /// Checkpoints the sink completed in this run.
+    pub completed: u64,
+    #[cfg(test)]
+    pub(crate) sabotage: Sabotage,
+}
+
+impl EpochEngine {
+    /// An engine that will cut checkpoint `first_epoch` first. Nothing happens until
+    /// [`start`](Self::start).
+    pub fn new(
+        parts: Parts,
+        exporter: Box<dyn ExportQueue>,
+        mem: GuestMemory,
+        first_epoch: u64,
+        metrics: Option<Box<dyn Write + Send>>,
+    ) -> Self {
+        EpochEngine {
+            parts,
+            exporter,
+            mem,
+            phase: Phase::PreCopy { first: first_epoch },
+            next_epoch: first_epoch,
+            spare: StagedPages::default(),
+            in_flight: None,
+            last_complete: None,
+            local_retire_pending: false,
+            need_full: true,
+            metrics,
+            completed: 0,
+            #[cfg(test)]
+            sabotage: Sabotage::default(),
+        }
+    }
+
+    /// Where the engine is.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The last checkpoint the sink completed in this run.
+    pub fn last_complete(&self) -> Option<u64> {
+        self.last_complete
+    }
+
+    /// Starts checkpointing: the manifest goes to the sink, then the pre-copy. From
+    /// here on the dirty logs record every write while the exporter copies all of
+    /// memory as the guest runs; the first cut copies only what changed since.
+    pub fn start(&mut self, manifest: Manifest) -> Result<(), EpochError> {
+        self.exporter.submit(Job::Begin(manifest));
+        self.start_precopy()
+    }
+
+    fn start_precopy(&mut self) -> Result<(), EpochError> {
+        let first = self.next_epoch;
+        self.parts
+            .dirty
+            .harvest()
+            .map_err(|source| EpochError::Cut {
+                epoch: first,
+                source,
+            })?;
+        self.exporter.submit(Job::Base {
+            epoch: first.saturating_sub(1),
+            mem: self.mem.clone(),
+        });
+        self.phase = Phase::PreCopy { first };
+        self.in_flight = None;
+        self.need_full = true;
+        Ok(())
+    }
+
+    /// The epoch timer fired.
+    pub fn on_tick(&mut self) -> Result<(), EpochError> {
+        match self.phase {
+            Phase::Idle => self.cut(true),
+            #[cfg(test)]
+            Phase::Exporting { .. } if self.sabotage.two_in_flight => self.cut(true),
+            Phase::Exporting { epoch, written } => {
+                // Cut N+1 needs checkpoint N at the sink and its regions retired:
+                // postpone, the guest runs on.
+                self.phase = Phase::CutPostponed { epoch, written };
+                Ok(())
+            }
+            Phase::Unprotected { .. } => self.local_swap(),
+            Phase::PreCopy { .. }
+            | Phase::CutPostponed { .. }
+            | Phase::Closing { .. }
+            | Phase::Failed
+            | Phase::Fenced => Ok(()),
+        }
+    }
+
+    /// A disk region passed its high-water mark or deferred a write: end the epoch
+    /// now, or as soon as the checkpoint in flight is done. The signal may be stale
+    /// (raised for a region already cut), so the disks are asked again.
+    pub fn on_region_full(&mut self) -> Result<(), EpochError> {
+        if !self.parts.disks.wants_cut() {
+            return Ok(());
+        }
+        match self.phase {
+            Phase::Idle => self.cut(true),
+            Phase::Exporting { epoch, written } => {
+                self.phase = Phase::CutPostponed { epoch, written };
+                Ok(())
+            }
+            Phase::Unprotected { .. } => self.local_swap(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Another host took the fence: from now on nothing is released, retired or cut.
+    pub fn on_fenced(&mut self) {
+        self.phase = Phase::Fenced;
+        // Queued retires are dropped; nothing more reaches the sink.
+        self.exporter.stop();
+        #[cfg(test)]
+        if self.sabotage.release_when_fenced {
+            self.parts.output.release_all();
+        }
+    }
+
+    /// Handles every event the exporter has ready (the device loop calls this when
+    /// the exporter's eventfd fires).
+    pub fn on_exporter(&mut self) -> Result<(), EpochError> {
+        while let Some(e) = self.exporter.try_next() {
+            self.handle(e)?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, e: ExportEvent) -> Result<(), EpochError> {
+        match e {
+            ExportEvent::Begun => Ok(()),
+            ExportEvent::BaseWritten { epoch, bytes, us } => {
+                tracing::info!(
+                    "pre-copy of guest memory (base {epoch}): {bytes} bytes in {} ms",
+                    us / 1000
+                );
+                match self.phase {
+                    // Cut the checkpoint that completes the base right away.
+                    Phase::PreCopy { .. } => self.cut(true),
+                    Phase::Closing { in_flight, .. } => {
+                        self.phase = Phase::Closing {
+                            in_flight,
+                            rebasing: false,
+                        };
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
+            ExportEvent::Written {
+                epoch,
+                bytes,
+                us,
+                pages,
+            } => self.written(epoch, bytes, us, pages),
+            ExportEvent::Retired { epoch } => self.retired(epoch),
+            ExportEvent::RetiredAll => {
+                self.local_retire_pending = false;
+                Ok(())
+            }
+            ExportEvent::Retrying { epoch, error } => {
+                tracing::warn!(
+                    "checkpoint {epoch}: export failed, retrying: {}",
+                    error_chain(&*error)
+                );
+                Ok(())
+            }
+            ExportEvent::BaseLost { epoch, during } => {
+                tracing::warn!("the checkpoint sink lost its base ({during:?} {epoch}): copying all of memory again");
+                self.rebase(epoch, during)
+            }
+            ExportEvent::Lost { error } => {
+                self.unprotect(&error);
+                Ok(())
+            }
+            ExportEvent::Failed { epoch, what, error } => {
+                self.phase = Phase::Failed;
+                Err(EpochError::Commit {
+                    epoch,
+                    what,
+                    source: error,
+                })
+            }
+            ExportEvent::Ended => Ok(()),
+        }
+    }
+
+    fn written(
+        &mut self,
+        epoch: u64,
+        bytes: u64,
+        us: u64,
+        pages: StagedPages,
+    ) -> Result<(), EpochError> {
+        // Keep the staging buffer for the next cut unless it is far too big.
+        if pages.data.capacity() <= 4 * pages.data.len().max(64 * PAGE_SIZE) {
+            self.spare = pages;
+        }
+        let mut m = self.in_flight.take().unwrap_or_default();
+        m.bytes = bytes;
+        m.export_us = us;
+        self.completed += 1;
+        self.last_complete = Some(epoch);
+        match self.phase {
+            Phase::Fenced => return Ok(()),
+            Phase::Exporting {
+                epoch: e,
+                written: false,
+            } if e == epoch => {
+                self.phase = Phase::Exporting {
+                    epoch,
+                    written: true,
+                }
+            }
+            Phase::CutPostponed {
+                epoch: e,
+                written: false,
+            } if e == epoch => {
+                self.phase = Phase::CutPostponed {
+                    epoch,
+                    written: true,
+                }
+            }
+            _ => {}
+        }
+        // Complete: its output may be seen, its regions may be retired.
+        self.parts.output.release(epoch);
+        #[cfg(test)]
+        if self.sabotage.retire_early {
+            return self.log_metrics(&m);
+        }
+        if !matches!(self.phase, Phase::Unprotected { .. }) {
+            self.exporter.submit(Job::Retire(epoch));
+        }
+        self.log_metrics(&m)
+    }
+
+    fn retired(&mut self, epoch: u64) -> Result<(), EpochError> {
+        match self.phase {
+            Phase::Exporting { epoch: e, .. } if e == epoch => {
+                self.phase = Phase::Idle;
+                // A region that filled up meanwhile asks for its cut now.
+                if self.parts.disks.wants_cut() {
+                    return self.cut(true);
+                }
+                Ok(())
+            }
+            Phase::CutPostponed { epoch: e, .. } if e == epoch => {
+                self.phase = Phase::Idle;
+                self.cut(true)
+            }
+            Phase::Closing {
+                in_flight: Some(e),
+                rebasing,
+            } if e == epoch => {
+                self.phase = Phase::Closing {
+                    in_flight: None,
+                    rebasing,
+                };
+                Ok(())
+            }
+            Phase::Unprotected { .. } => {
+                self.local_retire_pending = false;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The sink lost its base. During the manifest: the base follows anyway. During
+    /// the base: send it again. During checkpoint N: retire N's regions locally (its
+    /// disk writes are in the journal and go into the base images, which a new base
+    /// copy then carries) and copy all of memory again. Only one base or checkpoint
+    /// is ever queued, so this never doubles up.
+    fn rebase(&mut self, epoch: u64, during: LostDuring) -> Result<(), EpochError> {
+        if matches!(
+            self.phase,
+            Phase::Fenced | Phase::Failed | Phase::Unprotected { .. }
+        ) {
+            return Ok(());
+        }
+        match during {
+            LostDuring::Begin => return Ok(()),
+            LostDuring::Base => {
+                self.exporter.submit(Job::Base {
+                    epoch,
+                    mem: self.mem.clone(),
+                });
+                return Ok(());
+            }
+            LostDuring::Checkpoint => {}
+        }
+        let in_flight = self.phase.in_flight();
+        if in_flight == Some(epoch) {
+            self.exporter.submit(Job::Retire(epoch));
+        }
+        let closing = matches!(self.phase, Phase::Closing { .. });
+        self.start_precopy()?;
+        if closing {
+            // Ending: the in-flight checkpoint's regions retire first (jobs run in
+            // order), then the base; the final cut then completes it.
+            self.phase = Phase::Closing {
+                in_flight: in_flight.filter(|e| *e == epoch),
+                rebasing: true,
+            };
+        }
+        // Otherwise PreCopy: N's retire runs before the base (jobs run in order), so
+        // the cut that completes the base finds a free region.
+        Ok(())
+    }
+
+    fn unprotect(&mut self, error: &Cause) {
+        if matches!(self.phase, Phase::Fenced | Phase::Failed) {
+            return;
+        }
+        eprintln!(
+            "mirrorvm: checkpoint sink lost ({}): running unprotected since checkpoint {}",
+            error_chain(&**error),
+            self.last_complete
+                .map_or_else(|| "none".to_string(), |e| e.to_string())
+        );
+        self.phase = Phase::Unprotected {
+            since: self.last_complete,
+        };
+        self.in_flight = None;
+        self.parts.output.release_all();
+        self.exporter.submit(Job::RetireAll);
+        self.local_retire_pending = true;
+    }
+
+    /// Unprotected: swap the disks' regions and retire them at once, so writes keep
+    /// flowing into the base images. No pause: nothing needs to match memory.
+    fn local_swap(&mut self) -> Result<(), EpochError> {
+        if self.local_retire_pending {
+            return Ok(());
+        }
+        let epoch = self.next_epoch;
+        self.parts
+            .disks
+            .start_checkpoint(epoch)
+            .map_err(|source| EpochError::Cut { epoch, source })?;
+        self.next_epoch += 1;
+        self.exporter.submit(Job::RetireAll);
+        self.local_retire_pending = true;
+        Ok(())
+    }
+
+    fn log_metrics(&mut self, m: &EpochMetrics) -> Result<(), EpochError> {
+        if let Some(w) = &mut self.metrics {
+            m.write_line(w).map_err(EpochError::Metrics)?;
+        }
+        Ok(())
+    }
+
+    /// Handles events until `done` holds for the phase, for at most until
+    /// `deadline`; false if it still does not hold then.
+    fn wait_until(
+        &mut self,
+        deadline: Instant,
+        done: impl Fn(&Phase) -> bool,
+    ) -> Result<bool, EpochError> {
+        while !done(&self.phase) {
+            if matches!(
+                self.phase,
+                Phase::Failed | Phase::Fenced | Phase::Unprotected { .. }
+            ) {
+                return Ok(false);
+            }
+            match self.exporter.wait(deadline) {
+                Some(e) => self.handle(e)?,
+                None => return Ok(done(&self.phase)),
+            }
+            if Instant::now() >= deadline {
+                return Ok(done(&self.phase));
+            }
+        }
+        Ok(true)
+    }
+
+    fn close(&mut self) {
+        self.phase = match self.phase {
+            Phase::PreCopy { .. } => Phase::Closing {
+                in_flight: None,
+                rebasing: true,
+            },
+            Phase::Idle => Phase::Closing {
+                in_flight: None,
+                rebasing: false,
+            },
+            Phase::Exporting { epoch, .. } | Phase::CutPostponed { epoch, .. } => Phase::Closing {
+                in_flight: Some(epoch),
+                rebasing: false,
+            },
+            p => p,
+        };
+    }
+
+    /// Ends checkpointing when the guest itself ended the run: the checkpoint in
+    /// flight (if any) gets until `deadline` to land; no further cut. A pre-copy
+    /// under way is abandoned: nothing is complete, and nothing will be.
+    pub fn shutdown(&mut self, deadline: Duration) {
+        self.close();
+        let end = Instant::now() + deadline;
+        if let Err(e) = self.wait_until(end, |p| p.in_flight().is_none()) {
+            tracing::warn!("while ending: {}", error_chain(&e));
+        }
+    }
+
+    /// Ends checkpointing when the user stops the run (a signal, Ctrl-A x): waits
+    /// for the checkpoint in flight (and a base under way), then cuts one final
+    /// checkpoint with the vCPUs left parked and waits until the sink has it, so that
+    /// a restore resumes the guest where it was stopped. Returns the final epoch; an
+    /// error leaves the last complete checkpoint standing.
+    pub fn finish(&mut self, deadline: Duration) -> Result<u64, EpochError> {
+        let end = Instant::now() + deadline;
+        self.close();
+        let settled = |p: &Phase| {
+            matches!(
+                p,
+                Phase::Closing {
+                    in_flight: None,
+                    rebasing: false
+                }
+            )
+        };
+        loop {
+            if matches!(
+                self.phase,
+                Phase::Failed | Phase::Fenced | Phase::Unprotected { .. }
+            ) {
+                return Err(EpochError::NoFinal(self.phase));
+            }
+            let epoch = self.next_epoch;
+            if !self.wait_until(end, settled)? {
+                return Err(EpochError::FinalTimeout { epoch, deadline });
+            }
+            self.cut(false)?;
+            // The cut left the phase Exporting; keep closing.
+            self.phase = Phase::Closing {
+                in_flight: Some(epoch),
+                rebasing: false,
+            };
+            if !self.wait_until(end, settled)? {
+                return Err(EpochError::FinalTimeout { epoch, deadline });
+            }
+            if self.last_complete == Some(epoch) {
+                return Ok(epoch);
+            }
+            // The sink lost its base under the final checkpoint: once the new base
+            // is there, cut it again.
+        }
+    }
+
+    /// Records how the run ended at the sink and stops the exporter.
+    pub fn end(&mut self, how: Option<SinkEnd>, deadline: Duration) {
+        if let Some(how) = how {
+            self.exporter.submit(Job::End(how));
+            let end = Instant::now() + deadline;
+            while let Some(e) = self.exporter.wait(end) {
+                if matches!(e, ExportEvent::Ended) {
+                    break;
+                }
+                if let Err(err) = self.handle(e) {
+                    tracing::warn!("while ending: {}", error_chain(&err));
+                }
+            }
+        }
+        self.exporter.stop();
+    }
+
+    /// Releases all held output (a clean end, or unprotected).
+    pub fn release_all_output(&mut self) {
+        self.parts.output.release_all();
+    }
+}
+
+/// An error and its causes, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+const TOKEN_TIMER: u32 = 0;
+const TOKEN_EXPORTER: u32 = 1;
+const TOKEN_CUT_REQUEST: u32 = 2;
+
+/// The engine on the device event loop: its timer, the exporter's wake-ups and the
+/// disks' early-cut requests.
+pub struct EpochLoop {
+    engine: EpochEngine,
+    timer: TimerFd,
+    period: Duration,
+    exporter_evt: EventFd,
+    cut_request: Option<EventFd>,
+    on_error: Box<dyn Fn(String) + Send>,
+}
+
+impl EpochLoop {
+    /// Wraps a started engine. `exporter_evt` fires when the exporter has events;
+    /// `cut_request` when a disk asks for an early cut; `on_error` ends the run.
+    pub fn new(
+        engine: EpochEngine,
+        period: Duration,
+        exporter_evt: EventFd,
+        cut_request: Option<EventFd>,
+        on_error: Box<dyn Fn(String) + Send>,
+    ) -> Result<Self, EpochError> {
+        let mut timer = TimerFd::new().map_err(|e| EpochError::Os("timer", e.into()))?;
+        timer
+            .reset(period, Some(period))
+            .map_err(|e| EpochError::Os("timer", e.into()))?;
+        Ok(EpochLoop {
+            engine,
+            timer,
+            period,
+            exporter_evt,
+            cut_request,
+            on_error,
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&mut self) -> &mut EpochEngine {
+        &mut self.engine
+    }
+
+    /// The epoch length.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+}
+
+impl MutEventSubscriber for EpochLoop {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)) {
+            (self.on_error)(format!("cannot watch the epoch timer: {e:?}"));
+        }
+        if let Err(e) = ops.add(Events::with_data(
+            &self.exporter_evt,
+            TOKEN_EXPORTER,
+            EventSet::IN,
+        )) {
+            (self.on_error)(format!("cannot watch the exporter: {e:?}"));
+        }
+        if let Some(evt) = &self.cut_request {
+            if let Err(e) = ops.add(Events::with_data(evt, TOKEN_CUT_REQUEST, EventSet::IN)) {
+                (self.on_error)(format!("cannot watch the disks' cut requests: {e:?}"));
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let r = match events.data() {
+            TOKEN_TIMER => {
+                let _ = self.timer.wait();
+                self.engine.on_tick()
+            }
+            TOKEN_EXPORTER => {
+                let _ = self.exporter_evt.read();
+                self.engine.on_exporter()
+            }
+            TOKEN_CUT_REQUEST => {
+                if let Some(evt) = &self.cut_request {
+                    let _ = evt.read();
+                }
+                self.engine.on_region_full()
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            (self.on_error)(format!("checkpointing failed: {}", error_chain(&e)));
+        }
+    }
+}
+
+/// A shareable handle type for the loop.
+pub type SharedLoop = Arc<std::sync::Mutex<EpochLoop>>;

@@ -1,0 +1,649 @@
+//! Model-based test of the epoch engine, without KVM.
+//!
+//! Fakes stand in for everything the engine drives: a real (small) vm-memory guest
+//! memory whose bitmap is the dirty log, vCPUs that can be paused, disks with two
+//! region slots, an output gate, and a sink that keeps an image of memory and can
+//! fail, lose its base, or be lost for good. The real `ExportWorker` runs the jobs,
+//! one attempt per step. Random sequences of guest writes, timer ticks, region-full
+//! signals, exporter steps, sink failures and recoveries, save failures and fences,
+//! ended by a user stop, a guest stop or a crash, drive the engine; after every step
+//! the invariants are checked:
+//!
+//! 1. no dirty page is lost: every page not dirty in the log has its current value
+//!    at the sink or in the checkpoint travelling to it (unless the run failed, or is
+//!    unprotected or fenced, when nothing more is promised);
+//! 2. at most one checkpoint is in flight, and a region swap always finds a free
+//!    slot (cut N+1 only after N's regions are retired);
+//! 3. a region is retired only once its checkpoint is complete at the sink, or the
+//!    run went unprotected, or the sink lost its base (then the new base carries it);
+//! 4. output is released only for complete checkpoints or when unprotected, never
+//!    when fenced;
+//! 5. a failed cut stops further cuts;
+//! 6. the vCPUs are never left paused outside a cut, and disk regions swap only while
+//!    they are paused (unless unprotected);
+//! 7. a user stop that succeeds leaves the sink holding exactly the guest's memory.
+//!
+//! `each_invariant_can_fail` breaks the engine on purpose, once per invariant, and
+//! checks that the test then fails.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestError, TestRunner};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::exporter::{ExportWorker, ManualExporter};
+use super::*;
+use crate::checkpoint::sink::{CheckpointSink, SinkEnd, SinkError};
+use crate::checkpoint::{Checkpoint, DiskRegion, MachineState, Manifest, StorageMode};
+use crate::dirty::{DirtySet, StagedPages, PAGE_SIZE};
+use crate::memory::GuestMemory;
+use crate::vm_state::VmState;
+
+const PAGES: usize = 16;
+
+/// Drops the highest page of a dirty set (the `lose_a_page` sabotage).
+pub(super) fn drop_highest(set: &mut DirtySet) {
+    for (_, words) in set.regions.iter_mut().rev() {
+        for w in words.iter_mut().rev() {
+            if *w != 0 {
+                *w &= !(1u64 << (63 - w.leading_zeros()));
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SinkMode {
+    Ok,
+    Failing,
+    Lost,
+    LoseBaseOnce,
+}
+
+/// Everything the fakes share, and what they saw.
+struct World {
+    mem: GuestMemory,
+    paused: bool,
+    // Disks: frozen regions (at most one with two slots), region-full signal.
+    frozen: Vec<u64>,
+    region_full: bool,
+    fail_next_save: bool,
+    // The sink.
+    sink_mode: SinkMode,
+    image: Option<Vec<Vec<u8>>>,
+    complete: Vec<u64>,
+    rebased: Vec<u64>,
+    lost: bool,
+    // Set by the test.
+    fenced: bool,
+    failed: bool,
+    in_final: bool,
+    violations: Vec<String>,
+}
+
+type Shared = Arc<Mutex<World>>;
+
+fn w(s: &Shared) -> std::sync::MutexGuard<'_, World> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl World {
+    fn violate(&mut self, what: String) {
+        self.violations.push(what);
+    }
+
+    fn page(&self, p: usize) -> Vec<u8> {
+        let mut b = vec![0u8; PAGE_SIZE];
+        self.mem
+            .read_slice(&mut b, GuestAddress((p * PAGE_SIZE) as u64))
+            .expect("fake memory");
+        b
+    }
+
+    fn dirty(&self, p: usize) -> bool {
+        let r = self.mem.iter().next().expect("one region");
+        r.bitmap().dirty_at(p * PAGE_SIZE)
+    }
+}
+
+struct FakeVcpus(Shared);
+impl Vcpus for FakeVcpus {
+    fn pause(&mut self) -> Result<(), PauseError> {
+        w(&self.0).paused = true;
+        Ok(())
+    }
+    fn resume(&mut self) {
+        w(&self.0).paused = false;
+    }
+}
+
+struct FakeDirty(Shared);
+impl DirtyLog for FakeDirty {
+    fn harvest(&mut self) -> Result<DirtySet, CutError> {
+        let mut s = w(&self.0);
+        if s.failed {
+            s.violate("a cut harvested the dirty log after a failed cut".into());
+        }
+        let r = s.mem.iter().next().expect("one region");
+        let words = vm_memory::mmap::MmapRegion::bitmap(r).get_and_reset();
+        Ok(DirtySet {
+            regions: vec![(0, words)],
+        })
+    }
+    fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError> {
+        let mem = w(&self.0).mem.clone();
+        into.copy_from(&mem, set)
+            .map_err(|e| CutError::PageCopy(Box::new(e)))
+    }
+}
+
+struct FakeState(Shared);
+impl StateCapture for FakeState {
+    fn drain(&mut self) {}
+    fn save(&mut self) -> Result<MachineState, CutError> {
+        let mut s = w(&self.0);
+        if std::mem::take(&mut s.fail_next_save) {
+            // The log was harvested (cleared) already: this run can never again
+            // cut a complete checkpoint.
+            s.failed = true;
+            return Err(CutError::Devices("injected save failure".into()));
+        }
+        Ok(MachineState {
+            vcpus: vec![],
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            devices: vec![],
+        })
+    }
+}
+
+struct FakeDisks(Shared);
+impl DiskCut for FakeDisks {
+    fn start_checkpoint(&mut self, epoch: u64) -> Result<u64, CutError> {
+        let mut s = w(&self.0);
+        if s.failed {
+            s.violate(format!("region swap {epoch} after a failed cut"));
+        }
+        if !s.paused && !s.lost {
+            s.violate(format!("region swap {epoch} with the vCPUs running"));
+        }
+        if !s.frozen.is_empty() {
+            let frozen = s.frozen.clone();
+            s.violate(format!(
+                "region swap {epoch} with no free slot: {frozen:?} not retired (two checkpoints in flight)"
+            ));
+        }
+        s.frozen.push(epoch);
+        s.region_full = false;
+        Ok(0)
+    }
+    fn wants_cut(&self) -> bool {
+        w(&self.0).region_full
+    }
+}
+
+impl DiskCommit for FakeDisks {
+    fn seal(&mut self, epoch: u64, _mode: StorageMode) -> Result<Vec<DiskRegion>, Cause> {
+        let s = w(&self.0);
+        if !s.frozen.contains(&epoch) {
+            return Err(format!("seal {epoch}: not frozen").into());
+        }
+        Ok(vec![])
+    }
+    fn retire(&mut self, epoch: u64) -> Result<(), Cause> {
+        let mut s = w(&self.0);
+        if s.fenced {
+            s.violate(format!("retired {epoch} while fenced"));
+        }
+        if !s.complete.contains(&epoch) && !s.lost && !s.rebased.contains(&epoch) {
+            s.violate(format!("retired {epoch} before the sink completed it"));
+        }
+        s.frozen.retain(|e| *e != epoch);
+        Ok(())
+    }
+    fn retire_all(&mut self) -> Result<(), Cause> {
+        let mut s = w(&self.0);
+        if !s.lost {
+            s.violate("retired every region locally while protected".into());
+        }
+        if s.fenced {
+            s.violate("retired every region while fenced".into());
+        }
+        s.frozen.clear();
+        Ok(())
+    }
+}
+
+struct FakeOutput(Shared);
+impl Output for FakeOutput {
+    fn seal(&mut self, _epoch: u64) {}
+    fn release(&mut self, epoch: u64) {
+        let mut s = w(&self.0);
+        if s.fenced {
+            s.violate(format!("released output {epoch} while fenced"));
+        }
+        if !s.complete.contains(&epoch) && !s.lost {
+            s.violate(format!(
+                "released output {epoch} before the sink completed it"
+            ));
+        }
+    }
+    fn release_all(&mut self) {
+        let mut s = w(&self.0);
+        if s.fenced {
+            s.violate("released all output while fenced".into());
+        }
+        if !s.lost {
+            s.violate("released all output while protected".into());
+        }
+    }
+}
+
+struct FakeSink(Shared);
+impl FakeSink {
+    fn mode(&self) -> Result<(), SinkError> {
+        self.mode_for(None)
+    }
+
+    fn mode_for(&self, epoch: Option<u64>) -> Result<(), SinkError> {
+        let mut s = w(&self.0);
+        match s.sink_mode {
+            SinkMode::Ok => Ok(()),
+            SinkMode::Failing => Err(SinkError::Failed("injected sink failure".into())),
+            SinkMode::Lost => {
+                s.lost = true;
+                Err(SinkError::Lost("injected: the peer is gone".into()))
+            }
+            SinkMode::LoseBaseOnce => {
+                s.sink_mode = SinkMode::Ok;
+                s.image = None;
+                // The checkpoint under way may retire: the new base carries it.
+                s.rebased.extend(epoch);
+                Err(SinkError::BaseLost)
+            }
+        }
+    }
+}
+impl CheckpointSink for FakeSink {
+    fn storage(&self) -> StorageMode {
+        StorageMode::Shared
+    }
+    fn begin(&mut self, _m: &Manifest) -> Result<(), SinkError> {
+        self.mode()
+    }
+    fn write_base(&mut self, mem: &GuestMemory, _epoch: u64) -> Result<u64, SinkError> {
+        self.mode()?;
+        let mut image = Vec::with_capacity(PAGES);
+        for p in 0..PAGES {
+            let mut b = vec![0u8; PAGE_SIZE];
+            mem.read_slice(&mut b, GuestAddress((p * PAGE_SIZE) as u64))
+                .map_err(|e| SinkError::Failed(Box::new(e)))?;
+            image.push(b);
+        }
+        w(&self.0).image = Some(image);
+        Ok((PAGES * PAGE_SIZE) as u64)
+    }
+    fn write(&mut self, c: &Checkpoint) -> Result<u64, SinkError> {
+        self.mode_for(Some(c.epoch))?;
+        let mut s = w(&self.0);
+        let Some(image) = s.image.as_mut() else {
+            s.rebased.push(c.epoch);
+            return Err(SinkError::BaseLost);
+        };
+        for (a, page) in c
+            .pages
+            .addrs
+            .iter()
+            .zip(c.pages.data.chunks_exact(PAGE_SIZE))
+        {
+            image[*a as usize / PAGE_SIZE] = page.to_vec();
+        }
+        s.complete.push(c.epoch);
+        Ok(c.pages.data.len() as u64)
+    }
+    fn end(&mut self, _how: &SinkEnd) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// The manual exporter, shared with the test so it can step it and look inside.
+#[derive(Clone)]
+struct SharedExporter(Arc<Mutex<ManualExporter>>);
+impl ExportQueue for SharedExporter {
+    fn submit(&mut self, job: Job) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).submit(job)
+    }
+    fn try_next(&mut self) -> Option<ExportEvent> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).try_next()
+    }
+    fn wait(&mut self, d: std::time::Instant) -> Option<ExportEvent> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).wait(d)
+    }
+    fn stop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).stop()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Write { page: usize, value: u64 },
+    Tick,
+    RegionFull,
+    Export,
+    Sink(SinkMode),
+    FailNextSave,
+    Fence,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum End {
+    UserStop,
+    GuestStop,
+    Crash,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0..PAGES, any::<u64>()).prop_map(|(page, value)| Step::Write { page, value }),
+        4 => Just(Step::Tick),
+        1 => Just(Step::RegionFull),
+        6 => Just(Step::Export),
+        1 => Just(Step::Sink(SinkMode::Failing)),
+        2 => Just(Step::Sink(SinkMode::Ok)),
+        1 => Just(Step::Sink(SinkMode::Lost)),
+        1 => Just(Step::Sink(SinkMode::LoseBaseOnce)),
+        1 => Just(Step::FailNextSave),
+        1 => Just(Step::Fence),
+    ]
+}
+
+fn end() -> impl Strategy<Value = End> {
+    prop_oneof![Just(End::UserStop), Just(End::GuestStop), Just(End::Crash)]
+}
+
+/// Checks the invariants that hold between steps.
+fn check(world: &Shared, engine: &EpochEngine, exporter: &SharedExporter) {
+    let mut s = w(world);
+    if s.paused && !s.in_final {
+        s.violate("the vCPUs were left paused outside a cut".into());
+    }
+    let phase = engine.phase();
+    if phase == Phase::Failed {
+        s.failed = true;
+    }
+    let x = exporter.0.lock().unwrap_or_else(|e| e.into_inner());
+    let checkpoints: Vec<&Checkpoint> = x
+        .queue
+        .iter()
+        .filter_map(|j| match j {
+            Job::Checkpoint { checkpoint, .. } => Some(checkpoint),
+            _ => None,
+        })
+        .collect();
+    if checkpoints.len() > 1 {
+        s.violate(format!("{} checkpoints in flight", checkpoints.len()));
+    }
+    if s.failed || s.lost || s.fenced {
+        return;
+    }
+    let base_pending = x.queue.iter().any(|j| matches!(j, Job::Base { .. }));
+    for p in 0..PAGES {
+        if s.dirty(p) || base_pending {
+            continue;
+        }
+        let now = s.page(p);
+        let gpa = (p * PAGE_SIZE) as u64;
+        let travelling = checkpoints.iter().rev().find_map(|c| {
+            c.pages
+                .addrs
+                .iter()
+                .position(|a| *a == gpa)
+                .map(|i| c.pages.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].to_vec())
+        });
+        let held = travelling.or_else(|| s.image.as_ref().map(|img| img[p].clone()));
+        if held.as_deref() != Some(now.as_slice()) {
+            s.violate(format!(
+                "page {p} was written, is no longer in the dirty log, and its value differs from memory at the sink and in what travels (phase {phase:?})"
+            ));
+            return;
+        }
+    }
+}
+
+fn run_model(steps: &[Step], end: End, sabotage: Sabotage) -> Result<(), String> {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), PAGES * PAGE_SIZE)])
+        .map_err(|e| e.to_string())?;
+    let world: Shared = Arc::new(Mutex::new(World {
+        mem: mem.clone(),
+        paused: false,
+        frozen: vec![],
+        region_full: false,
+        fail_next_save: false,
+        sink_mode: SinkMode::Ok,
+        image: None,
+        complete: vec![],
+        rebased: vec![],
+        lost: false,
+        fenced: false,
+        failed: false,
+        in_final: false,
+        violations: vec![],
+    }));
+    let worker = ExportWorker::new(
+        Box::new(FakeSink(world.clone())),
+        Box::new(FakeDisks(world.clone())),
+    );
+    let exporter = SharedExporter(Arc::new(Mutex::new(ManualExporter::new(worker))));
+    let parts = Parts {
+        vcpus: Box::new(FakeVcpus(world.clone())),
+        dirty: Box::new(FakeDirty(world.clone())),
+        state: Box::new(FakeState(world.clone())),
+        disks: Box::new(FakeDisks(world.clone())),
+        output: Box::new(FakeOutput(world.clone())),
+    };
+    let mut engine = EpochEngine::new(parts, Box::new(exporter.clone()), mem.clone(), 1, None);
+    engine.sabotage = sabotage;
+    let manifest = Manifest {
+        memory: (PAGES * PAGE_SIZE) as u64,
+        cpus: 1,
+        cmdline: String::new(),
+        disks: vec![],
+    };
+    engine.start(manifest).map_err(|e| e.to_string())?;
+    for st in steps {
+        let r = match st {
+            Step::Write { page, value } => {
+                if !w(&world).paused {
+                    let addr = GuestAddress((page * PAGE_SIZE + 8) as u64);
+                    mem.write_obj(*value, addr).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            Step::Tick => engine.on_tick(),
+            Step::RegionFull => {
+                w(&world).region_full = true;
+                engine.on_region_full()
+            }
+            Step::Export => {
+                exporter.0.lock().unwrap_or_else(|e| e.into_inner()).step();
+                engine.on_exporter()
+            }
+            Step::Sink(mode) => {
+                let mut s = w(&world);
+                if !s.lost {
+                    s.sink_mode = *mode;
+                }
+                Ok(())
+            }
+            Step::FailNextSave => {
+                w(&world).fail_next_save = true;
+                Ok(())
+            }
+            Step::Fence => {
+                w(&world).fenced = true;
+                engine.on_fenced();
+                Ok(())
+            }
+        };
+        // Engine errors end the real run; the model goes on to check that nothing
+        // more happens that should not.
+        let _ = r;
+        check(&world, &engine, &exporter);
+    }
+    match end {
+        End::Crash => {}
+        End::GuestStop => {
+            engine.shutdown(Duration::from_millis(10));
+            check(&world, &engine, &exporter);
+        }
+        End::UserStop => {
+            w(&world).in_final = true;
+            let r = engine.finish(Duration::from_millis(10));
+            let s = w(&world);
+            if let Ok(epoch) = r {
+                if !s.complete.contains(&epoch) {
+                    return Err(format!(
+                        "final checkpoint {epoch} reported written but the sink lacks it"
+                    ));
+                }
+                let img = s
+                    .image
+                    .as_ref()
+                    .ok_or("final checkpoint without a sink image")?;
+                for (p, held) in img.iter().enumerate() {
+                    if *held != s.page(p) {
+                        return Err(format!(
+                            "after the final checkpoint {epoch}, page {p} at the sink differs from memory"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let v = &w(&world).violations;
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(v.join("; "))
+    }
+}
+
+fn runner(cases: u32) -> TestRunner {
+    TestRunner::new_with_rng(
+        Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        proptest::test_runner::TestRng::deterministic_rng(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+        ),
+    )
+}
+
+fn strategy() -> impl Strategy<Value = (Vec<Step>, End)> {
+    (proptest::collection::vec(step(), 0..80), end())
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 512, failure_persistence: None, ..Config::default() })]
+
+    #[test]
+    fn the_engine_keeps_its_invariants((steps, end) in strategy()) {
+        if let Err(e) = run_model(&steps, end, Sabotage::default()) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+}
+
+#[test]
+fn a_quiet_run_completes_checkpoints_and_a_user_stop_lands_exactly() {
+    let mut steps = vec![Step::Export, Step::Export, Step::Export];
+    for i in 0..10 {
+        steps.push(Step::Write {
+            page: i % PAGES,
+            value: i as u64 + 1,
+        });
+        steps.push(Step::Tick);
+        steps.push(Step::Export);
+        steps.push(Step::Export);
+        steps.push(Step::Export);
+    }
+    run_model(&steps, End::UserStop, Sabotage::default()).unwrap();
+}
+
+/// Each sabotage breaks one invariant; the model test must notice.
+#[test]
+fn each_invariant_can_fail() {
+    let cases: [(&str, Sabotage, &str); 6] = [
+        (
+            "lose a page",
+            Sabotage {
+                lose_a_page: true,
+                ..Default::default()
+            },
+            "from memory",
+        ),
+        (
+            "two in flight",
+            Sabotage {
+                two_in_flight: true,
+                ..Default::default()
+            },
+            "in flight",
+        ),
+        (
+            "retire early",
+            Sabotage {
+                retire_early: true,
+                ..Default::default()
+            },
+            "before the sink completed it",
+        ),
+        (
+            "release early",
+            Sabotage {
+                release_early: true,
+                ..Default::default()
+            },
+            "released output",
+        ),
+        (
+            "release when fenced",
+            Sabotage {
+                release_when_fenced: true,
+                ..Default::default()
+            },
+            "while fenced",
+        ),
+        (
+            "cut after failure",
+            Sabotage {
+                cut_after_failure: true,
+                ..Default::default()
+            },
+            "after a failed cut",
+        ),
+    ];
+    for (name, sabotage, needle) in cases {
+        let result = runner(2000).run(&strategy(), |(steps, end)| {
+            run_model(&steps, end, sabotage).map_err(TestCaseError::fail)
+        });
+        match result {
+            Err(TestError::Fail(why, _)) => assert!(
+                why.message().contains(needle),
+                "sabotage '{name}' was caught, but not by the invariant it breaks: {why}"
+            ),
+            other => panic!("sabotage '{name}' went unnoticed: {other:?}"),
+        }
+    }
+}

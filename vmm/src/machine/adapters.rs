@@ -1,0 +1,206 @@
+//! The machine as the epoch engine sees it: implementations of the engine's traits
+//! over KVM, the devices, the disks' checkpoint stores and the console gate.
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock_recover;
+use devices::legacy::I8042;
+use devices::serial::SerialDevice;
+use devices::snapshot::Snapshot;
+use devices::store::SharedStore;
+use devices::virtio::block::Block;
+use devices::virtio::mmio::MmioTransport;
+use kvm_ioctls::VmFd;
+
+use super::DevicesState;
+use crate::checkpoint::{DiskRegion, MachineState, RegionContent, StorageMode};
+use crate::dirty::{self, DirtySet, StagedPages};
+use crate::epoch::{
+    Cause, CutError, DirtyLog, DiskCommit, DiskCut, Output, PauseError, StateCapture, Vcpus,
+    PARK_DEADLINE,
+};
+use crate::memory::GuestMemory;
+use crate::output::OutputGate;
+use crate::vcpu::{ControlError, VcpuControl};
+use crate::vm_state::VmState;
+
+/// The vCPU threads, paused through their controls.
+pub(super) struct KvmVcpus {
+    pub controls: Vec<Arc<VcpuControl>>,
+}
+
+impl Vcpus for KvmVcpus {
+    fn pause(&mut self) -> Result<(), PauseError> {
+        for v in &self.controls {
+            v.request_pause();
+        }
+        for v in &self.controls {
+            match v.wait_parked(PARK_DEADLINE) {
+                Ok(()) => {}
+                Err(ControlError::Exited(i)) => return Err(PauseError::Exited(i)),
+                Err(e) => return Err(PauseError::Failed(Box::new(e))),
+            }
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        for v in &self.controls {
+            v.resume();
+        }
+    }
+}
+
+/// KVM's dirty log united with vm-memory's bitmap.
+pub(super) struct KvmDirtyLog {
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMemory,
+}
+
+impl DirtyLog for KvmDirtyLog {
+    fn harvest(&mut self) -> Result<DirtySet, CutError> {
+        dirty::harvest(&self.vm, &self.mem).map_err(|e| CutError::DirtyLog(Box::new(e)))
+    }
+
+    fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError> {
+        into.copy_from(&self.mem, set)
+            .map_err(|e| CutError::PageCopy(Box::new(e)))
+    }
+}
+
+/// A block device and its transport, as the cut saves them.
+pub(super) type DiskPair = (Arc<Mutex<Block>>, Arc<Mutex<MmioTransport>>);
+
+/// Devices, vCPUs and the VM, saved in that order.
+pub(super) struct KvmState {
+    pub vm: Arc<VmFd>,
+    pub vcpus: Vec<Arc<VcpuControl>>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub disks: Vec<DiskPair>,
+}
+
+impl StateCapture for KvmState {
+    fn drain(&mut self) {
+        for (block, _) in &self.disks {
+            lock_recover(block).process_pending();
+        }
+    }
+
+    fn save(&mut self) -> Result<MachineState, CutError> {
+        let devices = DevicesState {
+            serial: lock_recover(&self.serial).snapshot(),
+            i8042: lock_recover(&self.i8042).snapshot(),
+            disks: self
+                .disks
+                .iter()
+                .map(|(b, t)| (lock_recover(t).snapshot(), lock_recover(b).snapshot()))
+                .collect(),
+        };
+        let devices = postcard::to_stdvec(&devices).map_err(|e| CutError::Devices(Box::new(e)))?;
+        // Every parked vCPU saves itself on its own thread, all at once.
+        for v in &self.vcpus {
+            v.request_save().map_err(|e| CutError::Vcpu(Box::new(e)))?;
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(v.wait_saved().map_err(|e| CutError::Vcpu(Box::new(e)))?);
+        }
+        let vm = VmState::save(&self.vm).map_err(|e| CutError::Vm(Box::new(e)))?;
+        Ok(MachineState { vcpus, vm, devices })
+    }
+}
+
+/// The checkpointed disks' stores, at the cut (device loop) and after (exporter).
+#[derive(Clone)]
+pub(super) struct Stores {
+    /// Each checkpointed disk: its index in attach order and its store.
+    pub stores: Vec<(usize, Arc<SharedStore>)>,
+    /// Every block device, kicked after a cut so deferred writes go again.
+    pub blocks: Vec<Arc<Mutex<Block>>>,
+}
+
+impl DiskCut for Stores {
+    fn start_checkpoint(&mut self, epoch: u64) -> Result<u64, CutError> {
+        let mut bytes = 0;
+        for (_, store) in &self.stores {
+            let mut s = store.lock();
+            s.start_checkpoint(epoch)
+                .map_err(|e| CutError::DiskRegion(Box::new(e)))?;
+            bytes += s.status().frozen.last().map_or(0, |r| r.used_bytes);
+        }
+        // A write deferred for lack of room goes again into the new active region.
+        if !self.stores.is_empty() {
+            for block in &self.blocks {
+                let _ = lock_recover(block).kick_evt().write(1);
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn wants_cut(&self) -> bool {
+        self.stores.iter().any(|(_, s)| s.lock().end_epoch_early())
+    }
+}
+
+impl DiskCommit for Stores {
+    fn seal(&mut self, epoch: u64, mode: StorageMode) -> Result<Vec<DiskRegion>, Cause> {
+        let mut out = Vec::with_capacity(self.stores.len());
+        for (disk, store) in &self.stores {
+            let mut s = store.lock();
+            let content = match mode {
+                StorageMode::Shared => RegionContent::Meta(s.export_meta(epoch)?),
+                StorageMode::Replicated => RegionContent::Data(s.export(epoch)?),
+            };
+            out.push(DiskRegion {
+                disk: *disk,
+                content,
+            });
+        }
+        Ok(out)
+    }
+
+    fn retire(&mut self, epoch: u64) -> Result<(), Cause> {
+        for (_, store) in &self.stores {
+            store.lock().acknowledge(epoch)?;
+            // The copy into the base image runs without the store's lock, so the
+            // device keeps serving the guest meanwhile.
+            store.retire(epoch)?;
+        }
+        Ok(())
+    }
+
+    fn retire_all(&mut self) -> Result<(), Cause> {
+        for (_, store) in &self.stores {
+            let frozen: Vec<u64> = store
+                .lock()
+                .status()
+                .frozen
+                .iter()
+                .map(|r| r.epoch)
+                .collect();
+            for epoch in frozen {
+                store.lock().acknowledge(epoch)?;
+                store.retire(epoch)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The console's output gate.
+pub(super) struct Gate(pub Arc<OutputGate>);
+
+impl Output for Gate {
+    fn seal(&mut self, epoch: u64) {
+        self.0.seal(epoch);
+    }
+
+    fn release(&mut self, epoch: u64) {
+        self.0.release(epoch);
+    }
+
+    fn release_all(&mut self) {
+        self.0.open();
+    }
+}

@@ -1,0 +1,54 @@
+//! Why a run ended, and the exit status that reports it. Shared by the machine (which
+//! ends runs) and the epoch engine (whose end-of-run policy depends on why).
+
+/// Why a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The guest wrote this value to the debug-exit port.
+    GuestExit(u8),
+    /// The guest reset the machine (i8042 0xfe: Linux's `reboot=k`, or a panic with
+    /// `panic=N`).
+    Reset,
+    /// The VMM received this signal (SIGINT, SIGTERM).
+    Signal(i32),
+    /// The user typed Ctrl-A x on the console.
+    Quit,
+    /// The guest did something that stops it (internal error, triple fault, …).
+    GuestError(String),
+}
+
+impl RunEnd {
+    /// The process exit status that reports this end: the guest's own value for a
+    /// debug exit, 0 for a reset or quit, 128+signal for a signal, 2 for a guest error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunEnd::GuestExit(v) => i32::from(*v),
+            RunEnd::Reset | RunEnd::Quit => 0,
+            RunEnd::Signal(s) => 128 + s,
+            RunEnd::GuestError(_) => 2,
+        }
+    }
+
+    /// Whether the user stopped the run (a signal, Ctrl-A x) rather than the guest
+    /// ending it: a stopped guest is meant to be continued later.
+    pub fn is_user_stop(&self) -> bool {
+        matches!(self, RunEnd::Signal(_) | RunEnd::Quit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_and_user_stops() {
+        assert_eq!(RunEnd::GuestExit(7).exit_code(), 7);
+        assert_eq!(RunEnd::Signal(15).exit_code(), 143);
+        assert_eq!(RunEnd::GuestError("x".into()).exit_code(), 2);
+        assert_eq!(RunEnd::Reset.exit_code(), 0);
+        assert!(RunEnd::Quit.is_user_stop());
+        assert!(RunEnd::Signal(2).is_user_stop());
+        assert!(!RunEnd::GuestExit(0).is_user_stop());
+        assert!(!RunEnd::Reset.is_user_stop());
+    }
+}
