@@ -382,6 +382,35 @@ mod tests {
         ));
     }
 
+    /// The postcard bytes of a non-default state, as the hand-written mirror of
+    /// `SerialState` encoded them: checkpoints written by earlier builds must decode.
+    const GOLDEN_STATE: &[u8] = &[
+        0x0c, 0x01, 0x05, 0xc4, 0x83, 0x61, 0x0b, 0xb0, 0x5a, 0x03, b'a', b'b', b'c',
+    ];
+
+    fn golden_state() -> SerialState {
+        SerialState {
+            baud_divisor_low: 0x0c,
+            baud_divisor_high: 0x01,
+            interrupt_enable: 0x05,
+            interrupt_identification: 0xc4,
+            line_control: 0x83,
+            line_status: 0x61,
+            modem_control: 0x0b,
+            modem_status: 0xb0,
+            scratch: 0x5a,
+            in_buffer: b"abc".to_vec(),
+        }
+    }
+
+    #[test]
+    fn state_encoding_is_stable() {
+        let state = SerialDeviceState::from(&golden_state());
+        assert_eq!(postcard::to_allocvec(&state).unwrap(), GOLDEN_STATE);
+        let decoded: SerialDeviceState = postcard::from_bytes(GOLDEN_STATE).unwrap();
+        assert_eq!(decoded, state);
+    }
+
     mod prop {
         use super::*;
         use proptest::prelude::*;

@@ -50,6 +50,8 @@ mod tools;
 #[cfg(test)]
 mod fault;
 #[cfg(test)]
+mod golden_test;
+#[cfg(test)]
 mod model_test;
 #[cfg(test)]
 mod tests;
