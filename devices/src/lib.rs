@@ -4,6 +4,7 @@
 //! by the peer.
 
 pub mod bus;
+pub mod codec;
 pub mod legacy;
 pub mod serial;
 pub mod snapshot;

@@ -54,13 +54,8 @@ pub enum Error {
         supported: u32,
     },
     /// the journal's file header fails its checksum
-    #[error("the region journal's file header is corrupt (CRC32C {stored:#010x} stored, {computed:#010x} computed)")]
-    HeaderChecksum {
-        /// CRC in the file.
-        stored: u32,
-        /// CRC computed over the header.
-        computed: u32,
-    },
+    #[error("the region journal's file header is corrupt")]
+    HeaderChecksum(#[source] crate::codec::CrcMismatch),
     /// a field of the journal's file header is out of its allowed range
     #[error(
         "the region journal's file header field `{field}` = {value} is out of range ({allowed})"
