@@ -87,6 +87,9 @@ pub enum Error {
     /// the base image's size is not a whole number of 512-byte sectors
     #[error("the base image is {0} bytes, not a multiple of 512")]
     BaseNotSectorSized(u64),
+    /// the operating system could not supply a random journal id
+    #[error("cannot draw a random id for a new region journal")]
+    JournalId(#[source] getrandom::Error),
     /// the store configuration is invalid
     #[error("invalid store configuration: {0}")]
     Config(String),

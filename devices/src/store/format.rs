@@ -60,7 +60,8 @@ pub struct FileHeader {
     pub base_len: u64,
     /// Epoch the base image held when the journal was created.
     pub created_epoch: u64,
-    /// A number identifying this journal (informational).
+    /// A random number drawn when the journal is created: a checkpoint records the
+    /// id of each disk's journal, and restore refuses a journal with another id.
     pub journal_id: u64,
 }
 

@@ -1005,11 +1005,9 @@ fn copy_extents<F: StoreFile + ?Sized>(base: &F, journal: &F, extents: &[Extent]
 }
 
 fn create_journal<F: StoreFile>(j: &F, config: &StoreConfig, base_len: u64) -> Result<FileHeader> {
-    let journal_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ u64::from(std::process::id()).rotate_left(32);
+    // Random, so that a journal recreated over the same image (same size, same
+    // epoch, same moment) is still told apart from the one a checkpoint recorded.
+    let journal_id = getrandom::u64().map_err(Error::JournalId)?;
     let h = FileHeader {
         version: FORMAT_VERSION,
         slot_count: config.slot_count,
