@@ -11,6 +11,10 @@ pub mod snapshot;
 pub mod store;
 pub mod virtio;
 
+/// Bytes per sector of every virtual disk: the unit of virtio-blk requests and of the
+/// checkpoint store's records.
+pub const SECTOR_SIZE: u64 = 512;
+
 /// Guest memory as every device sees it: mmap-backed, with a dirty bitmap that
 /// records the VMM's own writes (KVM's dirty log does not see them).
 pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -9,8 +9,8 @@
 use super::error::{Error, Result};
 use crate::codec::{Crc32cHeader, FromBytes, Immutable, IntoBytes, KnownLayout, U32, U64};
 
-/// The sector size of the virtual disk; every request is a whole number of sectors.
-pub const SECTOR_SIZE: u64 = 512;
+/// The sector size; the file header's `sector_size` field must hold it.
+pub use crate::SECTOR_SIZE;
 /// The newest format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// Magic at offset 0 of the journal.

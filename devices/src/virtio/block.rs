@@ -34,10 +34,8 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::snapshot::Snapshot;
-use crate::GuestMemory;
+use crate::{GuestMemory, SECTOR_SIZE};
 
-/// Bytes per sector.
-pub const SECTOR_SIZE: u64 = 512;
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Segments per request the driver may use (the queue size minus header and status).
