@@ -776,10 +776,10 @@ impl Block {
                     });
                 }
                 let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-                if active.queue.event_idx_enabled != event_idx {
+                if active.queue.0.event_idx_enabled != event_idx {
                     return Err(StateError::EventIdx {
                         index: 0,
-                        enabled: active.queue.event_idx_enabled,
+                        enabled: active.queue.0.event_idx_enabled,
                     });
                 }
                 let queue = active.queue.to_queue(0, QUEUE_SIZE, &mem)?;
