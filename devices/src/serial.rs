@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::snapshot::Snapshot;
+use crate::ErrorChain;
 
 /// First port of COM1.
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;
@@ -28,13 +29,13 @@ pub const SERIAL_FIFO_LEN: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
     /// could not create the interrupt eventfd
-    #[error("could not create the serial interrupt eventfd: {0}")]
+    #[error("could not create the serial interrupt eventfd")]
     CreateEventFd(#[source] io::Error),
     /// could not duplicate the interrupt eventfd
-    #[error("could not duplicate the serial interrupt eventfd: {0}")]
+    #[error("could not duplicate the serial interrupt eventfd")]
     CloneEventFd(#[source] io::Error),
     /// could not raise the serial interrupt
-    #[error("could not raise the serial interrupt: {0}")]
+    #[error("could not raise the serial interrupt")]
     Trigger(#[source] io::Error),
     /// the receive FIFO is full
     #[error("the serial receive FIFO is full")]
@@ -46,7 +47,7 @@ pub enum SerialError {
         len: usize,
     },
     /// could not write the guest's output
-    #[error("could not write the guest's serial output: {0}")]
+    #[error("could not write the guest's serial output")]
     Output(#[source] io::Error),
 }
 
@@ -222,7 +223,7 @@ impl BusDevice for SerialDevice {
         };
         if let Err(e) = self.serial.write(offset, *value) {
             // Lost output or a lost interrupt must not stop the guest.
-            tracing::warn!("serial: {}", convert_error(e));
+            tracing::warn!("serial: {}", ErrorChain(&convert_error(e)));
         }
     }
 }

@@ -311,8 +311,55 @@ pub struct SlotHeader {
 pub enum CopyProblem {
     /// All zero: never written.
     Blank,
-    /// Anything else, in words.
-    Invalid(String),
+    /// Written, but not a valid copy (torn, corrupt or inconsistent).
+    Invalid(InvalidCopy),
+}
+
+/// What is wrong with a slot header copy that is not blank. Recovery falls back to the
+/// other copy; `inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidCopy {
+    /// no slot header magic
+    #[error("bad magic")]
+    BadMagic,
+    /// the copy fails its CRC32C
+    #[error("{0}")]
+    Checksum(crate::codec::CrcMismatch),
+    /// the state byte is not a known state
+    #[error("unknown state {0}")]
+    UnknownState(u8),
+    /// the copy names another slot than the one it sits in
+    #[error("copy names slot {named} but sits in slot {slot}")]
+    WrongSlot {
+        /// Slot in the copy.
+        named: u32,
+        /// Slot it was read from.
+        slot: u32,
+    },
+    /// more bytes used than a region holds
+    #[error("used_bytes {used} exceeds the capacity {capacity}")]
+    UsedBeyondCapacity {
+        /// Bytes used, per the copy.
+        used: u64,
+        /// Region capacity.
+        capacity: u64,
+    },
+    /// more records than the used bytes can hold
+    #[error("{records} records cannot fit {used} bytes")]
+    TooManyRecords {
+        /// Records, per the copy.
+        records: u32,
+        /// Bytes used, per the copy.
+        used: u64,
+    },
+    /// a sealed region whose parent is not an earlier epoch
+    #[error("parent epoch {parent} is not before epoch {epoch}")]
+    ParentNotBefore {
+        /// Parent epoch.
+        parent: u64,
+        /// Epoch of the region.
+        epoch: u64,
+    },
 }
 
 /// A slot header copy's bytes on disk (docs/store-format.md, "Slot header").
@@ -368,15 +415,15 @@ impl SlotHeader {
             return Err(CopyProblem::Blank);
         }
         let raw: RawSlotHeader = zerocopy::transmute!(*b);
-        let bad = |s: String| Err(CopyProblem::Invalid(s));
+        let bad = |p: InvalidCopy| Err(CopyProblem::Invalid(p));
         if raw.magic != SLOT_MAGIC {
-            return bad("bad magic".into());
+            return bad(InvalidCopy::BadMagic);
         }
         if let Err(e) = raw.check_crc() {
-            return bad(e.to_string());
+            return bad(InvalidCopy::Checksum(e));
         }
         let Some(state) = SlotState::from_byte(raw.state) else {
-            return bad(format!("unknown state {}", raw.state));
+            return bad(InvalidCopy::UnknownState(raw.state));
         };
         let h = SlotHeader {
             slot: raw.slot.get(),
@@ -390,28 +437,28 @@ impl SlotHeader {
             base_epoch: raw.base_epoch.get(),
         };
         if h.slot != slot {
-            return bad(format!(
-                "copy names slot {} but sits in slot {slot}",
-                h.slot
-            ));
+            return bad(InvalidCopy::WrongSlot {
+                named: h.slot,
+                slot,
+            });
         }
         if h.used_bytes > geo.capacity {
-            return bad(format!(
-                "used_bytes {} exceeds the capacity {}",
-                h.used_bytes, geo.capacity
-            ));
+            return bad(InvalidCopy::UsedBeyondCapacity {
+                used: h.used_bytes,
+                capacity: geo.capacity,
+            });
         }
         if u64::from(h.record_count) * RECORD_HEADER_LEN > h.used_bytes {
-            return bad(format!(
-                "{} records cannot fit {} bytes",
-                h.record_count, h.used_bytes
-            ));
+            return bad(InvalidCopy::TooManyRecords {
+                records: h.record_count,
+                used: h.used_bytes,
+            });
         }
         if state.is_sealed() && h.parent_epoch >= h.epoch {
-            return bad(format!(
-                "parent epoch {} is not before epoch {}",
-                h.parent_epoch, h.epoch
-            ));
+            return bad(InvalidCopy::ParentNotBefore {
+                parent: h.parent_epoch,
+                epoch: h.epoch,
+            });
         }
         Ok(h)
     }

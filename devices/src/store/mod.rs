@@ -60,7 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-pub use error::{Error, FileRole, Result};
+pub use error::{Error, FileRole, RecordProblem, Result};
 pub use extent::{Extent, ExtentMap};
 pub use format::{record_footprint, SlotState, SECTOR_SIZE};
 pub use io::{MemFile, StoreFile};
@@ -1016,8 +1016,7 @@ fn create_journal<F: StoreFile>(j: &F, config: &StoreConfig, base_len: u64) -> R
         created_epoch: config.created_epoch,
         journal_id,
     };
-    h.validate()
-        .map_err(|e| Error::Config(format!("cannot create a journal: {e}")))?;
+    h.validate().map_err(|e| Error::Config(Box::new(e)))?;
     let len = h.geometry().journal_len();
     j.set_len(0).ctx(FileRole::Journal, "creating")?;
     j.set_len(len).ctx(FileRole::Journal, "creating")?;

@@ -34,7 +34,7 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::snapshot::Snapshot;
-use crate::{GuestMemory, SECTOR_SIZE};
+use crate::{ErrorChain, GuestMemory, SECTOR_SIZE};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -81,7 +81,7 @@ pub trait DiskBackend: Send {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// could not open the disk image
-    #[error("could not open the disk image {path}: {source}")]
+    #[error("could not open the disk image {path}")]
     Open {
         /// The image.
         path: PathBuf,
@@ -90,7 +90,7 @@ pub enum BlockError {
         source: io::Error,
     },
     /// could not get the size of the disk image
-    #[error("could not get the size of the disk image {path}: {source}")]
+    #[error("could not get the size of the disk image {path}")]
     Metadata {
         /// The image.
         path: PathBuf,
@@ -99,7 +99,7 @@ pub enum BlockError {
         source: io::Error,
     },
     /// could not create an eventfd
-    #[error("could not create an eventfd for the block device: {0}")]
+    #[error("could not create an eventfd for the block device")]
     EventFd(#[source] io::Error),
 }
 
@@ -212,10 +212,10 @@ enum RequestError {
     #[error("write to a read-only disk")]
     ReadOnly,
     /// guest memory access failed
-    #[error("guest memory access failed: {0}")]
+    #[error("guest memory access failed")]
     Memory(#[source] vm_memory::GuestMemoryError),
     /// the disk failed
-    #[error("disk I/O failed: {0}")]
+    #[error("disk I/O failed")]
     Io(#[source] io::Error),
 }
 
@@ -579,7 +579,7 @@ impl DiskIo {
             None => return Outcome::Deferred,
             Some(Ok(status)) => status,
             Some(Err(e)) => {
-                tracing::debug!("virtio-blk: request failed: {e}");
+                tracing::debug!("virtio-blk: request failed: {}", ErrorChain(&e));
                 VIRTIO_BLK_S_IOERR as u8
             }
         };

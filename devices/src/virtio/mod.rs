@@ -399,7 +399,7 @@ pub enum StateError {
         index: usize,
     },
     /// virtio-queue refused the queue configuration
-    #[error("queue {index}: {source}")]
+    #[error("queue {index}: virtio-queue refuses the saved configuration")]
     Queue {
         /// The queue.
         index: usize,
@@ -440,10 +440,10 @@ pub enum StateError {
         disk: u64,
     },
     /// the transport could not be built
-    #[error("cannot build the transport: {0}")]
+    #[error("cannot build the transport")]
     Transport(#[source] mmio::MmioError),
     /// the block device could not be built
-    #[error("cannot build the block device: {0}")]
+    #[error("cannot build the block device")]
     Block(#[source] block::BlockError),
 }
 
