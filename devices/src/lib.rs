@@ -3,6 +3,11 @@
 //! that keeps guest disk writes out of the base image until their checkpoint is held
 //! by the peer.
 
+// Outside tests, nothing a guest or user controls may panic the device model: no
+// unwrap/expect (tests use them freely). The crate has no unsafe code; any that is
+// added needs a `// SAFETY:` comment (workspace lint `undocumented_unsafe_blocks`).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bus;
 pub mod codec;
 pub mod legacy;
