@@ -3,7 +3,13 @@
 //! that keeps guest disk writes out of the base image until their checkpoint is held
 //! by the peer.
 
+// Outside tests, nothing a guest or user controls may panic the device model: no
+// unwrap/expect (tests use them freely). The crate has no unsafe code; any that is
+// added needs a `// SAFETY:` comment (workspace lint `undocumented_unsafe_blocks`).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bus;
+pub mod codec;
 pub mod legacy;
 pub mod lock;
 pub mod serial;
@@ -11,6 +17,49 @@ pub mod snapshot;
 pub mod store;
 pub mod virtio;
 
+/// Displays an error followed by each of its sources, `"outer: inner: innermost"`.
+///
+/// The errors of this crate follow one convention: a variant's message says what
+/// failed at its own level and the cause is attached with `#[source]`, never repeated
+/// in the message. Whoever prints an error for a person (a log line, the binary's
+/// report) prints the whole chain, for example with this.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Bytes per sector of every virtual disk: the unit of virtio-blk requests and of the
+/// checkpoint store's records.
+pub const SECTOR_SIZE: u64 = 512;
+
 /// Guest memory as every device sees it: mmap-backed, with a dirty bitmap that
 /// records the VMM's own writes (KVM's dirty log does not see them).
 pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorChain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot write the journal")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_prints_every_source() {
+        let e = Outer(std::io::Error::other("disk full"));
+        assert_eq!(e.to_string(), "cannot write the journal");
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "cannot write the journal: disk full"
+        );
+    }
+}

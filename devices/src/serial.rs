@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::snapshot::Snapshot;
+use crate::ErrorChain;
 
 /// First port of COM1.
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;
@@ -28,13 +29,13 @@ pub const SERIAL_FIFO_LEN: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
     /// could not create the interrupt eventfd
-    #[error("could not create the serial interrupt eventfd: {0}")]
+    #[error("could not create the serial interrupt eventfd")]
     CreateEventFd(#[source] io::Error),
     /// could not duplicate the interrupt eventfd
-    #[error("could not duplicate the serial interrupt eventfd: {0}")]
+    #[error("could not duplicate the serial interrupt eventfd")]
     CloneEventFd(#[source] io::Error),
     /// could not raise the serial interrupt
-    #[error("could not raise the serial interrupt: {0}")]
+    #[error("could not raise the serial interrupt")]
     Trigger(#[source] io::Error),
     /// the receive FIFO is full
     #[error("the serial receive FIFO is full")]
@@ -46,79 +47,34 @@ pub enum SerialError {
         len: usize,
     },
     /// could not write the guest's output
-    #[error("could not write the guest's serial output: {0}")]
+    #[error("could not write the guest's serial output")]
     Output(#[source] io::Error),
 }
 
-/// The saved state of the UART: its registers and the bytes waiting in its receive FIFO.
-///
-/// A serde mirror of `vm_superio::serial::SerialState` (which has no serde support),
-/// field for field.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct SerialDeviceState {
-    /// Divisor latch, low byte.
-    pub baud_divisor_low: u8,
-    /// Divisor latch, high byte.
-    pub baud_divisor_high: u8,
-    /// Interrupt enable register.
-    pub interrupt_enable: u8,
-    /// Interrupt identification register.
-    pub interrupt_identification: u8,
-    /// Line control register.
-    pub line_control: u8,
-    /// Line status register.
-    pub line_status: u8,
-    /// Modem control register.
-    pub modem_control: u8,
-    /// Modem status register.
-    pub modem_status: u8,
-    /// Scratch register.
-    pub scratch: u8,
-    /// Received bytes the guest has not read yet, oldest first (at most
-    /// [`SERIAL_FIFO_LEN`]).
-    pub in_buffer: Vec<u8>,
-}
+/// The saved state of the UART: vm-superio's own [`SerialState`] (its registers and
+/// the bytes waiting in its receive FIFO, at most [`SERIAL_FIFO_LEN`]), made
+/// serializable. `Default` is the power-on state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SerialDeviceState(#[serde(with = "SerialStateDef")] pub SerialState);
 
-impl Default for SerialDeviceState {
-    /// The power-on state.
-    fn default() -> Self {
-        Self::from(&SerialState::default())
-    }
-}
-
-impl From<&SerialState> for SerialDeviceState {
-    fn from(s: &SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
-
-impl SerialDeviceState {
-    /// The same state as vm-superio's type.
-    pub fn to_superio(&self) -> SerialState {
-        SerialState {
-            baud_divisor_low: self.baud_divisor_low,
-            baud_divisor_high: self.baud_divisor_high,
-            interrupt_enable: self.interrupt_enable,
-            interrupt_identification: self.interrupt_identification,
-            line_control: self.line_control,
-            line_status: self.line_status,
-            modem_control: self.modem_control,
-            modem_status: self.modem_status,
-            scratch: self.scratch,
-            in_buffer: self.in_buffer.clone(),
-        }
-    }
+/// serde's description of vm-superio's `SerialState`, which has no serde support of
+/// its own. The compiler checks it against the real type field for field; the field
+/// order is the encoding's (postcard writes the fields in this order), so never
+/// reorder it.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// The interrupt line of the UART: an eventfd the VMM turns into GSI 4 with an irqfd.
@@ -185,24 +141,26 @@ impl SerialDevice {
         interrupt: EventFd,
         out: SerialOutput,
     ) -> Result<Self, SerialError> {
+        let state = &state.0;
         if state.in_buffer.len() > SERIAL_FIFO_LEN {
             return Err(SerialError::InvalidState {
                 len: state.in_buffer.len(),
             });
         }
-        let serial = Serial::from_state(&state.to_superio(), IrqTrigger(interrupt), NoEvents, out)
-            .map_err(|e| match e {
+        let serial = Serial::from_state(state, IrqTrigger(interrupt), NoEvents, out).map_err(
+            |e| match e {
                 vm_superio::serial::Error::FullFifo => SerialError::InvalidState {
                     len: state.in_buffer.len(),
                 },
                 e => convert_error(e),
-            })?;
+            },
+        )?;
         Ok(Self { serial })
     }
 
     /// The register and FIFO state (for save/restore).
     pub fn state(&self) -> SerialDeviceState {
-        SerialDeviceState::from(&self.serial.state())
+        SerialDeviceState(self.serial.state())
     }
 
     /// The interrupt eventfd, to register as an irqfd on GSI 4.
@@ -265,7 +223,7 @@ impl BusDevice for SerialDevice {
         };
         if let Err(e) = self.serial.write(offset, *value) {
             // Lost output or a lost interrupt must not stop the guest.
-            tracing::warn!("serial: {}", convert_error(e));
+            tracing::warn!("serial: {}", ErrorChain(&convert_error(e)));
         }
     }
 }
@@ -370,16 +328,46 @@ mod tests {
         assert_eq!(read(&mut restored, THR_RBR), b'b');
         restored.write(THR_RBR, b"!");
         assert_eq!(out.0.lock().unwrap().as_slice(), b"!");
-        assert_eq!(restored.state().baud_divisor_low, 0x0c);
+        assert_eq!(restored.state().0.baud_divisor_low, 0x0c);
 
         // A saved FIFO longer than the hardware's is refused.
         let mut bad = state;
-        bad.in_buffer = vec![0; SERIAL_FIFO_LEN + 1];
+        bad.0.in_buffer = vec![0; SERIAL_FIFO_LEN + 1];
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         assert!(matches!(
             SerialDevice::restore(&bad, evt, Box::new(io::sink())),
             Err(SerialError::InvalidState { len }) if len == SERIAL_FIFO_LEN + 1
         ));
+    }
+
+    /// The postcard bytes of a non-default state, as the hand-written mirror of
+    /// `SerialState` that `SerialDeviceState` used to be encoded them: checkpoints
+    /// written by earlier builds must decode, and new ones must not change.
+    const GOLDEN_STATE: &[u8] = &[
+        0x0c, 0x01, 0x05, 0xc4, 0x83, 0x61, 0x0b, 0xb0, 0x5a, 0x03, b'a', b'b', b'c',
+    ];
+
+    fn golden_state() -> SerialState {
+        SerialState {
+            baud_divisor_low: 0x0c,
+            baud_divisor_high: 0x01,
+            interrupt_enable: 0x05,
+            interrupt_identification: 0xc4,
+            line_control: 0x83,
+            line_status: 0x61,
+            modem_control: 0x0b,
+            modem_status: 0xb0,
+            scratch: 0x5a,
+            in_buffer: b"abc".to_vec(),
+        }
+    }
+
+    #[test]
+    fn state_encoding_is_stable() {
+        let state = SerialDeviceState(golden_state());
+        assert_eq!(postcard::to_allocvec(&state).unwrap(), GOLDEN_STATE);
+        let decoded: SerialDeviceState = postcard::from_bytes(GOLDEN_STATE).unwrap();
+        assert_eq!(decoded, state);
     }
 
     mod prop {
@@ -400,7 +388,7 @@ mod tests {
                 let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
                 match SerialDevice::restore(&state, evt, Box::new(io::sink())) {
                     Ok(mut dev) => {
-                        prop_assert!(state.in_buffer.len() <= SERIAL_FIFO_LEN);
+                        prop_assert!(state.0.in_buffer.len() <= SERIAL_FIFO_LEN);
                         prop_assert_eq!(dev.state(), state);
                         for (offset, value, is_write) in ops {
                             if is_write {
@@ -412,7 +400,7 @@ mod tests {
                         let _ = dev.enqueue_input(b"xyz");
                     }
                     Err(e) => {
-                        prop_assert!(state.in_buffer.len() > SERIAL_FIFO_LEN, "{}", e);
+                        prop_assert!(state.0.in_buffer.len() > SERIAL_FIFO_LEN, "{}", e);
                     }
                 }
             }

@@ -22,7 +22,10 @@ impl std::fmt::Display for FileRole {
 
 /// Everything that can go wrong in the checkpoint store.
 ///
-/// Each variant's documentation is its message; causes are attached.
+/// One variant per failure. A variant's message says what failed at the store's level;
+/// an underlying error (I/O, the operating system's random source, a checksum
+/// mismatch found by [`crate::codec`]) is attached as its `source()` and not repeated
+/// in the message: print the whole chain (see [`crate::ErrorChain`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// an I/O operation on one of the store's files failed
@@ -54,13 +57,8 @@ pub enum Error {
         supported: u32,
     },
     /// the journal's file header fails its checksum
-    #[error("the region journal's file header is corrupt (CRC32C {stored:#010x} stored, {computed:#010x} computed)")]
-    HeaderChecksum {
-        /// CRC in the file.
-        stored: u32,
-        /// CRC computed over the header.
-        computed: u32,
-    },
+    #[error("the region journal's file header is corrupt")]
+    HeaderChecksum(#[source] crate::codec::CrcMismatch),
     /// a field of the journal's file header is out of its allowed range
     #[error(
         "the region journal's file header field `{field}` = {value} is out of range ({allowed})"
@@ -92,9 +90,13 @@ pub enum Error {
     /// the base image's size is not a whole number of 512-byte sectors
     #[error("the base image is {0} bytes, not a multiple of 512")]
     BaseNotSectorSized(u64),
-    /// the store configuration is invalid
-    #[error("invalid store configuration: {0}")]
-    Config(String),
+    /// the operating system could not supply a random journal id
+    #[error("cannot draw a random id for a new region journal")]
+    JournalId(#[source] getrandom::Error),
+    /// a new journal cannot be created with the configured geometry (the source says
+    /// which field is out of range)
+    #[error("cannot create a region journal with this store configuration")]
+    Config(#[source] Box<Error>),
     /// a request is not aligned to 512-byte sectors or is empty
     #[error("request at sector {sector} of {len} bytes is empty or not a multiple of 512 bytes")]
     Unaligned {
@@ -201,8 +203,8 @@ pub enum Error {
         seq: u32,
         /// Byte offset of the record in the journal.
         offset: u64,
-        /// What is wrong.
-        reason: String,
+        /// What is wrong with it.
+        reason: RecordProblem,
     },
     /// a sealed region's parent epoch is older than the base image's epoch
     #[error("the sealed region of epoch {epoch} follows epoch {parent}, older than the base image's epoch {base}: the journal's history is inconsistent")]
@@ -226,6 +228,78 @@ pub enum Error {
         a: u32,
         /// Second slot.
         b: u32,
+    },
+}
+
+/// What is wrong with a write record: the detail of [`Error::BadRecord`], shown in
+/// its message (it is the store's own finding, not an underlying error). In an active
+/// region the same finding marks where the region's valid records end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordProblem {
+    /// the region's recorded length ends before this record
+    #[error("the region ends at {limit} bytes, before this record")]
+    RegionEnds {
+        /// Bytes of records the region holds.
+        limit: u64,
+    },
+    /// no record magic where a record should start
+    #[error("no record magic (torn, stale or never written)")]
+    NoMagic,
+    /// the record was written by an earlier region in the same slot
+    #[error("generation {found} belongs to an older use of the slot, not {expected}")]
+    StaleGeneration {
+        /// Generation in the record.
+        found: u64,
+        /// Generation of the region.
+        expected: u64,
+    },
+    /// the record's number is not the next one
+    #[error("record number {found} where {expected} was due")]
+    OutOfSequence {
+        /// Number in the record.
+        found: u32,
+        /// The number due.
+        expected: u32,
+    },
+    /// the data length is zero or not whole sectors
+    #[error("length {len} is not a positive multiple of 512")]
+    BadLength {
+        /// Data length in the record.
+        len: u64,
+    },
+    /// the data runs past the end of the region
+    #[error("length {len} runs past the region's end at {limit}")]
+    PastRegionEnd {
+        /// Data length in the record.
+        len: u64,
+        /// Bytes of records the region may hold.
+        limit: u64,
+    },
+    /// the record names sectors beyond the end of the disk
+    #[error("sectors {sector}..+{sectors} lie beyond the disk's {disk_sectors}")]
+    BeyondDisk {
+        /// First sector.
+        sector: u64,
+        /// Sectors written.
+        sectors: u64,
+        /// Sectors of the disk.
+        disk_sectors: u64,
+    },
+    /// the record's CRC32C does not match its header and data
+    #[error("CRC32C {stored:#010x} stored, {computed:#010x} computed (torn or corrupt)")]
+    Checksum {
+        /// CRC in the record.
+        stored: u32,
+        /// CRC of the header and data read.
+        computed: u32,
+    },
+    /// a sealed region's records do not fill exactly the bytes its header records
+    #[error("the records end at {end} bytes but the header says {used_bytes}")]
+    LengthMismatch {
+        /// Where the valid records end.
+        end: u64,
+        /// Bytes the slot header records.
+        used_bytes: u64,
     },
 }
 

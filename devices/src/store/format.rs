@@ -1,13 +1,16 @@
 //! The on-disk format of the region journal: constants, byte layouts, encoding and
 //! decoding. `docs/store-format.md` is the specification; this module implements it.
 //!
-//! All integers are little-endian. Nothing here trusts a length read from disk: every
-//! field is bounded before it is used for an offset or an allocation.
+//! All integers are little-endian. Each header has a raw, byte-exact struct encoded with
+//! [`crate::codec`] (zerocopy) and a typed view that is validated when decoded. Nothing
+//! here trusts a length read from disk: every field is bounded before it is used for an
+//! offset or an allocation.
 
 use super::error::{Error, Result};
+use crate::codec::{Crc32cHeader, FromBytes, Immutable, IntoBytes, KnownLayout, U32, U64};
 
-/// The sector size of the virtual disk; every request is a whole number of sectors.
-pub const SECTOR_SIZE: u64 = 512;
+/// The sector size; the file header's `sector_size` field must hold it.
+pub use crate::SECTOR_SIZE;
 /// The newest format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// Magic at offset 0 of the journal.
@@ -57,72 +60,88 @@ pub struct FileHeader {
     pub base_len: u64,
     /// Epoch the base image held when the journal was created.
     pub created_epoch: u64,
-    /// A number identifying this journal (informational).
+    /// A random number drawn when the journal is created: a checkpoint records the
+    /// id of each disk's journal, and restore refuses a journal with another id.
     pub journal_id: u64,
 }
+
+/// The file header's bytes on disk (docs/store-format.md, "File header").
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct RawFileHeader {
+    magic: [u8; 8],
+    version: U32,
+    header_len: U32,
+    sector_size: U32,
+    slot_count: U32,
+    region_capacity: U64,
+    base_len: U64,
+    created_epoch: U64,
+    journal_id: U64,
+    reserved: [u8; 4],
+    crc: U32,
+}
+const _: () = assert!(size_of::<RawFileHeader>() == FILE_HEADER_LEN);
+impl Crc32cHeader for RawFileHeader {}
 
 impl FileHeader {
     /// Encodes the header into its `FILE_HEADER_LEN` bytes.
     pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
-        let mut b = [0u8; FILE_HEADER_LEN];
-        b[0..8].copy_from_slice(&FILE_MAGIC);
-        put32(&mut b, 8, self.version);
-        put32(&mut b, 12, FILE_HEADER_LEN as u32);
-        put32(&mut b, 16, SECTOR_SIZE as u32);
-        put32(&mut b, 20, self.slot_count);
-        put64(&mut b, 24, self.region_capacity);
-        put64(&mut b, 32, self.base_len);
-        put64(&mut b, 40, self.created_epoch);
-        put64(&mut b, 48, self.journal_id);
-        let crc = crc32c::crc32c(&b[..60]);
-        put32(&mut b, 60, crc);
-        b
+        let mut raw = RawFileHeader {
+            magic: FILE_MAGIC,
+            version: self.version.into(),
+            header_len: U32::new(FILE_HEADER_LEN as u32),
+            sector_size: U32::new(SECTOR_SIZE as u32),
+            slot_count: self.slot_count.into(),
+            region_capacity: self.region_capacity.into(),
+            base_len: self.base_len.into(),
+            created_epoch: self.created_epoch.into(),
+            journal_id: self.journal_id.into(),
+            reserved: [0; 4],
+            crc: U32::ZERO,
+        };
+        raw.seal();
+        zerocopy::transmute!(raw)
     }
 
     /// Decodes and validates a file header. The version is checked before the
     /// checksum, so that a newer journal is refused as such rather than as corrupt.
     pub fn decode(b: &[u8]) -> Result<FileHeader> {
-        if b.len() < FILE_HEADER_LEN {
+        let Ok((raw, _)) = RawFileHeader::read_from_prefix(b) else {
             return Err(Error::JournalTruncated {
                 len: b.len() as u64,
                 expected: FILE_HEADER_LEN as u64,
             });
+        };
+        if raw.magic != FILE_MAGIC {
+            return Err(Error::BadMagic { found: raw.magic });
         }
-        let mut magic = [0u8; 8];
-        magic.copy_from_slice(&b[0..8]);
-        if magic != FILE_MAGIC {
-            return Err(Error::BadMagic { found: magic });
-        }
-        let version = get32(b, 8);
+        let version = raw.version.get();
         if version > FORMAT_VERSION {
             return Err(Error::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
             });
         }
-        let stored = get32(b, 60);
-        let computed = crc32c::crc32c(&b[..60]);
-        if stored != computed {
-            return Err(Error::HeaderChecksum { stored, computed });
-        }
+        raw.check_crc().map_err(Error::HeaderChecksum)?;
         if version == 0 {
             return Err(field("version", 0, "1"));
         }
-        let header_len = get32(b, 12);
+        let header_len = raw.header_len.get();
         if header_len as usize != FILE_HEADER_LEN {
             return Err(field("header_len", header_len.into(), "64"));
         }
-        let sector = get32(b, 16);
+        let sector = raw.sector_size.get();
         if u64::from(sector) != SECTOR_SIZE {
             return Err(field("sector_size", sector.into(), "512"));
         }
         let h = FileHeader {
             version,
-            slot_count: get32(b, 20),
-            region_capacity: get64(b, 24),
-            base_len: get64(b, 32),
-            created_epoch: get64(b, 40),
-            journal_id: get64(b, 48),
+            slot_count: raw.slot_count.get(),
+            region_capacity: raw.region_capacity.get(),
+            base_len: raw.base_len.get(),
+            created_epoch: raw.created_epoch.get(),
+            journal_id: raw.journal_id.get(),
         };
         h.validate()?;
         Ok(h)
@@ -292,27 +311,98 @@ pub struct SlotHeader {
 pub enum CopyProblem {
     /// All zero: never written.
     Blank,
-    /// Anything else, in words.
-    Invalid(String),
+    /// Written, but not a valid copy (torn, corrupt or inconsistent).
+    Invalid(InvalidCopy),
 }
+
+/// What is wrong with a slot header copy that is not blank. Recovery falls back to the
+/// other copy; `inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidCopy {
+    /// no slot header magic
+    #[error("bad magic")]
+    BadMagic,
+    /// the copy fails its CRC32C
+    #[error("{0}")]
+    Checksum(crate::codec::CrcMismatch),
+    /// the state byte is not a known state
+    #[error("unknown state {0}")]
+    UnknownState(u8),
+    /// the copy names another slot than the one it sits in
+    #[error("copy names slot {named} but sits in slot {slot}")]
+    WrongSlot {
+        /// Slot in the copy.
+        named: u32,
+        /// Slot it was read from.
+        slot: u32,
+    },
+    /// more bytes used than a region holds
+    #[error("used_bytes {used} exceeds the capacity {capacity}")]
+    UsedBeyondCapacity {
+        /// Bytes used, per the copy.
+        used: u64,
+        /// Region capacity.
+        capacity: u64,
+    },
+    /// more records than the used bytes can hold
+    #[error("{records} records cannot fit {used} bytes")]
+    TooManyRecords {
+        /// Records, per the copy.
+        records: u32,
+        /// Bytes used, per the copy.
+        used: u64,
+    },
+    /// a sealed region whose parent is not an earlier epoch
+    #[error("parent epoch {parent} is not before epoch {epoch}")]
+    ParentNotBefore {
+        /// Parent epoch.
+        parent: u64,
+        /// Epoch of the region.
+        epoch: u64,
+    },
+}
+
+/// A slot header copy's bytes on disk (docs/store-format.md, "Slot header").
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct RawSlotHeader {
+    magic: [u8; 4],
+    slot: U32,
+    seq: U64,
+    state: u8,
+    reserved0: [u8; 3],
+    record_count: U32,
+    generation: U64,
+    epoch: U64,
+    parent_epoch: U64,
+    used_bytes: U64,
+    base_epoch: U64,
+    reserved1: [u8; 4],
+    crc: U32,
+}
+const _: () = assert!(size_of::<RawSlotHeader>() == SLOT_HEADER_LEN);
+impl Crc32cHeader for RawSlotHeader {}
 
 impl SlotHeader {
     /// Encodes the copy.
     pub fn encode(&self) -> [u8; SLOT_HEADER_LEN] {
-        let mut b = [0u8; SLOT_HEADER_LEN];
-        b[0..4].copy_from_slice(&SLOT_MAGIC);
-        put32(&mut b, 4, self.slot);
-        put64(&mut b, 8, self.seq);
-        b[16] = self.state.to_byte();
-        put32(&mut b, 20, self.record_count);
-        put64(&mut b, 24, self.generation);
-        put64(&mut b, 32, self.epoch);
-        put64(&mut b, 40, self.parent_epoch);
-        put64(&mut b, 48, self.used_bytes);
-        put64(&mut b, 56, self.base_epoch);
-        let crc = crc32c::crc32c(&b[..68]);
-        put32(&mut b, 68, crc);
-        b
+        let mut raw = RawSlotHeader {
+            magic: SLOT_MAGIC,
+            slot: self.slot.into(),
+            seq: self.seq.into(),
+            state: self.state.to_byte(),
+            reserved0: [0; 3],
+            record_count: self.record_count.into(),
+            generation: self.generation.into(),
+            epoch: self.epoch.into(),
+            parent_epoch: self.parent_epoch.into(),
+            used_bytes: self.used_bytes.into(),
+            base_epoch: self.base_epoch.into(),
+            reserved1: [0; 4],
+            crc: U32::ZERO,
+        };
+        raw.seal();
+        zerocopy::transmute!(raw)
     }
 
     /// Decodes and validates a copy found in slot `slot` of a journal of geometry `geo`.
@@ -324,54 +414,51 @@ impl SlotHeader {
         if b.iter().all(|&x| x == 0) {
             return Err(CopyProblem::Blank);
         }
-        let bad = |s: String| Err(CopyProblem::Invalid(s));
-        if b[0..4] != SLOT_MAGIC {
-            return bad("bad magic".into());
+        let raw: RawSlotHeader = zerocopy::transmute!(*b);
+        let bad = |p: InvalidCopy| Err(CopyProblem::Invalid(p));
+        if raw.magic != SLOT_MAGIC {
+            return bad(InvalidCopy::BadMagic);
         }
-        let stored = get32(b, 68);
-        let computed = crc32c::crc32c(&b[..68]);
-        if stored != computed {
-            return bad(format!(
-                "CRC32C {stored:#010x} stored, {computed:#010x} computed"
-            ));
+        if let Err(e) = raw.check_crc() {
+            return bad(InvalidCopy::Checksum(e));
         }
-        let Some(state) = SlotState::from_byte(b[16]) else {
-            return bad(format!("unknown state {}", b[16]));
+        let Some(state) = SlotState::from_byte(raw.state) else {
+            return bad(InvalidCopy::UnknownState(raw.state));
         };
         let h = SlotHeader {
-            slot: get32(b, 4),
-            seq: get64(b, 8),
+            slot: raw.slot.get(),
+            seq: raw.seq.get(),
             state,
-            record_count: get32(b, 20),
-            generation: get64(b, 24),
-            epoch: get64(b, 32),
-            parent_epoch: get64(b, 40),
-            used_bytes: get64(b, 48),
-            base_epoch: get64(b, 56),
+            record_count: raw.record_count.get(),
+            generation: raw.generation.get(),
+            epoch: raw.epoch.get(),
+            parent_epoch: raw.parent_epoch.get(),
+            used_bytes: raw.used_bytes.get(),
+            base_epoch: raw.base_epoch.get(),
         };
         if h.slot != slot {
-            return bad(format!(
-                "copy names slot {} but sits in slot {slot}",
-                h.slot
-            ));
+            return bad(InvalidCopy::WrongSlot {
+                named: h.slot,
+                slot,
+            });
         }
         if h.used_bytes > geo.capacity {
-            return bad(format!(
-                "used_bytes {} exceeds the capacity {}",
-                h.used_bytes, geo.capacity
-            ));
+            return bad(InvalidCopy::UsedBeyondCapacity {
+                used: h.used_bytes,
+                capacity: geo.capacity,
+            });
         }
         if u64::from(h.record_count) * RECORD_HEADER_LEN > h.used_bytes {
-            return bad(format!(
-                "{} records cannot fit {} bytes",
-                h.record_count, h.used_bytes
-            ));
+            return bad(InvalidCopy::TooManyRecords {
+                records: h.record_count,
+                used: h.used_bytes,
+            });
         }
         if state.is_sealed() && h.parent_epoch >= h.epoch {
-            return bad(format!(
-                "parent epoch {} is not before epoch {}",
-                h.parent_epoch, h.epoch
-            ));
+            return bad(InvalidCopy::ParentNotBefore {
+                parent: h.parent_epoch,
+                epoch: h.epoch,
+            });
         }
         Ok(h)
     }
@@ -392,21 +479,35 @@ pub struct RecordHeader {
     pub crc: u32,
 }
 
+/// A write record header's bytes on disk (docs/store-format.md, "Write record").
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct RawRecordHeader {
+    magic: [u8; 4],
+    seq: U32,
+    generation: U64,
+    sector: U64,
+    len: U32,
+    crc: U32,
+}
+const _: () = assert!(size_of::<RawRecordHeader>() == RECORD_HEADER_LEN as usize);
+impl Crc32cHeader for RawRecordHeader {}
+
 impl RecordHeader {
     /// Encodes the header; `crc` must already be [`RecordHeader::checksum`] of the data.
     pub fn encode(&self) -> [u8; RECORD_HEADER_LEN as usize] {
-        let mut b = [0u8; RECORD_HEADER_LEN as usize];
-        self.encode_prefix(&mut b);
-        put32(&mut b, 28, self.crc);
-        b
+        zerocopy::transmute!(self.raw())
     }
 
-    fn encode_prefix(&self, b: &mut [u8; RECORD_HEADER_LEN as usize]) {
-        b[0..4].copy_from_slice(&RECORD_MAGIC);
-        put32(b, 4, self.seq);
-        put64(b, 8, self.generation);
-        put64(b, 16, self.sector);
-        put32(b, 24, self.len);
+    fn raw(&self) -> RawRecordHeader {
+        RawRecordHeader {
+            magic: RECORD_MAGIC,
+            seq: self.seq.into(),
+            generation: self.generation.into(),
+            sector: self.sector.into(),
+            len: self.len.into(),
+            crc: self.crc.into(),
+        }
     }
 
     /// The CRC32C of this header (without its CRC field) followed by `data`.
@@ -418,44 +519,32 @@ impl RecordHeader {
     /// The CRC32C over the header's first 28 bytes; extend it over the data with
     /// `crc32c::crc32c_append`.
     pub fn checksum_start(&self) -> u32 {
-        let mut b = [0u8; RECORD_HEADER_LEN as usize];
-        self.encode_prefix(&mut b);
-        crc32c::crc32c(&b[..28])
+        self.raw().covered_crc()
     }
 
     /// Decodes a header; `None` if the magic is wrong.
     pub fn decode(b: &[u8; RECORD_HEADER_LEN as usize]) -> Option<RecordHeader> {
-        if b[0..4] != RECORD_MAGIC {
+        let raw: RawRecordHeader = zerocopy::transmute!(*b);
+        if raw.magic != RECORD_MAGIC {
             return None;
         }
         Some(RecordHeader {
-            seq: get32(b, 4),
-            generation: get64(b, 8),
-            sector: get64(b, 16),
-            len: get32(b, 24),
-            crc: get32(b, 28),
+            seq: raw.seq.get(),
+            generation: raw.generation.get(),
+            sector: raw.sector.get(),
+            len: raw.len.get(),
+            crc: raw.crc.get(),
         })
     }
 }
 
-pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-pub(crate) fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-pub(crate) fn get32(b: &[u8], at: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(x)
-}
-
-pub(crate) fn get64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
+/// The `base_len` field of the file header at the start of `b`, whatever the rest of
+/// the header holds (the fuzz target sizes its base image from it). `None` if `b` is
+/// shorter than a file header.
+pub(crate) fn raw_base_len(b: &[u8]) -> Option<u64> {
+    RawFileHeader::ref_from_prefix(b)
+        .ok()
+        .map(|(raw, _)| raw.base_len.get())
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! copies) and the records of a region, with every check the format asks for. This is
 //! the parser the fuzz target exercises; it never trusts a length before bounding it.
 
-use super::error::{Error, FileRole, IoContext, Result};
+use super::error::{Error, FileRole, IoContext, RecordProblem, Result};
 use super::format::{
     CopyProblem, FileHeader, Geometry, RecordHeader, SlotHeader, FILE_HEADER_AREA, FILE_HEADER_LEN,
     RECORD_HEADER_LEN, SECTOR_SIZE, SLOT_HEADER_LEN,
@@ -128,7 +128,7 @@ pub(crate) struct ScanEnd {
     pub bytes: u64,
     /// The first record that is not valid: (seq, journal offset, reason). `None` if
     /// the scan stopped because it reached its limit.
-    pub bad: Option<(u32, u64, String)>,
+    pub bad: Option<(u32, u64, RecordProblem)>,
 }
 
 /// What to scan: the records of `slot` written by region `generation`, at most
@@ -168,7 +168,7 @@ pub(crate) fn scan_records<F: StoreFile + ?Sized>(
             break;
         }
         let at = base + pos;
-        let bad = |reason: String| {
+        let bad = |reason: RecordProblem| {
             Ok(ScanEnd {
                 records: seq,
                 bytes: pos,
@@ -177,9 +177,7 @@ pub(crate) fn scan_records<F: StoreFile + ?Sized>(
         };
         if pos + RECORD_HEADER_LEN > limit {
             if max_records.is_some() {
-                return bad(format!(
-                    "the region ends at {limit} bytes, before this record"
-                ));
+                return bad(RecordProblem::RegionEnds { limit });
             }
             break;
         }
@@ -187,35 +185,37 @@ pub(crate) fn scan_records<F: StoreFile + ?Sized>(
         j.read_at(&mut hb, at)
             .ctx(FileRole::Journal, "reading a record header")?;
         let Some(h) = RecordHeader::decode(&hb) else {
-            return bad("no record magic (torn, stale or never written)".into());
+            return bad(RecordProblem::NoMagic);
         };
         if h.generation != generation {
-            return bad(format!(
-                "generation {} belongs to an older use of the slot, not {generation}",
-                h.generation
-            ));
+            return bad(RecordProblem::StaleGeneration {
+                found: h.generation,
+                expected: generation,
+            });
         }
         if h.seq != seq {
-            return bad(format!("record number {} where {seq} was due", h.seq));
+            return bad(RecordProblem::OutOfSequence {
+                found: h.seq,
+                expected: seq,
+            });
         }
         let len = u64::from(h.len);
         if len == 0 || len % SECTOR_SIZE != 0 {
-            return bad(format!("length {len} is not a positive multiple of 512"));
+            return bad(RecordProblem::BadLength { len });
         }
         if pos + RECORD_HEADER_LEN + len > limit {
-            return bad(format!(
-                "length {len} runs past the region's end at {limit}"
-            ));
+            return bad(RecordProblem::PastRegionEnd { len, limit });
         }
         let sectors = len / SECTOR_SIZE;
         if h.sector
             .checked_add(sectors)
             .is_none_or(|end| end > disk_sectors)
         {
-            return bad(format!(
-                "sectors {}..+{sectors} lie beyond the disk's {disk_sectors}",
-                h.sector
-            ));
+            return bad(RecordProblem::BeyondDisk {
+                sector: h.sector,
+                sectors,
+                disk_sectors,
+            });
         }
         // `len` is bounded by the region capacity; read it in bounded chunks anyway.
         let mut crc = h.checksum_start();
@@ -229,10 +229,10 @@ pub(crate) fn scan_records<F: StoreFile + ?Sized>(
             done += n as u64;
         }
         if crc != h.crc {
-            return bad(format!(
-                "CRC32C {:#010x} stored, {crc:#010x} computed (torn or corrupt)",
-                h.crc
-            ));
+            return bad(RecordProblem::Checksum {
+                stored: h.crc,
+                computed: crc,
+            });
         }
         on_record(RecordLoc {
             seq,
@@ -271,7 +271,7 @@ pub(crate) fn scan_sealed<F: StoreFile + ?Sized>(
         },
         on_record,
     )?;
-    let bad = |seq: u32, offset: u64, reason: String| Error::BadRecord {
+    let bad = |seq: u32, offset: u64, reason: RecordProblem| Error::BadRecord {
         slot: h.slot,
         epoch: h.epoch,
         seq,
@@ -285,10 +285,10 @@ pub(crate) fn scan_sealed<F: StoreFile + ?Sized>(
         return Err(bad(
             end.records,
             geo.records_offset(h.slot) + end.bytes,
-            format!(
-                "the records end at {} bytes but the header says {}",
-                end.bytes, h.used_bytes
-            ),
+            RecordProblem::LengthMismatch {
+                end: end.bytes,
+                used_bytes: h.used_bytes,
+            },
         ));
     }
     Ok(())

@@ -50,6 +50,8 @@ mod tools;
 #[cfg(test)]
 mod fault;
 #[cfg(test)]
+mod golden_test;
+#[cfg(test)]
 mod model_test;
 #[cfg(test)]
 mod tests;
@@ -58,7 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-pub use error::{Error, FileRole, Result};
+pub use error::{Error, FileRole, RecordProblem, Result};
 pub use extent::{Extent, ExtentMap};
 pub use format::{record_footprint, SlotState, SECTOR_SIZE};
 pub use io::{MemFile, StoreFile};
@@ -1003,11 +1005,9 @@ fn copy_extents<F: StoreFile + ?Sized>(base: &F, journal: &F, extents: &[Extent]
 }
 
 fn create_journal<F: StoreFile>(j: &F, config: &StoreConfig, base_len: u64) -> Result<FileHeader> {
-    let journal_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ u64::from(std::process::id()).rotate_left(32);
+    // Random, so that a journal recreated over the same image (same size, same
+    // epoch, same moment) is still told apart from the one a checkpoint recorded.
+    let journal_id = getrandom::u64().map_err(Error::JournalId)?;
     let h = FileHeader {
         version: FORMAT_VERSION,
         slot_count: config.slot_count,
@@ -1016,8 +1016,7 @@ fn create_journal<F: StoreFile>(j: &F, config: &StoreConfig, base_len: u64) -> R
         created_epoch: config.created_epoch,
         journal_id,
     };
-    h.validate()
-        .map_err(|e| Error::Config(format!("cannot create a journal: {e}")))?;
+    h.validate().map_err(|e| Error::Config(Box::new(e)))?;
     let len = h.geometry().journal_len();
     j.set_len(0).ctx(FileRole::Journal, "creating")?;
     j.set_len(len).ctx(FileRole::Journal, "creating")?;

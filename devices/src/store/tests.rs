@@ -949,3 +949,21 @@ fn retire_runs_beside_a_writing_device_loop() {
     shared.lock().commit_local(epoch + 1).unwrap();
     assert_eq!(world.durable(base.id()), guest);
 }
+
+#[test]
+fn journal_ids_are_random() {
+    let id = || {
+        let base = MemFile::new(vec![0; 4096]);
+        let (s, _) = Store::open(
+            base,
+            MemFile::new(Vec::new()),
+            &cfg(2, 4096),
+            RecoverTo::LastAcknowledged,
+        )
+        .unwrap();
+        s.file_header().journal_id
+    };
+    // Two journals created over the same image at once still differ (a clash has a
+    // chance of 2^-64).
+    assert_ne!(id(), id());
+}

@@ -251,11 +251,7 @@ pub fn fuzz_journal(data: &[u8]) {
         let crc = crc32c::crc32c(&j[..60]);
         j[60..64].copy_from_slice(&crc.to_le_bytes());
     }
-    let base_len = if j.len() >= FILE_HEADER_LEN {
-        super::format::get64(&j, 32)
-    } else {
-        4096
-    };
+    let base_len = super::format::raw_base_len(&j).unwrap_or(4096);
     if base_len > FUZZ_MAX_BASE || base_len % SECTOR_SIZE != 0 {
         // Still run the parser: it must reject the header cleanly.
         let _ = inspect_files(&MemFile::new(j), None);

@@ -34,10 +34,8 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::snapshot::Snapshot;
-use crate::GuestMemory;
+use crate::{ErrorChain, GuestMemory, SECTOR_SIZE};
 
-/// Bytes per sector.
-pub const SECTOR_SIZE: u64 = 512;
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Segments per request the driver may use (the queue size minus header and status).
@@ -83,7 +81,7 @@ pub trait DiskBackend: Send {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// could not open the disk image
-    #[error("could not open the disk image {path}: {source}")]
+    #[error("could not open the disk image {path}")]
     Open {
         /// The image.
         path: PathBuf,
@@ -92,7 +90,7 @@ pub enum BlockError {
         source: io::Error,
     },
     /// could not get the size of the disk image
-    #[error("could not get the size of the disk image {path}: {source}")]
+    #[error("could not get the size of the disk image {path}")]
     Metadata {
         /// The image.
         path: PathBuf,
@@ -101,7 +99,7 @@ pub enum BlockError {
         source: io::Error,
     },
     /// could not create an eventfd
-    #[error("could not create an eventfd for the block device: {0}")]
+    #[error("could not create an eventfd for the block device")]
     EventFd(#[source] io::Error),
 }
 
@@ -214,10 +212,10 @@ enum RequestError {
     #[error("write to a read-only disk")]
     ReadOnly,
     /// guest memory access failed
-    #[error("guest memory access failed: {0}")]
+    #[error("guest memory access failed")]
     Memory(#[source] vm_memory::GuestMemoryError),
     /// the disk failed
-    #[error("disk I/O failed: {0}")]
+    #[error("disk I/O failed")]
     Io(#[source] io::Error),
 }
 
@@ -581,7 +579,7 @@ impl DiskIo {
             None => return Outcome::Deferred,
             Some(Ok(status)) => status,
             Some(Err(e)) => {
-                tracing::debug!("virtio-blk: request failed: {e}");
+                tracing::debug!("virtio-blk: request failed: {}", ErrorChain(&e));
                 VIRTIO_BLK_S_IOERR as u8
             }
         };
@@ -778,10 +776,10 @@ impl Block {
                     });
                 }
                 let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-                if active.queue.event_idx_enabled != event_idx {
+                if active.queue.0.event_idx_enabled != event_idx {
                     return Err(StateError::EventIdx {
                         index: 0,
-                        enabled: active.queue.event_idx_enabled,
+                        enabled: active.queue.0.event_idx_enabled,
                     });
                 }
                 let queue = active.queue.to_queue(0, QUEUE_SIZE, &mem)?;

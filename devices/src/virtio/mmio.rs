@@ -23,7 +23,7 @@ use super::{
 };
 use crate::bus::{lock_recover, BusDevice};
 use crate::snapshot::Snapshot;
-use crate::GuestMemory;
+use crate::{ErrorChain, GuestMemory};
 
 /// "virt" in little endian: the MagicValue register.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -65,10 +65,10 @@ pub enum MmioError {
     #[error("the device does not offer VIRTIO_F_VERSION_1, required by the modern transport")]
     NotVersion1,
     /// could not create the interrupt eventfd
-    #[error("could not create the interrupt eventfd: {0}")]
+    #[error("could not create the interrupt eventfd")]
     CreateInterrupt(#[source] io::Error),
     /// could not duplicate a queue eventfd
-    #[error("could not duplicate the eventfd of queue {index}: {source}")]
+    #[error("could not duplicate the eventfd of queue {index}")]
     CloneQueueEvent {
         /// The queue.
         index: usize,
@@ -83,7 +83,7 @@ pub enum MmioError {
 #[derive(Debug, thiserror::Error)]
 enum QueueSetupError {
     /// a queue configuration the split ring cannot take
-    #[error("queue {index}: {source}")]
+    #[error("queue {index} cannot be set up as the driver configured it")]
     Invalid {
         index: usize,
         #[source]
@@ -623,7 +623,10 @@ impl MmioTransport {
         let queues = match self.build_queues() {
             Ok(queues) => queues,
             Err(e) => {
-                tracing::warn!("virtio-mmio: cannot activate the device: {e}");
+                tracing::warn!(
+                    "virtio-mmio: cannot activate the device: {}",
+                    ErrorChain(&e)
+                );
                 self.interrupt.set_needs_reset();
                 return;
             }
@@ -635,7 +638,7 @@ impl MmioTransport {
             acked_features: self.state.driver_features,
         };
         if let Err(e) = lock_recover(&self.device).activate(activation) {
-            tracing::warn!("virtio-mmio: device activation failed: {e}");
+            tracing::warn!("virtio-mmio: device activation failed: {}", ErrorChain(&e));
             self.interrupt.set_needs_reset();
             return;
         }

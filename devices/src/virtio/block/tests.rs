@@ -1356,7 +1356,10 @@ mod snapshot {
         let transport_state = drv.transport.snapshot();
         assert!(block_state.deferred);
         let active = block_state.active.as_ref().unwrap();
-        assert_eq!((active.queue.next_avail, active.queue.next_used), (3, 3));
+        assert_eq!(
+            (active.queue.0.next_avail, active.queue.0.next_used),
+            (3, 3)
+        );
         assert_eq!(transport_state.interrupt.status, INT_USED_RING);
         let mem = copy_memory(&drv.mem);
         let disk = copy_disk(&drv.disk);
@@ -1462,7 +1465,7 @@ mod snapshot {
         );
         let block_state = through_postcard(&drv.block.lock().unwrap().snapshot());
         let transport_state = through_postcard(&drv.transport.snapshot());
-        let q = block_state.active.as_ref().unwrap().queue;
+        let q = block_state.active.as_ref().unwrap().queue.0;
         assert_eq!((q.size, q.next_avail, q.next_used), (4, 10, 10));
         let mem = copy_memory(&drv.mem);
         let mut new = restore(
@@ -1645,23 +1648,23 @@ mod snapshot {
             b
         };
         let cases: Vec<(BlockState, &str)> = vec![
-            (with_queue(&|q| q.size = 3), "QueueSize"),
-            (with_queue(&|q| q.size = 0), "QueueSize"),
-            (with_queue(&|q| q.size = 512), "QueueSize"),
-            (with_queue(&|q| q.max_size = 1024), "QueueMaxSize"),
-            (with_queue(&|q| q.ready = false), "QueueNotReady"),
-            (with_queue(&|q| q.desc_table += 8), "RingMisaligned"),
-            (with_queue(&|q| q.avail_ring += 1), "RingMisaligned"),
-            (with_queue(&|q| q.used_ring += 2), "RingMisaligned"),
+            (with_queue(&|q| q.0.size = 3), "QueueSize"),
+            (with_queue(&|q| q.0.size = 0), "QueueSize"),
+            (with_queue(&|q| q.0.size = 512), "QueueSize"),
+            (with_queue(&|q| q.0.max_size = 1024), "QueueMaxSize"),
+            (with_queue(&|q| q.0.ready = false), "QueueNotReady"),
+            (with_queue(&|q| q.0.desc_table += 8), "RingMisaligned"),
+            (with_queue(&|q| q.0.avail_ring += 1), "RingMisaligned"),
+            (with_queue(&|q| q.0.used_ring += 2), "RingMisaligned"),
             (
-                with_queue(&|q| q.used_ring = MEM_SIZE as u64 - 16),
+                with_queue(&|q| q.0.used_ring = MEM_SIZE as u64 - 16),
                 "RingsOutsideMemory",
             ),
             (
-                with_queue(&|q| q.desc_table = u64::MAX - 15),
+                with_queue(&|q| q.0.desc_table = u64::MAX - 15),
                 "RingsOutsideMemory",
             ),
-            (with_queue(&|q| q.event_idx_enabled = true), "EventIdx"),
+            (with_queue(&|q| q.0.event_idx_enabled = true), "EventIdx"),
             (
                 BlockState {
                     capacity: 9,
@@ -1791,7 +1794,7 @@ mod snapshot {
             ) {
                 let (drv, mut b, mut t) = saved();
                 for (field, v) in muts {
-                    let q = &mut b.active.as_mut().unwrap().queue;
+                    let q = &mut b.active.as_mut().unwrap().queue.0;
                     match field {
                         0 => q.size = v as u16,
                         1 => q.desc_table = v,
@@ -1807,7 +1810,7 @@ mod snapshot {
                     drv.mem.write_obj(v, GuestAddress(addr & !7)).unwrap();
                 }
                 if let Ok((block, mut transport)) = try_restore(&drv, &b, &t, false, 8 * 512) {
-                    let q = block.lock().unwrap().state().active.unwrap().queue;
+                    let q = block.lock().unwrap().state().active.unwrap().queue.0;
                     prop_assert!(q.size.is_power_of_two() && q.size <= QUEUE_SIZE);
                     transport.post_restore();
                     block.lock().unwrap().process_pending();
