@@ -11,7 +11,7 @@ const T: Duration = Duration::from_secs(60);
 
 #[test]
 fn hello_prints_the_greeting_and_exits_zero() {
-    if skip_without_kvm("hello_prints_the_greeting_and_exits_zero") {
+    if skip_without_kvm!() {
         return;
     }
     let mut c = mirrorvm();
@@ -24,7 +24,7 @@ fn hello_prints_the_greeting_and_exits_zero() {
 
 #[test]
 fn the_guest_verdict_is_the_exit_status() {
-    if skip_without_kvm("the_guest_verdict_is_the_exit_status") {
+    if skip_without_kvm!() {
         return;
     }
     // An unknown workload is the guest's own usage error (2), reported through the
@@ -42,7 +42,7 @@ fn the_guest_verdict_is_the_exit_status() {
 
 #[test]
 fn counter_counts_up_to_its_limit() {
-    if skip_without_kvm("counter_counts_up_to_its_limit") {
+    if skip_without_kvm!() {
         return;
     }
     let mut c = mirrorvm();
@@ -60,7 +60,7 @@ fn counter_counts_up_to_its_limit() {
 
 #[test]
 fn serial_to_a_file() {
-    if skip_without_kvm("serial_to_a_file") {
+    if skip_without_kvm!() {
         return;
     }
     let dir = tempdir();
@@ -84,7 +84,7 @@ fn serial_to_a_file() {
 
 #[test]
 fn two_vcpus_both_run() {
-    if skip_without_kvm("two_vcpus_both_run") {
+    if skip_without_kvm!() {
         return;
     }
     let mut c = mirrorvm();
@@ -100,7 +100,7 @@ fn two_vcpus_both_run() {
 
 #[test]
 fn sigterm_ends_the_run_cleanly() {
-    if skip_without_kvm("sigterm_ends_the_run_cleanly") {
+    if skip_without_kvm!() {
         return;
     }
     let mut child = mirrorvm()
@@ -304,7 +304,7 @@ fn missing_or_forbidden_kvm_is_a_clear_error() {
 
 #[test]
 fn a_vcpu_spinning_in_kvm_is_still_stopped_cleanly() {
-    if skip_without_kvm("a_vcpu_spinning_in_kvm_is_still_stopped_cleanly") {
+    if skip_without_kvm!() {
         return;
     }
     // vmcall at CPL0 makes kvm_pvm spin the vCPU inside KVM_RUN forever: the run

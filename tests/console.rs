@@ -42,7 +42,7 @@ fn on_a_terminal(shell: &str, input: &[u8], delay: Duration) -> String {
 
 #[test]
 fn ctrl_c_goes_to_the_guest_and_ctrl_a_x_quits_restoring_the_terminal() {
-    if skip_without_kvm("ctrl_c_goes_to_the_guest_and_ctrl_a_x_quits_restoring_the_terminal") {
+    if skip_without_kvm!() {
         return;
     }
     let dir = tempdir();

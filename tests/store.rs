@@ -18,7 +18,7 @@ fn disk_cmd(args: &[&str], img: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn after_a_clean_exit_the_base_image_alone_holds_the_disk() {
-    if skip_without_kvm("after_a_clean_exit_the_base_image_alone_holds_the_disk") {
+    if skip_without_kvm!() {
         return;
     }
     let dir = tempdir();
@@ -56,7 +56,7 @@ fn after_a_clean_exit_the_base_image_alone_holds_the_disk() {
 
 #[test]
 fn disk_tools_work_on_the_journal_of_a_killed_run() {
-    if skip_without_kvm("disk_tools_work_on_the_journal_of_a_killed_run") {
+    if skip_without_kvm!() {
         return;
     }
     let dir = tempdir();
