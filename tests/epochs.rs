@@ -359,8 +359,7 @@ fn linux_restored_in_the_middle_of_its_boot_mounts_its_root() {
 
 #[test]
 fn two_vcpus_with_a_checkpointed_disk_restore_with_memory_and_disk_agreeing() {
-    if skip_without_kvm!()
-    {
+    if skip_without_kvm!() {
         return;
     }
     // `mix`: vCPU 1 dirties and verifies memory while vCPU 0 rewrites disk records,
@@ -572,8 +571,15 @@ fn stopping_the_vmm_cuts_a_final_checkpoint_that_restore_resumes() {
     });
     std::thread::sleep(Duration::from_millis(800));
     r.signal(libc::SIGTERM);
-    let status = r.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", r.seen.join("\n"));
+    let status = r
+        .wait_exit(Duration::from_secs(60))
+        .expect("mirrorvm did not stop on SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        r.seen.join("\n")
+    );
     let last = *counters(&r.seen).last().expect("printed values");
     assert!(
         !ck.join("finished").exists(),
@@ -612,7 +618,9 @@ fn a_swapped_disk_journal_is_refused_before_anything_is_touched() {
         |l| l.starts_with("counter "),
     );
     r.signal(libc::SIGTERM);
-    let status = r.wait_exit(Duration::from_secs(30));
+    let status = r
+        .wait_exit(Duration::from_secs(60))
+        .expect("mirrorvm did not stop on SIGTERM");
     let seen = r.seen.join("\n");
     assert_eq!(
         status.code(),

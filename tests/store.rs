@@ -219,8 +219,16 @@ fn verify_names_the_record_with_a_flipped_byte_and_exits_non_zero() {
     let o = disk_cmd(&["verify"], &img);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("verify: every checksum is good"), "{}", show(&o));
-    assert!(out.contains("sealed"), "the region is not sealed:\n{}", show(&o));
+    assert!(
+        out.contains("verify: every checksum is good"),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        out.contains("sealed"),
+        "the region is not sealed:\n{}",
+        show(&o)
+    );
 
     let flipped = |at: usize, what: &str, needle: &str| {
         let mut bad = good.clone();
