@@ -1,5 +1,9 @@
-//! Shared helpers for mirrorvm's integration tests: run the real binary, skip loudly
-//! when KVM is unusable, build the Linux guest.
+//! Shared helpers for mirrorvm's integration tests: run the real binary
+//! ([`mirrorvm`], [`run_with_timeout`], [`Running`] for one that runs on), skip
+//! loudly when KVM is unusable (`if skip_without_kvm!() { return; }`, which names
+//! the test itself), checkpoint directories ([`wait_checkpoint`],
+//! [`memory_epoch`]) and `--metrics` files ([`read_metrics`]), and build the Linux
+//! guest.
 #![allow(dead_code)]
 
 use std::io::Write;
