@@ -6,6 +6,9 @@
 //!     cargo bench --bench boot            # 30 runs of each workload
 //!     MIRRORVM_BENCH_RUNS=100 cargo bench --bench boot
 
+#[path = "support/stats.rs"]
+mod stats;
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,13 +39,9 @@ fn one_run(args: &[&str]) -> Option<Sample> {
     status.success().then_some(Sample { first_byte, exit })
 }
 
-fn percentile(v: &mut [Duration], p: f64) -> Duration {
-    v.sort();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
-
-fn ms(d: Duration) -> String {
+/// Milliseconds of the `p`-percentile of `v`.
+fn ms(v: &[Duration], p: f64) -> String {
+    let d = stats::percentile(v, p).expect("at least one run");
     format!("{:.2}", d.as_secs_f64() * 1e3)
 }
 
@@ -61,7 +60,8 @@ fn main() {
     let runs: usize = std::env::var("MIRRORVM_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(30)
+        .max(1);
     println!("mirrorvm boot benchmark: {runs} runs each, 128 MiB, test guest");
     println!();
     println!(
@@ -89,14 +89,13 @@ fn main() {
                 }
             }
         }
-        let min_exit = *exit.iter().min().unwrap_or(&Duration::ZERO);
         println!(
             "| {workload} | {} | {} | {} | {} | {} |",
-            ms(percentile(&mut first, 0.5)),
-            ms(percentile(&mut first, 0.9)),
-            ms(percentile(&mut exit, 0.5)),
-            ms(percentile(&mut exit, 0.9)),
-            ms(min_exit)
+            ms(&first, 0.5),
+            ms(&first, 0.9),
+            ms(&exit, 0.5),
+            ms(&exit, 0.9),
+            ms(&exit, 0.0)
         );
     }
 }

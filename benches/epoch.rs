@@ -12,6 +12,11 @@
 //! measured here (a 64 MiB copy between two buffers, median of 9) and the fixed cost
 //! taken as the idle guest's median pause (kick, empty dirty-log harvest, state save).
 
+#[path = "../tests/common/metrics.rs"]
+mod metrics;
+#[path = "support/stats.rs"]
+mod stats;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,10 +26,10 @@ fn bin() -> Command {
     c
 }
 
-fn field(line: &str, key: &str) -> Option<u64> {
-    let pat = format!("\"{key}\":");
-    let i = line.find(&pat)? + pat.len();
-    line[i..].split([',', '}']).next()?.trim().parse().ok()
+/// Ends the benchmark with an error: a failed run must not be printed as figures.
+fn fail(msg: &str) -> ! {
+    eprintln!("epoch benchmark: {msg}");
+    std::process::exit(1);
 }
 
 struct Run {
@@ -44,33 +49,25 @@ fn run(cmdline: &str, epoch_ms: Option<u64>, secs: u64) -> Run {
             .arg(dir.path().join("ck"));
         c.arg("--metrics").arg(&metrics);
     }
-    c.stdout(Stdio::piped());
-    let child = c.spawn().expect("spawn mirrorvm");
+    c.stdout(Stdio::null());
     let start = Instant::now();
-    let out = child.wait_with_output().expect("wait");
+    let status = c.status().expect("run mirrorvm");
     if start.elapsed() > Duration::from_secs(secs + 60) {
         eprintln!("warning: run took {:?}", start.elapsed());
     }
-    let text = std::fs::read_to_string(&metrics).unwrap_or_default();
-    let mut pauses = Vec::new();
-    let mut pages = Vec::new();
-    for line in text.lines().skip(1) {
-        if let (Some(p), Some(n)) = (field(line, "pause_us"), field(line, "dirty_pages")) {
-            pauses.push(p);
-            pages.push(n);
-        }
+    if !status.success() {
+        fail(&format!(
+            "mirrorvm run --cmdline '{cmdline}' failed: {status}"
+        ));
     }
-    let _ = out;
+    let cuts = metrics::read_metrics(&metrics).unwrap_or_else(|e| fail(&e));
+    // The first checkpoint completes the pre-copy: left out.
+    let (pauses, pages) = cuts
+        .iter()
+        .skip(1)
+        .map(|m| (m.pause_us, m.dirty_pages))
+        .unzip();
     Run { pauses, pages }
-}
-
-fn pct(v: &[u64], p: f64) -> u64 {
-    if v.is_empty() {
-        return 0;
-    }
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    s[((s.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn memcpy_bytes_per_us() -> f64 {
@@ -84,8 +81,7 @@ fn memcpy_bytes_per_us() -> f64 {
         std::hint::black_box(&dst);
         t.push(s.elapsed().as_secs_f64());
     }
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    n as f64 / (t[4] * 1e6)
+    n as f64 / (stats::median(&t).expect("9 copies") * 1e6)
 }
 
 /// Steps per wall-clock second of the `dirty` workload, between its first and last
@@ -109,7 +105,9 @@ fn steps_per_s(cmdline: &str, epoch_ms: Option<u64>) -> Option<f64> {
             stamps.push(Instant::now());
         }
     }
-    let _ = child.wait();
+    if !child.wait().ok()?.success() {
+        return None;
+    }
     let (first, last) = (stamps.first()?, stamps.last()?);
     let secs = last.duration_since(*first).as_secs_f64();
     (stamps.len() >= 2 && secs > 0.0).then(|| (stamps.len() - 1) as f64 * 1000.0 / secs)
@@ -154,6 +152,12 @@ fn main() {
     let mut fixed = 0u64;
     for (name, cmdline) in &loads {
         let r = run(cmdline, Some(25), secs);
+        if r.pauses.is_empty() {
+            fail(&format!(
+                "'{name}': no checkpoint after the first in {secs} s"
+            ));
+        }
+        let pct = |v: &[u64], p: f64| stats::percentile(v, p).expect("checked non-empty");
         let p50 = pct(&r.pauses, 0.5);
         let p99 = pct(&r.pauses, 0.99);
         let pages = pct(&r.pages, 0.5);
@@ -180,23 +184,24 @@ fn main() {
     // so both share the machine's noise.
     println!("| dirty, every page of the region each ms | pages a step | steps/s without checkpoints | steps/s at 40 Hz | slowdown |");
     println!("| --- | --- | --- | --- | --- |");
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
     for mb in [16u64, 192] {
         let flat = format!("dirty pages_per_ms=1000000 mb={mb} verify=0 seconds={secs}");
         let mut plain = Vec::new();
         let mut ckpt = Vec::new();
         for _ in 0..3 {
-            if let Some(r) = steps_per_s(&flat, None) {
-                plain.push(r);
-            }
-            if let Some(r) = steps_per_s(&flat, Some(25)) {
-                ckpt.push(r);
+            for (epoch_ms, into) in [(None, &mut plain), (Some(25), &mut ckpt)] {
+                match steps_per_s(&flat, epoch_ms) {
+                    Some(r) => into.push(r),
+                    None => fail(&format!(
+                        "'{flat}' with epochs {epoch_ms:?}: the run failed or printed under two progress lines"
+                    )),
+                }
             }
         }
-        let (p, c) = (med(&mut plain), med(&mut ckpt));
+        let (p, c) = (
+            stats::median(&plain).expect("3 runs"),
+            stats::median(&ckpt).expect("3 runs"),
+        );
         let slowdown = if p > 0.0 { (1.0 - c / p) * 100.0 } else { 0.0 };
         println!(
             "| {mb} MiB region, median of 3 | {} | {p:.1} | {c:.1} | {slowdown:.1} % |",

@@ -11,7 +11,7 @@ const T: Duration = Duration::from_secs(60);
 
 #[test]
 fn hello_prints_the_greeting_and_exits_zero() {
-    if skip_without_kvm("hello_prints_the_greeting_and_exits_zero") {
+    if skip_without_kvm!() {
         return;
     }
     let mut c = mirrorvm();
@@ -24,7 +24,7 @@ fn hello_prints_the_greeting_and_exits_zero() {
 
 #[test]
 fn the_guest_verdict_is_the_exit_status() {
-    if skip_without_kvm("the_guest_verdict_is_the_exit_status") {
+    if skip_without_kvm!() {
         return;
     }
     // An unknown workload is the guest's own usage error (2), reported through the
@@ -42,7 +42,7 @@ fn the_guest_verdict_is_the_exit_status() {
 
 #[test]
 fn counter_counts_up_to_its_limit() {
-    if skip_without_kvm("counter_counts_up_to_its_limit") {
+    if skip_without_kvm!() {
         return;
     }
     let mut c = mirrorvm();
@@ -60,7 +60,7 @@ fn counter_counts_up_to_its_limit() {
 
 #[test]
 fn serial_to_a_file() {
-    if skip_without_kvm("serial_to_a_file") {
+    if skip_without_kvm!() {
         return;
     }
     let dir = tempdir();
@@ -84,7 +84,7 @@ fn serial_to_a_file() {
 
 #[test]
 fn two_vcpus_both_run() {
-    if skip_without_kvm("two_vcpus_both_run") {
+    if skip_without_kvm!() {
         return;
     }
     let mut c = mirrorvm();
@@ -100,34 +100,27 @@ fn two_vcpus_both_run() {
 
 #[test]
 fn sigterm_ends_the_run_cleanly() {
-    if skip_without_kvm("sigterm_ends_the_run_cleanly") {
+    if skip_without_kvm!() {
         return;
     }
-    let mut child = mirrorvm()
-        .args(["run", "--cmdline", "counter interval_ms=10"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    std::thread::sleep(Duration::from_millis(700));
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let start = std::time::Instant::now();
-    let o = loop {
-        if child.try_wait().expect("wait").is_some() {
-            break child.wait_with_output().expect("output");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "mirrorvm ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{}", show(&o));
+    let mut c = mirrorvm();
+    c.args(["run", "--cmdline", "counter interval_ms=10"]);
+    let mut r = Running::spawn(c);
+    // Signal only once the guest runs (not after a fixed sleep a busy machine may
+    // not honour).
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("counter 1"),
-        "{}",
-        show(&o)
+        r.wait_for(T, |l| l == "counter 1"),
+        "the guest did not start:\n{}",
+        r.seen.join("\n")
+    );
+    r.signal(libc::SIGTERM);
+    let status = r.wait_exit(T).expect("mirrorvm ignored SIGTERM");
+    let out = r.seen.join("\n");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{out}\n{}",
+        r.stderr()
     );
 }
 
@@ -139,32 +132,36 @@ fn expect_error(args: &[&str], env: Option<(&str, &str)>, needle: &str) {
     if let Some((k, v)) = env {
         c.env(k, v);
     }
+    expect_error_from(c, &format!("{args:?}"), &[needle]);
+}
+
+/// Runs `c` and expects a non-zero exit (not a panic's 101) with a one-line error
+/// containing every one of `needles`; returns the output.
+fn expect_error_from(
+    c: std::process::Command,
+    what: &str,
+    needles: &[&str],
+) -> std::process::Output {
     let o = run_with_timeout(c, T);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{args:?} succeeded:\n{}", show(&o));
-    assert_ne!(
-        o.status.code(),
-        Some(101),
-        "{args:?} panicked:\n{}",
-        show(&o)
-    );
-    assert!(
-        !err.contains("panicked"),
-        "{args:?} panicked:\n{}",
-        show(&o)
-    );
-    assert!(
-        err.contains(needle),
-        "{args:?}: expected '{needle}' in stderr:\n{}",
-        show(&o)
-    );
+    assert!(!o.status.success(), "{what} succeeded:\n{}", show(&o));
+    assert_ne!(o.status.code(), Some(101), "{what} panicked:\n{}", show(&o));
+    assert!(!err.contains("panicked"), "{what} panicked:\n{}", show(&o));
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "{what}: expected '{needle}' in stderr:\n{}",
+            show(&o)
+        );
+    }
     let error_lines = err.lines().filter(|l| l.contains("error")).count();
     assert_eq!(
         error_lines,
         1,
-        "{args:?}: expected one error line:\n{}",
+        "{what}: expected one error line:\n{}",
         show(&o)
     );
+    o
 }
 
 #[test]
@@ -188,7 +185,7 @@ fn bad_kernels_are_refused() {
         "neither an ELF vmlinux nor a bzImage",
     );
     expect_error(&["run", "--kernel", dir_s], None, "Is a directory");
-    if !skip_without_kvm("bad_kernels_are_refused (truncated ELF)") {
+    if !skip_without_kvm!("truncated ELF") {
         expect_error(
             &["run", "--kernel", trunc_s],
             None,
@@ -261,81 +258,114 @@ fn bad_command_lines_are_refused() {
 }
 
 #[test]
-fn missing_or_forbidden_kvm_is_a_clear_error() {
+fn missing_or_not_kvm_devices_are_a_clear_error() {
     expect_error(
         &["run"],
         Some(("MIRRORVM_KVM_DEVICE", "/nonexistent/kvm")),
-        "cannot open /nonexistent/kvm",
+        "cannot open /nonexistent/kvm: No such file or directory (os error 2) (it does not exist: this host has no KVM",
     );
     expect_error(
         &["run"],
         Some(("MIRRORVM_KVM_DEVICE", "/dev/null")),
         "/dev/null is not a KVM device",
     );
-    // Not permitted: run as an unprivileged user when we are root.
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 && std::path::Path::new("/dev/kvm").exists() {
+}
+
+#[test]
+fn a_kvm_device_we_may_not_open_is_a_clear_error() {
+    // A device node mirrorvm is not allowed to open, for certain: a root-owned file
+    // with mode 000 in a directory anyone may enter, opened as an unprivileged
+    // user (root drops to nobody with setpriv; anyone else is unprivileged already).
+    let dir = tempdir();
+    let set_mode = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", p.display()));
+    };
+    set_mode(dir.path(), 0o755);
+    let node = dir.path().join("kvm");
+    std::fs::write(&node, b"").unwrap();
+    set_mode(&node, 0o000);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut c = if root {
         let mut c = std::process::Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_mirrorvm"),
-            "run",
-        ]);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_mirrorvm"));
         c.stdin(std::process::Stdio::null());
-        let o = run_with_timeout(c, T);
-        let err = String::from_utf8_lossy(&o.stderr);
-        let kvm_world_accessible = std::fs::metadata("/dev/kvm")
-            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0o006)
-            .unwrap_or(false);
-        if !kvm_world_accessible {
-            assert!(
-                err.contains("Permission denied") && err.contains("kvm"),
-                "{}",
-                show(&o)
-            );
-            assert_eq!(o.status.code(), Some(1), "{}", show(&o));
-        }
+        c
     } else {
-        loud("*** SKIPPED missing_or_forbidden_kvm_is_a_clear_error (permission case): needs root to drop privileges ***");
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&node)
+            .is_ok()
+        {
+            // Only a capability (CAP_DAC_OVERRIDE) opens a mode-000 file.
+            skipped(
+                &function_path!(),
+                "this non-root user may open any file, so no device can be forbidden",
+            );
+            return;
+        }
+        mirrorvm()
+    };
+    c.arg("run").env("MIRRORVM_KVM_DEVICE", &node);
+    if root {
+        // setpriv itself must work (util-linux, and the right to change uid here).
+        let probe = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "true"])
+            .output();
+        match probe {
+            Ok(o) if o.status.success() => {}
+            other => {
+                skipped(
+                    &function_path!(),
+                    &format!("cannot drop root privileges with setpriv: {other:?}"),
+                );
+                return;
+            }
+        }
     }
+    let shown = node.display().to_string();
+    let o = expect_error_from(
+        c,
+        &format!("run with MIRRORVM_KVM_DEVICE={shown}, unprivileged"),
+        &[
+            &format!("cannot open {shown}: Permission denied (os error 13)"),
+            "(permission denied: run as root or add yourself to the 'kvm' group)",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
 }
 
 #[test]
 fn a_vcpu_spinning_in_kvm_is_still_stopped_cleanly() {
-    if skip_without_kvm("a_vcpu_spinning_in_kvm_is_still_stopped_cleanly") {
+    if skip_without_kvm!() {
         return;
     }
     // vmcall at CPL0 makes kvm_pvm spin the vCPU inside KVM_RUN forever: the run
     // loop must still end on SIGTERM, through the kick or, failing that, the stop
     // deadline with a clear message, never by hanging.
-    let mut child = mirrorvm()
-        .args(["run", "--cmdline", "fault kind=vmcall"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let start = std::time::Instant::now();
-    let o = loop {
-        if child.try_wait().expect("wait").is_some() {
-            break child.wait_with_output().expect("output");
-        }
-        if start.elapsed() > Duration::from_secs(15) {
-            let _ = child.kill();
-            panic!("mirrorvm hung with a vCPU spinning in KVM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("this vCPU now hangs"), "{}", show(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
-    match o.status.code() {
+    let mut c = mirrorvm();
+    c.args(["run", "--cmdline", "fault kind=vmcall"]);
+    let mut r = Running::spawn(c);
+    assert!(
+        r.wait_for(T, |l| l.contains("this vCPU now hangs")),
+        "the guest did not reach the vmcall:\n{}",
+        r.seen.join("\n")
+    );
+    // Give the vCPU a moment to enter the vmcall (not an assertion: were it not
+    // there yet, the stop would only be easier).
+    std::thread::sleep(Duration::from_millis(500));
+    r.signal(libc::SIGTERM);
+    let status = r
+        .wait_exit(T)
+        .expect("mirrorvm hung with a vCPU spinning in KVM");
+    let out = r.seen.join("\n");
+    let err = r.stderr();
+    match status.code() {
         Some(143) => {}
-        Some(1) => assert!(err.contains("did not leave KVM_RUN"), "{}", show(&o)),
-        _ => panic!("unexpected end: {}", show(&o)),
+        Some(1) => assert!(err.contains("did not leave KVM_RUN"), "{out}\n{err}"),
+        _ => panic!("unexpected end: {status:?}\n{out}\n{err}"),
     }
 }

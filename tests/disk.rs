@@ -84,7 +84,7 @@ fn run_disk(img: &Path, extra: &str, cmdline: &str) -> std::process::Output {
 
 #[test]
 fn guest_records_verify_from_the_host() {
-    if skip_without_kvm("guest_records_verify_from_the_host") {
+    if skip_without_kvm!() {
         return;
     }
     let dir = tempdir();
@@ -102,7 +102,7 @@ fn guest_records_verify_from_the_host() {
 
 #[test]
 fn host_records_verify_in_the_guest_and_corruption_is_caught() {
-    if skip_without_kvm("host_records_verify_in_the_guest_and_corruption_is_caught") {
+    if skip_without_kvm!() {
         return;
     }
     let dir = tempdir();
@@ -141,7 +141,7 @@ fn host_records_verify_in_the_guest_and_corruption_is_caught() {
 
 #[test]
 fn readonly_disks_refuse_writes() {
-    if skip_without_kvm("readonly_disks_refuse_writes") {
+    if skip_without_kvm!() {
         return;
     }
     let dir = tempdir();
@@ -158,7 +158,7 @@ fn readonly_disks_refuse_writes() {
 
 #[test]
 fn hostile_descriptors_do_not_break_the_device_or_the_vmm() {
-    if skip_without_kvm("hostile_descriptors_do_not_break_the_device_or_the_vmm") {
+    if skip_without_kvm!() {
         return;
     }
     let dir = tempdir();

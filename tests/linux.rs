@@ -28,7 +28,7 @@ fn mount_count(img: &std::path::Path) -> u64 {
 
 #[test]
 fn linux_mounts_its_ext4_root_from_our_virtio_blk() {
-    if skip_without_kvm("linux_mounts_its_ext4_root_from_our_virtio_blk") {
+    if skip_without_kvm!() {
         return;
     }
     let out = linux_artifacts();

@@ -16,6 +16,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[path = "../../benches/support/stats.rs"]
+mod stats;
+
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use devices::store::{RecoverTo, Store, StoreConfig, WriteOutcome};
 
@@ -371,11 +374,7 @@ fn paired(
             ta.push(a(batch).as_nanos() as f64 / batch as f64);
         }
     }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(|x, y| x.total_cmp(y));
-        v[v.len() / 2]
-    };
-    (med(&mut ta), med(&mut tb))
+    (median(&ta), median(&tb))
 }
 
 type Timed<'a> = Box<dyn FnMut(u64) -> (Duration, Duration) + 'a>;
@@ -399,9 +398,9 @@ fn interleaved(
     out
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|x, y| x.total_cmp(y));
-    v[v.len() / 2]
+/// The median of a non-empty set of timings.
+fn median(v: &[f64]) -> f64 {
+    stats::median(v).expect("no timings")
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -492,8 +491,8 @@ fn paired_table() {
             }
             row(
                 &format!("{pattern} 4 KiB writes{cadence}{journal}: write path (medians)"),
-                median(per_op(&t[k].0)),
-                median(raw_path.clone()),
+                median(&per_op(&t[k].0)),
+                median(&raw_path),
                 ">= 0.9",
             );
             if sync {

@@ -1,5 +1,9 @@
-//! Shared helpers for mirrorvm's integration tests: run the real binary, skip loudly
-//! when KVM is unusable, build the Linux guest.
+//! Shared helpers for mirrorvm's integration tests: run the real binary
+//! ([`mirrorvm`], [`run_with_timeout`], [`Running`] for one that runs on), skip
+//! loudly when KVM is unusable (`if skip_without_kvm!() { return; }`, which names
+//! the test itself), checkpoint directories ([`wait_checkpoint`],
+//! [`memory_epoch`]) and `--metrics` files ([`read_metrics`]), and build the Linux
+//! guest.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -20,34 +24,39 @@ pub fn loud(msg: &str) {
     let _ = writeln!(std::io::stderr(), "{msg}");
 }
 
-/// Why KVM cannot be used here, if it cannot.
-pub fn kvm_unusable() -> Option<String> {
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(f) => f,
-        Err(e) => return Some(format!("cannot open /dev/kvm: {e}")),
-    };
-    // KVM_GET_API_VERSION = _IO(0xAE, 0x00)
-    // SAFETY: the ioctl takes no argument and only returns an integer.
-    let v = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), 0xAE00) };
-    if v != 12 {
-        return Some(format!(
-            "/dev/kvm answered KVM_GET_API_VERSION with {v}, not 12"
-        ));
-    }
-    None
+/// The KVM device mirrorvm opens: `MIRRORVM_KVM_DEVICE`, else /dev/kvm.
+pub fn kvm_device() -> PathBuf {
+    std::env::var_os("MIRRORVM_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
 }
 
-/// Returns true (after printing a loud SKIPPED line) when the test cannot run.
+/// Why KVM cannot be used here, if it cannot: the device mirrorvm opens
+/// ([`kvm_device`]) must open and answer KVM_GET_API_VERSION with 12.
+pub fn kvm_unusable() -> Option<String> {
+    let dev = kvm_device();
+    let Ok(c_path) = std::ffi::CString::new(dev.as_os_str().as_encoded_bytes()) else {
+        return Some(format!("{} is not a usable path", dev.display()));
+    };
+    match kvm_ioctls::Kvm::new_with_path(&c_path) {
+        Err(e) => Some(format!("cannot open {}: {e}", dev.display())),
+        Ok(kvm) => match kvm.get_api_version() {
+            12 => None,
+            v => Some(format!(
+                "{} answered KVM_GET_API_VERSION with {v}, not 12",
+                dev.display()
+            )),
+        },
+    }
+}
+
+/// Returns true (after printing a loud SKIPPED line naming `test`) when KVM is
+/// unusable, so the test cannot run. With `MIRRORVM_REQUIRE_KVM` set it panics
+/// instead. Prefer the [`skip_without_kvm!`] macro, which names the test itself.
 pub fn skip_without_kvm(test: &str) -> bool {
     match kvm_unusable() {
         Some(reason) => {
-            loud(&format!(
-                "\n*** SKIPPED {test}: KVM is unusable on this host: {reason} ***\n"
-            ));
+            skipped(test, &format!("KVM is unusable on this host: {reason}"));
             if std::env::var_os("MIRRORVM_REQUIRE_KVM").is_some() {
                 panic!("MIRRORVM_REQUIRE_KVM is set but KVM is unusable: {reason}");
             }
@@ -55,6 +64,43 @@ pub fn skip_without_kvm(test: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// Prints the loud SKIPPED line for `test` (or a part of it) and `why`.
+pub fn skipped(test: &str, why: &str) {
+    loud(&format!("\n*** SKIPPED {test}: {why} ***\n"));
+}
+
+/// The path of the function it is expanded in (`binary::module::function`), with
+/// closure segments left out: the test's name when expanded in a `#[test]` function.
+#[macro_export]
+macro_rules! function_path {
+    () => {{
+        fn here() {}
+        fn name_of<T>(_: T) -> &'static str {
+            ::std::any::type_name::<T>()
+        }
+        let path = name_of(here);
+        path.strip_suffix("::here")
+            .unwrap_or(path)
+            .split("::")
+            .filter(|seg| *seg != "{{closure}}")
+            .collect::<Vec<_>>()
+            .join("::")
+    }};
+}
+
+/// `if skip_without_kvm!() { return; }`: [`skip_without_kvm`] with the name of
+/// the test it is written in, so the SKIPPED line can never name another test.
+/// `skip_without_kvm!("a part")` adds what is being skipped to the name.
+#[macro_export]
+macro_rules! skip_without_kvm {
+    () => {
+        $crate::common::skip_without_kvm(&$crate::function_path!())
+    };
+    ($part:expr) => {
+        $crate::common::skip_without_kvm(&format!("{} ({})", $crate::function_path!(), $part))
+    };
 }
 
 /// Runs a command with a deadline, killing it when the deadline passes.
@@ -161,3 +207,176 @@ pub fn make_ext4(path: &Path, size: u64) {
         .expect("mkfs.ext4 (e2fsprogs)");
     assert!(mk.status.success(), "mkfs.ext4: {}", show(&mk));
 }
+
+/// A spawned mirrorvm (or any command) whose stdout lines arrive on a channel and
+/// whose stderr is collected on a thread (so neither pipe can fill up and stall
+/// it). Dropping it kills the process, so a failing assertion leaves nothing
+/// running behind.
+pub struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    /// Every stdout line received so far, in order.
+    pub seen: Vec<String>,
+}
+
+impl Running {
+    /// Spawns `c` with stdout and stderr piped.
+    pub fn spawn(mut c: Command) -> Running {
+        use std::io::BufRead;
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn mirrorvm");
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || read_all(err));
+        Running {
+            child,
+            lines: rx,
+            stderr: Some(stderr),
+            seen: Vec::new(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) only sends a signal; the pid is our own child's, which
+        // cannot have been reused since we have not reaped it yet.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Collects lines until `pred` holds for one of them (true), or `timeout`
+    /// passes or stdout closes (false).
+    pub fn wait_for(&mut self, timeout: Duration, mut pred: impl FnMut(&str) -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.lines.recv_timeout(left.min(Duration::from_millis(50))) {
+                Ok(l) => {
+                    let hit = pred(&l);
+                    self.seen.push(l);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Collects the lines that arrive during `d` (or until stdout closes).
+    pub fn collect_for(&mut self, d: Duration) {
+        self.wait_for(d, |_| false);
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself, collecting its
+    /// output; `None` if it is still running then (it is killed on drop).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            self.collect_for(Duration::from_millis(20));
+        };
+        // The rest of its stdout: the pipe closes now that it has exited.
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        Some(status)
+    }
+
+    /// Kills the process with SIGKILL (a crash), and returns every stdout line it
+    /// printed.
+    pub fn kill9(mut self) -> Vec<String> {
+        self.child.kill().expect("kill -9 mirrorvm");
+        self.child.wait().expect("reap mirrorvm");
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        std::mem::take(&mut self.seen)
+    }
+
+    /// Ends the process (SIGKILL if it still runs) and returns its stderr.
+    pub fn stderr(mut self) -> String {
+        // An error here means it has already exited, which is fine.
+        let _ = self.child.kill();
+        self.child.wait().expect("reap mirrorvm");
+        let bytes = self
+            .stderr
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Best effort: it may have exited already, and a panic here would hide the
+        // assertion that is unwinding.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The epoch of the newest complete checkpoint in the checkpoint directory `dir`
+/// (its `memory.epoch` file), if any.
+pub fn memory_epoch(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join("memory.epoch"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Waits until the checkpoint directory `dir` holds a complete checkpoint of epoch
+/// `epoch` or later (a checkpoint file beside a memory image of that epoch);
+/// false if `timeout` passes first.
+pub fn wait_checkpoint(dir: &Path, epoch: u64, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        let has_ckpt = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.path().extension().is_some_and(|x| x == "mvc"))
+            })
+            .unwrap_or(false);
+        if has_ckpt && memory_epoch(dir).is_some_and(|e| e >= epoch) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+mod metrics;
+#[allow(unused_imports)]
+pub use metrics::{read_metrics, Metric};

@@ -1,0 +1,44 @@
+//! The `--metrics` file: one JSON line per completed checkpoint. Shared by the
+//! integration tests (through tests/common) and the epoch benchmark (included with
+//! `#[path]`).
+
+use std::path::Path;
+
+/// One line of the `--metrics` file. Fields mirrorvm adds later are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Metric {
+    pub epoch: u64,
+    pub full: bool,
+    pub pause_us: u64,
+    pub kick_us: u64,
+    pub harvest_us: u64,
+    pub copy_us: u64,
+    pub save_us: u64,
+    pub dirty_pages: u64,
+    pub bytes: u64,
+    pub region_bytes: u64,
+    pub export_us: u64,
+}
+
+/// Every complete line of the metrics file at `path` (none if it does not exist
+/// yet). A last line without its newline is still being written and is left out;
+/// a complete line that does not parse is an error.
+pub fn read_metrics(path: &Path) -> Result<Vec<Metric>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..i],
+        None => "",
+    };
+    complete
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| format!("{} line {}: {e}: {l}", path.display(), i + 1))
+        })
+        .collect()
+}
