@@ -513,6 +513,53 @@ mod tests {
     }
 
     #[test]
+    fn lock_store_open_path_excludes_other_stores_and_tools() {
+        use crate::store::{self, Error, RecoverTo, Store, StoreConfig};
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("a.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let cfg = StoreConfig {
+            slot_count: 2,
+            region_capacity: 1 << 16,
+            ..StoreConfig::default()
+        };
+        let (s, _) = Store::open_path(&img, &cfg, RecoverTo::LastAcknowledged).unwrap();
+        let e = Store::open_path(&img, &cfg, RecoverTo::LastAcknowledged).unwrap_err();
+        assert!(matches!(e, Error::Locked(LockError::Busy { .. })), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("disk image {} is in use", img.display())),
+            "{e}"
+        );
+        for e in [
+            store::inspect(&img).unwrap_err(),
+            store::verify(&img).unwrap_err(),
+        ] {
+            assert!(
+                e.to_string().starts_with(&format!(
+                    "region journal {} is in use",
+                    store::journal_path(&img).display()
+                )),
+                "{e}"
+            );
+        }
+        assert!(matches!(store::recover(&img, None), Err(Error::Locked(_))));
+        // Once the store is gone, a reader of the image (a readonly=on disk) and the
+        // tools coexist, and keep a writer out.
+        drop(s);
+        let base = File::open(&img).unwrap();
+        lock_file(&base, &img, "disk image", LockKind::Shared).unwrap();
+        store::inspect(&img).unwrap();
+        store::verify(&img).unwrap();
+        assert!(matches!(
+            Store::open_path(&img, &cfg, RecoverTo::LastAcknowledged),
+            Err(Error::Locked(_))
+        ));
+        drop(base);
+        let (_s, _) = Store::open_path(&img, &cfg, RecoverTo::LastAcknowledged).unwrap();
+    }
+
+    #[test]
     fn lock_line_parsing() {
         assert_eq!(
             parse_lock_line("3: OFDLCK ADVISORY  WRITE -1 fe:00:10010978 0 EOF"),
