@@ -87,10 +87,12 @@ impl fmt::Display for Holder {
     }
 }
 
-fn busy_why(wanted: &LockKind) -> &'static str {
-    match wanted {
-        LockKind::Exclusive => "; only one program may use it while it is being written",
-        LockKind::Shared => ", which is writing it",
+/// Why a refused lock matters, after "… is in use by HOLDER".
+fn busy_why(wanted: &LockKind, holder: &Holder) -> &'static str {
+    match (holder, wanted) {
+        (Holder::ThisProcess, _) => "",
+        (_, LockKind::Exclusive) => "; only one program may use it while it is being written",
+        (_, LockKind::Shared) => ", which is writing it",
     }
 }
 
@@ -99,7 +101,7 @@ fn busy_why(wanted: &LockKind) -> &'static str {
 pub enum LockError {
     /// Another open of the file holds a lock that conflicts with the one asked for:
     /// another mirrorvm (or QEMU, …) is using the file.
-    #[error("{what} {path} is in use by {holder}{}", busy_why(wanted))]
+    #[error("{what} {path} is in use by {holder}{}", busy_why(wanted, holder))]
     Busy {
         /// What the file is, for the message ("disk image", "region journal", …).
         what: &'static str,
