@@ -1,7 +1,7 @@
 //! mirrorvm's devices: the I/O buses, the legacy PC devices (16550 serial, i8042,
 //! debug exit), the virtio-mmio transport with virtio-blk, and the checkpoint store
 //! that keeps guest disk writes out of the base image until their checkpoint is held
-//! by the peer.
+//! by the peer, and the locks that keep two mirrorvm processes off the same files.
 
 // Outside tests, nothing a guest or user controls may panic the device model: no
 // unwrap/expect (tests use them freely). The crate has no unsafe code; any that is

@@ -128,6 +128,12 @@ pub struct OpenDisk {
 /// whole 512-byte sectors.
 /// With `checkpoint=on`, the store's journal is opened (created if missing) and
 /// recovered to `to` (`None`: the last acknowledged checkpoint).
+///
+/// The image is locked against other processes (`devices::lock`): a raw disk
+/// exclusively, or shared with `readonly=on` (read-only opens coexist), through
+/// `OpenDisk::file` itself, whose open file description the `RawFile` backend keeps
+/// while the disk is attached, so the lock lasts exactly as long; with
+/// `checkpoint=on` the store holds exclusive locks on the image and its journal.
 pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
     let path = cfg.path.clone();
     let file = OpenOptions::new()
@@ -151,6 +157,21 @@ pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
     }
     if size % 512 != 0 {
         return Err(DiskError::NotSectorAligned { path, size });
+    }
+    if !cfg.checkpoint {
+        // On `file`'s open file description: it stays held while `file`, moved into
+        // the RawFile backend by `attach`, is open (not tied to any guard value).
+        let kind = if cfg.readonly {
+            devices::lock::LockKind::Shared
+        } else {
+            devices::lock::LockKind::Exclusive
+        };
+        devices::lock::lock_file(&file, &path, "disk image", kind).map_err(|e| {
+            DiskError::Open {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            }
+        })?;
     }
     let store = if cfg.checkpoint {
         let (store, report) =

@@ -39,6 +39,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// another process holds a lock on the base image or the journal (another mirrorvm runs on them)
+    #[error(transparent)]
+    Locked(#[from] crate::lock::LockError),
     /// a previous write-back or sync failed; the store refuses further work (reopen it to recover)
     #[error("the store is poisoned by an earlier failed {0}; reopen it to recover")]
     Poisoned(&'static str),

@@ -314,6 +314,11 @@ impl<F: StoreFile> std::fmt::Debug for Store<F> {
 impl Store<std::fs::File> {
     /// Opens the store of the raw image at `image` (journal at [`journal_path`]),
     /// creating the journal if it does not exist, and recovers it to `to`.
+    ///
+    /// Both files are locked exclusively ([`crate::lock`]) before anything is read
+    /// or created, so a second process opening the same image or journal gets
+    /// [`Error::Locked`]. The locks belong to the store's own open files and are
+    /// released when the store and its retire jobs are dropped, or the process dies.
     pub fn open_path(
         image: &Path,
         config: &StoreConfig,
@@ -324,15 +329,24 @@ impl Store<std::fs::File> {
             .write(true)
             .open(image)
             .ctx(FileRole::Base, "opening")?;
+        lock_exclusive(&base, image, "disk image")?;
+        let jp = journal_path(image);
         let journal = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(journal_path(image))
+            .open(&jp)
             .ctx(FileRole::Journal, "opening")?;
+        lock_exclusive(&journal, &jp, "region journal")?;
         Store::open(base, journal, config, to)
     }
+}
+
+/// Locks `file` exclusively for as long as it (the store's handle) stays open.
+fn lock_exclusive(file: &std::fs::File, path: &Path, what: &'static str) -> Result<()> {
+    crate::lock::lock_file(file, path, what, crate::lock::LockKind::Exclusive)?;
+    Ok(())
 }
 
 impl<F: StoreFile> Store<F> {

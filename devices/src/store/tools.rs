@@ -200,12 +200,16 @@ pub fn verify_files<F: StoreFile + ?Sized>(
     Ok(ins)
 }
 
+/// Opens the journal read-only under a shared lock (held while the returned file is
+/// open): a journal that a running mirrorvm writes (it holds the exclusive lock) is
+/// refused with [`Error::Locked`] instead of being read half-written.
 fn open_journal_ro(image: &Path) -> Result<(std::fs::File, Option<u64>)> {
     let jp = journal_path(image);
     if !jp.exists() {
         return Err(Error::NoJournal(jp.display().to_string()));
     }
     let j = std::fs::File::open(&jp).ctx(FileRole::Journal, "opening")?;
+    crate::lock::lock_file(&j, &jp, "region journal", crate::lock::LockKind::Shared)?;
     let base_len = std::fs::metadata(image).ok().map(|m| m.len());
     Ok((j, base_len))
 }
@@ -223,7 +227,9 @@ pub fn verify(image: &Path) -> Result<Inspection> {
 }
 
 /// `mirrorvm disk recover`: applies the recovery rules offline, to `epoch` or (with
-/// `None`) the last acknowledged one, so the base image alone holds that epoch.
+/// `None`) the last acknowledged one, so the base image alone holds that epoch. Like
+/// any store opening, it locks the image and the journal exclusively, so it refuses
+/// while a mirrorvm runs on them.
 pub fn recover(image: &Path, epoch: Option<u64>) -> Result<RecoveryReport> {
     let jp = journal_path(image);
     if !jp.exists() {
