@@ -222,6 +222,22 @@ pub enum Error {
     /// the journal has no valid file header: it was never created, or its creation was torn
     #[error("no region journal at {0}")]
     NoJournal(String),
+    /// An imported region cannot go into a store whose active region holds writes.
+    #[error("cannot import region {epoch}: the active region already holds {records} records of this disk's own (a standby's disk takes writes only from its primary)")]
+    ImportIntoBusyRegion {
+        /// The region's epoch.
+        epoch: u64,
+        /// Records already in the active region.
+        records: u32,
+    },
+    /// An imported region does not fit one region of this store.
+    #[error("cannot import region {epoch}: its data does not fit one region of this journal ({capacity} bytes)")]
+    ImportTooLarge {
+        /// The region's epoch.
+        epoch: u64,
+        /// Region capacity.
+        capacity: u64,
+    },
     /// two sealed regions claim the same epoch
     #[error("slots {a} and {b} both hold a sealed region for epoch {epoch}")]
     DuplicateEpoch {

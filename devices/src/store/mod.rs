@@ -782,6 +782,65 @@ impl<F: StoreFile> Store<F> {
         Ok(Export { meta, extents })
     }
 
+    /// The inverse of [`export`](Self::export), on a standby's own copy of the disk:
+    /// writes every extent of `region` into the (empty) active region, freezes it as
+    /// region `region.meta.epoch`, and seals it durably. The store then holds that
+    /// region exactly as the primary's did, and retires it like any other. Refused
+    /// if the active region already holds writes, if the epoch does not follow the
+    /// store's last one, or if the data does not fit one region; nothing is frozen
+    /// then (a partly written active region is dropped with [`rollback`](Self::rollback)).
+    pub fn import(&mut self, region: &Export) -> Result<RegionMeta> {
+        self.check()?;
+        let epoch = region.meta.epoch;
+        if self.active.records != 0 {
+            return Err(Error::ImportIntoBusyRegion {
+                epoch,
+                records: self.active.records,
+            });
+        }
+        if epoch <= self.last_epoch {
+            return Err(Error::EpochNotIncreasing {
+                epoch,
+                last: self.last_epoch,
+            });
+        }
+        if self.free_slot().is_none() {
+            return Err(Error::NoFreeRegion {
+                epoch,
+                frozen: self.frozen.len(),
+            });
+        }
+        let need = region
+            .extents
+            .iter()
+            .map(|e| record_footprint(e.data.len() as u64))
+            .fold(0u64, u64::saturating_add);
+        if need > self.geo.capacity {
+            return Err(Error::ImportTooLarge {
+                epoch,
+                capacity: self.geo.capacity,
+            });
+        }
+        for e in &region.extents {
+            match self.write(e.sector, &e.data) {
+                Ok(WriteOutcome::Written { .. }) => {}
+                Ok(WriteOutcome::Deferred) => {
+                    self.rollback()?;
+                    return Err(Error::ImportTooLarge {
+                        epoch,
+                        capacity: self.geo.capacity,
+                    });
+                }
+                Err(err) => {
+                    let _ = self.rollback();
+                    return Err(err);
+                }
+            }
+        }
+        self.start_checkpoint(epoch)?;
+        self.export_meta(epoch)
+    }
+
     /// Records durably that the peer holds checkpoint `epoch`.
     pub fn acknowledge(&mut self, epoch: u64) -> Result<()> {
         self.check()?;
