@@ -22,9 +22,8 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
+use devices::codec::{Crc32cHeader, FromBytes, Immutable, IntoBytes, KnownLayout, U32, U64};
 use serde::Deserialize;
-use zerocopy::little_endian::{U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::{Checkpoint, DiskManifest, MachineState, Manifest};
 use crate::config::DiskConfig;
@@ -65,6 +64,9 @@ struct RawHeader {
 }
 
 const _: () = assert!(std::mem::size_of::<RawHeader>() == HEADER_LEN);
+
+/// The last four bytes are the CRC32C of the rest: the same codec as the store's.
+impl Crc32cHeader for RawHeader {}
 
 /// A checked header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,8 +153,7 @@ pub fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
         reserved: [0; 16],
         crc: U32::new(0),
     };
-    let crc = crc32c::crc32c(&raw.as_bytes()[..HEADER_LEN - 4]);
-    raw.crc = U32::new(crc);
+    raw.seal();
     let mut out = [0u8; HEADER_LEN];
     out.copy_from_slice(raw.as_bytes());
     out
@@ -168,9 +169,7 @@ pub fn decode_header(bytes: &[u8; HEADER_LEN]) -> Result<Header, FormatError> {
     if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(FormatError::Version(version));
     }
-    if raw.crc.get() != crc32c::crc32c(&bytes[..HEADER_LEN - 4]) {
-        return Err(FormatError::HeaderCrc);
-    }
+    raw.check_crc().map_err(|_| FormatError::HeaderCrc)?;
     if raw.page_size.get() != PAGE_SIZE as u32 {
         return Err(FormatError::PageSize(raw.page_size.get()));
     }
