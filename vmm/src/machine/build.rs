@@ -77,7 +77,7 @@ fn open_kvm(path: &Path) -> Result<Kvm, VmmError> {
             libc::EACCES | libc::EPERM => " (permission denied: run as root or add yourself to the 'kvm' group)",
             _ => "",
         };
-        VmmError::OpenKvm { path: shown.clone(), source, hint }
+        VmmError::OpenKvm { path: shown.clone(), cause: source, hint }
     })?;
     // KVM_API_VERSION has been 12 since Linux 2.6.22; anything else is not KVM.
     if kvm.get_api_version() != 12 {

@@ -44,13 +44,14 @@ pub const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(3);
 /// Failures while building or running a machine.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    /// /dev/kvm is missing or cannot be opened.
-    #[error("cannot open {path}{hint}")]
+    /// /dev/kvm is missing or cannot be opened. The cause is shown inline, before
+    /// the hint about what to do, so it is not also a `source()`.
+    #[error("cannot open {path}: {cause}{hint}")]
     OpenKvm {
         /// The device node.
         path: String,
         /// Cause.
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
         /// What to do about it.
         hint: &'static str,
     },
