@@ -26,7 +26,7 @@ use crate::memory::GuestMemory;
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     /// The image cannot be opened.
-    #[error("cannot open disk image {path}: {source}")]
+    #[error("cannot open disk image {path}")]
     Open {
         /// The image.
         path: PathBuf,
@@ -45,13 +45,16 @@ pub enum DiskError {
         size: u64,
     },
     /// The checkpoint store could not be opened or recovered.
-    #[error("disk {path}: {source}")]
+    #[error("disk {path}")]
     Store {
         /// The image.
         path: PathBuf,
         /// Cause.
         source: devices::store::Error,
     },
+    /// Another process holds the image (the lock error names it and the holder).
+    #[error(transparent)]
+    Locked(#[from] devices::lock::LockError),
     /// The image is empty.
     #[error("disk image {0} is empty")]
     Empty(PathBuf),
@@ -91,7 +94,7 @@ pub enum DiskError {
         source: std::io::Error,
     },
     /// Registering the device's eventfds with KVM failed.
-    #[error("cannot register {what} for disk {path} with KVM: {source}")]
+    #[error("cannot register {what} for disk {path} with KVM")]
     Kvm {
         /// The image.
         path: PathBuf,
@@ -101,7 +104,7 @@ pub enum DiskError {
         source: kvm_ioctls::Error,
     },
     /// The device window could not be placed on the MMIO bus.
-    #[error("cannot place disk {path} on the MMIO bus: {source}")]
+    #[error("cannot place disk {path} on the MMIO bus")]
     Bus {
         /// The image.
         path: PathBuf,
@@ -166,19 +169,18 @@ pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
         } else {
             devices::lock::LockKind::Exclusive
         };
-        devices::lock::lock_file(&file, &path, "disk image", kind).map_err(|e| {
-            DiskError::Open {
-                path: path.clone(),
-                source: std::io::Error::other(e),
-            }
-        })?;
+        devices::lock::lock_file(&file, &path, "disk image", kind)?;
     }
     let store = if cfg.checkpoint {
         let (store, report) =
             Store::open_path(&path, &StoreConfig::default(), to.into()).map_err(|source| {
-                DiskError::Store {
-                    path: path.clone(),
-                    source,
+                match source {
+                    // The lock error names the image and its holder already.
+                    devices::store::Error::Locked(e) => DiskError::Locked(e),
+                    source => DiskError::Store {
+                        path: path.clone(),
+                        source,
+                    },
                 }
             })?;
         if !report.redone.is_empty() || !report.dropped.is_empty() || report.discarded_active > 0 {
