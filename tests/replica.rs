@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::GuestMemoryBackend;
 use vmm::checkpoint::directory::DirectorySource;
 use vmm::checkpoint::source::{CheckpointSource, ReplicaSource};
 use vmm::config::SerialConfig;
@@ -80,12 +80,9 @@ fn a_replica_in_memory_resumes_in_place_where_its_checkpoint_was_cut() {
     let run = std::thread::spawn(move || machine.run());
     // Let the restored guest count on for a while, then stop it.
     let end = Instant::now() + Duration::from_secs(60);
-    let mut resumed = Vec::new();
-    while Instant::now() < end {
-        resumed = counters(&std::fs::read_to_string(&second).unwrap_or_default());
-        if resumed.len() >= 5 {
-            break;
-        }
+    while Instant::now() < end
+        && counters(&std::fs::read_to_string(&second).unwrap_or_default()).len() < 5
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     stop.request(RunEnd::Quit);

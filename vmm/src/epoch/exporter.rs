@@ -16,7 +16,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Cause, DiskCommit, EpochError};
-use crate::checkpoint::sink::{CheckpointSink, SinkEnd, SinkError};
+use crate::checkpoint::sink::{CheckpointSink, SinkError};
 use crate::checkpoint::{Checkpoint, Manifest};
 use crate::dirty::StagedPages;
 use crate::memory::GuestMemory;
@@ -49,8 +49,6 @@ pub enum Job {
     Retire(u64),
     /// No sink any more: retire every frozen region locally.
     RetireAll,
-    /// The run ended.
-    End(SinkEnd),
 }
 
 impl Job {
@@ -58,7 +56,7 @@ impl Job {
         match self {
             Job::Base { epoch, .. } | Job::Retire(epoch) => *epoch,
             Job::Checkpoint { checkpoint, .. } => checkpoint.epoch,
-            Job::Begin(_) | Job::RetireAll | Job::End(_) => 0,
+            Job::Begin(_) | Job::RetireAll => 0,
         }
     }
 }
@@ -123,8 +121,6 @@ pub enum ExportEvent {
         /// Why.
         error: Cause,
     },
-    /// The end of the run is recorded.
-    Ended,
 }
 
 /// The job during which a sink lost its base.
@@ -230,10 +226,6 @@ impl ExportWorker {
                     error,
                 }),
             },
-            Job::End(how) => match self.sink.end(how) {
-                Ok(()) => Attempt::Done(ExportEvent::Ended),
-                Err(e) => sink_err(e),
-            },
         }
     }
 }
@@ -246,15 +238,16 @@ pub trait ExportQueue: Send {
     fn try_next(&mut self) -> Option<ExportEvent>;
     /// Waits for an event until `deadline`.
     fn wait(&mut self, deadline: Instant) -> Option<ExportEvent>;
-    /// Stops after the job under way; queued jobs are dropped.
-    fn stop(&mut self);
+    /// Stops after the job under way (queued jobs are dropped) and hands back the
+    /// sink, so the end of the run can be recorded after the disks are settled.
+    fn stop(&mut self) -> Option<Box<dyn CheckpointSink>>;
 }
 
 /// The exporter thread.
 pub struct Exporter {
     to_worker: Option<Sender<Job>>,
     events: Receiver<ExportEvent>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<ExportWorker>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -282,7 +275,7 @@ impl Exporter {
                         .build();
                     let event = loop {
                         if stopping.load(Ordering::Acquire) {
-                            return;
+                            return worker;
                         }
                         match worker.attempt(&mut job) {
                             Attempt::Done(e) => break e,
@@ -291,7 +284,7 @@ impl Exporter {
                                     epoch: job.epoch(),
                                     error,
                                 }) {
-                                    return;
+                                    return worker;
                                 }
                                 let delay = delays.next().unwrap_or(RETRY_MAX);
                                 sleep_unless_stopped(delay, &stopping);
@@ -299,9 +292,10 @@ impl Exporter {
                         }
                     };
                     if !send(event) {
-                        return;
+                        return worker;
                     }
                 }
+                worker
             })
             .map_err(|e| EpochError::Os("exporter thread", e))?;
         Ok(Exporter {
@@ -340,26 +334,25 @@ impl ExportQueue for Exporter {
         self.events.recv_timeout(left).ok()
     }
 
-    fn stop(&mut self) {
+    fn stop(&mut self) -> Option<Box<dyn CheckpointSink>> {
         self.stop.store(true, Ordering::Release);
         self.to_worker = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let worker = self.thread.take()?.join().ok()?;
+        Some(worker.sink)
     }
 }
 
 impl Drop for Exporter {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 }
 
 /// An exporter that runs jobs only when told to: the model test's, and a way to
 /// drive the engine step by step.
 pub struct ManualExporter {
-    /// The worker.
-    pub worker: ExportWorker,
+    /// The worker (taken by `stop`).
+    pub worker: Option<ExportWorker>,
     /// Jobs not yet done, oldest first.
     pub queue: VecDeque<Job>,
     /// Events not yet taken by the engine.
@@ -374,7 +367,7 @@ impl ManualExporter {
     /// A manual exporter over `worker`.
     pub fn new(worker: ExportWorker) -> Self {
         ManualExporter {
-            worker,
+            worker: Some(worker),
             queue: VecDeque::new(),
             events: VecDeque::new(),
             wait_attempts: 8,
@@ -384,10 +377,13 @@ impl ManualExporter {
 
     /// One attempt at the oldest job; true if it finished.
     pub fn step(&mut self) -> bool {
+        let Some(worker) = self.worker.as_mut() else {
+            return false;
+        };
         let Some(mut job) = self.queue.pop_front() else {
             return false;
         };
-        match self.worker.attempt(&mut job) {
+        match worker.attempt(&mut job) {
             Attempt::Done(e) => {
                 self.events.push_back(e);
                 true
@@ -432,8 +428,9 @@ impl ExportQueue for ManualExporter {
         }
     }
 
-    fn stop(&mut self) {
+    fn stop(&mut self) -> Option<Box<dyn CheckpointSink>> {
         self.stopped = true;
         self.queue.clear();
+        self.worker.take().map(|w| w.sink)
     }
 }

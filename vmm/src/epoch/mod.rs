@@ -53,7 +53,6 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::checkpoint::sink::SinkEnd;
 use crate::checkpoint::{DiskRegion, MachineState, Manifest, StorageMode};
 use crate::dirty::{DirtySet, StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
@@ -431,7 +430,7 @@ impl EpochEngine {
     pub fn on_fenced(&mut self) {
         self.phase = Phase::Fenced;
         // Queued retires are dropped; nothing more reaches the sink.
-        self.exporter.stop();
+        drop(self.exporter.stop());
         #[cfg(test)]
         if self.sabotage.release_when_fenced {
             self.parts.output.release_all();
@@ -502,7 +501,6 @@ impl EpochEngine {
                     source: error,
                 })
             }
-            ExportEvent::Ended => Ok(()),
         }
     }
 
@@ -772,21 +770,11 @@ impl EpochEngine {
         }
     }
 
-    /// Records how the run ended at the sink and stops the exporter.
-    pub fn end(&mut self, how: Option<SinkEnd>, deadline: Duration) {
-        if let Some(how) = how {
-            self.exporter.submit(Job::End(how));
-            let end = Instant::now() + deadline;
-            while let Some(e) = self.exporter.wait(end) {
-                if matches!(e, ExportEvent::Ended) {
-                    break;
-                }
-                if let Err(err) = self.handle(e) {
-                    tracing::warn!("while ending: {}", error_chain(&err));
-                }
-            }
-        }
-        self.exporter.stop();
+    /// Stops the exporter after the job under way and hands back the sink, so the
+    /// caller can settle the disks and then record the end with
+    /// [`CheckpointSink::end`](crate::checkpoint::CheckpointSink::end).
+    pub fn stop(&mut self) -> Option<Box<dyn crate::checkpoint::CheckpointSink>> {
+        self.exporter.stop()
     }
 
     /// Releases all held output (a clean end, or unprotected).

@@ -328,7 +328,7 @@ impl ExportQueue for SharedExporter {
     fn wait(&mut self, d: std::time::Instant) -> Option<ExportEvent> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).wait(d)
     }
-    fn stop(&mut self) {
+    fn stop(&mut self) -> Option<Box<dyn CheckpointSink>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).stop()
     }
 }

@@ -209,6 +209,7 @@ impl Machine {
         let phase: Option<Phase> = engine.as_ref().map(|e| lock_recover(e).engine().phase());
         let mut plan = ending::plan(&why, loop_result.is_ok(), phase);
         let mut final_result = Ok(());
+        let mut sink = None;
         if let Some(e) = &engine {
             let mut lp = lock_recover(e);
             let engine = lp.engine();
@@ -223,6 +224,8 @@ impl Machine {
             } else {
                 engine.shutdown(FINAL_CHECKPOINT_DEADLINE);
             }
+            // Nothing runs on the disks or the sink behind our back from here on.
+            sink = engine.stop();
         }
 
         // Stop the vCPUs: set every stop flag, then kick until each thread reports.
@@ -272,10 +275,13 @@ impl Machine {
                 }
             }
         }
-        if let Some(e) = &engine {
-            lock_recover(e)
-                .engine()
-                .end(plan.sink_end.clone(), FINAL_CHECKPOINT_DEADLINE);
+        if let (Some(sink), Some(how)) = (sink.as_mut(), &plan.sink_end) {
+            if let Err(e) = sink.end(how) {
+                tracing::warn!(
+                    "cannot record the end of the run at the checkpoint sink: {}",
+                    crate::epoch::error_chain(&e)
+                );
+            }
         }
         final_result?;
         loop_result?;
