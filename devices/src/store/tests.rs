@@ -1009,7 +1009,7 @@ fn import_is_the_inverse_of_export() {
 
 #[test]
 fn import_refuses_what_it_cannot_hold_and_changes_nothing() {
-    let (prig, mut primary) = Rig::new(cfg(2, 64 << 10));
+    let (_prig, mut primary) = Rig::new(cfg(2, 64 << 10));
     let (_srig, mut standby) = Rig::new(cfg(2, 8 << 10));
     written(primary.write(0, &pattern(1, 0, 8)).unwrap());
     written(primary.write(30, &pattern(2, 30, 8)).unwrap());

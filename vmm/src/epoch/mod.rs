@@ -29,36 +29,38 @@
 //! N+1 is postponed and the guest keeps running. A failed export is retried with
 //! backoff, never dropped.
 //!
-//! The engine drives the machine only through the small traits below ([`Vcpus`],
-//! [`DirtyLog`], [`StateCapture`], [`DiskCut`], [`Output`], [`ExportQueue`]), so
-//! `model_test.rs` drives it with fakes and checks its invariants after every step,
-//! without KVM. The machine's implementations live in `machine/adapters.rs`.
+//! The engine drives the machine only through small traits (`parts.rs`: [`Vcpus`],
+//! [`DirtyLog`], [`StateCapture`], [`DiskCut`], [`Output`], [`DiskCommit`]; and
+//! [`ExportQueue`]), so `model_test.rs` drives it with fakes and checks its invariants
+//! after every step, without KVM. The machine's implementations live in
+//! `machine/adapters.rs`. Its errors are in `error.rs`; `event_loop.rs` puts it on the
+//! device event loop.
 //!
 //! How a run ends (final checkpoint, releasing output, retiring disks, marking the
 //! sink) is decided in `ending.rs`.
 
 mod cut;
 pub mod ending;
+mod error;
+mod event_loop;
 pub mod exporter;
 pub mod metrics;
 #[cfg(test)]
 mod model_test;
+mod parts;
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
-
-use crate::checkpoint::{DiskRegion, MachineState, Manifest, StorageMode};
-use crate::dirty::{DirtySet, StagedPages, PAGE_SIZE};
+use crate::checkpoint::Manifest;
+use crate::dirty::{StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
 
+pub use error::{Cause, CutError, EpochError, PauseError};
+pub use event_loop::{EpochLoop, SharedLoop};
 pub use exporter::{ExportEvent, ExportQueue, Job, LostDuring};
 pub use metrics::EpochMetrics;
+pub use parts::{DirtyLog, DiskCommit, DiskCut, Output, Parts, StateCapture, Vcpus};
 
 /// How long a vCPU may take to park before the cut gives up on it.
 pub const PARK_DEADLINE: Duration = Duration::from_secs(3);
@@ -120,169 +122,6 @@ impl Phase {
             _ => None,
         }
     }
-}
-
-/// Why a vCPU would not pause.
-#[derive(Debug, thiserror::Error)]
-pub enum PauseError {
-    /// The vCPU's thread has ended (the run is ending for its own reason).
-    #[error("vCPU {0} has stopped running")]
-    Exited(u8),
-    /// The vCPU could not be paused (stuck in KVM_RUN, or its control failed).
-    #[error("cannot pause the vCPUs")]
-    Failed(#[source] Cause),
-}
-
-/// A boxed cause.
-pub type Cause = Box<dyn std::error::Error + Send + Sync>;
-
-/// A failed step of a cut, with its cause.
-#[derive(Debug, thiserror::Error)]
-pub enum CutError {
-    /// The dirty log could not be read.
-    #[error("cannot read the dirty log")]
-    DirtyLog(#[source] Cause),
-    /// Dirty pages could not be copied.
-    #[error("cannot copy the dirty pages")]
-    PageCopy(#[source] Cause),
-    /// Device state could not be saved.
-    #[error("cannot save the device state")]
-    Devices(#[source] Cause),
-    /// A vCPU's state could not be saved.
-    #[error("cannot save a vCPU's state")]
-    Vcpu(#[source] Cause),
-    /// The VM state (irqchips, PIT, clock) could not be saved.
-    #[error("cannot save the VM state")]
-    Vm(#[source] Cause),
-    /// A disk could not start its new checkpoint region.
-    #[error("cannot swap a disk's checkpoint region")]
-    DiskRegion(#[source] Cause),
-    /// The machine state could not be encoded.
-    #[error("cannot encode the machine state")]
-    Encode(#[source] crate::checkpoint::ContentError),
-}
-
-/// Failures that end checkpointing (and the run).
-#[derive(Debug, thiserror::Error)]
-pub enum EpochError {
-    /// Timer or eventfd creation failed.
-    #[error("cannot create the epoch {0}")]
-    Os(&'static str, #[source] std::io::Error),
-    /// A vCPU would not park.
-    #[error("checkpoint {epoch}")]
-    Pause {
-        /// The checkpoint.
-        epoch: u64,
-        /// Cause.
-        source: PauseError,
-    },
-    /// A step of the cut failed.
-    #[error("checkpoint {epoch}")]
-    Cut {
-        /// The checkpoint.
-        epoch: u64,
-        /// Cause.
-        source: CutError,
-    },
-    /// An earlier cut failed; no later one may be cut.
-    #[error("checkpoint {0}: an earlier cut failed, so no later checkpoint can be complete")]
-    AfterFailure(u64),
-    /// The exporter failed to seal or retire a disk region.
-    #[error("checkpoint {epoch}: {what}")]
-    Commit {
-        /// The checkpoint.
-        epoch: u64,
-        /// The step.
-        what: &'static str,
-        /// Cause.
-        source: Cause,
-    },
-    /// The exporter thread is gone.
-    #[error("the checkpoint exporter has stopped")]
-    ExporterGone,
-    /// The final checkpoint was not written in time.
-    #[error("final checkpoint {epoch} not written within {deadline:?}")]
-    FinalTimeout {
-        /// The checkpoint.
-        epoch: u64,
-        /// The deadline.
-        deadline: Duration,
-    },
-    /// There is no sink to write a final checkpoint to.
-    #[error("no final checkpoint: the run is {0:?}")]
-    NoFinal(Phase),
-    /// The metrics could not be written.
-    #[error("cannot write metrics")]
-    Metrics(#[source] std::io::Error),
-}
-
-/// The vCPUs, as a cut pauses and resumes them.
-pub trait Vcpus: Send {
-    /// Kicks every vCPU out of KVM_RUN and waits until all are parked.
-    fn pause(&mut self) -> Result<(), PauseError>;
-    /// Lets every vCPU run again.
-    fn resume(&mut self);
-}
-
-/// The pages written since the last harvest (KVM's log ∪ the VMM's own writes).
-pub trait DirtyLog: Send {
-    /// Reads and clears the log.
-    fn harvest(&mut self) -> Result<DirtySet, CutError>;
-    /// Copies the pages of `set` into `into` (guest quiescent).
-    fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError>;
-}
-
-/// The machine's state at a cut.
-pub trait StateCapture: Send {
-    /// Processes pending device notifications so no event is lost at the cut.
-    fn drain(&mut self);
-    /// Saves devices, then vCPUs, then the VM (irqchips, PIT, clock), in that order.
-    fn save(&mut self) -> Result<MachineState, CutError>;
-}
-
-/// The disks at a cut, on the device loop.
-pub trait DiskCut: Send {
-    /// Freezes the active regions as checkpoint `epoch`'s and opens new ones; returns
-    /// the bytes in the regions just frozen.
-    fn start_checkpoint(&mut self, epoch: u64) -> Result<u64, CutError>;
-    /// Whether a region passed its high-water mark or deferred a write (cut early).
-    fn wants_cut(&self) -> bool;
-}
-
-/// Output commit (the console).
-pub trait Output: Send {
-    /// At cut `epoch`: what was written since the previous cut belongs to it.
-    fn seal(&mut self, epoch: u64);
-    /// Checkpoint `epoch` is complete: release its output and everything before.
-    fn release(&mut self, epoch: u64);
-    /// Release everything held and stop holding (unprotected, or a clean end).
-    fn release_all(&mut self);
-}
-
-/// The disks' side of a checkpoint after the cut, on the exporter thread.
-pub trait DiskCommit: Send {
-    /// Makes the regions frozen at cut `epoch` durable and returns what the sink
-    /// needs of them (`mode`: metadata or data).
-    fn seal(&mut self, epoch: u64, mode: StorageMode) -> Result<Vec<DiskRegion>, Cause>;
-    /// Checkpoint `epoch` is complete: acknowledge and retire its regions (commit
-    /// them to the base images, free the slots).
-    fn retire(&mut self, epoch: u64) -> Result<(), Cause>;
-    /// No sink any more: acknowledge and retire every frozen region locally.
-    fn retire_all(&mut self) -> Result<(), Cause>;
-}
-
-/// The machine parts a cut drives.
-pub struct Parts {
-    /// The vCPUs.
-    pub vcpus: Box<dyn Vcpus>,
-    /// The dirty log.
-    pub dirty: Box<dyn DirtyLog>,
-    /// Device, vCPU and VM state.
-    pub state: Box<dyn StateCapture>,
-    /// Region swaps.
-    pub disks: Box<dyn DiskCut>,
-    /// Output commit.
-    pub output: Box<dyn Output>,
 }
 
 /// Deliberate faults, to show that the model test catches each broken invariant.
@@ -794,99 +633,3 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-
-const TOKEN_TIMER: u32 = 0;
-const TOKEN_EXPORTER: u32 = 1;
-const TOKEN_CUT_REQUEST: u32 = 2;
-
-/// The engine on the device event loop: its timer, the exporter's wake-ups and the
-/// disks' early-cut requests.
-pub struct EpochLoop {
-    engine: EpochEngine,
-    timer: TimerFd,
-    period: Duration,
-    exporter_evt: EventFd,
-    cut_request: Option<EventFd>,
-    on_error: Box<dyn Fn(String) + Send>,
-}
-
-impl EpochLoop {
-    /// Wraps a started engine. `exporter_evt` fires when the exporter has events;
-    /// `cut_request` when a disk asks for an early cut; `on_error` ends the run.
-    pub fn new(
-        engine: EpochEngine,
-        period: Duration,
-        exporter_evt: EventFd,
-        cut_request: Option<EventFd>,
-        on_error: Box<dyn Fn(String) + Send>,
-    ) -> Result<Self, EpochError> {
-        let mut timer = TimerFd::new().map_err(|e| EpochError::Os("timer", e.into()))?;
-        timer
-            .reset(period, Some(period))
-            .map_err(|e| EpochError::Os("timer", e.into()))?;
-        Ok(EpochLoop {
-            engine,
-            timer,
-            period,
-            exporter_evt,
-            cut_request,
-            on_error,
-        })
-    }
-
-    /// The engine.
-    pub fn engine(&mut self) -> &mut EpochEngine {
-        &mut self.engine
-    }
-
-    /// The epoch length.
-    pub fn period(&self) -> Duration {
-        self.period
-    }
-}
-
-impl MutEventSubscriber for EpochLoop {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)) {
-            (self.on_error)(format!("cannot watch the epoch timer: {e:?}"));
-        }
-        if let Err(e) = ops.add(Events::with_data(
-            &self.exporter_evt,
-            TOKEN_EXPORTER,
-            EventSet::IN,
-        )) {
-            (self.on_error)(format!("cannot watch the exporter: {e:?}"));
-        }
-        if let Some(evt) = &self.cut_request {
-            if let Err(e) = ops.add(Events::with_data(evt, TOKEN_CUT_REQUEST, EventSet::IN)) {
-                (self.on_error)(format!("cannot watch the disks' cut requests: {e:?}"));
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let r = match events.data() {
-            TOKEN_TIMER => {
-                let _ = self.timer.wait();
-                self.engine.on_tick()
-            }
-            TOKEN_EXPORTER => {
-                let _ = self.exporter_evt.read();
-                self.engine.on_exporter()
-            }
-            TOKEN_CUT_REQUEST => {
-                if let Some(evt) = &self.cut_request {
-                    let _ = evt.read();
-                }
-                self.engine.on_region_full()
-            }
-            _ => Ok(()),
-        };
-        if let Err(e) = r {
-            (self.on_error)(format!("checkpointing failed: {}", error_chain(&e)));
-        }
-    }
-}
-
-/// A shareable handle type for the loop.
-pub type SharedLoop = Arc<std::sync::Mutex<EpochLoop>>;

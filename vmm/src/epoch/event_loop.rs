@@ -1,0 +1,108 @@
+//! The engine on the device event loop: its epoch timer, the exporter's wake-ups and
+//! the disks' early-cut requests become calls of the engine's `on_*` methods.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::{error_chain, EpochEngine, EpochError};
+
+const TOKEN_TIMER: u32 = 0;
+const TOKEN_EXPORTER: u32 = 1;
+const TOKEN_CUT_REQUEST: u32 = 2;
+
+/// The engine on the device event loop: its timer, the exporter's wake-ups and the
+/// disks' early-cut requests.
+pub struct EpochLoop {
+    engine: EpochEngine,
+    timer: TimerFd,
+    period: Duration,
+    exporter_evt: EventFd,
+    cut_request: Option<EventFd>,
+    on_error: Box<dyn Fn(String) + Send>,
+}
+
+impl EpochLoop {
+    /// Wraps a started engine. `exporter_evt` fires when the exporter has events;
+    /// `cut_request` when a disk asks for an early cut; `on_error` ends the run.
+    pub fn new(
+        engine: EpochEngine,
+        period: Duration,
+        exporter_evt: EventFd,
+        cut_request: Option<EventFd>,
+        on_error: Box<dyn Fn(String) + Send>,
+    ) -> Result<Self, EpochError> {
+        let mut timer = TimerFd::new().map_err(|e| EpochError::Os("timer", e.into()))?;
+        timer
+            .reset(period, Some(period))
+            .map_err(|e| EpochError::Os("timer", e.into()))?;
+        Ok(EpochLoop {
+            engine,
+            timer,
+            period,
+            exporter_evt,
+            cut_request,
+            on_error,
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&mut self) -> &mut EpochEngine {
+        &mut self.engine
+    }
+
+    /// The epoch length.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+}
+
+impl MutEventSubscriber for EpochLoop {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)) {
+            (self.on_error)(format!("cannot watch the epoch timer: {e:?}"));
+        }
+        if let Err(e) = ops.add(Events::with_data(
+            &self.exporter_evt,
+            TOKEN_EXPORTER,
+            EventSet::IN,
+        )) {
+            (self.on_error)(format!("cannot watch the exporter: {e:?}"));
+        }
+        if let Some(evt) = &self.cut_request {
+            if let Err(e) = ops.add(Events::with_data(evt, TOKEN_CUT_REQUEST, EventSet::IN)) {
+                (self.on_error)(format!("cannot watch the disks' cut requests: {e:?}"));
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let r = match events.data() {
+            TOKEN_TIMER => {
+                let _ = self.timer.wait();
+                self.engine.on_tick()
+            }
+            TOKEN_EXPORTER => {
+                let _ = self.exporter_evt.read();
+                self.engine.on_exporter()
+            }
+            TOKEN_CUT_REQUEST => {
+                if let Some(evt) = &self.cut_request {
+                    let _ = evt.read();
+                }
+                self.engine.on_region_full()
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            (self.on_error)(format!("checkpointing failed: {}", error_chain(&e)));
+        }
+    }
+}
+
+/// A shareable handle type for the loop.
+pub type SharedLoop = Arc<std::sync::Mutex<EpochLoop>>;

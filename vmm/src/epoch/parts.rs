@@ -1,0 +1,76 @@
+//! The small traits over what the epoch engine drives. The machine implements them
+//! over KVM and its devices (`machine/adapters.rs`); the model test implements them
+//! with fakes (`model_test.rs`), so the engine runs without KVM.
+
+use super::error::{Cause, CutError, PauseError};
+use crate::checkpoint::{DiskRegion, MachineState, StorageMode};
+use crate::dirty::{DirtySet, StagedPages};
+
+/// The vCPUs, as a cut pauses and resumes them.
+pub trait Vcpus: Send {
+    /// Kicks every vCPU out of KVM_RUN and waits until all are parked.
+    fn pause(&mut self) -> Result<(), PauseError>;
+    /// Lets every vCPU run again.
+    fn resume(&mut self);
+}
+
+/// The pages written since the last harvest (KVM's log ∪ the VMM's own writes).
+pub trait DirtyLog: Send {
+    /// Reads and clears the log.
+    fn harvest(&mut self) -> Result<DirtySet, CutError>;
+    /// Copies the pages of `set` into `into` (guest quiescent).
+    fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError>;
+}
+
+/// The machine's state at a cut.
+pub trait StateCapture: Send {
+    /// Processes pending device notifications so no event is lost at the cut.
+    fn drain(&mut self);
+    /// Saves devices, then vCPUs, then the VM (irqchips, PIT, clock), in that order.
+    fn save(&mut self) -> Result<MachineState, CutError>;
+}
+
+/// The disks at a cut, on the device loop.
+pub trait DiskCut: Send {
+    /// Freezes the active regions as checkpoint `epoch`'s and opens new ones; returns
+    /// the bytes in the regions just frozen.
+    fn start_checkpoint(&mut self, epoch: u64) -> Result<u64, CutError>;
+    /// Whether a region passed its high-water mark or deferred a write (cut early).
+    fn wants_cut(&self) -> bool;
+}
+
+/// Output commit (the console).
+pub trait Output: Send {
+    /// At cut `epoch`: what was written since the previous cut belongs to it.
+    fn seal(&mut self, epoch: u64);
+    /// Checkpoint `epoch` is complete: release its output and everything before.
+    fn release(&mut self, epoch: u64);
+    /// Release everything held and stop holding (unprotected, or a clean end).
+    fn release_all(&mut self);
+}
+
+/// The disks' side of a checkpoint after the cut, on the exporter thread.
+pub trait DiskCommit: Send {
+    /// Makes the regions frozen at cut `epoch` durable and returns what the sink
+    /// needs of them (`mode`: metadata or data).
+    fn seal(&mut self, epoch: u64, mode: StorageMode) -> Result<Vec<DiskRegion>, Cause>;
+    /// Checkpoint `epoch` is complete: acknowledge and retire its regions (commit
+    /// them to the base images, free the slots).
+    fn retire(&mut self, epoch: u64) -> Result<(), Cause>;
+    /// No sink any more: acknowledge and retire every frozen region locally.
+    fn retire_all(&mut self) -> Result<(), Cause>;
+}
+
+/// The machine parts a cut drives.
+pub struct Parts {
+    /// The vCPUs.
+    pub vcpus: Box<dyn Vcpus>,
+    /// The dirty log.
+    pub dirty: Box<dyn DirtyLog>,
+    /// Device, vCPU and VM state.
+    pub state: Box<dyn StateCapture>,
+    /// Region swaps.
+    pub disks: Box<dyn DiskCut>,
+    /// Output commit.
+    pub output: Box<dyn Output>,
+}
