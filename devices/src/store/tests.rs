@@ -1,6 +1,9 @@
 //! Unit tests per rule, the torn-write test, the corruption test and the fuzz seeds.
 //! The model-based property test is in `model_test.rs`.
 
+// Casts here are on test-controlled constants and small test sizes.
+#![allow(clippy::cast_possible_truncation)]
+
 use super::fault::{apply, CrashMode, FaultFile, FaultWorld, LogOp};
 use super::format::{Geometry, SlotState, FILE_HEADER_AREA, SLOT_HEADER_AREA};
 use super::*;
@@ -1009,7 +1012,7 @@ fn import_is_the_inverse_of_export() {
 
 #[test]
 fn import_refuses_what_it_cannot_hold_and_changes_nothing() {
-    let (prig, mut primary) = Rig::new(cfg(2, 64 << 10));
+    let (_prig, mut primary) = Rig::new(cfg(2, 64 << 10));
     let (_srig, mut standby) = Rig::new(cfg(2, 8 << 10));
     written(primary.write(0, &pattern(1, 0, 8)).unwrap());
     written(primary.write(30, &pattern(2, 30, 8)).unwrap());
