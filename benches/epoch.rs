@@ -164,6 +164,8 @@ fn main() {
         if *name == "idle" {
             fixed = p50;
         }
+        // A non-negative estimate in nanoseconds; `as` saturates, which is the meaning.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let limit = (pages as f64 * 4096.0 / bw) as u64 + fixed;
         let ratio = if limit > 0 {
             p50 as f64 / limit as f64

@@ -240,7 +240,7 @@ fn main() -> ExitCode {
                 RunEnd::Reset => tracing::info!("guest reset the machine"),
                 RunEnd::GuestExit(_) | RunEnd::Quit => {}
             }
-            ExitCode::from(end.exit_code().clamp(0, 255) as u8)
+            ExitCode::from(u8::try_from(end.exit_code().clamp(0, 255)).unwrap_or(u8::MAX))
         }
         Err(e) => {
             eprintln!("mirrorvm: error: {e:#}");

@@ -285,8 +285,7 @@ fn a_kvm_device_we_may_not_open_is_a_clear_error() {
     let node = dir.path().join("kvm");
     std::fs::write(&node, b"").unwrap();
     set_mode(&node, 0o000);
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     let mut c = if root {
         let mut c = std::process::Command::new("setpriv");
         c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])

@@ -3,6 +3,9 @@
 //! afterwards; the host writes records and the guest verifies them; read-only disks
 //! refuse writes; a hostile guest cannot break the device or the VMM.
 
+// Casts here are on test-controlled constants and small test sizes.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 
 use std::path::Path;

@@ -110,7 +110,7 @@ fn bzimage_loads_with_correct_boot_parameters() {
     assert_eq!({ p.hdr.header }, 0x5372_6448, "HdrS");
     assert_eq!({ p.hdr.boot_flag }, 0xaa55);
     assert_eq!({ p.hdr.type_of_loader }, 0xff);
-    assert_eq!({ p.hdr.cmd_line_ptr } as u64, vmm::layout::CMDLINE_START);
+    assert_eq!(u64::from(p.hdr.cmd_line_ptr), vmm::layout::CMDLINE_START);
     assert_eq!({ p.hdr.cmdline_size } as usize, cmdline.len() + 1);
     assert_eq!({ p.hdr.ramdisk_image }, 0x400_0000);
     assert_eq!({ p.hdr.ramdisk_size }, 4096);

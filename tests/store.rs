@@ -2,6 +2,9 @@
 //! (local policy), and `mirrorvm disk inspect/verify/recover` on the journal a
 //! killed `mirrorvm run` left behind.
 
+// Casts here are on test-controlled constants and small test sizes.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 
 use std::time::Duration;
@@ -167,7 +170,7 @@ fn journal_with_a_sealed_region(base_len: u64) -> (Vec<u8>, [usize; 2]) {
     // Slot 0's records: (sector, data).
     let records: [(u64, Vec<u8>); 2] = [
         (0, vec![0x11; 512]),
-        (8, (0..1024).map(|i| (i * 7 % 251) as u8).collect()),
+        (8, (0..1024u32).map(|i| (i * 7 % 251) as u8).collect()),
     ];
     let slot0 = 4096;
     let mut at = slot0 + 4096;

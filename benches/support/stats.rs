@@ -16,6 +16,8 @@ pub fn percentile<T: Copy + PartialOrd>(values: &[T], p: f64) -> Option<T> {
     }
     let mut sorted = values.to_vec();
     sorted.sort_by(|a, b| a.partial_cmp(b).expect("values that do not order (NaN)"));
+    // p is in 0..=1 (asserted above), so the rounded product is in 0..=len-1.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     Some(sorted[i])
 }

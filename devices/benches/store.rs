@@ -306,7 +306,7 @@ fn median_ns(group: &str, func: &str, param: &str) -> Option<f64> {
 }
 
 fn summary() {
-    let mib_s = |ns: f64, bytes: f64| bytes / ns * 1e9 / (1 << 20) as f64;
+    let mib_s = |ns: f64, bytes: f64| bytes / ns * 1e9 / f64::from(1 << 20);
     println!("\n| benchmark | median per op | MiB/s | ratio to raw | goal |");
     println!("| --- | --- | --- | --- | --- |");
     for pattern in ["seq", "random"] {

@@ -37,6 +37,19 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
+// mirrorvm runs on x86_64 only, where usize is 64 bits: see `to_usize`.
+const _: () = assert!(usize::BITS == 64);
+
+/// Converts a `u64` to a `usize`, which never truncates here: mirrorvm runs on x86_64
+/// only, where `usize` is 64 bits (asserted at compile time next to this function).
+///
+/// Use it for offsets and lengths already bounded by a file's or the guest's size,
+/// rather than a bare `as usize` (which the `cast_possible_truncation` lint flags).
+#[allow(clippy::cast_possible_truncation)] // usize is 64 bits, asserted above
+pub(crate) const fn to_usize(x: u64) -> usize {
+    x as usize
+}
+
 /// Bytes per sector of every virtual disk: the unit of virtio-blk requests and of the
 /// checkpoint store's records.
 pub const SECTOR_SIZE: u64 = 512;

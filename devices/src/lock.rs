@@ -183,11 +183,18 @@ fn set_lock(fd: std::os::fd::BorrowedFd<'_>, kind: LockKind) -> nix::Result<()> 
     // SAFETY: `libc::flock` is a plain C struct of integers (some targets add padding
     // or sysid fields), for which all zero bytes is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = match kind {
-        LockKind::Shared => libc::F_RDLCK,
-        LockKind::Exclusive => libc::F_WRLCK,
-    } as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // F_RDLCK, F_WRLCK (0, 1) and SEEK_SET (0) are small constants: they fit the
+    // c_short fields of struct flock.
+    #[allow(clippy::cast_possible_truncation)]
+    let (l_type, l_whence) = (
+        match kind {
+            LockKind::Shared => libc::F_RDLCK,
+            LockKind::Exclusive => libc::F_WRLCK,
+        } as libc::c_short,
+        libc::SEEK_SET as libc::c_short,
+    );
+    fl.l_type = l_type;
+    fl.l_whence = l_whence;
     // l_start 0, l_len 0: the whole file, however it grows. l_pid must be 0 for
     // OFD locks.
     fcntl(fd, FcntlArg::F_OFD_SETLK(&fl)).map(drop)

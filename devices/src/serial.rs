@@ -280,7 +280,7 @@ mod tests {
         dev.write(IER, &[0x01]);
         let cap = dev.fifo_capacity();
         assert!(cap > 0);
-        let input: Vec<u8> = (0..cap as u32 + 10).map(|i| i as u8).collect();
+        let input: Vec<u8> = (0..cap + 10).map(|i| i.to_le_bytes()[0]).collect();
         assert_eq!(dev.enqueue_input(&input).unwrap(), cap);
         assert_eq!(dev.enqueue_input(&input).unwrap(), 0);
         assert_eq!(dev.enqueue_input(&[]).unwrap(), 0);

@@ -254,15 +254,11 @@ impl Running {
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) only sends a signal; the pid is our own child's, which
-        // cannot have been reused since we have not reaped it yet.
-        let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({pid}, {signal}): {}",
-            std::io::Error::last_os_error()
-        );
+        let sig = nix::sys::signal::Signal::try_from(signal).expect("a standard signal");
+        // The pid is our own child's, which cannot have been reused since we have not
+        // reaped it yet.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+            .unwrap_or_else(|e| panic!("kill({pid}, {signal}): {e}"));
     }
 
     /// Collects lines until `pred` holds for one of them (true), or `timeout`

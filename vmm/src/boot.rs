@@ -44,6 +44,17 @@ pub enum BootError {
         /// Size of the initramfs.
         size: u64,
     },
+    /// A value does not fit its 32-bit field in the zero page's setup header.
+    #[error("{what} {value:#x} does not fit the zero page's 32-bit field")]
+    ZeroPageField {
+        /// Which value.
+        what: &'static str,
+        /// The value.
+        value: u64,
+        /// Cause.
+        #[source]
+        source: std::num::TryFromIntError,
+    },
     /// The command line is too long or invalid.
     #[error("kernel command line is invalid or longer than {CMDLINE_MAX_SIZE} bytes: {0}")]
     Cmdline(#[source] linux_loader::cmdline::Error),
@@ -192,7 +203,7 @@ pub fn load_initramfs(
     let addr = initramfs_address(mem, kernel_end, size, addr_max)?;
     file.seek(SeekFrom::Start(0))
         .map_err(BootError::ReadInitramfs)?;
-    mem.read_exact_volatile_from(addr, file, size as usize)
+    mem.read_exact_volatile_from(addr, file, crate::to_usize(size))
         .map_err(|e| BootError::ReadInitramfs(std::io::Error::other(e.to_string())))?;
     Ok((addr, size))
 }
@@ -209,6 +220,15 @@ const E820_RESERVED: u32 = 2;
 /// Default initrd_addr_max for kernels that do not say (Linux's own default).
 pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
+/// `value` as the u32 of a setup header field, or [`BootError::ZeroPageField`].
+fn zero_page_field(what: &'static str, value: u64) -> Result<u32, BootError> {
+    u32::try_from(value).map_err(|source| BootError::ZeroPageField {
+        what,
+        value,
+        source,
+    })
+}
+
 /// Builds and writes the zero page.
 pub fn write_zero_page(
     mem: &GuestMemory,
@@ -223,14 +243,17 @@ pub fn write_zero_page(
     params.hdr.type_of_loader = 0xff; // "undefined" boot loader
     params.hdr.boot_flag = 0xaa55;
     params.hdr.header = 0x5372_6448; // "HdrS"
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
+                                     // CMDLINE_START is a constant below 1 MiB.
+    #[allow(clippy::cast_possible_truncation)]
+    let cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmd_line_ptr = cmd_line_ptr;
+    params.hdr.cmdline_size = zero_page_field("command line length", cmdline_len as u64)?;
     if kernel.format == KernelFormat::Elf {
         params.hdr.kernel_alignment = 0x0100_0000;
     }
     if let Some((addr, size)) = initramfs {
-        params.hdr.ramdisk_image = addr.raw_value() as u32;
-        params.hdr.ramdisk_size = size as u32;
+        params.hdr.ramdisk_image = zero_page_field("initramfs address", addr.raw_value())?;
+        params.hdr.ramdisk_size = zero_page_field("initramfs size", size)?;
     }
 
     let mut e820 = Vec::new();
@@ -253,7 +276,7 @@ pub fn write_zero_page(
             r#type: *kind,
         };
     }
-    params.e820_entries = e820.len() as u8;
+    params.e820_entries = u8::try_from(e820.len()).map_err(|_| BootError::E820Full)?;
 
     LinuxBootConfigurator::write_bootparams::<GuestMemory>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
@@ -285,7 +308,7 @@ fn segment(index: u16, entry: u64) -> kvm_segment {
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
         limit: {
-            let raw = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
+            let raw = (entry & 0xffff) as u32 | ((entry >> 32) & 0xf_0000) as u32;
             if (entry >> 55) & 1 == 1 {
                 (raw << 12) | 0xfff
             } else {
@@ -343,7 +366,10 @@ pub fn setup_long_mode_sregs(sregs: &mut kvm_sregs) {
     let data = segment(2, BOOT_GDT[2]);
     let tss = segment(3, BOOT_GDT[3]);
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    // BOOT_GDT has 4 entries: the limit is 31.
+    #[allow(clippy::cast_possible_truncation)]
+    let gdt_limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = gdt_limit;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -433,7 +459,7 @@ mod tests {
         load_cmdline(&m, "hello world").unwrap();
         write_zero_page(&m, &k, 12, Some((GuestAddress(0x100_0000), 4096))).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
-        assert_eq!({ p.hdr.cmd_line_ptr } as u64, CMDLINE_START);
+        assert_eq!(u64::from(p.hdr.cmd_line_ptr), CMDLINE_START);
         assert_eq!(p.e820_entries, 3);
         let last = p.e820_table[2];
         assert_eq!(

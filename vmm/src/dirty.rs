@@ -75,10 +75,9 @@ impl Iterator for BitIter {
 /// loop stopped (the caller is the device loop), so the set is exactly the epoch's.
 pub fn harvest(vm: &VmFd, mem: &GuestMemory) -> Result<DirtySet, DirtyError> {
     let mut regions = Vec::with_capacity(mem.num_regions());
-    for (slot, region) in mem.iter().enumerate() {
-        let slot = slot as u32;
+    for (slot, region) in (0u32..).zip(mem.iter()) {
         let mut words = vm
-            .get_dirty_log(slot, region.len() as usize)
+            .get_dirty_log(slot, crate::to_usize(region.len()))
             .map_err(|source| DirtyError::GetLog { slot, source })?;
         // The region's own bitmap: vm-memory marks every write made through it.
         let ours = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();
@@ -128,12 +127,11 @@ impl StagedPages {
                 .map_err(|_| DirtyError::Copy(start))?;
             let dst = &mut self.data[i * PAGE_SIZE..i * PAGE_SIZE + len];
             // `slice` maps `len` bytes inside one region (get_slice fails across
-            // regions) and `dst` is a distinct host buffer of the same length.
-            // SAFETY: both ranges are valid for `len` bytes and do not overlap; the
-            // guest is quiescent (the caller's contract), so the source is stable.
-            unsafe {
-                std::ptr::copy_nonoverlapping(slice.ptr_guard().as_ptr(), dst.as_mut_ptr(), len)
-            };
+            // regions) and `dst` is a host buffer of the same length: all of it is
+            // copied. The guest is quiescent (the caller's contract), so the source
+            // is stable.
+            let copied = slice.copy_to(dst);
+            debug_assert_eq!(copied, len);
             i += n;
         }
         Ok(())

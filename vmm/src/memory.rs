@@ -8,7 +8,10 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use nix::unistd::{sysconf, SysconfVar};
+
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::to_usize;
 
 pub use devices::GuestMemory;
 
@@ -57,25 +60,23 @@ pub enum MemoryError {
 /// The RAM ranges of a guest of `size` bytes: below the MMIO hole, then above 4 GiB.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     if size <= MMIO_GAP_START {
-        vec![(GuestAddress(0), size as usize)]
+        vec![(GuestAddress(0), to_usize(size))]
     } else {
         vec![
-            (GuestAddress(0), MMIO_GAP_START as usize),
-            (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize),
+            (GuestAddress(0), to_usize(MMIO_GAP_START)),
+            (GuestAddress(MMIO_GAP_END), to_usize(size - MMIO_GAP_START)),
         ]
     }
 }
 
 /// Total physical memory of this host, when it can be read.
 fn host_memory() -> Option<u64> {
-    // SAFETY: sysconf has no memory-safety preconditions; it only reads constants.
-    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
-    // SAFETY: as above.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if pages <= 0 || page_size <= 0 {
-        return None;
-    }
-    (pages as u64).checked_mul(page_size as u64)
+    // sysconf's value when it is known and positive.
+    let positive = |var| {
+        let v = sysconf(var).ok()??;
+        u64::try_from(v).ok().filter(|&v| v > 0)
+    };
+    positive(SysconfVar::_PHYS_PAGES)?.checked_mul(positive(SysconfVar::PAGE_SIZE)?)
 }
 
 /// Checks a requested memory size against our limits and the host's RAM.
@@ -105,8 +106,7 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
 ///
 /// With `log_dirty`, KVM tracks guest writes to the slot (KVM_GET_DIRTY_LOG).
 pub fn register(vm: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<(), MemoryError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let slot = slot as u32;
+    for (slot, region) in (0u32..).zip(mem.iter()) {
         let start = region.start_addr();
         let host = mem
             .get_host_address(start)
@@ -145,7 +145,7 @@ mod tests {
     fn large_guest_skips_the_mmio_hole() {
         let r = ram_ranges(4 << 30);
         assert_eq!(r.len(), 2);
-        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(r[0], (GuestAddress(0), to_usize(MMIO_GAP_START)));
         assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
         assert_eq!(r[0].1 + r[1].1, 4 << 30);
     }

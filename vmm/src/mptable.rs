@@ -35,6 +35,17 @@ pub enum MptableError {
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
+// The layout's constants at the widths the MP table stores them. The addresses are
+// below 4 GiB and MAX_GSI is 23: none of these casts can truncate.
+#[allow(clippy::cast_possible_truncation)]
+const TABLE_ADDR: u32 = EBDA_START as u32 + 16;
+#[allow(clippy::cast_possible_truncation)]
+const IOAPIC_ADDR: u32 = IOAPIC_START as u32;
+#[allow(clippy::cast_possible_truncation)]
+const APIC_ADDR: u32 = APIC_START as u32;
+#[allow(clippy::cast_possible_truncation)]
+const MAX_IRQ: u8 = MAX_GSI as u8;
+
 fn checksum(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
 }
@@ -45,7 +56,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     if cpus == 0 || cpus > MAX_VCPUS {
         return Err(MptableError::TooManyCpus(cpus));
     }
-    let table_addr = EBDA_START as u32 + 16;
+    let table_addr = TABLE_ADDR;
     let ioapic_id = cpus;
 
     let mut entries: Vec<u8> = Vec::new();
@@ -61,9 +72,9 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_BUS, 0, b'I', b'S', b'A', b' ', b' ', b' ']);
     count += 1;
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
-    for irq in 0..=MAX_GSI as u8 {
+    for irq in 0..=MAX_IRQ {
         // ISA IRQ n arrives on IOAPIC pin n, as KVM's default GSI routing has it.
         entries.extend_from_slice(&[
             ENTRY_IO_INTERRUPT,
@@ -81,9 +92,11 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, 0, 0, 0, 0, 0xff, 1]);
     count += 2;
 
-    let mut table = Vec::with_capacity(44 + entries.len());
+    let table_len = 44 + entries.len();
+    let table_len_u16 = u16::try_from(table_len).map_err(|_| MptableError::TooLarge(table_len))?;
+    let mut table = Vec::with_capacity(table_len);
     table.extend_from_slice(b"PCMP");
-    table.extend_from_slice(&((44 + entries.len()) as u16).to_le_bytes());
+    table.extend_from_slice(&table_len_u16.to_le_bytes());
     table.push(4); // spec revision 1.4
     table.push(0); // checksum, below
     table.extend_from_slice(b"MIRRORVM");
@@ -91,7 +104,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     table.extend_from_slice(&count.to_le_bytes());
-    table.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    table.extend_from_slice(&APIC_ADDR.to_le_bytes());
     table.extend_from_slice(&0u16.to_le_bytes()); // extended table length
     table.push(0); // extended table checksum
     table.push(0);
@@ -108,7 +121,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     fp[10] = checksum(&fp[..16]);
     fp.extend_from_slice(&table);
 
-    if fp.len() > (0xa0000 - EBDA_START) as usize {
+    if fp.len() > crate::to_usize(0xa0000 - EBDA_START) {
         return Err(MptableError::TooLarge(fp.len()));
     }
     Ok(fp)

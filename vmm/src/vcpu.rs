@@ -93,9 +93,12 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
         if !run.is_null() {
             // The pointer was set by this very thread from its own VcpuFd's kvm_run
             // mapping, and is reset to null before that VcpuFd can be dropped.
-            // SAFETY: `run` points at a live kvm_run; a volatile byte store is
+            // SAFETY: `run` points at a live kvm_run; taking a field's address makes
+            // no reference.
+            let exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
+            // SAFETY: `exit` points into that live kvm_run; a volatile byte store is
             // async-signal-safe.
-            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+            unsafe { exit.write_volatile(1) };
         }
     });
     std::sync::atomic::fence(Ordering::Release);
@@ -154,11 +157,11 @@ const APIC_MODE_EXTINT: u32 = 7;
 fn set_lvt_mode(regs: &mut [libc::c_char], offset: usize, mode: u32) {
     let mut raw = [0u8; 4];
     for (i, b) in raw.iter_mut().enumerate() {
-        *b = regs[offset + i] as u8;
+        *b = regs[offset + i].to_ne_bytes()[0];
     }
     let v = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
     for (i, b) in v.to_le_bytes().iter().enumerate() {
-        regs[offset + i] = *b as libc::c_char;
+        regs[offset + i] = libc::c_char::from_ne_bytes([*b]);
     }
 }
 
@@ -303,8 +306,7 @@ impl Vcpu {
     pub fn run(&mut self, control: &VcpuControl) -> VcpuStop {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
-        // SAFETY: pthread_self has no preconditions.
-        control.set_thread(unsafe { libc::pthread_self() });
+        control.set_thread(nix::sys::pthread::pthread_self());
         let result = self.run_loop(control);
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
         control.exited();

@@ -180,12 +180,12 @@ mod tests {
             let off = i * 1_000_000;
             m.insert(s, n, off);
             for k in 0..n {
-                arr[(s + k) as usize] = Some(off + k * 512);
+                arr[crate::to_usize(s + k)] = Some(off + k * 512);
             }
             let mut got = vec![None; 200];
             m.lookup(0, 200, |a, b, c| {
                 for k in 0..b {
-                    got[(a + k) as usize] = c.map(|o| o + k * 512);
+                    got[crate::to_usize(a + k)] = c.map(|o| o + k * 512);
                 }
             });
             assert_eq!(got, arr);

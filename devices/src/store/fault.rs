@@ -2,6 +2,9 @@
 //! writes are durable (synced), can be armed to "crash" after a number of operations,
 //! and at a crash keep only what a real power loss could leave behind.
 
+// Casts here are on test-controlled constants and small test sizes.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 

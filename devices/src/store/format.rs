@@ -87,6 +87,8 @@ impl Crc32cHeader for RawFileHeader {}
 impl FileHeader {
     /// Encodes the header into its `FILE_HEADER_LEN` bytes.
     pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
+        // FILE_HEADER_LEN and SECTOR_SIZE are small constants: they fit a u32.
+        #[allow(clippy::cast_possible_truncation)]
         let mut raw = RawFileHeader {
             magic: FILE_MAGIC,
             version: self.version.into(),
@@ -490,12 +492,12 @@ struct RawRecordHeader {
     len: U32,
     crc: U32,
 }
-const _: () = assert!(size_of::<RawRecordHeader>() == RECORD_HEADER_LEN as usize);
+const _: () = assert!(size_of::<RawRecordHeader>() == crate::to_usize(RECORD_HEADER_LEN));
 impl Crc32cHeader for RawRecordHeader {}
 
 impl RecordHeader {
     /// Encodes the header; `crc` must already be [`RecordHeader::checksum`] of the data.
-    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN as usize] {
+    pub fn encode(&self) -> [u8; crate::to_usize(RECORD_HEADER_LEN)] {
         zerocopy::transmute!(self.raw())
     }
 
@@ -523,7 +525,7 @@ impl RecordHeader {
     }
 
     /// Decodes a header; `None` if the magic is wrong.
-    pub fn decode(b: &[u8; RECORD_HEADER_LEN as usize]) -> Option<RecordHeader> {
+    pub fn decode(b: &[u8; crate::to_usize(RECORD_HEADER_LEN)]) -> Option<RecordHeader> {
         let raw: RawRecordHeader = zerocopy::transmute!(*b);
         if raw.magic != RECORD_MAGIC {
             return None;

@@ -10,6 +10,9 @@
 //! `MIRRORVM_WRITE_GOLDEN=1 cargo test -p devices golden -- --ignored` rewrites the
 //! fixtures; only ever do that for a new format version, with new file names.
 
+// Casts here are on test-controlled constants and small test sizes.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

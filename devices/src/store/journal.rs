@@ -19,7 +19,7 @@ pub(crate) fn read_file_header<F: StoreFile + ?Sized>(j: &F) -> Result<Option<Fi
     }
     let mut b = [0u8; FILE_HEADER_LEN];
     if len < FILE_HEADER_LEN as u64 {
-        let mut short = vec![0u8; len as usize];
+        let mut short = vec![0u8; crate::to_usize(len)];
         j.read_at(&mut short, 0)
             .ctx(FileRole::Journal, "reading the file header")?;
         if short.iter().all(|&x| x == 0) {
@@ -61,7 +61,7 @@ fn rest_is_blank<F: StoreFile + ?Sized>(j: &F, len: u64) -> Result<bool> {
     let mut pos = FILE_HEADER_AREA.min(len);
     let mut buf = vec![0u8; 1 << 16];
     while pos < len {
-        let n = (len - pos).min(buf.len() as u64) as usize;
+        let n = crate::to_usize((len - pos).min(buf.len() as u64));
         j.read_at(&mut buf[..n], pos)
             .ctx(FileRole::Journal, "reading")?;
         if buf[..n].iter().any(|&x| x != 0) {
@@ -90,9 +90,9 @@ pub(crate) fn read_slot<F: StoreFile + ?Sized>(
     slot: u32,
 ) -> Result<SlotRead> {
     let mut copies = [Err(CopyProblem::Blank), Err(CopyProblem::Blank)];
-    for (c, copy) in copies.iter_mut().enumerate() {
+    for (c, copy) in (0u8..).zip(copies.iter_mut()) {
         let mut b = [0u8; SLOT_HEADER_LEN];
-        j.read_at(&mut b, geo.copy_offset(slot, c as u8))
+        j.read_at(&mut b, geo.copy_offset(slot, c))
             .ctx(FileRole::Journal, "reading a slot header")?;
         *copy = SlotHeader::decode(&b, slot, geo);
     }
@@ -181,7 +181,7 @@ pub(crate) fn scan_records<F: StoreFile + ?Sized>(
             }
             break;
         }
-        let mut hb = [0u8; RECORD_HEADER_LEN as usize];
+        let mut hb = [0u8; crate::to_usize(RECORD_HEADER_LEN)];
         j.read_at(&mut hb, at)
             .ctx(FileRole::Journal, "reading a record header")?;
         let Some(h) = RecordHeader::decode(&hb) else {

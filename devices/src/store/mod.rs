@@ -68,6 +68,7 @@ pub use tools::{
     fuzz_journal, inspect, inspect_files, recover, verify, verify_files, Inspection, SlotReport,
 };
 
+use crate::to_usize;
 use error::IoContext;
 use format::{FileHeader, Geometry, SlotHeader, FORMAT_VERSION, RECORD_HEADER_LEN};
 
@@ -480,12 +481,15 @@ impl<F: StoreFile> Store<F> {
         self.check()?;
         let sectors = self.check_range(sector, data.len())?;
         let need = record_footprint(data.len() as u64);
-        if need > self.geo.capacity || data.len() > u32::MAX as usize {
-            return Err(Error::WriteTooLarge {
-                len: data.len(),
-                capacity: self.geo.capacity,
-            });
-        }
+        let len = match u32::try_from(data.len()) {
+            Ok(len) if need <= self.geo.capacity => len,
+            _ => {
+                return Err(Error::WriteTooLarge {
+                    len: data.len(),
+                    capacity: self.geo.capacity,
+                })
+            }
+        };
         if self.active.used + need > self.geo.capacity {
             self.cut_wanted = true;
             return Ok(WriteOutcome::Deferred);
@@ -494,7 +498,7 @@ impl<F: StoreFile> Store<F> {
             seq: self.active.records,
             generation: self.active.generation,
             sector,
-            len: data.len() as u32,
+            len,
             crc: 0,
         };
         let rec = format::RecordHeader {
@@ -557,8 +561,8 @@ impl<F: StoreFile> Store<F> {
             if result.is_err() {
                 return;
             }
-            let from = ((s - sector) * SECTOR_SIZE) as usize;
-            let to = from + (n * SECTOR_SIZE) as usize;
+            let from = to_usize((s - sector) * SECTOR_SIZE);
+            let to = from + to_usize(n * SECTOR_SIZE);
             let part = &mut buf[from..to];
             result = match off {
                 Some(o) => self
@@ -640,10 +644,10 @@ impl<F: StoreFile> Store<F> {
     }
 
     fn free_slot(&self) -> Option<u32> {
-        self.slots
-            .iter()
-            .position(|s| !s.in_use && s.state.is_free())
-            .map(|i| i as u32)
+        (0u32..)
+            .zip(&self.slots)
+            .find(|(_, s)| !s.in_use && s.state.is_free())
+            .map(|(i, _)| i)
     }
 
     fn activate_free_slot(&mut self) -> Result<Region> {
@@ -770,7 +774,7 @@ impl<F: StoreFile> Store<F> {
         let i = self.frozen_index(epoch)?;
         let mut extents = Vec::new();
         for e in self.frozen[i].index.extents() {
-            let mut data = vec![0u8; (e.sectors * SECTOR_SIZE) as usize];
+            let mut data = vec![0u8; to_usize(e.sectors * SECTOR_SIZE)];
             self.journal
                 .read_at(&mut data, e.offset)
                 .ctx(FileRole::Journal, "reading region data")?;
@@ -979,6 +983,13 @@ impl<F: StoreFile> Store<F> {
 
     /// A snapshot of the store's state.
     pub fn status(&self) -> Status {
+        // One entry per slot, and the slot count is a u32: the count fits.
+        #[allow(clippy::cast_possible_truncation)]
+        let free_slots = self
+            .slots
+            .iter()
+            .filter(|s| !s.in_use && s.state.is_free())
+            .count() as u32;
         Status {
             active_slot: self.active.slot,
             active_generation: self.active.generation,
@@ -989,11 +1000,7 @@ impl<F: StoreFile> Store<F> {
             base_epoch: self.base_epoch,
             last_epoch: self.last_epoch,
             last_acknowledged: self.last_acked,
-            free_slots: self
-                .slots
-                .iter()
-                .filter(|s| !s.in_use && s.state.is_free())
-                .count() as u32,
+            free_slots,
             end_epoch_early: self.end_epoch_early(),
             capacity: self.geo.capacity,
             slot_count: self.geo.slot_count,
@@ -1067,7 +1074,7 @@ fn copy_extents<F: StoreFile + ?Sized>(base: &F, journal: &F, extents: &[Extent]
             let room = CHUNK - buf.len() as u64;
             let n = (bytes - done).min(room.max(SECTOR_SIZE));
             let at = buf.len();
-            buf.resize(at + n as usize, 0);
+            buf.resize(at + to_usize(n), 0);
             journal
                 .read_at(&mut buf[at..], e.offset + done)
                 .ctx(FileRole::Journal, "reading region data to retire")?;
@@ -1096,10 +1103,10 @@ fn create_journal<F: StoreFile>(j: &F, config: &StoreConfig, base_len: u64) -> R
     if config.preallocate {
         // Zeros everywhere but the header, which comes last: a crash before it leaves
         // a blank journal.
-        let zeros = vec![0u8; (1 << 20).min(len as usize)];
+        let zeros = vec![0u8; (1 << 20).min(to_usize(len))];
         let mut pos = format::FILE_HEADER_AREA;
         while pos < len {
-            let n = (len - pos).min(zeros.len() as u64) as usize;
+            let n = to_usize((len - pos).min(zeros.len() as u64));
             j.write_at(&zeros[..n], pos)
                 .ctx(FileRole::Journal, "preallocating")?;
             pos += n as u64;
@@ -1243,8 +1250,7 @@ mod recovery {
         let mut retires = Vec::new();
         let mut slots = Vec::new();
         let mut next_gen = max_generation;
-        for (slot, r) in reads.iter().enumerate() {
-            let slot = slot as u32;
+        for (slot, r) in (0u32..).zip(reads.iter()) {
             let mut seq = r.copies.iter().flatten().map(|c| c.seq).max().unwrap_or(0);
             let mut copy = r.chosen_copy;
             let mut state = r.chosen.map_or(SlotState::Empty, |c| c.state);

@@ -8,6 +8,9 @@
 //!
 //! `MIRRORVM_PROPTEST_CASES` raises the case count (default: CI-sized).
 
+// Casts here are on test-controlled constants and small test sizes.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

@@ -1,6 +1,9 @@
 //! Unit tests per rule, the torn-write test, the corruption test and the fuzz seeds.
 //! The model-based property test is in `model_test.rs`.
 
+// Casts here are on test-controlled constants and small test sizes.
+#![allow(clippy::cast_possible_truncation)]
+
 use super::fault::{apply, CrashMode, FaultFile, FaultWorld, LogOp};
 use super::format::{Geometry, SlotState, FILE_HEADER_AREA, SLOT_HEADER_AREA};
 use super::*;

@@ -117,9 +117,9 @@ pub fn inspect_files<F: StoreFile + ?Sized>(
     }
     let mut slots = Vec::new();
     let mut last_acknowledged = base_epoch;
-    for (slot, r) in reads.into_iter().enumerate() {
+    for (slot, r) in (0u32..).zip(reads) {
         let mut rep = SlotReport {
-            slot: slot as u32,
+            slot,
             header: r.chosen,
             copies: [describe(&r.copies[0]), describe(&r.copies[1])],
             records: 0,
@@ -270,7 +270,7 @@ pub fn fuzz_journal(data: &[u8]) {
         0 => RecoverTo::LastAcknowledged,
         n => RecoverTo::Epoch(u64::from(n)),
     };
-    let base = MemFile::new(vec![0u8; base_len as usize]);
+    let base = MemFile::new(vec![0u8; crate::to_usize(base_len)]);
     let cfg = StoreConfig {
         slot_count: 2,
         region_capacity: 4096,

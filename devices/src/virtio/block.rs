@@ -47,6 +47,15 @@ pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 pub const BOUNCE_LEN: usize = 2 * 1024 * 1024;
 /// Length of the request header (type, reserved, sector).
 const HEADER_LEN: u64 = 16;
+
+// The status byte values: virtio-bindings has them as u32, the device writes one
+// byte. They are 0, 2 and 1 (virtio 1.2, 5.2.6): the casts cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
+const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+#[allow(clippy::cast_possible_truncation)]
+const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+#[allow(clippy::cast_possible_truncation)]
+const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// Event data of the kick eventfd in the event loop (queue eventfds use their index).
 const KICK_DATA: u32 = u32::MAX;
 /// Length of the configuration space we serve.
@@ -438,7 +447,7 @@ impl DiskIo {
         if total_len(readable) < HEADER_LEN {
             return Err(RequestError::ShortHeader);
         }
-        let mut header = [0u8; HEADER_LEN as usize];
+        let mut header = [0u8; crate::to_usize(HEADER_LEN)];
         self.gather(mem, readable, &mut header)?;
         let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let sector = u64::from_le_bytes([
@@ -456,7 +465,7 @@ impl DiskIo {
                 }
                 let offset = self.check_range(sector, data_out_len)?;
                 self.disk_to_guest(mem, writable, offset)?;
-                Ok(VIRTIO_BLK_S_OK as u8)
+                Ok(STATUS_OK)
             }
             VIRTIO_BLK_T_OUT => {
                 if data_out_len != 0 {
@@ -467,20 +476,20 @@ impl DiskIo {
                 }
                 let offset = self.check_range(sector, data_in_len)?;
                 self.guest_to_disk(mem, &data_in, offset)?;
-                Ok(VIRTIO_BLK_S_OK as u8)
+                Ok(STATUS_OK)
             }
             VIRTIO_BLK_T_FLUSH => {
                 self.disk.flush().map_err(RequestError::Io)?;
-                Ok(VIRTIO_BLK_S_OK as u8)
+                Ok(STATUS_OK)
             }
             VIRTIO_BLK_T_GET_ID => {
                 let id = self.id;
                 self.scatter(mem, writable, &id)?;
-                Ok(VIRTIO_BLK_S_OK as u8)
+                Ok(STATUS_OK)
             }
             other => {
                 tracing::debug!("virtio-blk: unsupported request type {other}");
-                Ok(VIRTIO_BLK_S_UNSUPP as u8)
+                Ok(STATUS_UNSUPP)
             }
         }
     }
@@ -580,7 +589,7 @@ impl DiskIo {
             Some(Ok(status)) => status,
             Some(Err(e)) => {
                 tracing::debug!("virtio-blk: request failed: {}", ErrorChain(&e));
-                VIRTIO_BLK_S_IOERR as u8
+                STATUS_IOERR
             }
         };
         if let Err(e) = mem.write_obj(status, status_addr) {
@@ -591,7 +600,7 @@ impl DiskIo {
         // The bytes written into the chain: after a failure only the status byte; after
         // success every writable byte, status included (at most 4 GiB - 1: the chain
         // iterator stops at a u32 overflow of the total).
-        if status != VIRTIO_BLK_S_OK as u8 {
+        if status != STATUS_OK {
             return Outcome::Done(1);
         }
         let used = descs
@@ -688,7 +697,9 @@ impl Block {
         let mut config = [0u8; CONFIG_LEN];
         config[0..8].copy_from_slice(&io.capacity().to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        #[allow(clippy::cast_possible_truncation)] // SECTOR_SIZE is 512
+        let blk_size = SECTOR_SIZE as u32;
+        config[20..24].copy_from_slice(&blk_size.to_le_bytes());
 
         let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd);
         Ok(Self {
@@ -1001,8 +1012,8 @@ pub fn restore_with_transport(
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+        for (i, evt) in (0u32..).zip(&self.queue_evts) {
+            if let Err(e) = ops.add(Events::with_data(evt, i, EventSet::IN)) {
                 tracing::error!("virtio-blk: cannot watch queue {i}: {e}");
             }
         }

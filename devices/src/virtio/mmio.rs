@@ -249,8 +249,8 @@ impl MmioTransport {
     pub fn queue_events(&self) -> io::Result<Vec<(u32, EventFd)>> {
         self.queue_evts
             .iter()
-            .enumerate()
-            .map(|(i, e)| Ok((i as u32, e.try_clone()?)))
+            .zip(0u32..)
+            .map(|(e, i)| Ok((i, e.try_clone()?)))
             .collect()
     }
 
@@ -379,8 +379,8 @@ impl MmioTransport {
     /// more than once is harmless.
     pub fn post_restore(&self) {
         if self.is_activated() {
-            for i in 0..self.queue_evts.len() {
-                self.notify(i as u32);
+            for (i, _) in (0u32..).zip(&self.queue_evts) {
+                self.notify(i);
             }
         }
         self.interrupt.reraise_if_pending();
@@ -421,7 +421,7 @@ impl MmioTransport {
             VIRTIO_MMIO_DEVICE_ID => self.device_type,
             VIRTIO_MMIO_VENDOR_ID => MMIO_VENDOR_ID,
             VIRTIO_MMIO_DEVICE_FEATURES => match self.state.device_features_sel {
-                0 => self.device_features as u32,
+                0 => low_half(self.device_features),
                 1 => (self.device_features >> 32) as u32,
                 _ => 0,
             },
@@ -430,15 +430,21 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready.into()),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status(),
-            VIRTIO_MMIO_QUEUE_DESC_LOW => self.selected_queue().map_or(0, |q| q.desc_table as u32),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => {
+                self.selected_queue().map_or(0, |q| low_half(q.desc_table))
+            }
             VIRTIO_MMIO_QUEUE_DESC_HIGH => self
                 .selected_queue()
                 .map_or(0, |q| (q.desc_table >> 32) as u32),
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.selected_queue().map_or(0, |q| q.avail_ring as u32),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
+                self.selected_queue().map_or(0, |q| low_half(q.avail_ring))
+            }
             VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self
                 .selected_queue()
                 .map_or(0, |q| (q.avail_ring >> 32) as u32),
-            VIRTIO_MMIO_QUEUE_USED_LOW => self.selected_queue().map_or(0, |q| q.used_ring as u32),
+            VIRTIO_MMIO_QUEUE_USED_LOW => {
+                self.selected_queue().map_or(0, |q| low_half(q.used_ring))
+            }
             VIRTIO_MMIO_QUEUE_USED_HIGH => self
                 .selected_queue()
                 .map_or(0, |q| (q.used_ring >> 32) as u32),
@@ -644,8 +650,8 @@ impl MmioTransport {
         }
         // Wake the event loop for every queue: buffers the driver made available before
         // DRIVER_OK (or notifications the loop dropped while inactive) are not lost.
-        for i in 0..self.queue_evts.len() {
-            self.notify(i as u32);
+        for (i, _) in (0u32..).zip(&self.queue_evts) {
+            self.notify(i);
         }
     }
 
@@ -712,6 +718,12 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// The low 32 bits of a 64-bit value: what a guest reads from the `*_LOW` half of a
+/// 64-bit register (the `*_HIGH` half is `x >> 32`).
+fn low_half(x: u64) -> u32 {
+    (x & 0xffff_ffff) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -768,7 +780,7 @@ mod tests {
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             if let Some(dst) = self
                 .config
-                .get_mut(offset as usize..offset as usize + data.len())
+                .get_mut(crate::to_usize(offset)..crate::to_usize(offset) + data.len())
             {
                 dst.copy_from_slice(data);
             }
@@ -813,7 +825,7 @@ mod tests {
         w(t, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
         w(t, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        w(t, VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, low_half(features));
         w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         w(t, VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
         w(
@@ -827,11 +839,11 @@ mod tests {
     fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, base: u64) {
         w(t, VIRTIO_MMIO_QUEUE_SEL, index);
         w(t, VIRTIO_MMIO_QUEUE_NUM, size);
-        w(t, VIRTIO_MMIO_QUEUE_DESC_LOW, base as u32);
+        w(t, VIRTIO_MMIO_QUEUE_DESC_LOW, low_half(base));
         w(t, VIRTIO_MMIO_QUEUE_DESC_HIGH, (base >> 32) as u32);
-        w(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (base + 0x1000) as u32);
+        w(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, low_half(base + 0x1000));
         w(t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
-        w(t, VIRTIO_MMIO_QUEUE_USED_LOW, (base + 0x2000) as u32);
+        w(t, VIRTIO_MMIO_QUEUE_USED_LOW, low_half(base + 0x2000));
         w(t, VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
         w(t, VIRTIO_MMIO_QUEUE_READY, 1);
     }

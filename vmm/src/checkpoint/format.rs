@@ -31,6 +31,10 @@ use crate::dirty::{StagedPages, PAGE_SIZE};
 use crate::vcpu::VcpuState;
 use crate::vm_state::VmState;
 
+/// [`PAGE_SIZE`] as the header's u32 field.
+#[allow(clippy::cast_possible_truncation)] // PAGE_SIZE is 4096
+const PAGE_SIZE_U32: u32 = PAGE_SIZE as u32;
+
 /// File magic of a checkpoint.
 pub const MAGIC: [u8; 8] = *b"MVCKPT\0\0";
 /// Trailer magic.
@@ -149,7 +153,7 @@ pub fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
         epoch: U64::new(h.epoch),
         state_len: U64::new(h.state_len),
         npages: U64::new(h.npages),
-        page_size: U32::new(PAGE_SIZE as u32),
+        page_size: U32::new(PAGE_SIZE_U32),
         reserved: [0; 16],
         crc: U32::new(0),
     };
@@ -170,7 +174,7 @@ pub fn decode_header(bytes: &[u8; HEADER_LEN]) -> Result<Header, FormatError> {
         return Err(FormatError::Version(version));
     }
     raw.check_crc().map_err(|_| FormatError::HeaderCrc)?;
-    if raw.page_size.get() != PAGE_SIZE as u32 {
+    if raw.page_size.get() != PAGE_SIZE_U32 {
         return Err(FormatError::PageSize(raw.page_size.get()));
     }
     let h = Header {
@@ -263,11 +267,11 @@ pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, Form
     let (header, raw) = read_header(r, len)?;
     check_len(&header, len, max_pages)?;
     // Sizes are now bounded by the input's length.
-    let mut state = vec![0u8; header.state_len as usize];
+    let mut state = vec![0u8; crate::to_usize(header.state_len)];
     r.read_exact(&mut state).map_err(FormatError::Io)?;
-    let mut addr_bytes = vec![0u8; header.npages as usize * 8];
+    let mut addr_bytes = vec![0u8; crate::to_usize(header.npages) * 8];
     r.read_exact(&mut addr_bytes).map_err(FormatError::Io)?;
-    let mut data = vec![0u8; header.npages as usize * PAGE_SIZE];
+    let mut data = vec![0u8; crate::to_usize(header.npages) * PAGE_SIZE];
     r.read_exact(&mut data).map_err(FormatError::Io)?;
     let mut t = [0u8; TRAILER_LEN];
     r.read_exact(&mut t).map_err(FormatError::Io)?;
@@ -298,7 +302,7 @@ pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, Form
 pub fn read_state_section(r: &mut impl Read, len: u64) -> Result<(Header, Vec<u8>), FormatError> {
     let (header, _) = read_header(r, len)?;
     check_len(&header, len, u64::MAX)?;
-    let mut state = vec![0u8; header.state_len as usize];
+    let mut state = vec![0u8; crate::to_usize(header.state_len)];
     r.read_exact(&mut state).map_err(FormatError::Io)?;
     Ok((header, state))
 }
@@ -402,7 +406,9 @@ mod tests {
     const V1: &[u8] = include_bytes!("testdata/ckpt-v1.mvc");
 
     fn sample() -> Checkpoint {
-        let data: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..2 * PAGE_SIZE)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
         Checkpoint {
             epoch: 9,
             full: true,
@@ -468,7 +474,7 @@ mod tests {
             .data
             .iter()
             .enumerate()
-            .all(|(i, b)| *b == (i % 251) as u8));
+            .all(|(i, b)| usize::from(*b) == i % 251));
         let s = decode_state(1, &d.state).unwrap();
         let m = s.v1_manifest.expect("a v1 file carries its manifest");
         assert_eq!(m.memory, 64 << 20);
@@ -557,7 +563,7 @@ mod tests {
                 x ^= x >> 17;
                 x ^= x << 5;
                 let i = x as usize % b.len();
-                b[i] = (x >> 8) as u8;
+                b[i] = (x >> 8).to_le_bytes()[0];
             }
             fuzz(&b);
         }

@@ -49,7 +49,7 @@ enum Start {
     /// Continue from a checkpoint's state (memory already holds it).
     Restore {
         cmdline: String,
-        state: MachineState,
+        state: Box<MachineState>,
         devices: DevicesState,
     },
 }
@@ -287,7 +287,7 @@ impl Machine {
             first_epoch,
             start: Start::Restore {
                 cmdline: manifest.cmdline,
-                state: restored.state,
+                state: Box::new(restored.state),
                 devices,
             },
         })
@@ -335,7 +335,7 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
     // Ordering: the TSS address and the irqchip must exist before any vCPU is
     // created (KVM creates each vCPU's LAPIC against the irqchip); the PIT after
     // the irqchip, which it injects into.
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+    vm.set_tss_address(crate::to_usize(KVM_TSS_ADDRESS))
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
         .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
@@ -415,6 +415,8 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
     let mut attached = Vec::new();
     for (i, disk) in disks.into_iter().enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        // At most MAX_GSI - VIRTIO_FIRST_GSI + 1 disks (checked in `plan`): i fits.
+        #[allow(clippy::cast_possible_truncation)]
         let gsi = VIRTIO_FIRST_GSI + i as u32;
         let saved_disk = saved.map(|d| &d.disks[i]);
         attached.push(crate::disk::attach(

@@ -1,6 +1,9 @@
 //! virtio-blk end to end: a driver written against the MMIO registers, descriptor tables
 //! written into a real `GuestMemory`, requests executed by the device.
 
+// Casts here are on test-controlled constants and small test sizes.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -974,7 +977,7 @@ mod prop {
             Just(512),
             Just(528),
             Just(1024),
-            Just(QSIZE as u32 * 16),
+            Just(u32::from(QSIZE) * 16),
             Just(u32::MAX),
             any::<u32>(),
             0u32..2048,
@@ -1055,7 +1058,7 @@ mod prop {
                 // With a forged available index the device may also see heads the
                 // driver never wrote (zeroed ring slots).
                 prop_assert!(heads.contains(&(id as u16)) || (avail_idx.is_some() && id < u32::from(QSIZE)));
-                prop_assert!(len as u64 <= u64::from(u32::MAX));
+                prop_assert!(u64::from(len) <= u64::from(u32::MAX));
             }
             // The device either still works or asks for a reset; a reset always recovers.
             w(&mut drv.transport, VIRTIO_MMIO_STATUS, 0);
