@@ -20,6 +20,7 @@ pub mod machine;
 pub mod memory;
 pub mod mptable;
 pub mod output;
+pub mod replication;
 pub mod run_end;
 pub mod terminal;
 pub mod testguest;
