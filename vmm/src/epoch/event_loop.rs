@@ -1,7 +1,6 @@
 //! The engine on the device event loop: its epoch timer, the exporter's wake-ups and
 //! the disks' early-cut requests become calls of the engine's `on_*` methods.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -103,6 +102,3 @@ impl MutEventSubscriber for EpochLoop {
         }
     }
 }
-
-/// A shareable handle type for the loop.
-pub type SharedLoop = Arc<std::sync::Mutex<EpochLoop>>;

@@ -57,7 +57,7 @@ use crate::dirty::{StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
 
 pub use error::{Cause, CutError, EpochError, PauseError};
-pub use event_loop::{EpochLoop, SharedLoop};
+pub use event_loop::EpochLoop;
 pub use exporter::{ExportEvent, ExportQueue, Job, LostDuring};
 pub use metrics::EpochMetrics;
 pub use parts::{DirtyLog, DiskCommit, DiskCut, Output, Parts, StateCapture, Vcpus};
@@ -614,11 +614,6 @@ impl EpochEngine {
     /// [`CheckpointSink::end`](crate::checkpoint::CheckpointSink::end).
     pub fn stop(&mut self) -> Option<Box<dyn crate::checkpoint::CheckpointSink>> {
         self.exporter.stop()
-    }
-
-    /// Releases all held output (a clean end, or unprotected).
-    pub fn release_all_output(&mut self) {
-        self.parts.output.release_all();
     }
 }
 
