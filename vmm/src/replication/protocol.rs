@@ -1809,3 +1809,831 @@ fn fuzz_hello() -> Hello {
         host_cpu: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GEN: u64 = 3;
+
+    fn meta(epoch: u64) -> RegionMeta {
+        RegionMeta {
+            epoch,
+            parent_epoch: epoch - 1,
+            slot: 1,
+            generation: 9,
+            records: 2,
+            used_bytes: 4096,
+            sectors: 3,
+            acknowledged: false,
+        }
+    }
+
+    fn pages(addrs: &[u64]) -> StagedPages {
+        let mut data = vec![0u8; addrs.len() * PAGE_SIZE];
+        for (i, a) in addrs.iter().enumerate() {
+            data[i * PAGE_SIZE] = (*a / PAGE).to_le_bytes()[0];
+            data[i * PAGE_SIZE + PAGE_SIZE - 1] = 0x5a;
+        }
+        StagedPages {
+            addrs: addrs.to_vec(),
+            data,
+        }
+    }
+
+    fn checkpoint(epoch: u64) -> (Checkpoint, ConsoleChunk) {
+        let c = Checkpoint {
+            epoch,
+            full: false,
+            state: vec![epoch.to_le_bytes()[0]; 100],
+            pages: pages(&[0, 3 * PAGE, 17 * PAGE]),
+            disks: vec![DiskRegion {
+                disk: 1,
+                content: RegionContent::Data(Export {
+                    meta: meta(epoch),
+                    extents: vec![
+                        ExportExtent {
+                            sector: 2,
+                            data: vec![1; 1024],
+                        },
+                        ExportExtent {
+                            sector: 10,
+                            data: vec![2; 512],
+                        },
+                    ],
+                }),
+            }],
+        };
+        let console = ConsoleChunk {
+            offset: 100 * (epoch - 1),
+            bytes: vec![b'x'; 100],
+        };
+        (c, console)
+    }
+
+    fn encode_checkpoint(c: &Checkpoint, console: &ConsoleChunk) -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        w.write_checkpoint(c, console).unwrap();
+        w.into_inner()
+    }
+
+    fn read_all(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
+        let mut r = FrameReader::new(bytes);
+        let mut out = Vec::new();
+        while let Some(f) = r.read_frame()? {
+            out.push(f);
+        }
+        Ok(out)
+    }
+
+    fn assembler() -> CheckpointAssembler {
+        CheckpointAssembler::new(
+            &fuzz_hello(),
+            AssemblerLimits::for_manifest(&fuzz_hello().manifest),
+        )
+    }
+
+    fn assemble(
+        a: &mut CheckpointAssembler,
+        frames: Vec<Frame>,
+    ) -> Result<Vec<Complete>, AssembleError> {
+        let mut done = Vec::new();
+        for f in frames {
+            if let Staged::Complete(c) = a.push(f)? {
+                done.push(*c);
+            }
+        }
+        Ok(done)
+    }
+
+    fn same(a: &Checkpoint, b: &Checkpoint) {
+        assert_eq!(a.epoch, b.epoch);
+        assert_eq!(a.full, b.full);
+        assert_eq!(a.state, b.state);
+        assert_eq!(a.pages, b.pages);
+        assert_eq!(a.disks, b.disks);
+    }
+
+    fn every_body() -> Vec<Body> {
+        vec![
+            Body::Hello(fuzz_hello()),
+            Body::HelloAck(HelloAck::Accept),
+            Body::HelloAck(HelloAck::Refuse {
+                reason: RefuseReason::Machine,
+                detail: "memory differs".into(),
+            }),
+            Body::Base(pages(&[PAGE, 2 * PAGE])),
+            Body::Pages(pages(&[0])),
+            Body::Pages(StagedPages::default()),
+            Body::State(vec![1, 2, 3]),
+            Body::Region(RegionChunk {
+                disk: 1,
+                storage: WireStorage::Replicated,
+                meta: meta(5),
+                extents: vec![ExportExtent {
+                    sector: 4,
+                    data: vec![7; 1536],
+                }],
+            }),
+            Body::Region(RegionChunk {
+                disk: 0,
+                storage: WireStorage::Shared,
+                meta: meta(5),
+                extents: vec![],
+            }),
+            Body::Console(ConsoleChunk {
+                offset: 12,
+                bytes: b"hello".to_vec(),
+            }),
+            Body::EndOfCheckpoint(Totals {
+                pages: 1,
+                state_len: 3,
+                console_bytes: 5,
+                regions: 1,
+                full: true,
+            }),
+            Body::Ack,
+            Body::Heartbeat,
+            Body::Shutdown(Shutdown::Finished {
+                exit_status: 3,
+                how: "guest exit 3".into(),
+            }),
+            Body::Shutdown(Shutdown::Stopped),
+        ]
+    }
+
+    #[test]
+    fn every_frame_type_round_trips() {
+        let bodies = every_body();
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        for (i, b) in bodies.iter().enumerate() {
+            w.write(i as u64, b).unwrap();
+        }
+        let frames = read_all(&w.into_inner()).unwrap();
+        assert_eq!(frames.len(), bodies.len());
+        for (i, (f, b)) in frames.iter().zip(&bodies).enumerate() {
+            assert_eq!(f.epoch, i as u64);
+            assert_eq!(f.generation, GEN);
+            assert_eq!(&f.body, b);
+        }
+        let types: std::collections::HashSet<FrameType> =
+            bodies.iter().map(Body::frame_type).collect();
+        assert_eq!(types.len(), FrameType::ALL.len());
+    }
+
+    #[test]
+    fn header_layout_is_pinned() {
+        let mut w = FrameWriter::new(Vec::new(), 0x0102);
+        w.write(0x0a0b, &Body::Heartbeat).unwrap();
+        let b = w.into_inner();
+        assert_eq!(b.len(), HEADER_LEN);
+        assert_eq!(&b[0..4], b"MVRP");
+        assert_eq!(&b[4..6], &VERSION.to_le_bytes());
+        assert_eq!(&b[6..8], &10u16.to_le_bytes());
+        assert_eq!(&b[8..16], &[0; 8]);
+        assert_eq!(&b[16..24], &0x0a0bu64.to_le_bytes());
+        assert_eq!(&b[24..32], &0x0102u64.to_le_bytes());
+        assert_eq!(&b[32..36], &crc32c::crc32c(&[]).to_le_bytes());
+        assert_eq!(&b[36..40], &crc32c::crc32c(&b[..36]).to_le_bytes());
+    }
+
+    #[test]
+    fn a_checkpoint_stream_assembles() {
+        let mut a = assembler();
+        for epoch in 1..=3 {
+            let (c, console) = checkpoint(epoch);
+            let done =
+                assemble(&mut a, read_all(&encode_checkpoint(&c, &console)).unwrap()).unwrap();
+            assert_eq!(done.len(), 1);
+            same(&done[0].checkpoint, &c);
+            assert_eq!(done[0].console, console);
+        }
+        assert_eq!(a.last_epoch(), Some(3));
+    }
+
+    #[test]
+    fn large_batches_and_regions_are_split_and_rejoined() {
+        let addrs: Vec<u64> = (0..(u64::from(MAX_BATCH_PAGES) + 5))
+            .map(|i| i * PAGE)
+            .collect();
+        let (mut c, console) = checkpoint(1);
+        c.pages = pages(&addrs);
+        let big = vec![3u8; (MAX_PAYLOAD as usize) + 4096];
+        c.disks = vec![DiskRegion {
+            disk: 0,
+            content: RegionContent::Data(Export {
+                meta: meta(1),
+                extents: vec![ExportExtent {
+                    sector: 0,
+                    data: big,
+                }],
+            }),
+        }];
+        let frames = read_all(&encode_checkpoint(&c, &console)).unwrap();
+        let n = |t: FrameType| frames.iter().filter(|f| f.body.frame_type() == t).count();
+        assert_eq!(n(FrameType::Pages), 2);
+        assert!(n(FrameType::Region) >= 3);
+        let mut a = CheckpointAssembler::new(
+            &fuzz_hello(),
+            AssemblerLimits {
+                max_pages: 4096,
+                max_region_bytes: 64 << 20,
+                max_console_bytes: 1 << 20,
+            },
+        );
+        let done = assemble(&mut a, frames).unwrap();
+        assert_eq!(done[0].checkpoint.pages, c.pages);
+        // The one extent comes back as adjacent pieces holding the same sectors.
+        let RegionContent::Data(e) = &done[0].checkpoint.disks[0].content else {
+            panic!("data expected");
+        };
+        let joined: Vec<u8> = e.extents.iter().flat_map(|x| x.data.clone()).collect();
+        assert_eq!(joined.len(), MAX_PAYLOAD as usize + 4096);
+        let mut next = 0;
+        for x in &e.extents {
+            assert_eq!(x.sector, next);
+            next += x.data.len() as u64 / SECTOR_SIZE;
+        }
+    }
+
+    fn valid_stream() -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        w.write_base(0, &pages(&[0, PAGE])).unwrap();
+        let mut bytes = w.into_inner();
+        let (mut c, console) = checkpoint(1);
+        c.full = true;
+        bytes.extend(encode_checkpoint(&c, &console));
+        let (c, console) = checkpoint(2);
+        bytes.extend(encode_checkpoint(&c, &console));
+        let mut w = FrameWriter::new(bytes, GEN);
+        w.write(2, &Body::Shutdown(Shutdown::Stopped)).unwrap();
+        w.into_inner()
+    }
+
+    #[test]
+    fn truncation_at_every_byte_is_an_error_never_a_panic() {
+        let bytes = valid_stream();
+        let all = read_all(&bytes).unwrap();
+        let mut boundaries = vec![0usize];
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        for f in &all {
+            w.write(f.epoch, &f.body).unwrap();
+            boundaries.push(w.get_ref().len());
+        }
+        assert_eq!(w.get_ref(), &bytes, "re-encoding is byte-identical");
+        for cut in 0..bytes.len() {
+            let r = read_all(&bytes[..cut]);
+            if boundaries.contains(&cut) {
+                assert!(r.is_ok(), "cut at boundary {cut}");
+            } else {
+                assert!(
+                    matches!(r, Err(FrameError::Truncated { .. })),
+                    "cut at {cut}: {r:?}"
+                );
+            }
+        }
+    }
+
+    fn heartbeat_bytes() -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        w.write(1, &Body::State(vec![1, 2, 3, 4])).unwrap();
+        w.into_inner()
+    }
+
+    fn reseal(b: &mut [u8]) {
+        let crc = crc32c::crc32c(&b[..36]);
+        b[36..40].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn corrupt_headers_and_payloads_are_refused() {
+        let good = heartbeat_bytes();
+
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert!(matches!(read_all(&b), Err(FrameError::BadMagic(_))));
+
+        let mut b = good.clone();
+        b[20] ^= 1; // epoch
+        assert!(matches!(read_all(&b), Err(FrameError::HeaderCrc(_))));
+
+        let mut b = good.clone();
+        b[HEADER_LEN + 1] ^= 1;
+        assert!(matches!(
+            read_all(&b),
+            Err(FrameError::PayloadCrc {
+                ty: FrameType::State,
+                ..
+            })
+        ));
+
+        let mut b = good.clone();
+        b[4..6].copy_from_slice(&2u16.to_le_bytes());
+        let e = read_all(&b).unwrap_err();
+        assert!(matches!(e, FrameError::Version { got: 2 }));
+        assert!(e.to_string().contains("version 2"));
+
+        let mut b = good.clone();
+        b[6..8].copy_from_slice(&99u16.to_le_bytes());
+        reseal(&mut b);
+        assert!(matches!(read_all(&b), Err(FrameError::UnknownType(99))));
+
+        let mut b = good.clone();
+        b[8] = 1;
+        reseal(&mut b);
+        assert!(matches!(
+            read_all(&b),
+            Err(FrameError::Flags { flags: 1, .. })
+        ));
+
+        for garbage in [&[0u8; 100][..], &[0xff; 7][..], b"GET / HTTP/1.1\r\n\r\n"] {
+            assert!(read_all(garbage).is_err());
+        }
+    }
+
+    #[test]
+    fn huge_lengths_are_refused_before_allocating() {
+        for (ty, max) in [
+            (FrameType::State, MAX_PAYLOAD),
+            (FrameType::Pages, FrameType::Pages.max_payload()),
+            (FrameType::Hello, MAX_CONTROL_PAYLOAD),
+            (FrameType::Ack, 0),
+        ] {
+            let mut b = heartbeat_bytes();
+            b[6..8].copy_from_slice(&ty.code().to_le_bytes());
+            b[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+            reseal(&mut b);
+            // Only the header is there: a reader that allocated and read would report
+            // truncation instead.
+            let e = read_all(&b[..HEADER_LEN]).unwrap_err();
+            assert!(
+                matches!(e, FrameError::TooLarge { ty: t, len, max: m } if t == ty && len == u64::from(u32::MAX) && m == max),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains(&format!("bound of {max} bytes")));
+        }
+        // The reader's own bound applies below the type's.
+        let hb = heartbeat_bytes();
+        let mut r = FrameReader::with_max_payload(&hb[..], 3);
+        assert!(matches!(
+            r.read_frame(),
+            Err(FrameError::TooLarge { max: 3, .. })
+        ));
+        // A writer refuses what a reader would.
+        let mut w = FrameWriter::new(Vec::new(), 0);
+        let e = w
+            .write(1, &Body::State(vec![0; MAX_PAYLOAD as usize + 1]))
+            .unwrap_err();
+        assert!(matches!(e, FrameError::TooLarge { .. }));
+        assert!(w.get_ref().is_empty());
+    }
+
+    #[test]
+    fn malformed_payloads_are_refused() {
+        let frame = |ty: FrameType, payload: &[u8]| {
+            let mut h = RawHeader {
+                magic: MAGIC,
+                version: U16::new(VERSION),
+                frame_type: U16::new(ty.code()),
+                flags: U32::ZERO,
+                payload_len: U32::new(u32::try_from(payload.len()).unwrap()),
+                epoch: U64::new(1),
+                generation: U64::new(GEN),
+                payload_crc: U32::new(crc32c::crc32c(payload)),
+                crc: U32::ZERO,
+            };
+            h.seal();
+            let mut b = h.as_bytes().to_vec();
+            b.extend_from_slice(payload);
+            read_all(&b).unwrap_err()
+        };
+        let cause = |e: FrameError| match e {
+            FrameError::Malformed { cause, .. } => cause,
+            other => panic!("{other:?}"),
+        };
+        // Pages: count × 4104 + 8 must be the length.
+        let mut p = 2u32.to_le_bytes().to_vec();
+        p.extend([0; 4]);
+        p.extend(vec![0; 8 + 4096]);
+        assert!(matches!(
+            cause(frame(FrameType::Pages, &p)),
+            Malformed::PageCount { count: 2, .. }
+        ));
+        let mut p = 1u32.to_le_bytes().to_vec();
+        p.extend([0; 4]);
+        p.extend(5u64.to_le_bytes());
+        p.extend(vec![0; 4096]);
+        assert_eq!(
+            cause(frame(FrameType::Pages, &p)),
+            Malformed::UnalignedPage(5)
+        );
+        let mut p = (MAX_BATCH_PAGES + 1).to_le_bytes().to_vec();
+        p.extend([0; 4]);
+        assert!(matches!(
+            cause(frame(FrameType::Base, &p)),
+            Malformed::BatchTooLarge(_)
+        ));
+        // Region: an extent count far beyond the payload.
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        let Body::Region(r) = &every_body()[7] else {
+            unreachable!()
+        };
+        w.write(1, &Body::Region(r.clone())).unwrap();
+        let mut p = w.into_inner()[HEADER_LEN..].to_vec();
+        p[56..60].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            cause(frame(FrameType::Region, &p)),
+            Malformed::Short { .. }
+        ));
+        p[56..60].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            cause(frame(FrameType::Region, &p)),
+            Malformed::Trailing(_)
+        ));
+        p[56..60].copy_from_slice(&1u32.to_le_bytes());
+        p[72..76].copy_from_slice(&100u32.to_le_bytes());
+        assert!(matches!(
+            cause(frame(FrameType::Region, &p)),
+            Malformed::ExtentLen { len: 100, .. }
+        ));
+        // Others.
+        assert!(matches!(
+            cause(frame(FrameType::EndOfCheckpoint, &[0; 31])),
+            Malformed::Short { .. }
+        ));
+        let mut end = [0u8; 32];
+        end[28] = 2;
+        assert_eq!(
+            cause(frame(FrameType::EndOfCheckpoint, &end)),
+            Malformed::EndFlags(2)
+        );
+        assert!(matches!(
+            cause(frame(FrameType::Console, &[1, 2])),
+            Malformed::Short { .. }
+        ));
+        assert!(matches!(
+            cause(frame(FrameType::Hello, &[0xff; 9])),
+            Malformed::Decode(_)
+        ));
+        assert!(matches!(
+            cause(frame(FrameType::Shutdown, &[1, 0])),
+            Malformed::Trailing(1)
+        ));
+        assert!(matches!(
+            frame(FrameType::Heartbeat, &[0]),
+            FrameError::TooLarge { max: 0, .. }
+        ));
+    }
+
+    fn frames_of(epoch: u64) -> Vec<Frame> {
+        let (c, console) = checkpoint(epoch);
+        read_all(&encode_checkpoint(&c, &console)).unwrap()
+    }
+
+    #[test]
+    fn epochs_must_follow_one_another() {
+        let mut a = assembler();
+        assemble(&mut a, frames_of(1)).unwrap();
+        let e = assemble(&mut a, frames_of(3)).unwrap_err();
+        assert_eq!(e, AssembleError::OutOfOrder { got: 3, last: 1 });
+        let e = assemble(&mut a, frames_of(1)).unwrap_err();
+        assert_eq!(e, AssembleError::OutOfOrder { got: 1, last: 1 });
+        // A frame of another epoch inside checkpoint 2 discards it.
+        let mut two = frames_of(2);
+        let end = two.pop().unwrap();
+        let mut stray = frames_of(3).remove(0);
+        stray.epoch = 3;
+        two.push(stray);
+        assert_eq!(
+            assemble(&mut a, two).unwrap_err(),
+            AssembleError::WrongEpoch {
+                got: 3,
+                receiving: 2
+            }
+        );
+        assert!(!a.is_receiving());
+        // The End alone is then a checkpoint without its state.
+        assert_eq!(
+            assemble(&mut a, vec![end]).unwrap_err(),
+            AssembleError::MissingState(2)
+        );
+        // Whole, it is fine; the console continues where 1 ended.
+        let done = assemble(&mut a, frames_of(2)).unwrap();
+        assert_eq!(done[0].checkpoint.epoch, 2);
+    }
+
+    #[test]
+    fn totals_that_disagree_discard_the_checkpoint() {
+        for (what, change) in [
+            ("pages", 0usize),
+            ("state bytes", 1),
+            ("console bytes", 2),
+            ("regions", 3),
+        ] {
+            let mut a = assembler();
+            let mut f = frames_of(1);
+            let Some(Frame {
+                body: Body::EndOfCheckpoint(t),
+                ..
+            }) = f.last_mut()
+            else {
+                panic!("end expected");
+            };
+            match change {
+                0 => t.pages += 1,
+                1 => t.state_len -= 1,
+                2 => t.console_bytes = 0,
+                _ => t.regions = 2,
+            }
+            let e = assemble(&mut a, f).unwrap_err();
+            assert!(
+                matches!(e, AssembleError::Totals { what: w, epoch: 1, .. } if w == what),
+                "{e:?}"
+            );
+            assert_eq!(a.last_epoch(), None);
+            assert!(!a.is_receiving());
+        }
+    }
+
+    #[test]
+    fn out_of_place_frames_are_errors() {
+        let mut a = assembler();
+        let mut f = frames_of(1);
+        // A second State.
+        let state = f
+            .iter()
+            .find(|x| x.body.frame_type() == FrameType::State)
+            .cloned()
+            .unwrap();
+        f.insert(1, state);
+        assert_eq!(
+            assemble(&mut a, f).unwrap_err(),
+            AssembleError::DuplicateState(1)
+        );
+        // Shutdown inside a checkpoint: an error; between checkpoints: the end.
+        let mut f = frames_of(1);
+        let end = f.pop().unwrap();
+        let shutdown = Frame {
+            epoch: 1,
+            generation: GEN,
+            body: Body::Shutdown(Shutdown::Stopped),
+        };
+        f.push(shutdown.clone());
+        f.push(end);
+        assert!(matches!(
+            assemble(&mut a, f),
+            Err(AssembleError::Unexpected {
+                ty: FrameType::Shutdown,
+                ..
+            })
+        ));
+        assert!(matches!(
+            a.push(shutdown),
+            Ok(Staged::Shutdown(Shutdown::Stopped))
+        ));
+        // Heartbeats anywhere are ignored.
+        let mut f = frames_of(1);
+        f.insert(
+            2,
+            Frame {
+                epoch: 0,
+                generation: GEN,
+                body: Body::Heartbeat,
+            },
+        );
+        assert_eq!(assemble(&mut a, f).unwrap().len(), 1);
+        // Hello or Ack in the stream.
+        let hello = Frame {
+            epoch: 0,
+            generation: GEN,
+            body: Body::Hello(fuzz_hello()),
+        };
+        assert!(matches!(
+            a.push(hello),
+            Err(AssembleError::Unexpected { .. })
+        ));
+        // A stale generation, and a generation change mid-checkpoint.
+        let mut f = frames_of(2);
+        f[0].generation = GEN - 1;
+        assert_eq!(
+            assemble(&mut a, f).unwrap_err(),
+            AssembleError::StaleGeneration {
+                got: GEN - 1,
+                current: GEN
+            }
+        );
+        let mut f = frames_of(2);
+        f[1].generation = GEN + 1;
+        assert!(matches!(
+            assemble(&mut a, f),
+            Err(AssembleError::GenerationChanged { .. })
+        ));
+        // A region for a disk the machine lacks, or of the wrong storage mode.
+        let mut f = frames_of(2);
+        for x in &mut f {
+            if let Body::Region(r) = &mut x.body {
+                r.disk = 2;
+            }
+        }
+        assert!(matches!(
+            assemble(&mut a, f),
+            Err(AssembleError::NoSuchDisk { disk: 2, disks: 2 })
+        ));
+        let mut f = frames_of(2);
+        for x in &mut f {
+            if let Body::Region(r) = &mut x.body {
+                r.meta.epoch = 1;
+            }
+        }
+        assert!(matches!(
+            assemble(&mut a, f),
+            Err(AssembleError::RegionEpoch { .. })
+        ));
+        // A console gap.
+        let mut f = frames_of(2);
+        for x in &mut f {
+            if let Body::Console(c) = &mut x.body {
+                c.offset += 1;
+            }
+        }
+        assert_eq!(
+            assemble(&mut a, f).unwrap_err(),
+            AssembleError::ConsoleGap {
+                expected: 100,
+                got: 101
+            }
+        );
+        assert_eq!(assemble(&mut a, frames_of(2)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_base_copy_must_be_completed_by_a_full_checkpoint() {
+        let mut a = assembler();
+        let base = Frame {
+            epoch: 0,
+            generation: GEN,
+            body: Body::Base(pages(&[0])),
+        };
+        assert!(matches!(
+            a.push(base.clone()),
+            Ok(Staged::Base { epoch: 0, .. })
+        ));
+        assert!(matches!(a.push(base), Ok(Staged::Base { .. })));
+        let other = Frame {
+            epoch: 1,
+            generation: GEN,
+            body: Body::Base(pages(&[0])),
+        };
+        assert_eq!(
+            a.push(other).unwrap_err(),
+            AssembleError::BaseEpoch { got: 1, last: 0 }
+        );
+        assert_eq!(
+            assemble(&mut a, frames_of(1)).unwrap_err(),
+            AssembleError::NotFull(1)
+        );
+        let (mut c, console) = checkpoint(1);
+        c.full = true;
+        let done = assemble(&mut a, read_all(&encode_checkpoint(&c, &console)).unwrap()).unwrap();
+        assert!(done[0].checkpoint.full);
+        // Too many pages for the machine.
+        let mut f = frames_of(2);
+        if let Body::Pages(p) = &mut f[0].body {
+            *p = pages(&(0..300).map(|i| i * PAGE).collect::<Vec<_>>());
+        }
+        assert!(matches!(
+            assemble(&mut a, f),
+            Err(AssembleError::TooMuch {
+                what: "pages",
+                limit: 256,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn shared_storage_carries_region_metadata() {
+        let mut hello = fuzz_hello();
+        hello.storage = WireStorage::Shared;
+        let mut a =
+            CheckpointAssembler::new(&hello, AssemblerLimits::for_manifest(&hello.manifest));
+        let (mut c, console) = checkpoint(1);
+        c.disks = vec![DiskRegion {
+            disk: 0,
+            content: RegionContent::Meta(meta(1)),
+        }];
+        let done = assemble(&mut a, read_all(&encode_checkpoint(&c, &console)).unwrap()).unwrap();
+        same(&done[0].checkpoint, &c);
+        // Data in a shared session is refused.
+        let e = assemble(&mut a, frames_of(2)).unwrap_err();
+        assert!(matches!(
+            e,
+            AssembleError::Storage {
+                expected: WireStorage::Shared,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn fuzz_entry_survives_mutated_streams() {
+        let bytes = valid_stream();
+        fuzz(&bytes);
+        fuzz(&[]);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..300 {
+            let mut b = bytes.clone();
+            for _ in 0..(next() % 8 + 1) {
+                let i = crate::to_usize(next() % b.len() as u64);
+                match next() % 3 {
+                    0 => b[i] ^= 1 << (next() % 8),
+                    1 => b.truncate(i),
+                    _ => b[i] = 0xff,
+                }
+                if b.is_empty() {
+                    break;
+                }
+            }
+            fuzz(&b);
+        }
+    }
+
+    fn arb_checkpoint(epoch: u64) -> impl Strategy<Value = (Checkpoint, ConsoleChunk)> {
+        (
+            proptest::collection::btree_set(0u64..256, 0..40),
+            proptest::collection::vec(any::<u8>(), 1..300),
+            proptest::collection::vec(any::<u8>(), 0..200),
+            proptest::option::of(proptest::collection::btree_map(0u64..2000, 1usize..4, 0..5)),
+            any::<bool>(),
+            any::<u8>(),
+        )
+            .prop_map(move |(addrs, state, console, region, full, fill)| {
+                let addrs: Vec<u64> = addrs.into_iter().map(|a| a * PAGE).collect();
+                let mut p = pages(&addrs);
+                p.data.iter_mut().step_by(97).for_each(|b| *b ^= fill);
+                let mut disks = Vec::new();
+                if let Some(r) = region {
+                    // Disjoint extents: start sectors 10 apart, at most 3 sectors.
+                    let extents = r
+                        .into_iter()
+                        .map(|(s, n)| ExportExtent {
+                            sector: s * 10,
+                            data: vec![fill; n * 512],
+                        })
+                        .collect();
+                    disks.push(DiskRegion {
+                        disk: usize::from(fill % 2),
+                        content: RegionContent::Data(Export {
+                            meta: meta(epoch),
+                            extents,
+                        }),
+                    });
+                }
+                (
+                    Checkpoint {
+                        epoch,
+                        full,
+                        state,
+                        pages: p,
+                        disks,
+                    },
+                    ConsoleChunk {
+                        offset: 0,
+                        bytes: console,
+                    },
+                )
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn random_checkpoint_sequences_assemble_to_themselves(
+            cps in (arb_checkpoint(1), arb_checkpoint(2), arb_checkpoint(3)),
+            heartbeat_at in 0usize..20,
+        ) {
+            let mut a = assembler();
+            let mut offset = 0;
+            for (c, mut console) in [cps.0, cps.1, cps.2] {
+                console.offset = offset;
+                offset += console.bytes.len() as u64;
+                let mut frames = read_all(&encode_checkpoint(&c, &console)).unwrap();
+                let at = heartbeat_at.min(frames.len() - 1);
+                frames.insert(at, Frame { epoch: 9, generation: GEN, body: Body::Heartbeat });
+                let done = assemble(&mut a, frames).unwrap();
+                prop_assert_eq!(done.len(), 1);
+                let got = &done[0];
+                same(&got.checkpoint, &c);
+                prop_assert_eq!(&got.console, &console);
+            }
+        }
+    }
+}
