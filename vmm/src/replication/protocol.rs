@@ -829,17 +829,21 @@ impl<W: Write> FrameWriter<W> {
         }
         let chunk = MAX_CONSOLE_CHUNK as usize;
         let mut offset = console.offset;
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut r = Ok(());
         for part in console.bytes.chunks(chunk) {
-            self.write(
-                epoch,
-                &Body::Console(ConsoleChunk {
-                    offset,
-                    bytes: part.to_vec(),
-                }),
-            )?;
+            buf.clear();
+            buf.extend_from_slice(&offset.to_le_bytes());
+            buf.extend_from_slice(part);
+            r = self.send(FrameType::Console, epoch, &buf);
+            if r.is_err() {
+                break;
+            }
             offset = offset.saturating_add(part.len() as u64);
         }
-        self.write(epoch, &Body::State(c.state.clone()))?;
+        self.buf = buf;
+        r?;
+        self.send(FrameType::State, epoch, &c.state)?;
         let regions = u32::try_from(c.disks.len()).map_err(|_| FrameError::TooLarge {
             ty: FrameType::EndOfCheckpoint,
             len: c.disks.len() as u64,
