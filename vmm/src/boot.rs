@@ -203,7 +203,7 @@ pub fn load_initramfs(
     let addr = initramfs_address(mem, kernel_end, size, addr_max)?;
     file.seek(SeekFrom::Start(0))
         .map_err(BootError::ReadInitramfs)?;
-    mem.read_exact_volatile_from(addr, file, crate::to_usize(size))
+    mem.read_exact_volatile_from(addr, file, crate::arch::to_usize(size))
         .map_err(|e| BootError::ReadInitramfs(std::io::Error::other(e.to_string())))?;
     Ok((addr, size))
 }

@@ -26,7 +26,7 @@ pub enum ConfigError {
     #[error("invalid --serial '{0}': expected tty, file=PATH or off")]
     Serial(String),
     /// The vCPU count is out of range.
-    #[error("invalid --cpus {0}: expected 1 to {max}", max = crate::mptable::MAX_VCPUS)]
+    #[error("invalid --cpus {0}: expected 1 to {max}", max = crate::layout::MAX_VCPUS)]
     Cpus(u32),
 }
 
@@ -235,7 +235,7 @@ impl VmConfig {
     /// Checks a vCPU count given as a plain number.
     pub fn cpus_from(n: u32) -> Result<u8, ConfigError> {
         match u8::try_from(n) {
-            Ok(c) if (1..=crate::mptable::MAX_VCPUS).contains(&c) => Ok(c),
+            Ok(c) if (1..=crate::layout::MAX_VCPUS).contains(&c) => Ok(c),
             _ => Err(ConfigError::Cpus(n)),
         }
     }

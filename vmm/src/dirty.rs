@@ -77,7 +77,7 @@ pub fn harvest(vm: &VmFd, mem: &GuestMemory) -> Result<DirtySet, DirtyError> {
     let mut regions = Vec::with_capacity(mem.num_regions());
     for (slot, region) in (0u32..).zip(mem.iter()) {
         let mut words = vm
-            .get_dirty_log(slot, crate::to_usize(region.len()))
+            .get_dirty_log(slot, crate::arch::to_usize(region.len()))
             .map_err(|source| DirtyError::GetLog { slot, source })?;
         // The region's own bitmap: vm-memory marks every write made through it.
         let ours = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();

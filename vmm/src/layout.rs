@@ -59,3 +59,7 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
 /// CPUID leaf in which we publish the TSC frequency (kHz) in EAX.
 pub const CPUID_TSC_LEAF: u32 = 0x4000_0010;
+
+/// Most vCPUs a guest may have (the MP table and the IOAPIC id that follows the
+/// LAPIC ids are sized for it).
+pub const MAX_VCPUS: u8 = 32;

@@ -8,6 +8,7 @@
 //! - where they come from on restore: `checkpoint/source.rs`;
 //! - how a run ends: `epoch/ending.rs`, carried out by `machine/run.rs`.
 
+pub mod arch;
 pub mod boot;
 pub mod checkpoint;
 pub mod config;
@@ -30,17 +31,3 @@ pub mod vm_state;
 pub use config::VmConfig;
 pub use machine::{Machine, VmmError};
 pub use run_end::RunEnd;
-
-// mirrorvm runs on x86_64 only, where usize is 64 bits: see `to_usize`.
-const _: () = assert!(usize::BITS == 64);
-
-/// Converts a `u64` to a `usize`, which never truncates here: mirrorvm runs on x86_64
-/// only, where `usize` is 64 bits (asserted at compile time next to this function).
-///
-/// Use it for guest addresses, sizes and offsets already bounded by guest memory or
-/// a file's length, rather than a bare `as usize` (which `cast_possible_truncation`
-/// flags).
-#[allow(clippy::cast_possible_truncation)] // usize is 64 bits, asserted above
-pub(crate) const fn to_usize(x: u64) -> usize {
-    x as usize
-}

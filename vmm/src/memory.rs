@@ -10,8 +10,8 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use nix::unistd::{sysconf, SysconfVar};
 
+use crate::arch::to_usize;
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
-use crate::to_usize;
 
 pub use devices::GuestMemory;
 

@@ -7,8 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::layout::{APIC_START, EBDA_START, IOAPIC_START, MAX_GSI};
 use crate::memory::GuestMemory;
 
-/// Most vCPUs whose table still fits in the 1 KiB below 640 KiB.
-pub const MAX_VCPUS: u8 = 32;
+pub use crate::layout::MAX_VCPUS;
 
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
@@ -121,7 +120,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     fp[10] = checksum(&fp[..16]);
     fp.extend_from_slice(&table);
 
-    if fp.len() > crate::to_usize(0xa0000 - EBDA_START) {
+    if fp.len() > crate::arch::to_usize(0xa0000 - EBDA_START) {
         return Err(MptableError::TooLarge(fp.len()));
     }
     Ok(fp)

@@ -300,7 +300,7 @@ impl DirectorySink {
         for r in mem.iter() {
             let mut done = 0u64;
             while done < r.len() {
-                let n = crate::to_usize((r.len() - done).min(buf.len() as u64));
+                let n = crate::arch::to_usize((r.len() - done).min(buf.len() as u64));
                 let gpa = r.start_addr().0 + done;
                 mem.read_slice(&mut buf[..n], GuestAddress(gpa))
                     .map_err(|_| DirectoryError::Content {
@@ -484,7 +484,7 @@ impl DirectorySource {
         for r in mem.iter() {
             let mut done = 0u64;
             while done < r.len() {
-                let n = crate::to_usize((r.len() - done).min(buf.len() as u64));
+                let n = crate::arch::to_usize((r.len() - done).min(buf.len() as u64));
                 let gpa = r.start_addr().0 + done;
                 f.read_exact_at(&mut buf[..n], off + done)
                     .map_err(io("cannot read", &img))?;

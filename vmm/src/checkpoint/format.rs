@@ -267,11 +267,11 @@ pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, Form
     let (header, raw) = read_header(r, len)?;
     check_len(&header, len, max_pages)?;
     // Sizes are now bounded by the input's length.
-    let mut state = vec![0u8; crate::to_usize(header.state_len)];
+    let mut state = vec![0u8; crate::arch::to_usize(header.state_len)];
     r.read_exact(&mut state).map_err(FormatError::Io)?;
-    let mut addr_bytes = vec![0u8; crate::to_usize(header.npages) * 8];
+    let mut addr_bytes = vec![0u8; crate::arch::to_usize(header.npages) * 8];
     r.read_exact(&mut addr_bytes).map_err(FormatError::Io)?;
-    let mut data = vec![0u8; crate::to_usize(header.npages) * PAGE_SIZE];
+    let mut data = vec![0u8; crate::arch::to_usize(header.npages) * PAGE_SIZE];
     r.read_exact(&mut data).map_err(FormatError::Io)?;
     let mut t = [0u8; TRAILER_LEN];
     r.read_exact(&mut t).map_err(FormatError::Io)?;
@@ -302,7 +302,7 @@ pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, Form
 pub fn read_state_section(r: &mut impl Read, len: u64) -> Result<(Header, Vec<u8>), FormatError> {
     let (header, _) = read_header(r, len)?;
     check_len(&header, len, u64::MAX)?;
-    let mut state = vec![0u8; crate::to_usize(header.state_len)];
+    let mut state = vec![0u8; crate::arch::to_usize(header.state_len)];
     r.read_exact(&mut state).map_err(FormatError::Io)?;
     Ok((header, state))
 }

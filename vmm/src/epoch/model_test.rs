@@ -305,7 +305,7 @@ impl CheckpointSink for FakeSink {
             .iter()
             .zip(c.pages.data.chunks_exact(PAGE_SIZE))
         {
-            image[crate::to_usize(*a) / PAGE_SIZE] = page.to_vec();
+            image[crate::arch::to_usize(*a) / PAGE_SIZE] = page.to_vec();
         }
         s.complete.push(c.epoch);
         Ok(c.pages.data.len() as u64)

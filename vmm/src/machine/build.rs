@@ -335,7 +335,7 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
     // Ordering: the TSS address and the irqchip must exist before any vCPU is
     // created (KVM creates each vCPU's LAPIC against the irqchip); the PIT after
     // the irqchip, which it injects into.
-    vm.set_tss_address(crate::to_usize(KVM_TSS_ADDRESS))
+    vm.set_tss_address(crate::arch::to_usize(KVM_TSS_ADDRESS))
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
         .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;

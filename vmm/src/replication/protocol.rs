@@ -876,7 +876,7 @@ impl<W: Write> FrameWriter<W> {
         };
         // Room for extent data in one frame, a whole number of sectors.
         let room = (MAX_PAYLOAD as usize - REGION_HEAD_LEN) / 2;
-        let room = room - room % crate::to_usize(SECTOR_SIZE);
+        let room = room - room % crate::arch::to_usize(SECTOR_SIZE);
         let mut parts: Vec<ExtentRef<'_>> = Vec::new();
         let mut used = 0usize;
         for e in extents {
@@ -2555,7 +2555,7 @@ mod tests {
         for _ in 0..300 {
             let mut b = bytes.clone();
             for _ in 0..(next() % 8 + 1) {
-                let i = crate::to_usize(next() % b.len() as u64);
+                let i = crate::arch::to_usize(next() % b.len() as u64);
                 match next() % 3 {
                     0 => b[i] ^= 1 << (next() % 8),
                     1 => b.truncate(i),
