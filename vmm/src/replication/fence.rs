@@ -115,7 +115,7 @@ pub enum FenceError {
     },
     /// A standby waited for the fence until its deadline and it is still held.
     #[error(
-        "witness file {path} is still held by {holder} after {}s: the primary is alive; not taking over",
+        "witness file {path} is still held by {holder} after {:.1}s: the primary is alive; not taking over",
         waited.as_secs_f64()
     )]
     StillHeld {
