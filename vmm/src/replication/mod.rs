@@ -4,4 +4,6 @@
 //! standby's staging of a checkpoint (`protocol`), and the witness-file fence
 //! (`fence`). The peer sink, the standby's receiver and failover come next; a peer
 //! plugs into the engine as one more `CheckpointSink` (docs/architecture.md).
+
+pub mod fence;
 pub mod protocol;
