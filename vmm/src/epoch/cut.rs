@@ -101,10 +101,7 @@ impl EpochEngine {
         self.in_flight = Some(m);
         self.need_full = false;
         self.next_epoch += 1;
-        self.phase = Phase::Exporting {
-            epoch,
-            written: false,
-        };
+        self.phase = Phase::Exporting { epoch };
         #[cfg(test)]
         {
             if self.sabotage.release_early {

@@ -8,7 +8,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::{error_chain, EpochEngine, EpochError};
+use devices::ErrorChain;
+
+use super::{EpochEngine, EpochError};
 
 const TOKEN_TIMER: u32 = 0;
 const TOKEN_EXPORTER: u32 = 1;
@@ -98,7 +100,7 @@ impl MutEventSubscriber for EpochLoop {
             _ => Ok(()),
         };
         if let Err(e) = r {
-            (self.on_error)(format!("checkpointing failed: {}", error_chain(&e)));
+            (self.on_error)(format!("checkpointing failed: {}", ErrorChain(&e)));
         }
     }
 }

@@ -6,7 +6,6 @@
 //! checkpoint), and reports [`ExportEvent`]s back through a channel and an eventfd
 //! the device loop watches. The model test runs the same worker synchronously.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -348,28 +347,30 @@ impl Drop for Exporter {
     }
 }
 
-/// An exporter that runs jobs only when told to: the model test's, and a way to
-/// drive the engine step by step.
+/// An exporter that runs jobs only when told to: the model test drives the engine
+/// step by step with it.
+#[cfg(test)]
 pub struct ManualExporter {
     /// The worker (taken by `stop`).
     pub worker: Option<ExportWorker>,
     /// Jobs not yet done, oldest first.
-    pub queue: VecDeque<Job>,
+    pub queue: std::collections::VecDeque<Job>,
     /// Events not yet taken by the engine.
-    pub events: VecDeque<ExportEvent>,
+    pub events: std::collections::VecDeque<ExportEvent>,
     /// Attempts a `wait` makes before it gives up (a stand-in for its deadline).
     pub wait_attempts: usize,
     /// Whether `stop` was called.
     pub stopped: bool,
 }
 
+#[cfg(test)]
 impl ManualExporter {
     /// A manual exporter over `worker`.
     pub fn new(worker: ExportWorker) -> Self {
         ManualExporter {
             worker: Some(worker),
-            queue: VecDeque::new(),
-            events: VecDeque::new(),
+            queue: std::collections::VecDeque::new(),
+            events: std::collections::VecDeque::new(),
             wait_attempts: 8,
             stopped: false,
         }
@@ -399,6 +400,7 @@ impl ManualExporter {
     }
 }
 
+#[cfg(test)]
 impl ExportQueue for ManualExporter {
     fn submit(&mut self, job: Job) {
         if !self.stopped {

@@ -52,6 +52,8 @@ mod parts;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use devices::ErrorChain;
+
 use crate::checkpoint::Manifest;
 use crate::dirty::{StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
@@ -76,21 +78,17 @@ pub enum Phase {
     },
     /// No checkpoint in flight: the next tick cuts.
     Idle,
-    /// Checkpoint `epoch` is travelling to the sink (`written` false) or retiring its
-    /// disk regions (`written` true).
+    /// Checkpoint `epoch` is travelling to the sink, or retiring its disk regions
+    /// once the sink has it ([`EpochEngine::last_complete`] tells which).
     Exporting {
         /// The checkpoint.
         epoch: u64,
-        /// Whether the sink has it.
-        written: bool,
     },
     /// A tick or a full region came while checkpoint `epoch` was in flight: cut as
     /// soon as it is done. The guest keeps running meanwhile.
     CutPostponed {
         /// The checkpoint in flight.
         epoch: u64,
-        /// Whether the sink has it.
-        written: bool,
     },
     /// The run is ending: no cut but the final one; `in_flight` lands first.
     Closing {
@@ -117,7 +115,7 @@ impl Phase {
     /// The checkpoint in flight, if any.
     pub fn in_flight(&self) -> Option<u64> {
         match *self {
-            Phase::Exporting { epoch, .. } | Phase::CutPostponed { epoch, .. } => Some(epoch),
+            Phase::Exporting { epoch } | Phase::CutPostponed { epoch } => Some(epoch),
             Phase::Closing { in_flight, .. } => in_flight,
             _ => None,
         }
@@ -155,8 +153,6 @@ pub struct EpochEngine {
     local_retire_pending: bool,
     need_full: bool,
     metrics: Option<Box<dyn Write + Send>>,
-    /// Checkpoints the sink completed in this run.
-    pub completed: u64,
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
 }
@@ -183,7 +179,6 @@ impl EpochEngine {
             local_retire_pending: false,
             need_full: true,
             metrics,
-            completed: 0,
             #[cfg(test)]
             sabotage: Sabotage::default(),
         }
@@ -232,10 +227,10 @@ impl EpochEngine {
             Phase::Idle => self.cut(true),
             #[cfg(test)]
             Phase::Exporting { .. } if self.sabotage.two_in_flight => self.cut(true),
-            Phase::Exporting { epoch, written } => {
+            Phase::Exporting { epoch } => {
                 // Cut N+1 needs checkpoint N at the sink and its regions retired:
                 // postpone, the guest runs on.
-                self.phase = Phase::CutPostponed { epoch, written };
+                self.phase = Phase::CutPostponed { epoch };
                 Ok(())
             }
             Phase::Unprotected { .. } => self.local_swap(),
@@ -256,8 +251,8 @@ impl EpochEngine {
         }
         match self.phase {
             Phase::Idle => self.cut(true),
-            Phase::Exporting { epoch, written } => {
-                self.phase = Phase::CutPostponed { epoch, written };
+            Phase::Exporting { epoch } => {
+                self.phase = Phase::CutPostponed { epoch };
                 Ok(())
             }
             Phase::Unprotected { .. } => self.local_swap(),
@@ -320,7 +315,7 @@ impl EpochEngine {
             ExportEvent::Retrying { epoch, error } => {
                 tracing::warn!(
                     "checkpoint {epoch}: export failed, retrying: {}",
-                    error_chain(&*error)
+                    ErrorChain(&*error)
                 );
                 Ok(())
             }
@@ -357,29 +352,9 @@ impl EpochEngine {
         let mut m = self.in_flight.take().unwrap_or_default();
         m.bytes = bytes;
         m.export_us = us;
-        self.completed += 1;
         self.last_complete = Some(epoch);
-        match self.phase {
-            Phase::Fenced => return Ok(()),
-            Phase::Exporting {
-                epoch: e,
-                written: false,
-            } if e == epoch => {
-                self.phase = Phase::Exporting {
-                    epoch,
-                    written: true,
-                }
-            }
-            Phase::CutPostponed {
-                epoch: e,
-                written: false,
-            } if e == epoch => {
-                self.phase = Phase::CutPostponed {
-                    epoch,
-                    written: true,
-                }
-            }
-            _ => {}
+        if self.phase == Phase::Fenced {
+            return Ok(());
         }
         // Complete: its output may be seen, its regions may be retired.
         self.parts.output.release(epoch);
@@ -473,7 +448,7 @@ impl EpochEngine {
         }
         eprintln!(
             "mirrorvm: checkpoint sink lost ({}): running unprotected since checkpoint {}",
-            error_chain(&**error),
+            ErrorChain(&**error),
             self.last_complete
                 .map_or_else(|| "none".to_string(), |e| e.to_string())
         );
@@ -560,7 +535,7 @@ impl EpochEngine {
         self.close();
         let end = Instant::now() + deadline;
         if let Err(e) = self.wait_until(end, |p| p.in_flight().is_none()) {
-            tracing::warn!("while ending: {}", error_chain(&e));
+            tracing::warn!("while ending: {}", ErrorChain(&e));
         }
     }
 
@@ -615,16 +590,4 @@ impl EpochEngine {
     pub fn stop(&mut self) -> Option<Box<dyn crate::checkpoint::CheckpointSink>> {
         self.exporter.stop()
     }
-}
-
-/// An error and its causes, joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -279,7 +279,7 @@ impl Machine {
             if let Err(e) = sink.end(how) {
                 tracing::warn!(
                     "cannot record the end of the run at the checkpoint sink: {}",
-                    crate::epoch::error_chain(&e)
+                    devices::ErrorChain(&e)
                 );
             }
         }
