@@ -44,14 +44,6 @@ fn start_checkpointed(
     r
 }
 
-fn counters(lines: &[String]) -> Vec<u64> {
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("counter "))
-        .filter_map(|v| v.trim().parse().ok())
-        .collect()
-}
-
 /// A tiny deterministic generator for kill moments (no wall-clock seeding: a
 /// failing run can be repeated with MIRRORVM_TEST_SEED).
 fn kill_delays(n: usize) -> Vec<Duration> {
@@ -79,7 +71,7 @@ fn counter_killed_at_random_moments_resumes_from_its_last_checkpoint() {
         let ck = dir.path().join("ck");
         let r = start_checkpointed(&ck, "counter interval_ms=10", 20, &[], |l| l == "counter 3");
         std::thread::sleep(delay);
-        let before = counters(&r.kill9());
+        let before = counters(r.kill9().iter());
         let last = *before.last().expect("printed values");
         assert!(last > 3);
 
@@ -91,7 +83,7 @@ fn counter_killed_at_random_moments_resumes_from_its_last_checkpoint() {
                 .and_then(|v| v.parse::<u64>().ok())
                 .is_some_and(|v| v > last + 20)
         });
-        let after = counters(&r.seen);
+        let after = counters(r.seen.iter());
         let err = if ok { String::new() } else { r.stderr() };
         assert!(
             ok,
@@ -443,7 +435,7 @@ fn a_failing_sink_is_retried_while_the_guest_runs_on() {
     let stuck_at = memory_epoch(&away).unwrap();
     let last_seen = |r: &mut Running, ms: u64| {
         r.collect_for(Duration::from_millis(ms));
-        counters(&r.seen).last().copied().unwrap_or(0)
+        counters(r.seen.iter()).last().copied().unwrap_or(0)
     };
     let before = last_seen(&mut r, 300);
     let during = last_seen(&mut r, 1000);
@@ -475,12 +467,12 @@ fn a_failing_sink_is_retried_while_the_guest_runs_on() {
         after >= during + 80,
         "the guest did not run during the outage ({during} -> {after})"
     );
-    let all = counters(&r.seen);
+    let all = counters(r.seen.iter());
     for w in all.windows(2) {
         assert_eq!(w[1], w[0] + 1, "console lines lost or repeated: {all:?}");
     }
     let printed = r.kill9();
-    let last = counters(&printed).last().copied().unwrap_or(0);
+    let last = counters(printed.iter()).last().copied().unwrap_or(0);
 
     let mut c = mirrorvm();
     c.args(["restore", "--from"]).arg(&ck);
@@ -489,7 +481,7 @@ fn a_failing_sink_is_retried_while_the_guest_runs_on() {
         r.wait_for(Duration::from_secs(30), |l| l.starts_with("counter ")),
         "restore printed nothing"
     );
-    let first = counters(&r.seen)[0];
+    let first = counters(r.seen.iter())[0];
     let _ = r.kill9();
     // A checkpoint cut after the directory came back: later than the outage. As in
     // the kill tests above, output commit means no line is shown twice (the lines
@@ -580,7 +572,7 @@ fn stopping_the_vmm_cuts_a_final_checkpoint_that_restore_resumes() {
         "{}",
         r.seen.join("\n")
     );
-    let last = *counters(&r.seen).last().expect("printed values");
+    let last = *counters(r.seen.iter()).last().expect("printed values");
     assert!(
         !ck.join("finished").exists(),
         "a stopped guest is not finished"
@@ -590,7 +582,7 @@ fn stopping_the_vmm_cuts_a_final_checkpoint_that_restore_resumes() {
     c.args(["restore", "--from"]).arg(&ck);
     let mut r = Running::spawn(c);
     let ok = r.wait_for(Duration::from_secs(30), |l| l.starts_with("counter "));
-    let first = counters(&r.seen).first().copied();
+    let first = counters(r.seen.iter()).first().copied();
     assert!(ok, "restore printed nothing: {}", r.stderr());
     assert_eq!(
         first,

@@ -15,13 +15,6 @@ use vmm::checkpoint::source::{CheckpointSource, ReplicaSource};
 use vmm::config::SerialConfig;
 use vmm::{Machine, RunEnd};
 
-fn counters(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("counter "))
-        .filter_map(|v| v.trim().parse().ok())
-        .collect()
-}
-
 #[test]
 fn a_replica_in_memory_resumes_in_place_where_its_checkpoint_was_cut() {
     if skip_without_kvm!() {
@@ -48,7 +41,7 @@ fn a_replica_in_memory_resumes_in_place_where_its_checkpoint_was_cut() {
         "no third checkpoint"
     );
     r.kill9();
-    let shown = counters(&std::fs::read_to_string(&first).unwrap_or_default());
+    let shown = counters(std::fs::read_to_string(&first).unwrap_or_default().lines());
 
     // The standby's replica: the manifest and memory at the latest checkpoint.
     let mut dir_source = DirectorySource::new(&ck);
@@ -81,14 +74,14 @@ fn a_replica_in_memory_resumes_in_place_where_its_checkpoint_was_cut() {
     // Let the restored guest count on for a while, then stop it.
     let end = Instant::now() + Duration::from_secs(60);
     while Instant::now() < end
-        && counters(&std::fs::read_to_string(&second).unwrap_or_default()).len() < 5
+        && counters(std::fs::read_to_string(&second).unwrap_or_default().lines()).len() < 5
     {
         std::thread::sleep(Duration::from_millis(50));
     }
     stop.request(RunEnd::Quit);
     let end = run.join().expect("run thread").expect("run");
     assert_eq!(end, RunEnd::Quit);
-    let resumed = counters(&std::fs::read_to_string(&second).unwrap_or_default());
+    let resumed = counters(std::fs::read_to_string(&second).unwrap_or_default().lines());
     assert!(
         resumed.len() >= 5,
         "the guest restored from checkpoint {epoch} did not count on: {resumed:?}"

@@ -46,7 +46,7 @@ const _: () = assert!(usize::BITS == 64);
 /// Use it for offsets and lengths already bounded by a file's or the guest's size,
 /// rather than a bare `as usize` (which the `cast_possible_truncation` lint flags).
 #[allow(clippy::cast_possible_truncation)] // usize is 64 bits, asserted above
-pub(crate) const fn to_usize(x: u64) -> usize {
+pub const fn to_usize(x: u64) -> usize {
     x as usize
 }
 

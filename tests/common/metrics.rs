@@ -4,21 +4,9 @@
 
 use std::path::Path;
 
-/// One line of the `--metrics` file. Fields mirrorvm adds later are ignored.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct Metric {
-    pub epoch: u64,
-    pub full: bool,
-    pub pause_us: u64,
-    pub kick_us: u64,
-    pub harvest_us: u64,
-    pub copy_us: u64,
-    pub save_us: u64,
-    pub dirty_pages: u64,
-    pub bytes: u64,
-    pub region_bytes: u64,
-    pub export_us: u64,
-}
+/// One line of the `--metrics` file: the engine's own type, read back with serde
+/// (fields mirrorvm adds later are ignored).
+pub use vmm::epoch::EpochMetrics as Metric;
 
 /// Every complete line of the metrics file at `path` (none if it does not exist
 /// yet). A last line without its newline is still being written and is left out;

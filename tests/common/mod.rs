@@ -376,3 +376,15 @@ pub fn wait_checkpoint(dir: &Path, epoch: u64, timeout: Duration) -> bool {
 mod metrics;
 #[allow(unused_imports)]
 pub use metrics::{read_metrics, Metric};
+
+/// The values of the test guest's `counter N` lines, in order.
+pub fn counters<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Vec<u64> {
+    lines
+        .into_iter()
+        .filter_map(|l| {
+            l.as_ref()
+                .strip_prefix("counter ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
+}
