@@ -338,8 +338,7 @@ fn store_io(e: devices::store::Error) -> std::io::Error {
 
 impl CheckpointedDisk {
     fn commit_local(store: &mut Store) -> std::io::Result<()> {
-        let next = store.status().last_epoch + 1;
-        store.commit_local(next).map_err(store_io)
+        commit_all(store).map_err(store_io)
     }
 
     fn ask_for_cut(&self) {
@@ -404,8 +403,7 @@ impl DiskBackend for CheckpointedDisk {
 
 /// Retires everything a checkpointed disk holds into its base image (clean
 /// shutdown): afterwards the base image alone is the guest's disk.
-pub fn commit_all(store: &SharedStore) -> Result<(), devices::store::Error> {
-    let mut s = store.lock();
-    let next = s.status().last_epoch + 1;
-    s.commit_local(next)
+pub fn commit_all(store: &mut Store) -> Result<(), devices::store::Error> {
+    let next = store.status().last_epoch + 1;
+    store.commit_local(next)
 }

@@ -23,8 +23,9 @@ fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmSt
     r.map_err(|source| VmStateError { what, source })
 }
 
-/// Interrupt controllers, PIT and clock, as saved at a cut.
-#[derive(Serialize, Deserialize)]
+/// Interrupt controllers, PIT and clock, as saved at a cut. `Default` is all zeros
+/// (for tests that need a state without a VM).
+#[derive(Default, Serialize, Deserialize)]
 pub struct VmState {
     /// Master 8259.
     pub pic_master: kvm_irqchip,

@@ -691,18 +691,7 @@ impl<F: StoreFile> Store<F> {
     /// not retired yet): postpone the cut, or wait with [`SharedStore`].
     pub fn start_checkpoint(&mut self, epoch: u64) -> Result<()> {
         self.check()?;
-        if epoch <= self.last_epoch {
-            return Err(Error::EpochNotIncreasing {
-                epoch,
-                last: self.last_epoch,
-            });
-        }
-        if self.free_slot().is_none() {
-            return Err(Error::NoFreeRegion {
-                epoch,
-                frozen: self.frozen.len(),
-            });
-        }
+        self.check_can_cut(epoch)?;
         let prev_last = self.last_epoch;
         self.last_epoch = epoch;
         let next = match self.activate_free_slot() {
@@ -720,6 +709,24 @@ impl<F: StoreFile> Store<F> {
         };
         self.frozen.push(old);
         self.cut_wanted = false;
+        Ok(())
+    }
+
+    /// Whether checkpoint `epoch` can be cut now: it must follow the last one, and a
+    /// slot must be free for the next active region.
+    fn check_can_cut(&self, epoch: u64) -> Result<()> {
+        if epoch <= self.last_epoch {
+            return Err(Error::EpochNotIncreasing {
+                epoch,
+                last: self.last_epoch,
+            });
+        }
+        if self.free_slot().is_none() {
+            return Err(Error::NoFreeRegion {
+                epoch,
+                frozen: self.frozen.len(),
+            });
+        }
         Ok(())
     }
 
@@ -802,18 +809,8 @@ impl<F: StoreFile> Store<F> {
                 records: self.active.records,
             });
         }
-        if epoch <= self.last_epoch {
-            return Err(Error::EpochNotIncreasing {
-                epoch,
-                last: self.last_epoch,
-            });
-        }
-        if self.free_slot().is_none() {
-            return Err(Error::NoFreeRegion {
-                epoch,
-                frozen: self.frozen.len(),
-            });
-        }
+        // Refused before anything is written.
+        self.check_can_cut(epoch)?;
         let need = region
             .extents
             .iter()

@@ -591,13 +591,7 @@ mod tests {
     fn state(tag: u8) -> Vec<u8> {
         encode_state(&MachineState {
             vcpus: vec![],
-            vm: VmState {
-                pic_master: Default::default(),
-                pic_slave: Default::default(),
-                ioapic: Default::default(),
-                pit: Default::default(),
-                clock: Default::default(),
-            },
+            vm: VmState::default(),
             devices: vec![tag],
         })
         .unwrap()

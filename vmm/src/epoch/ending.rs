@@ -29,56 +29,33 @@ pub struct Ending {
 /// The plan for a run that ended for `why` (`loop_ok`: the device loop did not fail)
 /// with the engine at `phase` (`None`: no checkpoints).
 pub fn plan(why: &RunEnd, loop_ok: bool, phase: Option<Phase>) -> Ending {
-    let Some(phase) = phase else {
-        return Ending {
-            final_checkpoint: false,
-            release_output: true,
-            retire_disks: true,
-            sink_end: None,
-        };
+    let local = Ending {
+        final_checkpoint: false,
+        release_output: true,
+        retire_disks: true,
+        sink_end: None,
     };
     match phase {
-        Phase::Fenced => Ending {
-            final_checkpoint: false,
-            release_output: false,
-            retire_disks: false,
-            sink_end: None,
-        },
-        Phase::Failed => Ending {
-            final_checkpoint: false,
-            release_output: false,
-            retire_disks: false,
-            sink_end: None,
-        },
-        Phase::Unprotected { .. } => Ending {
-            final_checkpoint: false,
-            release_output: true,
-            retire_disks: true,
-            sink_end: None,
-        },
-        _ if !loop_ok => Ending {
-            final_checkpoint: false,
-            release_output: false,
-            retire_disks: false,
-            sink_end: None,
-        },
-        _ if why.is_user_stop() => Ending {
+        // No checkpoints (the gate is open), or unprotected: settle everything here.
+        None | Some(Phase::Unprotected { .. }) => local,
+        // Fenced, failed, or a device loop that failed: leave everything as it is.
+        Some(Phase::Fenced | Phase::Failed) => after_failed_final(),
+        Some(_) if !loop_ok => after_failed_final(),
+        Some(_) if why.is_user_stop() => Ending {
             final_checkpoint: true,
             release_output: true,
             retire_disks: false,
             sink_end: Some(SinkEnd::Stopped),
         },
-        _ => Ending {
-            final_checkpoint: false,
-            release_output: true,
-            retire_disks: true,
+        Some(_) => Ending {
             sink_end: Some(SinkEnd::Finished(format!("{why:?}"))),
+            ..local
         },
     }
 }
 
-/// The plan after the final checkpoint of a user stop failed: the last complete
-/// checkpoint stands, so disks and held output stay as they are for it.
+/// Leave disks and held output as they are, for the last complete checkpoint: after
+/// a failed final checkpoint, a failure, or a fence.
 pub fn after_failed_final() -> Ending {
     Ending {
         final_checkpoint: false,

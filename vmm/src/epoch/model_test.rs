@@ -154,13 +154,7 @@ impl StateCapture for FakeState {
         }
         Ok(MachineState {
             vcpus: vec![],
-            vm: VmState {
-                pic_master: Default::default(),
-                pic_slave: Default::default(),
-                ioapic: Default::default(),
-                pit: Default::default(),
-                clock: Default::default(),
-            },
+            vm: VmState::default(),
             devices: vec![],
         })
     }

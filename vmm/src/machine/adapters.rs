@@ -162,10 +162,7 @@ impl DiskCommit for Stores {
 
     fn retire(&mut self, epoch: u64) -> Result<(), Cause> {
         for (_, store) in &self.stores {
-            store.lock().acknowledge(epoch)?;
-            // The copy into the base image runs without the store's lock, so the
-            // device keeps serving the guest meanwhile.
-            store.retire(epoch)?;
+            acknowledge_and_retire(store, epoch)?;
         }
         Ok(())
     }
@@ -180,12 +177,19 @@ impl DiskCommit for Stores {
                 .map(|r| r.epoch)
                 .collect();
             for epoch in frozen {
-                store.lock().acknowledge(epoch)?;
-                store.retire(epoch)?;
+                acknowledge_and_retire(store, epoch)?;
             }
         }
         Ok(())
     }
+}
+
+/// Records that `epoch` is held elsewhere (or needs no holder) and retires its
+/// region. The copy into the base image runs without the store's lock
+/// (`SharedStore::retire`), so the device keeps serving the guest meanwhile.
+fn acknowledge_and_retire(store: &SharedStore, epoch: u64) -> Result<(), devices::store::Error> {
+    store.lock().acknowledge(epoch)?;
+    store.retire(epoch)
 }
 
 /// The console's output gate.

@@ -234,22 +234,15 @@ impl Machine {
         kvm_device: &Path,
         epoch: Option<EpochConfig>,
     ) -> Result<Machine, VmmError> {
+        let what = source.describe();
         let src_err = |source| VmmError::Source {
-            what: String::new(),
+            what: what.clone(),
             source,
         };
-        let what = source.describe();
-        let named = |e: VmmError| match e {
-            VmmError::Source { source, .. } => VmmError::Source {
-                what: what.clone(),
-                source,
-            },
-            e => e,
-        };
-        let manifest = source.manifest().map_err(src_err).map_err(named)?;
+        let manifest = source.manifest().map_err(src_err)?;
         let disk_cfgs: Vec<DiskConfig> = manifest.disks.iter().map(|d| d.config.clone()).collect();
         check(manifest.memory, manifest.cpus, &disk_cfgs, &epoch)?;
-        let restored = source.load().map_err(src_err).map_err(named)?;
+        let restored = source.load().map_err(src_err)?;
         let devices: DevicesState =
             postcard::from_bytes(&restored.state.devices).map_err(VmmError::DecodeDevices)?;
         if restored.state.vcpus.len() != usize::from(manifest.cpus) {

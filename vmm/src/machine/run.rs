@@ -72,10 +72,10 @@ impl Machine {
         &mut self,
         controls: &[Arc<VcpuControl>],
     ) -> Result<Option<Arc<Mutex<EpochLoop>>>, VmmError> {
-        let manifest = self.manifest();
         let Some(cp) = self.checkpointing.take() else {
             return Ok(None);
         };
+        let manifest = self.manifest();
         let stores = Stores {
             stores: self
                 .disks
@@ -268,9 +268,11 @@ impl Machine {
         if plan.retire_disks {
             for d in &self.disks {
                 if let Some(store) = &d.store {
-                    crate::disk::commit_all(store).map_err(|source| VmmError::DiskShutdown {
-                        path: d.path.display().to_string(),
-                        source,
+                    crate::disk::commit_all(&mut store.lock()).map_err(|source| {
+                        VmmError::DiskShutdown {
+                            path: d.path.display().to_string(),
+                            source,
+                        }
                     })?;
                 }
             }
