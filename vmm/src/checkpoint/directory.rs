@@ -260,25 +260,33 @@ impl DirectorySink {
 
     /// Makes every earlier chain unrestorable, then removes its files.
     fn clear_chain(&self) -> Result<(), DirectoryError> {
+        let mut removed = 0;
         for name in [MEMORY_EPOCH, FINISHED] {
             let p = self.dir.join(name);
             match fs::remove_file(&p) {
-                Ok(()) => {}
+                Ok(()) => removed += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io("cannot remove", &p)(e)),
             }
         }
-        self.remove_older(u64::MAX)?;
+        removed += self.remove_older(u64::MAX)?;
+        // Nothing removed (the base after `begin` cleared it): nothing to sync.
+        if removed == 0 {
+            return Ok(());
+        }
         sync_dir(&self.dir)
     }
 
-    fn remove_older(&self, epoch: u64) -> Result<(), DirectoryError> {
+    /// Removes every checkpoint file before `epoch`; returns how many.
+    fn remove_older(&self, epoch: u64) -> Result<usize, DirectoryError> {
+        let mut removed = 0;
         for (e, path) in list_checkpoints(&self.dir)? {
             if e < epoch {
                 fs::remove_file(&path).map_err(io("cannot remove", &path))?;
+                removed += 1;
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     fn layout(&self) -> Result<&[(u64, u64)], DirectoryError> {
