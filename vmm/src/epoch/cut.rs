@@ -54,6 +54,8 @@ impl EpochEngine {
         let staged = self.capture(epoch);
         // Resume whatever happened (the guest must not stay paused), unless this is
         // the run's final checkpoint and it succeeded.
+        #[cfg(test)]
+        let resume = resume && !self.sabotage.stay_paused;
         if resume || staged.is_err() {
             self.parts.vcpus.resume();
         }

@@ -138,6 +138,8 @@ pub(crate) struct Sabotage {
     pub release_when_fenced: bool,
     /// Forget that a cut failed.
     pub cut_after_failure: bool,
+    /// Leave the vCPUs parked after a cut.
+    pub stay_paused: bool,
 }
 
 /// The engine. Call its `on_*` methods from the device loop ([`EpochLoop`] does).
