@@ -419,6 +419,8 @@ impl CheckpointSink for DirectorySink {
 /// The source of `mirrorvm restore --from DIR`.
 pub struct DirectorySource {
     dir: PathBuf,
+    /// The manifest, once read: `load` needs it too.
+    manifest: Option<Manifest>,
 }
 
 impl DirectorySource {
@@ -426,10 +428,20 @@ impl DirectorySource {
     pub fn new(dir: &Path) -> Self {
         DirectorySource {
             dir: dir.to_path_buf(),
+            manifest: None,
         }
     }
 
-    fn manifest_inner(&self) -> Result<Manifest, DirectoryError> {
+    fn manifest_inner(&mut self) -> Result<Manifest, DirectoryError> {
+        if let Some(m) = &self.manifest {
+            return Ok(m.clone());
+        }
+        let m = self.read_manifest()?;
+        self.manifest = Some(m.clone());
+        Ok(m)
+    }
+
+    fn read_manifest(&self) -> Result<Manifest, DirectoryError> {
         check_not_finished(&self.dir)?;
         let path = self.dir.join(MANIFEST);
         match fs::read(&path) {
@@ -461,7 +473,7 @@ impl DirectorySource {
         }
     }
 
-    fn load_inner(&self) -> Result<Restored, DirectoryError> {
+    fn load_inner(&mut self) -> Result<Restored, DirectoryError> {
         let manifest = self.manifest_inner()?;
         let dir = &self.dir;
         let files = list_checkpoints(dir)?;
