@@ -166,7 +166,10 @@ mod guest_cpu_tests {
 
     #[test]
     fn a_guest_runs_only_where_its_features_and_tsc_are() {
-        let host = GuestCpu::of(&[entry(1, 0b1011, 0xff), entry(0x8000_0001, 1, 1)], Some(2_000_000));
+        let host = GuestCpu::of(
+            &[entry(1, 0b1011, 0xff), entry(0x8000_0001, 1, 1)],
+            Some(2_000_000),
+        );
         let guest = GuestCpu::of(&[entry(1, 0b0011 | ECX_HYPERVISOR, 0x0f)], Some(2_000_500));
         assert_eq!(guest.check_runs_on(&host), Ok(()));
         let wants_more = GuestCpu::of(&[entry(1, 0b0111, 0)], Some(2_000_000));

@@ -605,6 +605,7 @@ mod tests {
                 size: 4096,
                 journal_id: None,
             }],
+            cpu: Default::default(),
         }
     }
 
@@ -647,6 +648,7 @@ mod tests {
                     state: state(b),
                     pages: page(0x2000, b),
                     disks: vec![],
+                    console: Default::default(),
                 })
                 .unwrap();
             }

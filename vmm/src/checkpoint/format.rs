@@ -419,6 +419,7 @@ mod tests {
                 data,
             },
             disks: Vec::new(),
+            console: Default::default(),
         }
     }
 

@@ -453,7 +453,10 @@ impl EpochEngine {
     }
 
     fn unprotect(&mut self, error: &Cause) {
-        if matches!(self.phase, Phase::Fenced | Phase::Failed) {
+        if matches!(
+            self.phase,
+            Phase::Fenced | Phase::Failed | Phase::Unprotected { .. }
+        ) {
             return;
         }
         eprintln!(

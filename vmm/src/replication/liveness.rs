@@ -125,13 +125,12 @@ pub struct Watch {
 /// Lowers the calling thread's nice value if allowed, so heartbeats keep their
 /// cadence on a busy host. Best effort: without the privilege nothing changes.
 fn raise_priority() {
-    // SAFETY: gettid has no preconditions; setpriority on our own thread id only
-    // changes this thread's scheduling priority, and its failure is ignored.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid);
-        if let Ok(tid) = libc::id_t::try_from(tid) {
-            let _ = libc::setpriority(libc::PRIO_PROCESS, tid, -10);
-        }
+    let tid = nix::unistd::gettid().as_raw();
+    if let Ok(tid) = libc::id_t::try_from(tid) {
+        // SAFETY: setpriority takes plain integers and touches no memory of ours; on
+        // our own thread id it only changes this thread's nice value. Its failure
+        // (no privilege) is ignored.
+        let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, -10) };
     }
 }
 

@@ -31,8 +31,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::fence::{Fence, FenceError, Witness};
 use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
 use super::protocol::{
-    Body, DiskChunk, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Shutdown,
-    WireStorage, MAX_BATCH_PAGES, MAX_DISK_BASE_CHUNK, VERSION,
+    Body, DiskChunk, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Shutdown, WireStorage,
+    MAX_BATCH_PAGES, MAX_DISK_BASE_CHUNK, VERSION,
 };
 use super::transport::{Closer, Transport, TransportError};
 use crate::checkpoint::sink::{CheckpointSink, SinkEnd, SinkError, StorageMode};
@@ -199,7 +199,10 @@ impl PeerSink {
         let generation = fence.as_ref().map_or(0, Fence::generation);
         let end = Instant::now() + CONNECT_PATIENCE;
         let conn = loop {
-            match config.transport.connect(&config.addr, Duration::from_secs(2)) {
+            match config
+                .transport
+                .connect(&config.addr, Duration::from_secs(2))
+            {
                 Ok(c) => break c,
                 Err(e) if Instant::now() < end && matches!(e, TransportError::Connect { .. }) => {
                     std::thread::sleep(Duration::from_millis(100));
@@ -460,11 +463,12 @@ impl PeerSink {
                         data: buf[..want].to_vec(),
                     };
                     let s = self.session()?;
-                    s.w.write(epoch, &Body::DiskBase(chunk))
-                        .map_err(|source| PeerError::Frames {
+                    s.w.write(epoch, &Body::DiskBase(chunk)).map_err(|source| {
+                        PeerError::Frames {
                             addr: addr.clone(),
                             source,
-                        })?;
+                        }
+                    })?;
                 }
                 offset += want as u64;
                 progress.add(want as u64);

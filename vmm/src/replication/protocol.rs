@@ -477,7 +477,9 @@ pub enum Malformed {
     #[error("console offset {0} plus its length overflows")]
     ConsoleOverflow(u64),
     /// A DiskBase chunk is empty, not whole sectors, or overflows.
-    #[error("disk chunk at byte {offset} with {len} bytes is not a positive whole number of sectors")]
+    #[error(
+        "disk chunk at byte {offset} with {len} bytes is not a positive whole number of sectors"
+    )]
     DiskChunk {
         /// Its offset.
         offset: u64,
@@ -968,6 +970,7 @@ impl<W: Write> FrameWriter<W> {
 pub struct FrameReader<R> {
     r: R,
     max_payload: u32,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -999,7 +1002,17 @@ impl<R: Read> FrameReader<R> {
     /// A reader refusing payloads over `max_payload` bytes (and over each type's own
     /// bound), whatever a header says.
     pub fn with_max_payload(r: R, max_payload: u32) -> Self {
-        FrameReader { r, max_payload }
+        FrameReader {
+            r,
+            max_payload,
+            read: Default::default(),
+        }
+    }
+
+    /// A counter of the bytes this reader has read (headers and payloads), which
+    /// another thread may watch.
+    pub fn bytes_read(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.read.clone()
     }
 
     /// The transport.
@@ -1012,6 +1025,8 @@ impl<R: Read> FrameReader<R> {
     pub fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         let mut hb = [0u8; HEADER_LEN];
         let got = read_full(&mut self.r, &mut hb)?;
+        self.read
+            .fetch_add(got as u64, std::sync::atomic::Ordering::Relaxed);
         if got == 0 {
             return Ok(None);
         }
@@ -1026,6 +1041,8 @@ impl<R: Read> FrameReader<R> {
         // `len` is within the bound: this is the only allocation a header sizes.
         let mut payload = vec![0u8; len];
         let got = read_full(&mut self.r, &mut payload)?;
+        self.read
+            .fetch_add(got as u64, std::sync::atomic::Ordering::Relaxed);
         if got < len {
             return Err(FrameError::Truncated {
                 part: "payload",
@@ -1598,7 +1615,9 @@ impl CheckpointAssembler {
                 ty,
                 during: self.during(),
             }),
-            Body::Base(pages) => self.base(FrameType::Base, epoch).map(|epoch| Staged::Base { epoch, pages }),
+            Body::Base(pages) => self
+                .base(FrameType::Base, epoch)
+                .map(|epoch| Staged::Base { epoch, pages }),
             Body::DiskBase(chunk) => {
                 if chunk.disk as usize >= self.disks {
                     return Err(AssembleError::NoSuchDisk {
@@ -2047,6 +2066,11 @@ mod tests {
                 how: "guest exit 3".into(),
             }),
             Body::Shutdown(Shutdown::Stopped { exit_status: 130 }),
+            Body::DiskBase(DiskChunk {
+                disk: 1,
+                offset: 4096,
+                data: vec![9; 1024],
+            }),
         ]
     }
 
@@ -2154,7 +2178,8 @@ mod tests {
         let (c, console) = checkpoint(2);
         bytes.extend(encode_checkpoint(&c, &console));
         let mut w = FrameWriter::new(bytes, GEN);
-        w.write(2, &Body::Shutdown(Shutdown::Stopped { exit_status: 130 })).unwrap();
+        w.write(2, &Body::Shutdown(Shutdown::Stopped { exit_status: 130 }))
+            .unwrap();
         w.into_inner()
     }
 
@@ -2364,12 +2389,31 @@ mod tests {
             Malformed::Decode(_)
         ));
         assert!(matches!(
-            cause(frame(FrameType::Shutdown, &[1, 0])),
+            cause(frame(FrameType::Shutdown, &[1, 0, 0])),
             Malformed::Trailing(1)
         ));
         assert!(matches!(
             frame(FrameType::Heartbeat, &[0]),
             FrameError::TooLarge { max: 0, .. }
+        ));
+        // DiskBase: a head, then whole sectors at a sector offset.
+        let disk_chunk = |offset: u64, len: usize, reserved: u8| {
+            let mut p = vec![0u8; 16 + len];
+            p[4] = reserved;
+            p[8..16].copy_from_slice(&offset.to_le_bytes());
+            cause(frame(FrameType::DiskBase, &p))
+        };
+        assert!(matches!(disk_chunk(0, 0, 0), Malformed::DiskChunk { .. }));
+        assert!(matches!(disk_chunk(0, 100, 0), Malformed::DiskChunk { .. }));
+        assert!(matches!(disk_chunk(7, 512, 0), Malformed::DiskChunk { .. }));
+        assert!(matches!(
+            disk_chunk(u64::MAX - 511, 512, 0),
+            Malformed::DiskChunk { .. }
+        ));
+        assert_eq!(disk_chunk(0, 512, 1), Malformed::Reserved);
+        assert!(matches!(
+            cause(frame(FrameType::DiskBase, &[0; 8])),
+            Malformed::Short { .. }
         ));
     }
 
