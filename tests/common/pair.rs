@@ -23,6 +23,9 @@ pub struct PairOpts {
     pub primary_args: Vec<String>,
     /// More options for the standby.
     pub standby_args: Vec<String>,
+    /// A Linux kernel to boot instead of the test guest; the primary's disk is then
+    /// an ext4 root file system.
+    pub kernel: Option<PathBuf>,
 }
 
 impl Default for PairOpts {
@@ -35,6 +38,7 @@ impl Default for PairOpts {
             witness: false,
             primary_args: Vec::new(),
             standby_args: Vec::new(),
+            kernel: None,
         }
     }
 }
@@ -76,7 +80,11 @@ impl Pair {
             addr,
         };
         if o.disk > 0 {
-            make_image(&pair.path("a.img"), o.disk);
+            if o.kernel.is_some() {
+                super::make_ext4(&pair.path("a.img"), o.disk);
+            } else {
+                make_image(&pair.path("a.img"), o.disk);
+            }
             make_image(&pair.path("b.img"), o.disk);
         }
         pair.standby = Some(Running::spawn(pair.standby_command(o)));
@@ -122,6 +130,9 @@ impl Pair {
         }
         if o.witness {
             p.arg("--witness").arg(self.path("witness"));
+        }
+        if let Some(k) = &o.kernel {
+            p.arg("--kernel").arg(k);
         }
         p.args(&o.primary_args);
         p
