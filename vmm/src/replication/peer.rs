@@ -634,6 +634,21 @@ impl CheckpointSink for PeerSink {
         }
     }
 
+    fn write_base_pages(&mut self, pages: &StagedPages, epoch: u64) -> Result<u64, SinkError> {
+        let addr = self.config.addr.clone();
+        let r = match self.session() {
+            Ok(s) => {
+                let before = s.sent.load(Ordering::Relaxed);
+                s.w.write_base(epoch, pages)
+                    .and_then(|()| s.w.flush())
+                    .map(|()| s.sent.load(Ordering::Relaxed) - before)
+                    .map_err(|source| PeerError::Frames { addr, source })
+            }
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| self.lose(e))
+    }
+
     fn write(&mut self, c: &Checkpoint) -> Result<u64, SinkError> {
         self.highest_sent = self.highest_sent.max(c.epoch);
         match self.send_checkpoint(c) {
