@@ -8,7 +8,7 @@
 //!   each, the standby must still be alive and answering, and must not have taken
 //!   over (no `failover` line, no guest console file).
 //! - Against a real primary (`mirrorvm run --peer`), a fake standby written here
-//!   refuses it, sends garbage, or never acknowledges; the primary
+//!   refuses it, sends garbage, never acknowledges, or stops reading; the primary
 //!   must say once that it runs unprotected and why, and its guest must count on.
 //! - Between a real primary and a real standby, a proxy corrupts one byte on the wire
 //!   mid-session: the standby drops the session and keeps waiting, the primary goes
@@ -1275,6 +1275,29 @@ fn a_standby_that_never_acknowledges_is_lost_at_the_lag_deadline_and_output_flow
     assert_guest_runs_on(primary, &serial);
     drop(beats);
     assert_witness_records(&witness, first + 1);
+}
+
+#[test]
+fn a_standby_that_stops_reading_during_the_initial_copy_is_lost() {
+    if skip_without_kvm!() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let dir = tempdir();
+    let fake = FakeStandby::new();
+    let (primary, serial) = start_primary(dir.path(), &fake.addr, 500, None, false);
+    let mut data = fake.greet(&primary);
+    // Heartbeats flow, but nothing is read from the data connection: 64 MiB of copy
+    // cannot fit the socket buffers, so the primary's sender blocks.
+    let beats = fake.accept_session(&mut data, &[], &primary);
+    let line = unprotected_line(&primary, PATIENCE);
+    assert!(
+        line.contains("took no data"),
+        "the primary's line does not say the standby stalled: {line}"
+    );
+    assert_guest_runs_on(primary, &serial);
+    drop(beats);
+    drop(data);
 }
 
 // ---------------------------------------------------------------------------------
