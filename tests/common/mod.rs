@@ -422,6 +422,7 @@ pub fn wait_checkpoint(dir: &Path, epoch: u64, timeout: Duration) -> bool {
 }
 
 mod metrics;
+pub mod pair;
 #[allow(unused_imports)]
 pub use metrics::{read_metrics, Metric};
 
