@@ -31,7 +31,7 @@ pub struct LivenessConfig {
     /// Silence after which the peer is dead.
     pub dead_after: Duration,
     /// Longest a checkpoint may stay unacknowledged, and the initial copy go without
-    /// progress (the primary's lag deadline).
+    /// progress (at least `peer::COPY_STALL_DEADLINE`): the primary's lag deadline.
     pub max_lag: Duration,
 }
 

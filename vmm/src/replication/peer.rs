@@ -11,7 +11,7 @@
 //!  end(how):          Shutdown ──▶  (an orderly end: the standby does not take over)
 //!
 //!  standby silent for dead-after, no Ack within max-lag, no byte of the initial
-//!  copy taken within max-lag, or a connection error:
+//!  copy taken within max-lag (at least 10 s), or a connection error:
 //!     record "unprotected since" in the witness, then SinkError::Lost
 //!     (the engine releases held output, retires locally and runs on)
 //! ```
@@ -45,6 +45,10 @@ use crate::memory::GuestMemory;
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a standby may take to answer the Hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// The least time the initial copy may go without the standby taking a byte before
+/// the standby is lost (the lag deadline if that is longer): a standby pauses
+/// legitimately while it creates its journals at the start of the copy.
+pub const COPY_STALL_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Where and how to mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,6 +365,7 @@ impl PeerSink {
         let unacked_since: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
         let copy_progress: Arc<Mutex<Option<(u64, Instant)>>> = Arc::new(Mutex::new(None));
         let max_lag = self.config.liveness.max_lag;
+        let max_stall = max_lag.max(COPY_STALL_DEADLINE);
         let lag = unacked_since.clone();
         let (copy, copied) = (copy_progress.clone(), sent.clone());
         let on_dead_closer = closer.clone();
@@ -394,11 +399,11 @@ impl PeerSink {
                         return None;
                     }
                     let stalled = at.elapsed();
-                    (stalled > max_lag).then(|| {
+                    (stalled > max_stall).then(|| {
                         format!(
-                            "the standby took no data of the initial copy for {} ms (the lag deadline is {} ms)",
+                            "the standby took no data of the initial copy for {} ms (the deadline is {} ms)",
                             stalled.as_millis(),
-                            max_lag.as_millis()
+                            max_stall.as_millis()
                         )
                     })
                 }),
