@@ -1288,11 +1288,13 @@ fn a_standby_that_stops_reading_during_the_initial_copy_is_lost() {
     let (primary, serial) = start_primary(dir.path(), &fake.addr, 500, None, false);
     let mut data = fake.greet(&primary);
     // Heartbeats flow, but nothing is read from the data connection: 64 MiB of copy
-    // cannot fit the socket buffers, so the primary's sender blocks.
+    // cannot fit the socket buffers, so the primary's sender blocks. The primary
+    // gives up after 10 s (the copy's floor, above the 500 ms lag deadline).
     let beats = fake.accept_session(&mut data, &[], &primary);
     let line = unprotected_line(&primary, PATIENCE);
     assert!(
-        line.contains("took no data"),
+        line.contains("the standby took no data of the initial copy for")
+            && line.contains("(the deadline is 10000 ms)"),
         "the primary's line does not say the standby stalled: {line}"
     );
     assert_guest_runs_on(primary, &serial);
@@ -1419,7 +1421,7 @@ fn a_corrupted_frame_mid_session_drops_the_session_on_the_standby_and_protection
     );
     let err = sb.run.stderr_now();
     assert!(
-        err.contains("initial copy complete"),
+        err.contains("initial copy complete at checkpoint"),
         "the standby never held a replica, so not taking over proves nothing:\n{err}"
     );
     sb.assert_serving("a corrupted frame mid-session");
@@ -1449,7 +1451,7 @@ fn a_standby_given_up_by_its_primary_does_not_take_over_when_it_wakes() {
     let dir = tempdir();
     let sb = StandbyProc::start();
     let (primary, serial) = start_primary(dir.path(), &sb.addr, 500, None, true);
-    sb.line(&["initial copy complete"]);
+    sb.line(&["initial copy complete at checkpoint"]);
     // Mirroring: acknowledged output is shown.
     let end = Instant::now() + PATIENCE;
     while shown(&serial).len() < 5 {
@@ -1464,9 +1466,9 @@ fn a_standby_given_up_by_its_primary_does_not_take_over_when_it_wakes() {
     sb.run.signal(libc::SIGSTOP);
     let line = unprotected_line(&primary, PATIENCE);
     sb.run.signal(libc::SIGCONT);
-    let took_over = sb
-        .run
-        .wait_stderr(Duration::from_secs(3), |l| l.contains("failover"));
+    let took_over = sb.run.wait_stderr(Duration::from_secs(5), |l| {
+        l.contains("taking over") || l.contains("failover")
+    });
     assert!(
         took_over.is_none(),
         "the primary gave up on its standby ({line}) and runs on, yet the standby took over: {}",
