@@ -4,9 +4,10 @@
 //! liveness connection and reads the other side's. Any frame from the peer, on either
 //! connection, is a sign of life ([`Pulse::touch`]). A peer silent for
 //! [`LivenessConfig::dead_after`] is dead; so is one whose liveness connection fails.
-//! An extra check (the primary's lag deadline: no acknowledgement progress) can
-//! declare the peer dead too. Death is reported once, through a callback that closes
-//! the data connection, so whoever is blocked on it returns at once.
+//! An extra check (the primary's lag deadline: no acknowledgement, or no progress of
+//! the initial copy) can declare the peer dead too. Death is reported once, through a
+//! callback that closes the data connection, so whoever is blocked on it returns at
+//! once.
 //!
 //! A heartbeat's epoch field carries the sender's latest: on the primary the last
 //! epoch whose console output it released (a standby taking over shows only what
@@ -29,7 +30,8 @@ pub struct LivenessConfig {
     pub heartbeat: Duration,
     /// Silence after which the peer is dead.
     pub dead_after: Duration,
-    /// Longest a checkpoint may stay unacknowledged (the primary's lag deadline).
+    /// Longest a checkpoint may stay unacknowledged, and the initial copy go without
+    /// progress (at least `peer::COPY_STALL_DEADLINE`): the primary's lag deadline.
     pub max_lag: Duration,
 }
 

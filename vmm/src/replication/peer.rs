@@ -10,7 +10,8 @@
 //!                     ◀── Ack(N)  (write returns only now: N is complete)
 //!  end(how):          Shutdown ──▶  (an orderly end: the standby does not take over)
 //!
-//!  standby silent for dead-after, no Ack within max-lag, or a connection error:
+//!  standby silent for dead-after, no Ack within max-lag, no byte of the initial
+//!  copy taken within max-lag (at least 10 s), or a connection error:
 //!     record "unprotected since" in the witness, then SinkError::Lost
 //!     (the engine releases held output, retires locally and runs on)
 //! ```
@@ -44,6 +45,10 @@ use crate::memory::GuestMemory;
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a standby may take to answer the Hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// The least time the initial copy may go without the standby taking a byte before
+/// the standby is lost (the lag deadline if that is longer): a standby pauses
+/// legitimately while it creates its journals at the start of the copy.
+pub const COPY_STALL_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Where and how to mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +163,8 @@ struct Session {
     closer: Arc<Closer>,
     verdict: Arc<Verdict>,
     unacked_since: Arc<Mutex<Option<Instant>>>,
+    /// While the initial copy is sent: the bytes sent at its last progress, and when.
+    copy_progress: Arc<Mutex<Option<(u64, Instant)>>>,
     liveness: Option<Liveness>,
 }
 
@@ -356,8 +363,11 @@ impl PeerSink {
                 source,
             })?;
         let unacked_since: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let copy_progress: Arc<Mutex<Option<(u64, Instant)>>> = Arc::new(Mutex::new(None));
         let max_lag = self.config.liveness.max_lag;
+        let max_stall = max_lag.max(COPY_STALL_DEADLINE);
         let lag = unacked_since.clone();
+        let (copy, copied) = (copy_progress.clone(), sent.clone());
         let on_dead_closer = closer.clone();
         let liveness = Liveness::spawn(
             live,
@@ -369,13 +379,31 @@ impl PeerSink {
                 theirs: Arc::new(AtomicU64::new(0)),
                 verdict: verdict.clone(),
                 extra: Box::new(move || {
-                    let since = (*devices::bus::lock_recover(&lag))?;
-                    let waited = since.elapsed();
-                    (waited > max_lag).then(|| {
+                    if let Some(since) = *devices::bus::lock_recover(&lag) {
+                        let waited = since.elapsed();
+                        if waited > max_lag {
+                            return Some(format!(
+                                "no acknowledgement for {} ms (the lag deadline is {} ms)",
+                                waited.as_millis(),
+                                max_lag.as_millis()
+                            ));
+                        }
+                    }
+                    // The initial copy has no acknowledgement to wait for: a standby
+                    // that answers heartbeats but takes no data would block it forever.
+                    let mut progress = devices::bus::lock_recover(&copy);
+                    let (bytes, at) = (*progress)?;
+                    let now = copied.load(Ordering::Relaxed);
+                    if now != bytes {
+                        *progress = Some((now, Instant::now()));
+                        return None;
+                    }
+                    let stalled = at.elapsed();
+                    (stalled > max_stall).then(|| {
                         format!(
-                            "no acknowledgement for {} ms (the lag deadline is {} ms)",
-                            waited.as_millis(),
-                            max_lag.as_millis()
+                            "the standby took no data of the initial copy for {} ms (the deadline is {} ms)",
+                            stalled.as_millis(),
+                            max_stall.as_millis()
                         )
                     })
                 }),
@@ -390,6 +418,7 @@ impl PeerSink {
             closer,
             verdict,
             unacked_since,
+            copy_progress,
             liveness: Some(liveness),
         })
     }
@@ -412,7 +441,10 @@ impl PeerSink {
         let total_disk: u64 = manifest.disks.iter().map(|d| d.size).sum();
         let total = mem.iter().map(|r| r.len()).sum::<u64>() + total_disk;
         let mut progress = Progress::new(&self.config.addr, total);
-        let start_bytes = self.session()?.sent.load(Ordering::Relaxed);
+        let s = self.session()?;
+        let start_bytes = s.sent.load(Ordering::Relaxed);
+        // From now on the lag deadline watches the copy's progress.
+        *devices::bus::lock_recover(&s.copy_progress) = Some((start_bytes, Instant::now()));
         let batch = MAX_BATCH_PAGES as usize;
         let mut pages = StagedPages {
             addrs: Vec::with_capacity(batch),
@@ -477,6 +509,7 @@ impl PeerSink {
         let s = self.session()?;
         s.w.flush()
             .map_err(|source| PeerError::Frames { addr, source })?;
+        *devices::bus::lock_recover(&s.copy_progress) = None;
         progress.done();
         Ok(s.sent.load(Ordering::Relaxed) - start_bytes)
     }
