@@ -1440,9 +1440,6 @@ fn a_corrupted_frame_mid_session_drops_the_session_on_the_standby_and_protection
 /// given up by the primary, which runs on unprotected. When the standby wakes, it must
 /// not resume a second copy of the guest while the primary runs.
 #[test]
-#[ignore = "known gap: a primary that gives up on a live standby only closes the \
-            connections, which the standby takes for the primary's death: without \
-            --witness it takes over while the primary runs on (two guests)"]
 fn a_standby_given_up_by_its_primary_does_not_take_over_when_it_wakes() {
     if skip_without_kvm!() {
         return;

@@ -169,9 +169,19 @@ struct Session {
 }
 
 impl Session {
+    /// Ends the session in order (after a Shutdown frame).
     fn close(&mut self) {
         if let Some(mut l) = self.liveness.take() {
             l.stop();
+        }
+        self.closer.close();
+    }
+
+    /// Gives the standby up: it is told so on the liveness connection (it must not
+    /// take over: this primary runs on), then both connections close.
+    fn give_up(&mut self) {
+        if let Some(mut l) = self.liveness.take() {
+            l.give_up();
         }
         self.closer.close();
     }
@@ -260,7 +270,7 @@ impl PeerSink {
             _ => cause,
         };
         if let Some(mut s) = self.session.take() {
-            s.close();
+            s.give_up();
         }
         self.pending = None;
         let since = self.highest_sent.saturating_add(1);
@@ -408,6 +418,11 @@ impl PeerSink {
                     })
                 }),
                 on_dead: Box::new(move || on_dead_closer.close()),
+                // However this primary ends the session but in order, the standby
+                // learns that it was given up, not that its primary died.
+                farewell: Some(Body::Shutdown(Shutdown::Abandoned)),
+                abandoned: Default::default(),
+                reader_done: Default::default(),
             },
         )
         .map_err(|e| PeerError::Thread("liveness", e))?;
