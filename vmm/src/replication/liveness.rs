@@ -150,7 +150,7 @@ fn raise_priority() {
     };
     // SAFETY: `param` is a valid sched_param that lives across the call, which only
     // reads it; pid 0 is the calling thread, whose scheduling class alone changes.
-    let rt = unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) };
+    let rt = unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, std::ptr::addr_of!(param)) };
     if rt == 0 {
         return;
     }
