@@ -20,6 +20,7 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod mptable;
+pub mod netlab;
 pub mod output;
 pub mod replication;
 pub mod run_end;
