@@ -13,6 +13,7 @@ pub mod boot;
 pub mod checkpoint;
 pub mod config;
 pub mod cpuid;
+pub mod demo;
 pub mod dirty;
 pub mod disk;
 pub mod epoch;
