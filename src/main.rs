@@ -10,6 +10,10 @@ use vmm::config::{
     self, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig, VmConfig,
 };
 use vmm::machine::RestoreConfig;
+use vmm::replication::liveness::LivenessConfig;
+use vmm::replication::peer::PeerConfig;
+use vmm::replication::standby::{Standby, StandbyConfig, StandbyEnd};
+use vmm::replication::transport::Transport;
 use vmm::{Machine, RunEnd};
 
 /// mirrorvm: a KVM virtual machine monitor that keeps a peer host ready to take over.
@@ -33,6 +37,11 @@ enum Command {
     /// Continue a guest from the latest complete checkpoint in a directory written by
     /// `run --checkpoint-dir`: memory, vCPUs, devices and disks as they were at the cut.
     Restore(RestoreArgs),
+
+    /// Stand by for a primary (`run --peer`): receive its initial copy and every
+    /// checkpoint, and take over when it dies. Exits with the primary's status when it
+    /// ends its run in order; after a takeover, with the guest's.
+    Standby(StandbyArgs),
 
     /// Inspect, verify or recover the checkpoint journal of a disk image used with
     /// `--disk path=IMAGE,checkpoint=on` (the journal is IMAGE.mvj).
@@ -111,19 +120,114 @@ struct EpochArgs {
     #[arg(long, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
 
-    /// Per-epoch metrics as JSON lines (needs --checkpoint-dir).
-    #[arg(long, value_name = "PATH", requires = "checkpoint_dir")]
+    /// Mirror the guest to the standby at ADDR (HOST:PORT, started with `mirrorvm
+    /// standby --listen ADDR`): after an initial copy, one checkpoint per epoch, each
+    /// acknowledged before its console output is shown and its disk writes reach the
+    /// images. Every writable disk needs checkpoint=on. Plaintext TCP: use a private link.
+    #[arg(long, value_name = "ADDR", conflicts_with = "checkpoint_dir")]
+    peer: Option<String>,
+
+    /// The witness file holding the fence (a lock both hosts reach on a local file
+    /// system): a standby takes over only once it holds it, so a primary that is alive
+    /// but cut off never runs alongside it. Without it a network partition can leave
+    /// two guests running.
+    #[arg(long, value_name = "PATH", requires = "peer")]
+    witness: Option<PathBuf>,
+
+    #[command(flatten)]
+    liveness: LivenessArgs,
+
+    /// Per-epoch metrics as JSON lines (needs --checkpoint-dir or --peer).
+    #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
 }
 
-impl EpochArgs {
-    fn config(self) -> Option<EpochConfig> {
-        self.checkpoint_dir.map(|dir| EpochConfig {
-            epoch: Duration::from_millis(self.epoch_ms),
-            sink: SinkConfig::Directory(dir),
-            metrics: self.metrics,
+/// Heartbeats and deadlines between a primary and its standby.
+#[derive(Args, Debug)]
+struct LivenessArgs {
+    /// Send a heartbeat every N milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    heartbeat_ms: u64,
+
+    /// Declare the peer dead after N milliseconds without a sign of life.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    dead_ms: u64,
+
+    /// Primary: declare the standby lost when a checkpoint stays unacknowledged for N
+    /// milliseconds (it answers heartbeats but does not keep up).
+    #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    max_lag_ms: u64,
+}
+
+impl LivenessArgs {
+    fn config(&self) -> anyhow::Result<LivenessConfig> {
+        if self.dead_ms <= self.heartbeat_ms {
+            anyhow::bail!(
+                "--dead-ms ({}) must be longer than --heartbeat-ms ({})",
+                self.dead_ms,
+                self.heartbeat_ms
+            );
+        }
+        Ok(LivenessConfig {
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            dead_after: Duration::from_millis(self.dead_ms),
+            max_lag: Duration::from_millis(self.max_lag_ms),
         })
     }
+}
+
+impl EpochArgs {
+    fn config(self) -> anyhow::Result<Option<EpochConfig>> {
+        let sink = match (self.checkpoint_dir, self.peer) {
+            (Some(dir), _) => SinkConfig::Directory(dir),
+            (None, Some(addr)) => SinkConfig::Peer(PeerConfig {
+                addr,
+                witness: self.witness,
+                liveness: self.liveness.config()?,
+                transport: Transport::PlainTcp,
+            }),
+            (None, None) => {
+                if self.metrics.is_some() {
+                    anyhow::bail!("--metrics needs --checkpoint-dir or --peer");
+                }
+                return Ok(None);
+            }
+        };
+        Ok(Some(EpochConfig {
+            epoch: Duration::from_millis(self.epoch_ms),
+            sink,
+            metrics: self.metrics,
+        }))
+    }
+}
+
+#[derive(Args, Debug)]
+struct StandbyArgs {
+    /// Listen for the primary on ADDR (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+
+    /// This host's copy of each of the primary's disks, in the primary's order:
+    /// path=FILE[,checkpoint=on], the same size as the primary's. The initial copy
+    /// overwrites it; until the first checkpoint completes the copy it is marked
+    /// incomplete (FILE.incomplete) and never used.
+    #[arg(long, value_name = "path=FILE[,checkpoint=on]")]
+    disk: Vec<DiskConfig>,
+
+    /// Serial console once this host runs the guest: tty, file=PATH, or off.
+    #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
+    serial: SerialConfig,
+
+    /// The witness file holding the fence (the same file the primary names).
+    #[arg(long, value_name = "PATH")]
+    witness: Option<PathBuf>,
+
+    /// One JSON line per applied checkpoint.
+    #[arg(long, value_name = "PATH")]
+    metrics: Option<PathBuf>,
+
+    #[command(flatten)]
+    liveness: LivenessArgs,
 }
 
 #[derive(Args, Debug)]
@@ -195,7 +299,7 @@ impl RunArgs {
             disks: self.disk,
             serial: self.serial,
             kvm_device: kvm_device(),
-            epoch: self.epochs.config(),
+            epoch: self.epochs.config()?,
         })
     }
 }
@@ -212,10 +316,29 @@ fn restore(args: RestoreArgs) -> anyhow::Result<RunEnd> {
         from: args.from,
         serial: args.serial,
         kvm_device: kvm_device(),
-        epoch: args.epochs.config(),
+        epoch: args.epochs.config()?,
     };
     let machine = Machine::restore(&cfg)?;
     Ok(machine.run()?)
+}
+
+fn standby(args: StandbyArgs) -> anyhow::Result<RunEnd> {
+    let config = StandbyConfig {
+        listen: args.listen,
+        disks: args.disk,
+        serial: args.serial,
+        kvm_device: kvm_device(),
+        witness: args.witness,
+        liveness: args.liveness.config()?,
+        metrics: args.metrics,
+        transport: Transport::PlainTcp,
+    };
+    match Standby::new(config)?.serve()? {
+        StandbyEnd::PrimaryEnded { exit_status, .. } => Ok(RunEnd::GuestExit(
+            u8::try_from(exit_status.clamp(0, 255)).unwrap_or(u8::MAX),
+        )),
+        StandbyEnd::TookOver(t) => Ok(t.run()?),
+    }
 }
 
 fn disk(cmd: DiskCommand) -> anyhow::Result<()> {
@@ -285,6 +408,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
+        Command::Standby(args) => standby(args),
         Command::Demo(args) => return demo(args),
         Command::Disk(cmd) => {
             return match disk(cmd) {

@@ -161,6 +161,8 @@ impl FromStr for SerialConfig {
 pub enum SinkConfig {
     /// A local directory (`--checkpoint-dir`): `docs/checkpoint-format.md`.
     Directory(PathBuf),
+    /// A standby host (`--peer`): `docs/protocol.md`.
+    Peer(crate::replication::peer::PeerConfig),
 }
 
 /// Epoch settings: how often to cut, where checkpoints go, where metrics go.

@@ -2,7 +2,7 @@
 //! a virtio-blk device on the virtio-mmio transport.
 
 use std::fs::{File, OpenOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -25,6 +25,9 @@ use crate::memory::GuestMemory;
 /// Failures while opening or attaching a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
+    /// The image is a standby's copy whose initial copy never completed.
+    #[error("disk image {0} is an incomplete copy (a standby's initial copy did not finish; its marker file IMAGE.incomplete says so): it holds no consistent disk and is never used")]
+    IncompleteCopy(PathBuf),
     /// The image cannot be opened.
     #[error("cannot open disk image {path}")]
     Open {
@@ -137,8 +140,48 @@ pub struct OpenDisk {
 /// `OpenDisk::file` itself, whose open file description the `RawFile` backend keeps
 /// while the disk is attached, so the lock lasts exactly as long; with
 /// `checkpoint=on` the store holds exclusive locks on the image and its journal.
+/// The marker file saying that `image` is an incomplete copy: `IMAGE.incomplete`. A
+/// standby creates it (durably) before its initial copy overwrites the image and
+/// removes it once the first checkpoint completed the copy; a disk with the marker is
+/// never opened.
+pub fn incomplete_marker(image: &Path) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(".incomplete");
+    PathBuf::from(s)
+}
+
+/// Marks `image` durably as an incomplete copy (the marker and its directory entry
+/// are synced).
+pub fn mark_incomplete(image: &Path) -> std::io::Result<()> {
+    let marker = incomplete_marker(image);
+    let f = std::fs::File::create(&marker)?;
+    f.sync_all()?;
+    sync_parent(&marker)
+}
+
+/// Removes the incomplete-copy mark of `image`, durably.
+pub fn clear_incomplete(image: &Path) -> std::io::Result<()> {
+    let marker = incomplete_marker(image);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => sync_parent(&marker),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn sync_parent(p: &Path) -> std::io::Result<()> {
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
 pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
     let path = cfg.path.clone();
+    if incomplete_marker(&path).exists() {
+        return Err(DiskError::IncompleteCopy(path));
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(!cfg.readonly)

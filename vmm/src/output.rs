@@ -9,6 +9,8 @@
 
 pub struct OutputGate {
     inner: std::sync::Mutex<GateState>,
+    /// The last epoch released (a primary tells its standby in heartbeats).
+    released: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct GateState {
@@ -18,6 +20,8 @@ struct GateState {
     pending: Vec<u8>,
     /// Sealed at cut N, waiting for checkpoint N: (N, bytes).
     sealed: std::collections::VecDeque<(u64, Vec<u8>)>,
+    /// Bytes the guest wrote since boot (the console stream's length).
+    written: u64,
 }
 
 /// Most bytes held for one epoch; beyond it the oldest held output is released
@@ -28,11 +32,13 @@ impl OutputGate {
     /// A gate in front of `out`; `held` turns output commit on.
     pub fn new(out: Box<dyn std::io::Write + Send>, held: bool) -> std::sync::Arc<Self> {
         std::sync::Arc::new(OutputGate {
+            released: Default::default(),
             inner: std::sync::Mutex::new(GateState {
                 out,
                 held,
                 pending: Vec::new(),
                 sealed: std::collections::VecDeque::new(),
+                written: 0,
             }),
         })
     }
@@ -42,12 +48,33 @@ impl OutputGate {
     }
 
     /// At cut `epoch`: what was written since the previous cut belongs to it.
-    pub fn seal(&self, epoch: u64) {
+    /// Returns a copy of those bytes with their offset in the console stream.
+    pub fn seal(&self, epoch: u64) -> crate::checkpoint::Console {
         let mut s = self.state();
+        let offset = s.written - s.pending.len() as u64;
         if s.held && !s.pending.is_empty() {
             let bytes = std::mem::take(&mut s.pending);
-            s.sealed.push_back((epoch, bytes));
+            s.sealed.push_back((epoch, bytes.clone()));
+            return crate::checkpoint::Console { offset, bytes };
         }
+        crate::checkpoint::Console {
+            offset: s.written,
+            bytes: Vec::new(),
+        }
+    }
+
+    /// Writes `bytes` straight out (they were held elsewhere and are now due) and
+    /// continues the console stream after them.
+    pub fn show(&self, offset: u64, bytes: &[u8]) {
+        let mut s = self.state();
+        let _ = s.out.write_all(bytes);
+        let _ = s.out.flush();
+        s.written = offset.saturating_add(bytes.len() as u64);
+    }
+
+    /// The last epoch whose output was released (0: none yet).
+    pub fn released_epoch(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.released.clone()
     }
 
     /// Checkpoint `epoch` is complete: release its output and everything before.
@@ -59,6 +86,8 @@ impl OutputGate {
             }
         }
         let _ = s.out.flush();
+        self.released
+            .fetch_max(epoch, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The run is ending cleanly: release everything, and stop holding.
@@ -86,7 +115,9 @@ impl std::io::Write for GateWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut s = self.0.state();
         if !s.held {
-            return s.out.write(buf);
+            let n = s.out.write(buf)?;
+            s.written += n as u64;
+            return Ok(n);
         }
         if s.pending.len() + buf.len() > GATE_MAX_HELD {
             // Bounded: release the oldest sealed output early (documented).
@@ -97,6 +128,7 @@ impl std::io::Write for GateWriter {
             s.out.write_all(&pending)?;
         }
         s.pending.extend_from_slice(buf);
+        s.written += buf.len() as u64;
         Ok(buf.len())
     }
 

@@ -409,7 +409,7 @@ impl CheckpointSink for DirectorySink {
 
     /// A guest that ended its run marks the directory finished: restore refuses it.
     fn end(&mut self, how: &SinkEnd) -> Result<(), SinkError> {
-        if let SinkEnd::Finished(how) = how {
+        if let SinkEnd::Finished { how, .. } = how {
             write_atomic(&self.dir, FINISHED, format!("{how}\n").as_bytes())?;
         }
         Ok(())
@@ -605,6 +605,7 @@ mod tests {
                 size: 4096,
                 journal_id: None,
             }],
+            cpu: Default::default(),
         }
     }
 
@@ -647,6 +648,7 @@ mod tests {
                     state: state(b),
                     pages: page(0x2000, b),
                     disks: vec![],
+                    console: Default::default(),
                 })
                 .unwrap();
             }
@@ -663,7 +665,11 @@ mod tests {
 
         // Marked finished: nothing to resume.
         let mut sink = DirectorySink::open(&dir).unwrap();
-        sink.end(&SinkEnd::Finished("GuestExit(0)".into())).unwrap();
+        sink.end(&SinkEnd::Finished {
+            how: "GuestExit(0)".into(),
+            exit_status: 0,
+        })
+        .unwrap();
         drop(sink);
         let err = DirectorySource::new(&dir).manifest().unwrap_err();
         assert!(format!("{:?}", err).contains("Finished"), "{err:?}");

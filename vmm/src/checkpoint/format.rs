@@ -373,6 +373,7 @@ pub fn decode_state(version: u32, bytes: &[u8]) -> Result<StateSection, FormatEr
                 cpus: c.cpus,
                 cmdline: c.cmdline,
                 disks,
+                cpu: Default::default(),
             }),
         });
     }
@@ -418,6 +419,7 @@ mod tests {
                 data,
             },
             disks: Vec::new(),
+            console: Default::default(),
         }
     }
 

@@ -55,6 +55,9 @@ pub struct Manifest {
     pub cmdline: String,
     /// Disks, in attach order.
     pub disks: Vec<DiskManifest>,
+    /// The CPU the guest was started with (a standby checks its host against it).
+    #[serde(default)]
+    pub cpu: crate::cpuid::GuestCpu,
 }
 
 /// Everything but memory, at a cut.
@@ -102,6 +105,17 @@ pub struct Checkpoint {
     /// The disk regions frozen at its cut, filled in when they are sealed (on the
     /// exporter, after the guest resumed).
     pub disks: Vec<DiskRegion>,
+    /// The console output of its epoch (held on the primary until it is complete).
+    pub console: Console,
+}
+
+/// Console bytes and their offset in the guest's console stream (bytes since boot).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Console {
+    /// Offset of the first byte in the stream.
+    pub offset: u64,
+    /// The bytes.
+    pub bytes: Vec<u8>,
 }
 
 /// Failures encoding or applying checkpoint content.

@@ -49,6 +49,11 @@ pub enum SinkError {
     /// The sink is gone for good (the peer died or refused us): stop protecting.
     #[error("the checkpoint sink is lost")]
     Lost(#[source] Cause),
+    /// The sink is gone and this host cannot prove it may go on alone (it could not
+    /// record that it runs unprotected, or another host took the fence): release
+    /// nothing and retire nothing from now on.
+    #[error("the checkpoint sink is lost and this host no longer holds the fence")]
+    Fenced(#[source] Cause),
 }
 
 impl SinkError {
@@ -61,10 +66,18 @@ impl SinkError {
 /// How a run ended, as a sink records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkEnd {
-    /// The guest ended the run itself (`how`): there is nothing to resume.
-    Finished(String),
+    /// The guest ended the run itself: there is nothing to resume.
+    Finished {
+        /// How, for a log.
+        how: String,
+        /// The primary's exit status (a standby exits with the same).
+        exit_status: i32,
+    },
     /// The user stopped the run after a final checkpoint: resume from it.
-    Stopped,
+    Stopped {
+        /// The primary's exit status.
+        exit_status: i32,
+    },
 }
 
 /// A destination for checkpoints. Each method returns once what it wrote is durable

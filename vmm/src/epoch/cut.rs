@@ -1,9 +1,9 @@
 //! How a cut works: the steps inside one pause of every vCPU, in their order.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{CutError, EpochEngine, EpochError, EpochMetrics, Job, PauseError, Phase};
-use crate::checkpoint::{encode_state, Checkpoint};
+use crate::checkpoint::{encode_state, Checkpoint, Console};
 
 fn us(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -60,8 +60,15 @@ impl EpochEngine {
             self.parts.vcpus.resume();
         }
         let pause = t0.elapsed();
-        let (pages, state, region_bytes, t_harvest, t_copy, t_save) =
-            staged.map_err(|source| EpochError::Cut { epoch, source })?;
+        let Captured {
+            pages,
+            state,
+            region_bytes,
+            console,
+            t_harvest,
+            t_copy,
+            t_save,
+        } = staged.map_err(|source| EpochError::Cut { epoch, source })?;
         // Encoding needs no pause.
         let state = encode_state(&state).map_err(|e| EpochError::Cut {
             epoch,
@@ -97,6 +104,7 @@ impl EpochEngine {
                 state,
                 pages,
                 disks: Vec::new(),
+                console,
             },
             sealed: false,
         });
@@ -115,21 +123,7 @@ impl EpochEngine {
 
     /// Steps 2–6, with every vCPU parked and the device loop stopped (the caller is
     /// the device loop).
-    #[allow(clippy::type_complexity)]
-    fn capture(
-        &mut self,
-        epoch: u64,
-    ) -> Result<
-        (
-            crate::dirty::StagedPages,
-            crate::checkpoint::MachineState,
-            u64,
-            std::time::Duration,
-            std::time::Duration,
-            std::time::Duration,
-        ),
-        CutError,
-    > {
+    fn capture(&mut self, epoch: u64) -> Result<Captured, CutError> {
         // 2. Devices process pending queue notifications, so none is lost.
         self.parts.state.drain();
         // 3. Harvest: KVM's log ∪ the VMM's own writes; reading clears both.
@@ -154,7 +148,26 @@ impl EpochEngine {
         //    the console output of this epoch. Both inside the pause, so no guest
         //    write or output straddles the cut.
         let region_bytes = self.parts.disks.start_checkpoint(epoch)?;
-        self.parts.output.seal(epoch);
-        Ok((pages, state, region_bytes, t_harvest, t_copy, t3.elapsed()))
+        let console = self.parts.output.seal(epoch);
+        Ok(Captured {
+            pages,
+            state,
+            region_bytes,
+            console,
+            t_harvest,
+            t_copy,
+            t_save: t3.elapsed(),
+        })
     }
+}
+
+/// What the steps inside the pause produced.
+struct Captured {
+    pages: crate::dirty::StagedPages,
+    state: crate::checkpoint::MachineState,
+    region_bytes: u64,
+    console: Console,
+    t_harvest: Duration,
+    t_copy: Duration,
+    t_save: Duration,
 }

@@ -45,10 +45,15 @@ pub fn plan(why: &RunEnd, loop_ok: bool, phase: Option<Phase>) -> Ending {
             final_checkpoint: true,
             release_output: true,
             retire_disks: false,
-            sink_end: Some(SinkEnd::Stopped),
+            sink_end: Some(SinkEnd::Stopped {
+                exit_status: why.exit_code(),
+            }),
         },
         Some(_) => Ending {
-            sink_end: Some(SinkEnd::Finished(format!("{why:?}"))),
+            sink_end: Some(SinkEnd::Finished {
+                how: format!("{why:?}"),
+                exit_status: why.exit_code(),
+            }),
             ..local
         },
     }
@@ -80,11 +85,17 @@ mod tests {
 
         let s = plan(&stop, true, idle);
         assert!(s.final_checkpoint && !s.retire_disks);
-        assert_eq!(s.sink_end, Some(SinkEnd::Stopped));
+        assert!(matches!(s.sink_end, Some(SinkEnd::Stopped { .. })));
 
         let g = plan(&exit, true, idle);
         assert!(!g.final_checkpoint && g.release_output && g.retire_disks);
-        assert_eq!(g.sink_end, Some(SinkEnd::Finished("GuestExit(0)".into())));
+        assert_eq!(
+            g.sink_end,
+            Some(SinkEnd::Finished {
+                how: "GuestExit(0)".into(),
+                exit_status: 0
+            })
+        );
 
         for p in [Phase::Failed, Phase::Fenced] {
             for why in [&exit, &stop] {

@@ -111,6 +111,11 @@ pub enum ExportEvent {
         /// Why.
         error: Cause,
     },
+    /// The sink is gone and this host may not go on alone.
+    Fenced {
+        /// Why.
+        error: Cause,
+    },
     /// Sealing or retiring a disk region failed: checkpointing cannot go on.
     Failed {
         /// The checkpoint.
@@ -167,6 +172,7 @@ impl ExportWorker {
             SinkError::Failed(cause) => Attempt::Retry(cause),
             SinkError::BaseLost => Attempt::Done(ExportEvent::BaseLost { epoch, during }),
             SinkError::Lost(error) => Attempt::Done(ExportEvent::Lost { error }),
+            SinkError::Fenced(error) => Attempt::Done(ExportEvent::Fenced { error }),
         };
         match job {
             Job::Begin(m) => match self.sink.begin(m) {

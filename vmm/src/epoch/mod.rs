@@ -329,6 +329,14 @@ impl EpochEngine {
                 self.unprotect(&error);
                 Ok(())
             }
+            ExportEvent::Fenced { error } => {
+                eprintln!(
+                    "mirrorvm: {}: holding console output and disk writes from now on",
+                    ErrorChain(&*error)
+                );
+                self.on_fenced();
+                Ok(())
+            }
             ExportEvent::Failed { epoch, what, error } => {
                 self.phase = Phase::Failed;
                 Err(EpochError::Commit {
@@ -445,7 +453,10 @@ impl EpochEngine {
     }
 
     fn unprotect(&mut self, error: &Cause) {
-        if matches!(self.phase, Phase::Fenced | Phase::Failed) {
+        if matches!(
+            self.phase,
+            Phase::Fenced | Phase::Failed | Phase::Unprotected { .. }
+        ) {
             return;
         }
         eprintln!(

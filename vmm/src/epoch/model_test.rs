@@ -222,7 +222,9 @@ impl DiskCommit for FakeDisks {
 
 struct FakeOutput(Shared);
 impl Output for FakeOutput {
-    fn seal(&mut self, _epoch: u64) {}
+    fn seal(&mut self, _epoch: u64) -> crate::checkpoint::Console {
+        crate::checkpoint::Console::default()
+    }
     fn release(&mut self, epoch: u64) {
         let mut s = w(&self.0);
         if s.fenced {
@@ -454,6 +456,7 @@ fn run_model(steps: &[Step], end: End, sabotage: Sabotage) -> Result<(), String>
         cpus: 1,
         cmdline: String::new(),
         disks: vec![],
+        cpu: Default::default(),
     };
     engine.start(manifest).map_err(|e| e.to_string())?;
     for st in steps {

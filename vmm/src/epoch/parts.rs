@@ -3,7 +3,7 @@
 //! with fakes (`model_test.rs`), so the engine runs without KVM.
 
 use super::error::{Cause, CutError, PauseError};
-use crate::checkpoint::{DiskRegion, MachineState, StorageMode};
+use crate::checkpoint::{Console, DiskRegion, MachineState, StorageMode};
 use crate::dirty::{DirtySet, StagedPages};
 
 /// The vCPUs, as a cut pauses and resumes them.
@@ -41,8 +41,10 @@ pub trait DiskCut: Send {
 
 /// Output commit (the console).
 pub trait Output: Send {
-    /// At cut `epoch`: what was written since the previous cut belongs to it.
-    fn seal(&mut self, epoch: u64);
+    /// At cut `epoch`: what was written since the previous cut belongs to it. Returns
+    /// those bytes with their offset in the console stream (a standby shows them if
+    /// it takes over before the primary could).
+    fn seal(&mut self, epoch: u64) -> Console;
     /// Checkpoint `epoch` is complete: release its output and everything before.
     fn release(&mut self, epoch: u64);
     /// Release everything held and stop holding (unprotected, or a clean end).

@@ -196,8 +196,8 @@ fn acknowledge_and_retire(store: &SharedStore, epoch: u64) -> Result<(), devices
 pub(super) struct Gate(pub Arc<OutputGate>);
 
 impl Output for Gate {
-    fn seal(&mut self, epoch: u64) {
-        self.0.seal(epoch);
+    fn seal(&mut self, epoch: u64) -> crate::checkpoint::Console {
+        self.0.seal(epoch)
     }
 
     fn release(&mut self, epoch: u64) {

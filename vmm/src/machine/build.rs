@@ -156,10 +156,15 @@ fn check_journals(manifest: &Manifest) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Opens the sink a configuration names: the one place a sink is chosen.
-fn open_sink(config: &SinkConfig) -> Result<Box<dyn CheckpointSink>, VmmError> {
+/// Opens the sink a configuration names: the one place a sink is chosen. `gate` is
+/// the console's output gate (a peer tells its standby what it released).
+fn open_sink(config: &SinkConfig, gate: &OutputGate) -> Result<Box<dyn CheckpointSink>, VmmError> {
     Ok(match config {
         SinkConfig::Directory(dir) => Box::new(DirectorySink::open(dir)?),
+        SinkConfig::Peer(peer) => Box::new(
+            crate::replication::peer::PeerSink::open(peer, gate.released_epoch())
+                .map_err(VmmError::Peer)?,
+        ),
     })
 }
 
@@ -299,11 +304,14 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
         first_epoch,
         mut start,
     } = plan;
-    // The sink is opened (and a directory locked) before the VM exists.
+    // Output commit: with checkpoints, console output waits for its checkpoint.
+    let (serial_out, attach_stdin) = serial_output(&serial_cfg)?;
+    let gate = OutputGate::new(serial_out, epoch.is_some());
+    // The sink is opened (a directory locked, a standby reached) before the VM exists.
     let checkpointing = match &epoch {
         Some(config) => Some(Checkpointing {
             config: config.clone(),
-            sink: open_sink(&config.sink)?,
+            sink: open_sink(&config.sink, &gate)?,
             first_epoch,
             cut_request: Arc::new(
                 EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("the cut-request eventfd"))?,
@@ -347,9 +355,6 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
     let mut events: EventManager<Subscriber> = EventManager::new().map_err(VmmError::EventLoop)?;
 
     // Legacy devices.
-    let (serial_out, attach_stdin) = serial_output(&serial_cfg)?;
-    // Output commit: with checkpoints, console output waits for its checkpoint.
-    let gate = OutputGate::new(serial_out, checkpointing.is_some());
     let serial_out: Box<dyn Write + Send> = Box::new(gate.writer());
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("the serial interrupt eventfd"))?;
@@ -516,5 +521,6 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
         cmdline,
         memory_size,
         checkpointing,
+        on_running: None,
     })
 }

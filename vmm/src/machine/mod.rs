@@ -44,6 +44,9 @@ pub const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(3);
 /// Failures while building or running a machine.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    /// The standby cannot be reached or the fence cannot be taken.
+    #[error("cannot mirror to the standby")]
+    Peer(#[source] crate::replication::peer::PeerError),
     /// /dev/kvm is missing or cannot be opened. The cause is shown inline, before
     /// the hint about what to do, so it is not also a `source()`.
     #[error("cannot open {path}: {cause}{hint}")]
@@ -260,6 +263,7 @@ pub struct Machine {
     cmdline: String,
     memory_size: u64,
     checkpointing: Option<Checkpointing>,
+    on_running: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Machine {
@@ -281,5 +285,18 @@ impl Machine {
     /// A handle to end the run from elsewhere (tests, a control socket).
     pub fn shutdown_handle(&self) -> Arc<Shutdown> {
         self.shutdown.clone()
+    }
+
+    /// Calls `f` once every vCPU thread is started (a standby taking over times its
+    /// resume with it).
+    pub fn on_running(&mut self, f: Box<dyn FnOnce() + Send>) {
+        self.on_running = Some(f);
+    }
+
+    /// Shows console bytes the guest wrote before this machine existed (a standby
+    /// taking over shows what its primary held back), continuing the console stream
+    /// at `offset + bytes.len()`.
+    pub fn show_console(&self, offset: u64, bytes: &[u8]) {
+        self.gate.show(offset, bytes);
     }
 }

@@ -64,7 +64,21 @@ impl Machine {
                     journal_id: d.store.as_ref().map(|s| s.lock().file_header().journal_id),
                 })
                 .collect(),
+            cpu: self.guest_cpu(),
         }
+    }
+
+    /// The CPU the guest sees (vCPU 0's CPUID and TSC frequency).
+    fn guest_cpu(&self) -> crate::cpuid::GuestCpu {
+        let Some(v) = self.vcpus.first() else {
+            return Default::default();
+        };
+        let cpuid = v
+            .fd()
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map(|c| c.as_slice().to_vec())
+            .unwrap_or_default();
+        crate::cpuid::GuestCpu::of(&cpuid, v.fd().get_tsc_khz().ok())
     }
 
     /// Builds and starts the epoch engine on the device loop, if checkpointing.
@@ -191,6 +205,9 @@ impl Machine {
                 })
                 .map_err(os_err("a vCPU thread"))?;
             threads.push(handle);
+        }
+        if let Some(f) = self.on_running.take() {
+            f();
         }
         let loop_result = loop {
             if self.shutdown.reason().is_some() {

@@ -1,9 +1,17 @@
-//! Replication: keeping a standby host ready to take over (the mirroring issue).
+//! Replication: keeping a standby host ready to take over.
 //!
-//! Groundwork so far, each piece tested on its own: the wire protocol's frames and the
-//! standby's staging of a checkpoint (`protocol`), and the witness-file fence
-//! (`fence`). The peer sink, the standby's receiver and failover come next; a peer
-//! plugs into the engine as one more `CheckpointSink` (docs/architecture.md).
+//! - [`transport`]: the one seam between hosts (plain TCP now, TLS later).
+//! - [`protocol`]: the frames, their bounded decoder, and the standby's staging of a
+//!   checkpoint (specified in `docs/protocol.md`).
+//! - [`liveness`]: heartbeats both ways on a connection of their own, and deadlines.
+//! - [`peer`]: the primary's side, [`peer::PeerSink`], one more checkpoint sink.
+//! - [`standby`]: the standby's side: the initial copy, applying checkpoints to its
+//!   replica, and failover.
+//! - [`fence`]: the witness-file fence against two running guests (`docs/fencing.md`).
 
 pub mod fence;
+pub mod liveness;
+pub mod peer;
 pub mod protocol;
+pub mod standby;
+pub mod transport;

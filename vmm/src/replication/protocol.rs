@@ -42,6 +42,8 @@ pub const MAX_CONTROL_PAYLOAD: u32 = 64 << 10;
 pub const MAX_BATCH_PAGES: u32 = 1024;
 /// Most console bytes in one Console frame.
 pub const MAX_CONSOLE_CHUNK: u32 = 1 << 20;
+/// Most disk bytes in one DiskBase frame (a whole number of sectors).
+pub const MAX_DISK_BASE_CHUNK: u32 = 4 << 20;
 
 /// [`PAGE_SIZE`] as a u64.
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -55,6 +57,8 @@ const REGION_HEAD_LEN: usize = 64;
 const EXTENT_HEAD_LEN: usize = 16;
 /// Size of the fixed part of a Console payload.
 const CONSOLE_HEAD_LEN: usize = 8;
+/// Size of the fixed part of a DiskBase payload.
+const DISK_BASE_HEAD_LEN: usize = 16;
 /// Size of an EndOfCheckpoint payload.
 const END_LEN: usize = 32;
 /// EndOfCheckpoint flag: the checkpoint completes a base image.
@@ -165,11 +169,13 @@ pub enum FrameType {
     Heartbeat = 10,
     /// Primary → standby: the run ended in order; no failover.
     Shutdown = 11,
+    /// Primary → standby: part of one disk's base image, during the initial copy.
+    DiskBase = 12,
 }
 
 impl FrameType {
     /// Every frame type, in code order.
-    pub const ALL: [FrameType; 11] = [
+    pub const ALL: [FrameType; 12] = [
         FrameType::Hello,
         FrameType::HelloAck,
         FrameType::Base,
@@ -181,6 +187,7 @@ impl FrameType {
         FrameType::Ack,
         FrameType::Heartbeat,
         FrameType::Shutdown,
+        FrameType::DiskBase,
     ];
 
     /// The type with wire code `code`, if any.
@@ -203,6 +210,7 @@ impl FrameType {
             }
             FrameType::State | FrameType::Region => MAX_PAYLOAD,
             FrameType::Console => len_u32(CONSOLE_HEAD_LEN) + MAX_CONSOLE_CHUNK,
+            FrameType::DiskBase => len_u32(DISK_BASE_HEAD_LEN) + MAX_DISK_BASE_CHUNK,
             FrameType::EndOfCheckpoint => len_u32(END_LEN),
             FrameType::Ack | FrameType::Heartbeat => 0,
         }
@@ -249,14 +257,11 @@ impl From<WireStorage> for StorageMode {
 pub struct Hello {
     /// The protocol version the primary speaks (also in every header).
     pub protocol_version: u16,
-    /// The machine.
+    /// The machine, with the CPU its guest sees (`manifest.cpu`), which a standby
+    /// checks against its own host before it accepts.
     pub manifest: Manifest,
     /// How disk regions travel.
     pub storage: WireStorage,
-    /// Reserved for the primary's CPUID entries and TSC frequency (kHz), which a
-    /// standby will compare with its own host before it accepts. Empty in version 1;
-    /// a version 1 standby ignores it.
-    pub host_cpu: Vec<u8>,
 }
 
 /// Why a standby refuses a primary.
@@ -299,8 +304,12 @@ pub enum Shutdown {
         /// How it ended, for the standby's log.
         how: String,
     },
-    /// The user stopped the run after a final checkpoint, which may be resumed.
-    Stopped,
+    /// The user stopped the run after a final checkpoint, which may be resumed from
+    /// the primary's own store; the standby does not take over.
+    Stopped {
+        /// The primary's exit status.
+        exit_status: i32,
+    },
 }
 
 /// Part of one disk's region in a Region frame. A region too large for one frame
@@ -318,14 +327,21 @@ pub struct RegionChunk {
     pub extents: Vec<ExportExtent>,
 }
 
-/// Console bytes and their offset in the guest's console stream.
+/// Part of one disk's base image in the initial copy: `data` belongs at byte `offset`
+/// of disk `disk` (attach order). Offsets and lengths are whole sectors.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ConsoleChunk {
-    /// Offset of the first byte in the stream since the guest booted.
+pub struct DiskChunk {
+    /// The disk's index in attach order.
+    pub disk: u32,
+    /// Byte offset in the disk, a multiple of the sector size.
     pub offset: u64,
-    /// The bytes.
-    pub bytes: Vec<u8>,
+    /// The bytes, a positive whole number of sectors.
+    pub data: Vec<u8>,
 }
+
+/// Console bytes and their offset in the guest's console stream: a checkpoint's
+/// [`Console`](crate::checkpoint::Console).
+pub type ConsoleChunk = crate::checkpoint::Console;
 
 /// The totals an EndOfCheckpoint announces, which the standby checks against what
 /// it received.
@@ -368,6 +384,8 @@ pub enum Body {
     Heartbeat,
     /// See [`FrameType::Shutdown`].
     Shutdown(Shutdown),
+    /// See [`FrameType::DiskBase`].
+    DiskBase(DiskChunk),
 }
 
 impl Body {
@@ -385,6 +403,7 @@ impl Body {
             Body::Ack => FrameType::Ack,
             Body::Heartbeat => FrameType::Heartbeat,
             Body::Shutdown(_) => FrameType::Shutdown,
+            Body::DiskBase(_) => FrameType::DiskBase,
         }
     }
 }
@@ -457,6 +476,16 @@ pub enum Malformed {
     /// A Console frame's offset plus length overflows the stream.
     #[error("console offset {0} plus its length overflows")]
     ConsoleOverflow(u64),
+    /// A DiskBase chunk is empty, not whole sectors, or overflows.
+    #[error(
+        "disk chunk at byte {offset} with {len} bytes is not a positive whole number of sectors"
+    )]
+    DiskChunk {
+        /// Its offset.
+        offset: u64,
+        /// Its length.
+        len: usize,
+    },
     /// A structured (postcard) payload does not decode.
     #[error("cannot decode the payload")]
     Decode(#[source] postcard::Error),
@@ -689,6 +718,13 @@ fn encode_body(buf: &mut Vec<u8>, body: &Body) -> Result<(), FrameError> {
             Ok(())
         }
         Body::Ack | Body::Heartbeat => Ok(()),
+        Body::DiskBase(c) => {
+            buf.extend_from_slice(&c.disk.to_le_bytes());
+            buf.extend_from_slice(&[0; 4]);
+            buf.extend_from_slice(&c.offset.to_le_bytes());
+            buf.extend_from_slice(&c.data);
+            Ok(())
+        }
     }
 }
 
@@ -817,7 +853,13 @@ impl<W: Write> FrameWriter<W> {
     /// Sends checkpoint `c` with its console output `console`: Pages, Region, Console
     /// and State frames (each within its bound), then EndOfCheckpoint with the totals.
     /// Regions must carry data for replicated storage, metadata for shared storage.
-    pub fn write_checkpoint(
+    pub fn write_checkpoint(&mut self, c: &Checkpoint) -> Result<(), FrameError> {
+        self.write_checkpoint_with(c, &c.console)
+    }
+
+    /// [`write_checkpoint`](Self::write_checkpoint) with other console bytes (tests
+    /// build hostile streams with it).
+    fn write_checkpoint_with(
         &mut self,
         c: &Checkpoint,
         console: &ConsoleChunk,
@@ -928,6 +970,7 @@ impl<W: Write> FrameWriter<W> {
 pub struct FrameReader<R> {
     r: R,
     max_payload: u32,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -959,7 +1002,17 @@ impl<R: Read> FrameReader<R> {
     /// A reader refusing payloads over `max_payload` bytes (and over each type's own
     /// bound), whatever a header says.
     pub fn with_max_payload(r: R, max_payload: u32) -> Self {
-        FrameReader { r, max_payload }
+        FrameReader {
+            r,
+            max_payload,
+            read: Default::default(),
+        }
+    }
+
+    /// A counter of the bytes this reader has read (headers and payloads), which
+    /// another thread may watch.
+    pub fn bytes_read(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.read.clone()
     }
 
     /// The transport.
@@ -972,6 +1025,8 @@ impl<R: Read> FrameReader<R> {
     pub fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         let mut hb = [0u8; HEADER_LEN];
         let got = read_full(&mut self.r, &mut hb)?;
+        self.read
+            .fetch_add(got as u64, std::sync::atomic::Ordering::Relaxed);
         if got == 0 {
             return Ok(None);
         }
@@ -986,6 +1041,8 @@ impl<R: Read> FrameReader<R> {
         // `len` is within the bound: this is the only allocation a header sizes.
         let mut payload = vec![0u8; len];
         let got = read_full(&mut self.r, &mut payload)?;
+        self.read
+            .fetch_add(got as u64, std::sync::atomic::Ordering::Relaxed);
         if got < len {
             return Err(FrameError::Truncated {
                 part: "payload",
@@ -1212,6 +1269,29 @@ fn decode_body(ty: FrameType, payload: Vec<u8>) -> Result<Body, Malformed> {
         // The length bound (0) already refused anything else.
         FrameType::Ack => Body::Ack,
         FrameType::Heartbeat => Body::Heartbeat,
+        FrameType::DiskBase => {
+            need(&payload, DISK_BASE_HEAD_LEN)?;
+            let disk = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            if payload[4..8] != [0; 4] {
+                return Err(Malformed::Reserved);
+            }
+            let offset = u64_at(&payload[8..]);
+            let data = payload[DISK_BASE_HEAD_LEN..].to_vec();
+            let sector = crate::arch::to_usize(SECTOR_SIZE);
+            if data.is_empty() || data.len() % sector != 0 || offset % SECTOR_SIZE != 0 {
+                return Err(Malformed::DiskChunk {
+                    offset,
+                    len: data.len(),
+                });
+            }
+            if offset.checked_add(data.len() as u64).is_none() {
+                return Err(Malformed::DiskChunk {
+                    offset,
+                    len: data.len(),
+                });
+            }
+            Body::DiskBase(DiskChunk { disk, offset, data })
+        }
     })
 }
 
@@ -1377,10 +1457,9 @@ pub enum AssembleError {
 /// A checkpoint that arrived whole: ready to apply.
 #[derive(Debug)]
 pub struct Complete {
-    /// The checkpoint: pages, state, regions (data or metadata, in disk order).
+    /// The checkpoint: pages, state, regions (data or metadata, in disk order) and
+    /// its console output.
     pub checkpoint: Checkpoint,
-    /// Its console output.
-    pub console: ConsoleChunk,
 }
 
 /// What a frame fed to the assembler produced.
@@ -1395,6 +1474,14 @@ pub enum Staged {
         epoch: u64,
         /// The pages.
         pages: StagedPages,
+    },
+    /// Part of a disk's base image of an initial copy at `epoch`: write it into the
+    /// standby's own copy of that disk (inconsistent until the copy completes).
+    DiskBase {
+        /// The copy's epoch.
+        epoch: u64,
+        /// Where the bytes go.
+        chunk: DiskChunk,
     },
     /// A checkpoint arrived whole: apply it, then acknowledge it.
     Complete(Box<Complete>),
@@ -1528,7 +1615,19 @@ impl CheckpointAssembler {
                 ty,
                 during: self.during(),
             }),
-            Body::Base(pages) => self.base(epoch, pages),
+            Body::Base(pages) => self
+                .base(FrameType::Base, epoch)
+                .map(|epoch| Staged::Base { epoch, pages }),
+            Body::DiskBase(chunk) => {
+                if chunk.disk as usize >= self.disks {
+                    return Err(AssembleError::NoSuchDisk {
+                        disk: chunk.disk,
+                        disks: self.disks,
+                    });
+                }
+                self.base(FrameType::DiskBase, epoch)
+                    .map(|epoch| Staged::DiskBase { epoch, chunk })
+            }
             Body::Pages(pages) => {
                 let limit = self.limits.max_pages;
                 let p = self.receiving(epoch, generation)?;
@@ -1561,10 +1660,12 @@ impl CheckpointAssembler {
         }
     }
 
-    fn base(&mut self, epoch: u64, pages: StagedPages) -> Result<Staged, AssembleError> {
+    /// A frame of an initial copy (memory or disk) at `epoch`: only between
+    /// checkpoints, and a copy keeps one epoch.
+    fn base(&mut self, ty: FrameType, epoch: u64) -> Result<u64, AssembleError> {
         if self.partial.is_some() {
             return Err(AssembleError::Unexpected {
-                ty: FrameType::Base,
+                ty,
                 during: self.during(),
             });
         }
@@ -1576,7 +1677,7 @@ impl CheckpointAssembler {
         }
         self.last = Some(epoch);
         self.need_full = true;
-        Ok(Staged::Base { epoch, pages })
+        Ok(epoch)
     }
 
     /// The checkpoint being received, started by this frame of `epoch` if none is.
@@ -1764,8 +1865,8 @@ impl CheckpointAssembler {
                 state,
                 pages: p.pages,
                 disks: regions,
+                console,
             },
-            console,
         })))
     }
 }
@@ -1808,9 +1909,9 @@ fn fuzz_hello() -> Hello {
             cpus: 1,
             cmdline: String::new(),
             disks: vec![disk("a.img"), disk("b.img")],
+            cpu: Default::default(),
         },
         storage: WireStorage::Replicated,
-        host_cpu: Vec::new(),
     }
 }
 
@@ -1852,6 +1953,7 @@ mod tests {
             full: false,
             state: vec![epoch.to_le_bytes()[0]; 100],
             pages: pages(&[0, 3 * PAGE, 17 * PAGE]),
+            console: ConsoleChunk::default(),
             disks: vec![DiskRegion {
                 disk: 1,
                 content: RegionContent::Data(Export {
@@ -1878,7 +1980,7 @@ mod tests {
 
     fn encode_checkpoint(c: &Checkpoint, console: &ConsoleChunk) -> Vec<u8> {
         let mut w = FrameWriter::new(Vec::new(), GEN);
-        w.write_checkpoint(c, console).unwrap();
+        w.write_checkpoint_with(c, console).unwrap();
         w.into_inner()
     }
 
@@ -1963,7 +2065,12 @@ mod tests {
                 exit_status: 3,
                 how: "guest exit 3".into(),
             }),
-            Body::Shutdown(Shutdown::Stopped),
+            Body::Shutdown(Shutdown::Stopped { exit_status: 130 }),
+            Body::DiskBase(DiskChunk {
+                disk: 1,
+                offset: 4096,
+                data: vec![9; 1024],
+            }),
         ]
     }
 
@@ -2011,7 +2118,7 @@ mod tests {
                 assemble(&mut a, read_all(&encode_checkpoint(&c, &console)).unwrap()).unwrap();
             assert_eq!(done.len(), 1);
             same(&done[0].checkpoint, &c);
-            assert_eq!(done[0].console, console);
+            assert_eq!(done[0].checkpoint.console, console);
         }
         assert_eq!(a.last_epoch(), Some(3));
     }
@@ -2071,7 +2178,8 @@ mod tests {
         let (c, console) = checkpoint(2);
         bytes.extend(encode_checkpoint(&c, &console));
         let mut w = FrameWriter::new(bytes, GEN);
-        w.write(2, &Body::Shutdown(Shutdown::Stopped)).unwrap();
+        w.write(2, &Body::Shutdown(Shutdown::Stopped { exit_status: 130 }))
+            .unwrap();
         w.into_inner()
     }
 
@@ -2281,12 +2389,31 @@ mod tests {
             Malformed::Decode(_)
         ));
         assert!(matches!(
-            cause(frame(FrameType::Shutdown, &[1, 0])),
+            cause(frame(FrameType::Shutdown, &[1, 0, 0])),
             Malformed::Trailing(1)
         ));
         assert!(matches!(
             frame(FrameType::Heartbeat, &[0]),
             FrameError::TooLarge { max: 0, .. }
+        ));
+        // DiskBase: a head, then whole sectors at a sector offset.
+        let disk_chunk = |offset: u64, len: usize, reserved: u8| {
+            let mut p = vec![0u8; 16 + len];
+            p[4] = reserved;
+            p[8..16].copy_from_slice(&offset.to_le_bytes());
+            cause(frame(FrameType::DiskBase, &p))
+        };
+        assert!(matches!(disk_chunk(0, 0, 0), Malformed::DiskChunk { .. }));
+        assert!(matches!(disk_chunk(0, 100, 0), Malformed::DiskChunk { .. }));
+        assert!(matches!(disk_chunk(7, 512, 0), Malformed::DiskChunk { .. }));
+        assert!(matches!(
+            disk_chunk(u64::MAX - 511, 512, 0),
+            Malformed::DiskChunk { .. }
+        ));
+        assert_eq!(disk_chunk(0, 512, 1), Malformed::Reserved);
+        assert!(matches!(
+            cause(frame(FrameType::DiskBase, &[0; 8])),
+            Malformed::Short { .. }
         ));
     }
 
@@ -2381,7 +2508,7 @@ mod tests {
         let shutdown = Frame {
             epoch: 1,
             generation: GEN,
-            body: Body::Shutdown(Shutdown::Stopped),
+            body: Body::Shutdown(Shutdown::Stopped { exit_status: 130 }),
         };
         f.push(shutdown.clone());
         f.push(end);
@@ -2394,7 +2521,7 @@ mod tests {
         ));
         assert!(matches!(
             a.push(shutdown),
-            Ok(Staged::Shutdown(Shutdown::Stopped))
+            Ok(Staged::Shutdown(Shutdown::Stopped { exit_status: 130 }))
         ));
         // Heartbeats anywhere are ignored.
         let mut f = frames_of(1);
@@ -2607,6 +2734,7 @@ mod tests {
                         state,
                         pages: p,
                         disks,
+                        console: ConsoleChunk::default(),
                     },
                     ConsoleChunk {
                         offset: 0,
@@ -2636,7 +2764,7 @@ mod tests {
                 prop_assert_eq!(done.len(), 1);
                 let got = &done[0];
                 same(&got.checkpoint, &c);
-                prop_assert_eq!(&got.console, &console);
+                prop_assert_eq!(&got.checkpoint.console, &console);
             }
         }
     }

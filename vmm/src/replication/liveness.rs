@@ -1,0 +1,248 @@
+//! Liveness, both ways, on a connection of its own so bulk data never delays it.
+//!
+//! Each side sends a Heartbeat frame every [`LivenessConfig::heartbeat`] on the
+//! liveness connection and reads the other side's. Any frame from the peer, on either
+//! connection, is a sign of life ([`Pulse::touch`]). A peer silent for
+//! [`LivenessConfig::dead_after`] is dead; so is one whose liveness connection fails.
+//! An extra check (the primary's lag deadline: no acknowledgement progress) can
+//! declare the peer dead too. Death is reported once, through a callback that closes
+//! the data connection, so whoever is blocked on it returns at once.
+//!
+//! A heartbeat's epoch field carries the sender's latest: on the primary the last
+//! epoch whose console output it released (a standby taking over shows only what
+//! comes after), on the standby the last checkpoint it applied.
+
+use std::io::{BufReader, BufWriter};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::protocol::{Body, FrameReader, FrameWriter};
+use super::transport::Connection;
+
+/// How often heartbeats go, when silence means death, and how long acknowledgement
+/// may lag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LivenessConfig {
+    /// Interval between heartbeats.
+    pub heartbeat: Duration,
+    /// Silence after which the peer is dead.
+    pub dead_after: Duration,
+    /// Longest a checkpoint may stay unacknowledged (the primary's lag deadline).
+    pub max_lag: Duration,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        LivenessConfig {
+            heartbeat: Duration::from_millis(10),
+            dead_after: Duration::from_millis(100),
+            max_lag: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The time of the peer's last sign of life.
+#[derive(Debug)]
+pub struct Pulse {
+    start: Instant,
+    last_us: AtomicU64,
+}
+
+impl Default for Pulse {
+    fn default() -> Self {
+        Pulse {
+            start: Instant::now(),
+            last_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Pulse {
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// The peer showed a sign of life now.
+    pub fn touch(&self) {
+        self.last_us.fetch_max(self.now_us(), Ordering::Relaxed);
+    }
+
+    /// How long the peer has been silent.
+    pub fn silent_for(&self) -> Duration {
+        Duration::from_micros(
+            self.now_us()
+                .saturating_sub(self.last_us.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// Why the peer was declared dead, once.
+#[derive(Debug, Default)]
+pub struct Verdict(Mutex<Option<String>>);
+
+impl Verdict {
+    /// Records `why` unless a reason is already recorded; true if this was the first.
+    pub fn declare(&self, why: String) -> bool {
+        let mut v = devices::bus::lock_recover(&self.0);
+        if v.is_none() {
+            *v = Some(why);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The recorded reason, if the peer was declared dead.
+    pub fn get(&self) -> Option<String> {
+        devices::bus::lock_recover(&self.0).clone()
+    }
+}
+
+/// The liveness thread of one side of a session. Dropping it stops the thread.
+pub struct Liveness {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the liveness thread watches and reports.
+pub struct Watch {
+    /// The peer's last sign of life (touched by the data path too).
+    pub pulse: Arc<Pulse>,
+    /// This side's latest epoch, sent in heartbeats.
+    pub ours: Arc<AtomicU64>,
+    /// The highest epoch the peer's heartbeats carried.
+    pub theirs: Arc<AtomicU64>,
+    /// Where the reason for death is recorded.
+    pub verdict: Arc<Verdict>,
+    /// An extra reason for death, checked at every heartbeat (the lag deadline).
+    pub extra: Box<dyn Fn() -> Option<String> + Send>,
+    /// Called once when the peer is declared dead (closes the data connection).
+    pub on_dead: Box<dyn Fn() + Send>,
+}
+
+/// Lowers the calling thread's nice value if allowed, so heartbeats keep their
+/// cadence on a busy host. Best effort: without the privilege nothing changes.
+fn raise_priority() {
+    let tid = nix::unistd::gettid().as_raw();
+    if let Ok(tid) = libc::id_t::try_from(tid) {
+        // SAFETY: setpriority takes plain integers and touches no memory of ours; on
+        // our own thread id it only changes this thread's nice value. Its failure
+        // (no privilege) is ignored.
+        let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, -10) };
+    }
+}
+
+impl Liveness {
+    /// Starts heartbeats on `conn` (stamped with fence generation `generation`) and
+    /// watches the peer as `watch` says.
+    pub fn spawn(
+        conn: Connection,
+        generation: u64,
+        config: LivenessConfig,
+        watch: Watch,
+    ) -> Result<Liveness, std::io::Error> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, w, closer) = conn.split().map_err(std::io::Error::other)?;
+        let Watch {
+            pulse,
+            ours,
+            theirs,
+            verdict,
+            extra,
+            on_dead,
+        } = watch;
+        let reader_stop = stop.clone();
+        let (rp, rv) = (pulse.clone(), verdict.clone());
+        let reader = std::thread::Builder::new()
+            .name("liveness-rx".into())
+            .spawn(move || {
+                raise_priority();
+                let mut fr = FrameReader::new(BufReader::new(r));
+                loop {
+                    match fr.read_frame() {
+                        Ok(Some(f)) => {
+                            rp.touch();
+                            if matches!(f.body, Body::Heartbeat) {
+                                theirs.fetch_max(f.epoch, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(None) => {
+                            if !reader_stop.load(Ordering::Relaxed) {
+                                rv.declare("the liveness connection closed".into());
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            if !reader_stop.load(Ordering::Relaxed) {
+                                rv.declare(format!(
+                                    "the liveness connection failed: {}",
+                                    devices::ErrorChain(&e)
+                                ));
+                            }
+                            return;
+                        }
+                    }
+                }
+            })?;
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("liveness".into())
+            .spawn(move || {
+                raise_priority();
+                let mut fw = FrameWriter::new(BufWriter::new(w), generation);
+                pulse.touch();
+                let mut next = Instant::now();
+                while !thread_stop.load(Ordering::Relaxed) {
+                    let sent = fw
+                        .write(ours.load(Ordering::Relaxed), &Body::Heartbeat)
+                        .and_then(|()| fw.flush());
+                    if let Err(e) = sent {
+                        verdict.declare(format!(
+                            "cannot send heartbeats: {}",
+                            devices::ErrorChain(&e)
+                        ));
+                    }
+                    let silent = pulse.silent_for();
+                    if silent > config.dead_after {
+                        verdict.declare(format!("silent for {} ms", silent.as_millis()));
+                    }
+                    if let Some(why) = extra() {
+                        verdict.declare(why);
+                    }
+                    if verdict.get().is_some() {
+                        on_dead();
+                        break;
+                    }
+                    next += config.heartbeat;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    } else {
+                        next = now;
+                    }
+                }
+                closer.close();
+                let _ = reader.join();
+            })?;
+        Ok(Liveness {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops heartbeats and closes the liveness connection.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Liveness {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,672 @@
+//! The primary's side of mirroring: [`PeerSink`], the checkpoint sink whose
+//! destination is a standby host.
+//!
+//! ```text
+//!  open: witness lock (if any), connect the data connection
+//!  begin(manifest):   Hello ──▶            ◀── HelloAck (Accept | Refuse → Lost)
+//!                     liveness connection: Heartbeat ⇄ Heartbeat every 10 ms
+//!  write_base(mem):   Base × n, DiskBase × n (the initial copy; a progress line)
+//!  write(N):          Pages*, Region*, Console*, State, EndOfCheckpoint ──▶
+//!                     ◀── Ack(N)  (write returns only now: N is complete)
+//!  end(how):          Shutdown ──▶  (an orderly end: the standby does not take over)
+//!
+//!  standby silent for dead-after, no Ack within max-lag, or a connection error:
+//!     record "unprotected since" in the witness, then SinkError::Lost
+//!     (the engine releases held output, retires locally and runs on)
+//! ```
+//!
+//! A second connection carries only heartbeats ([`super::liveness`]), so a large
+//! checkpoint in flight never delays them. An acknowledgement reader thread reads the
+//! data connection's return direction (Acks, and any frame counts as a sign of life).
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::fence::{Fence, FenceError, Witness};
+use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
+use super::protocol::{
+    Body, DiskChunk, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Shutdown, WireStorage,
+    MAX_BATCH_PAGES, MAX_DISK_BASE_CHUNK, VERSION,
+};
+use super::transport::{Closer, Transport, TransportError};
+use crate::checkpoint::sink::{CheckpointSink, SinkEnd, SinkError, StorageMode};
+use crate::checkpoint::{Checkpoint, Manifest};
+use crate::dirty::{StagedPages, PAGE_SIZE};
+use crate::memory::GuestMemory;
+
+/// How long the primary keeps trying to reach its standby at start.
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a standby may take to answer the Hello.
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Where and how to mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The standby's address, `HOST:PORT`.
+    pub addr: String,
+    /// The witness file holding the fence, if any.
+    pub witness: Option<PathBuf>,
+    /// Heartbeats and deadlines.
+    pub liveness: LivenessConfig,
+    /// How to reach it.
+    pub transport: Transport,
+}
+
+/// Failures of the peer sink.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The standby cannot be reached.
+    #[error("cannot reach the standby at {addr}")]
+    Connect {
+        /// Its address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: TransportError,
+    },
+    /// The witness cannot be taken.
+    #[error("cannot take the fence")]
+    Fence(#[source] FenceError),
+    /// Sending or receiving frames failed.
+    #[error("the connection to the standby at {addr} failed")]
+    Frames {
+        /// Its address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: FrameError,
+    },
+    /// The standby refused this primary.
+    #[error("the standby at {addr} refused this primary ({reason:?}): {detail}")]
+    Refused {
+        /// Its address.
+        addr: String,
+        /// Why.
+        reason: super::protocol::RefuseReason,
+        /// Its sentence.
+        detail: String,
+    },
+    /// The standby answered the Hello with something else, or not at all.
+    #[error("the standby at {addr} did not answer the hello: {what}")]
+    NoHelloAck {
+        /// Its address.
+        addr: String,
+        /// What came instead.
+        what: String,
+    },
+    /// The standby was declared dead.
+    #[error("the standby at {addr} is lost: {why}")]
+    Dead {
+        /// Its address.
+        addr: String,
+        /// Why (silence, lag, a closed connection).
+        why: String,
+    },
+    /// A disk's base image cannot be read for the initial copy.
+    #[error("cannot read disk image {path} for the initial copy")]
+    ReadDisk {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Guest memory cannot be read for the initial copy.
+    #[error("cannot read guest memory at {0:#x} for the initial copy")]
+    ReadMemory(u64),
+    /// A thread cannot be started.
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+}
+
+/// A byte counter in front of a writer.
+struct Counting<W> {
+    inner: W,
+    count: Arc<AtomicU64>,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// What the acknowledgement reader reports.
+enum Back {
+    /// The standby applied this checkpoint.
+    Ack(u64),
+    /// The data connection ended or carried garbage.
+    Closed(String),
+}
+
+/// A live session with the standby.
+struct Session {
+    w: FrameWriter<BufWriter<Counting<Box<dyn Write + Send>>>>,
+    sent: Arc<AtomicU64>,
+    back: Receiver<Back>,
+    closer: Arc<Closer>,
+    verdict: Arc<Verdict>,
+    unacked_since: Arc<Mutex<Option<Instant>>>,
+    liveness: Option<Liveness>,
+}
+
+impl Session {
+    fn close(&mut self) {
+        if let Some(mut l) = self.liveness.take() {
+            l.stop();
+        }
+        self.closer.close();
+    }
+}
+
+/// The checkpoint sink that mirrors to a standby host.
+pub struct PeerSink {
+    config: PeerConfig,
+    fence: Option<Fence>,
+    generation: u64,
+    released: Arc<AtomicU64>,
+    /// The data connection, connected at open, until the Hello.
+    pending: Option<super::transport::Connection>,
+    session: Option<Session>,
+    /// The highest epoch sent (a base's or a checkpoint's).
+    highest_sent: u64,
+    /// The last checkpoint the standby acknowledged.
+    last_acked: Option<u64>,
+    /// The session's manifest (the base copy reads the disks it names).
+    manifest: Option<Manifest>,
+}
+
+impl PeerSink {
+    /// Takes the witness (if configured) and connects to the standby, trying for up
+    /// to [`CONNECT_PATIENCE`]. `released` is the last epoch whose console output
+    /// this host released, sent in heartbeats.
+    pub fn open(config: &PeerConfig, released: Arc<AtomicU64>) -> Result<PeerSink, PeerError> {
+        let fence = match &config.witness {
+            Some(p) => Some(Witness::new(p).open().map_err(PeerError::Fence)?),
+            None => None,
+        };
+        let generation = fence.as_ref().map_or(0, Fence::generation);
+        let end = Instant::now() + CONNECT_PATIENCE;
+        let conn = loop {
+            match config
+                .transport
+                .connect(&config.addr, Duration::from_secs(2))
+            {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < end && matches!(e, TransportError::Connect { .. }) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(source) => {
+                    return Err(PeerError::Connect {
+                        addr: config.addr.clone(),
+                        source,
+                    })
+                }
+            }
+        };
+        Ok(PeerSink {
+            config: config.clone(),
+            fence,
+            generation,
+            released,
+            pending: Some(conn),
+            session: None,
+            highest_sent: 0,
+            last_acked: None,
+            manifest: None,
+        })
+    }
+
+    /// The fence generation this primary stamps its frames with.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn frames_err(&self, source: FrameError) -> PeerError {
+        PeerError::Frames {
+            addr: self.config.addr.clone(),
+            source,
+        }
+    }
+
+    /// The standby is gone: record that this host runs unprotected from the next
+    /// epoch it could have sent on (so no replica the standby may hold can resume),
+    /// then report the loss. If the record cannot be written, nothing may be released.
+    fn lose(&mut self, cause: PeerError) -> SinkError {
+        // The reason the liveness thread found is better than "broken pipe".
+        let cause = match self.session.as_ref().and_then(|s| s.verdict.get()) {
+            Some(why) if !matches!(cause, PeerError::Refused { .. }) => PeerError::Dead {
+                addr: self.config.addr.clone(),
+                why,
+            },
+            _ => cause,
+        };
+        if let Some(mut s) = self.session.take() {
+            s.close();
+        }
+        self.pending = None;
+        let since = self.highest_sent.saturating_add(1);
+        if let Some(f) = &mut self.fence {
+            if let Err(e) = f.record_unprotected_since(since) {
+                return SinkError::Fenced(Box::new(e));
+            }
+        }
+        SinkError::Lost(Box::new(cause))
+    }
+
+    fn handshake(&mut self, manifest: &Manifest) -> Result<Session, PeerError> {
+        let addr = self.config.addr.clone();
+        let conn = self.pending.take().ok_or_else(|| PeerError::NoHelloAck {
+            addr: addr.clone(),
+            what: "the session already began".into(),
+        })?;
+        conn.set_read_timeout(Some(HELLO_DEADLINE))
+            .map_err(|source| PeerError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let (r, w, closer) = conn.split().map_err(|source| PeerError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut fw = FrameWriter::new(
+            BufWriter::with_capacity(
+                1 << 20,
+                Counting {
+                    inner: w,
+                    count: sent.clone(),
+                },
+            ),
+            self.generation,
+        );
+        fw.write(
+            0,
+            &Body::Hello(Hello {
+                protocol_version: VERSION,
+                manifest: manifest.clone(),
+                storage: WireStorage::Replicated,
+            }),
+        )
+        .and_then(|()| fw.flush())
+        .map_err(|e| self.frames_err(e))?;
+        let mut fr = FrameReader::new(BufReader::new(r));
+        let answer = fr.read_frame().map_err(|e| self.frames_err(e))?;
+        match answer.map(|f| f.body) {
+            Some(Body::HelloAck(HelloAck::Accept)) => {}
+            Some(Body::HelloAck(HelloAck::Refuse { reason, detail })) => {
+                return Err(PeerError::Refused {
+                    addr,
+                    reason,
+                    detail,
+                })
+            }
+            Some(other) => {
+                return Err(PeerError::NoHelloAck {
+                    addr,
+                    what: format!("a {} frame", other.frame_type()),
+                })
+            }
+            None => {
+                return Err(PeerError::NoHelloAck {
+                    addr,
+                    what: "the connection closed".into(),
+                })
+            }
+        }
+        // From here on reads block without a bound: liveness watches the standby.
+        closer
+            .set_read_timeout(None)
+            .map_err(|source| PeerError::Connect {
+                addr: addr.clone(),
+                source: TransportError::Setup {
+                    peer: addr.clone(),
+                    source,
+                },
+            })?;
+        let inner = fr.into_inner();
+        let closer = Arc::new(closer);
+        let pulse = Arc::new(Pulse::default());
+        let verdict = Arc::new(Verdict::default());
+        let (tx, back) = mpsc::channel();
+        {
+            let pulse = pulse.clone();
+            std::thread::Builder::new()
+                .name("peer-acks".into())
+                .spawn(move || read_acks(inner, pulse, tx))
+                .map_err(|e| PeerError::Thread("acknowledgement reader", e))?;
+        }
+        let live = self
+            .config
+            .transport
+            .connect(&addr, Duration::from_secs(2))
+            .map_err(|source| PeerError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let unacked_since: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let max_lag = self.config.liveness.max_lag;
+        let lag = unacked_since.clone();
+        let on_dead_closer = closer.clone();
+        let liveness = Liveness::spawn(
+            live,
+            self.generation,
+            self.config.liveness,
+            Watch {
+                pulse,
+                ours: self.released.clone(),
+                theirs: Arc::new(AtomicU64::new(0)),
+                verdict: verdict.clone(),
+                extra: Box::new(move || {
+                    let since = (*devices::bus::lock_recover(&lag))?;
+                    let waited = since.elapsed();
+                    (waited > max_lag).then(|| {
+                        format!(
+                            "no acknowledgement for {} ms (the lag deadline is {} ms)",
+                            waited.as_millis(),
+                            max_lag.as_millis()
+                        )
+                    })
+                }),
+                on_dead: Box::new(move || on_dead_closer.close()),
+            },
+        )
+        .map_err(|e| PeerError::Thread("liveness", e))?;
+        Ok(Session {
+            w: fw,
+            sent,
+            back,
+            closer,
+            verdict,
+            unacked_since,
+            liveness: Some(liveness),
+        })
+    }
+
+    fn session(&mut self) -> Result<&mut Session, PeerError> {
+        let addr = self.config.addr.clone();
+        self.session.as_mut().ok_or(PeerError::Dead {
+            addr,
+            why: "no session".into(),
+        })
+    }
+
+    fn send_base(
+        &mut self,
+        mem: &GuestMemory,
+        epoch: u64,
+        manifest: &Manifest,
+    ) -> Result<u64, PeerError> {
+        let addr = self.config.addr.clone();
+        let total_disk: u64 = manifest.disks.iter().map(|d| d.size).sum();
+        let total = mem.iter().map(|r| r.len()).sum::<u64>() + total_disk;
+        let mut progress = Progress::new(&self.config.addr, total);
+        let start_bytes = self.session()?.sent.load(Ordering::Relaxed);
+        let batch = MAX_BATCH_PAGES as usize;
+        let mut pages = StagedPages {
+            addrs: Vec::with_capacity(batch),
+            data: Vec::with_capacity(batch * PAGE_SIZE),
+        };
+        let ranges: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        for (start, len) in ranges {
+            let mut gpa = start;
+            while gpa < start + len {
+                let n = ((start + len - gpa) / PAGE_SIZE as u64).min(batch as u64);
+                pages.addrs.clear();
+                pages.data.resize(crate::arch::to_usize(n) * PAGE_SIZE, 0);
+                mem.read_slice(&mut pages.data, GuestAddress(gpa))
+                    .map_err(|_| PeerError::ReadMemory(gpa))?;
+                pages
+                    .addrs
+                    .extend((0..n).map(|i| gpa + i * PAGE_SIZE as u64));
+                let s = self.session()?;
+                s.w.write_base(epoch, &pages)
+                    .map_err(|source| PeerError::Frames {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+                gpa += n * PAGE_SIZE as u64;
+                progress.add(n * PAGE_SIZE as u64);
+            }
+        }
+        let mut buf = vec![0u8; MAX_DISK_BASE_CHUNK as usize];
+        for (i, d) in manifest.disks.iter().enumerate() {
+            let path = &d.config.path;
+            let mut f = std::fs::File::open(path).map_err(|source| PeerError::ReadDisk {
+                path: path.clone(),
+                source,
+            })?;
+            let mut offset = 0u64;
+            while offset < d.size {
+                let want = crate::arch::to_usize((d.size - offset).min(buf.len() as u64));
+                f.read_exact(&mut buf[..want])
+                    .map_err(|source| PeerError::ReadDisk {
+                        path: path.clone(),
+                        source,
+                    })?;
+                // The standby's copy starts as zeros: only the rest travels.
+                if buf[..want].iter().any(|b| *b != 0) {
+                    let chunk = DiskChunk {
+                        disk: u32::try_from(i).unwrap_or(u32::MAX),
+                        offset,
+                        data: buf[..want].to_vec(),
+                    };
+                    let s = self.session()?;
+                    s.w.write(epoch, &Body::DiskBase(chunk)).map_err(|source| {
+                        PeerError::Frames {
+                            addr: addr.clone(),
+                            source,
+                        }
+                    })?;
+                }
+                offset += want as u64;
+                progress.add(want as u64);
+            }
+        }
+        let s = self.session()?;
+        s.w.flush()
+            .map_err(|source| PeerError::Frames { addr, source })?;
+        progress.done();
+        Ok(s.sent.load(Ordering::Relaxed) - start_bytes)
+    }
+
+    fn send_checkpoint(&mut self, c: &Checkpoint) -> Result<u64, PeerError> {
+        let max_lag = self.config.liveness.max_lag;
+        let addr = self.config.addr.clone();
+        let s = self.session()?;
+        let start_bytes = s.sent.load(Ordering::Relaxed);
+        {
+            let mut since = devices::bus::lock_recover(&s.unacked_since);
+            since.get_or_insert_with(Instant::now);
+        }
+        s.w.write_checkpoint(c)
+            .and_then(|()| s.w.flush())
+            .map_err(|source| PeerError::Frames {
+                addr: addr.clone(),
+                source,
+            })?;
+        let bytes = s.sent.load(Ordering::Relaxed) - start_bytes;
+        loop {
+            match s.back.recv_timeout(max_lag.min(Duration::from_millis(50))) {
+                Ok(Back::Ack(e)) if e == c.epoch => {
+                    *devices::bus::lock_recover(&s.unacked_since) = None;
+                    return Ok(bytes);
+                }
+                Ok(Back::Ack(_)) => {}
+                Ok(Back::Closed(why)) => return Err(PeerError::Dead { addr, why }),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(why) = s.verdict.get() {
+                        return Err(PeerError::Dead { addr, why });
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(PeerError::Dead {
+                        addr,
+                        why: "the acknowledgement reader stopped".into(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Reads the standby's side of the data connection: Acks (any frame is a sign of
+/// life); anything else ends the session.
+fn read_acks(r: BufReader<Box<dyn Read + Send>>, pulse: Arc<Pulse>, tx: mpsc::Sender<Back>) {
+    let mut fr = FrameReader::new(r);
+    loop {
+        let msg = match fr.read_frame() {
+            Ok(Some(f)) => {
+                pulse.touch();
+                match f.body {
+                    Body::Ack => Back::Ack(f.epoch),
+                    Body::Heartbeat => continue,
+                    other => Back::Closed(format!(
+                        "the standby sent an unexpected {} frame",
+                        other.frame_type()
+                    )),
+                }
+            }
+            Ok(None) => Back::Closed("the standby closed the connection".into()),
+            Err(e) => Back::Closed(format!("{}", devices::ErrorChain(&e))),
+        };
+        let end = matches!(msg, Back::Closed(_));
+        if tx.send(msg).is_err() || end {
+            return;
+        }
+    }
+}
+
+/// The initial copy's progress line on stderr: bytes, rate, estimate.
+struct Progress {
+    addr: String,
+    total: u64,
+    done: u64,
+    start: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(addr: &str, total: u64) -> Progress {
+        let now = Instant::now();
+        Progress {
+            addr: addr.to_string(),
+            total,
+            done: 0,
+            start: now,
+            last: now,
+        }
+    }
+
+    fn line(&self) -> String {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-6);
+        let rate = self.done as f64 / secs;
+        let left = (self.total.saturating_sub(self.done)) as f64 / rate.max(1.0);
+        format!(
+            "mirrorvm: initial copy to {}: {} of {} MiB, {:.0} MiB/s, about {:.1} s left",
+            self.addr,
+            self.done >> 20,
+            self.total >> 20,
+            rate / f64::from(1u32 << 20),
+            left
+        )
+    }
+
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        if self.last.elapsed() >= Duration::from_secs(1) {
+            self.last = Instant::now();
+            eprintln!("{}", self.line());
+        }
+    }
+
+    fn done(&self) {
+        let secs = self.start.elapsed().as_secs_f64();
+        tracing::info!(
+            "initial copy to {}: {} MiB in {:.2} s",
+            self.addr,
+            self.total >> 20,
+            secs
+        );
+    }
+}
+
+impl CheckpointSink for PeerSink {
+    fn storage(&self) -> StorageMode {
+        StorageMode::Replicated
+    }
+
+    fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {
+        match self.handshake(manifest) {
+            Ok(s) => {
+                self.session = Some(s);
+                self.manifest = Some(manifest.clone());
+                Ok(())
+            }
+            Err(e) => Err(self.lose(e)),
+        }
+    }
+
+    fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, SinkError> {
+        let Some(manifest) = &self.manifest else {
+            let e = PeerError::Dead {
+                addr: self.config.addr.clone(),
+                why: "no session".into(),
+            };
+            return Err(self.lose(e));
+        };
+        let manifest = manifest.clone();
+        self.highest_sent = self.highest_sent.max(epoch);
+        match self.send_base(mem, epoch, &manifest) {
+            Ok(b) => Ok(b),
+            Err(e) => Err(self.lose(e)),
+        }
+    }
+
+    fn write(&mut self, c: &Checkpoint) -> Result<u64, SinkError> {
+        self.highest_sent = self.highest_sent.max(c.epoch);
+        match self.send_checkpoint(c) {
+            Ok(b) => {
+                self.last_acked = Some(c.epoch);
+                Ok(b)
+            }
+            Err(e) => Err(self.lose(e)),
+        }
+    }
+
+    fn end(&mut self, how: &SinkEnd) -> Result<(), SinkError> {
+        let Some(s) = self.session.as_mut() else {
+            return Ok(());
+        };
+        let body = Body::Shutdown(match how {
+            SinkEnd::Finished { how, exit_status } => Shutdown::Finished {
+                exit_status: *exit_status,
+                how: how.clone(),
+            },
+            SinkEnd::Stopped { exit_status } => Shutdown::Stopped {
+                exit_status: *exit_status,
+            },
+        });
+        let epoch = self.highest_sent;
+        let r = s.w.write(epoch, &body).and_then(|()| s.w.flush());
+        s.close();
+        self.session = None;
+        r.map_err(|e| {
+            SinkError::Lost(Box::new(PeerError::Frames {
+                addr: self.config.addr.clone(),
+                source: e,
+            }))
+        })
+    }
+}

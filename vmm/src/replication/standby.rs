@@ -1,0 +1,964 @@
+//! The standby's side of mirroring: wait for a primary, take its initial copy, apply
+//! every checkpoint to a replica (memory here, disks in its own images and
+//! journals), acknowledge it, and take over when the primary dies.
+//!
+//! ```text
+//!   listening ── Hello (checked: version, memory, disks and their sizes, CPU) ──▶ refused ─┐
+//!       ▲                                                                                   │
+//!       │ bad frame: session dropped,                                      (keep listening) ◀┘
+//!       │ no takeover                 Accept
+//!       │                               ▼
+//!       └──────────────────────── copying ── Base / DiskBase frames: written in place
+//!                                    │         (disks marked incomplete, durably)
+//!                                    │ first checkpoint (full) applied: marks removed
+//!                                    ▼
+//!                                mirroring ── checkpoint N staged whole, checked, applied
+//!                                    │          (memory, region import), then Ack(N),
+//!                                    │          then N retired into the standby's images
+//!          Shutdown ◀────────────────┤
+//!     (exit with the primary's status)│ connection lost, or silent for dead-after
+//!                                    ▼
+//!                                failover: fence (witness) → disks at N → restore → resume
+//!                                          → show console output the primary held back
+//! ```
+//!
+//! The standby retires each checkpoint's disk regions into its own base images right
+//! after it acknowledged them, so its images hold exactly the last applied epoch plus
+//! at most one sealed region (which a takeover redoes). Nothing is fsynced before an
+//! Ack: if this host dies, its replica dies with it.
+//!
+//! A primary that dies before its first checkpoint arrived leaves nothing to resume:
+//! the standby says so and exits without taking over.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+use super::fence::{Attempt, FenceError, Witness, POLL_INTERVAL};
+use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
+use super::protocol::{
+    AssembleError, AssemblerLimits, Body, CheckpointAssembler, FrameError, FrameReader,
+    FrameWriter, Hello, HelloAck, RefuseReason, Shutdown, Staged, WireStorage, VERSION,
+};
+use super::transport::{Closer, Connection, Listener, Transport, TransportError};
+use crate::checkpoint::source::ReplicaSource;
+use crate::checkpoint::{
+    apply_pages, decode_state, Checkpoint, Console, ContentError, DiskManifest, Manifest,
+    RegionContent, Restored,
+};
+use crate::config::{DiskConfig, SerialConfig};
+use crate::cpuid::GuestCpu;
+use crate::memory::GuestMemory;
+use crate::{Machine, RunEnd, VmmError};
+
+/// How long a connecting primary may take to send its Hello, and to open its
+/// liveness connection after the HelloAck.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What a standby needs.
+#[derive(Debug, Clone)]
+pub struct StandbyConfig {
+    /// Where to listen for a primary, `HOST:PORT`.
+    pub listen: String,
+    /// This host's copies of the primary's disks, in the primary's attach order.
+    pub disks: Vec<DiskConfig>,
+    /// Where the console goes once this host runs the guest.
+    pub serial: SerialConfig,
+    /// The KVM device.
+    pub kvm_device: PathBuf,
+    /// The witness file holding the fence, if any.
+    pub witness: Option<PathBuf>,
+    /// Heartbeats and deadlines.
+    pub liveness: LivenessConfig,
+    /// One JSON line per applied checkpoint.
+    pub metrics: Option<PathBuf>,
+    /// How hosts talk.
+    pub transport: Transport,
+}
+
+/// Failures of the standby.
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyError {
+    /// Listening or accepting failed.
+    #[error("standby")]
+    Transport(#[source] TransportError),
+    /// This host cannot run KVM guests, so it cannot stand by.
+    #[error("cannot probe this host's CPU through {path}")]
+    HostCpu {
+        /// The KVM device.
+        path: String,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A disk of this host cannot be used.
+    #[error("cannot use disk image {path}")]
+    Disk {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk's journal cannot be created or used.
+    #[error("cannot use the journal of disk image {path}")]
+    Store {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: devices::store::Error,
+    },
+    /// Guest memory for the replica cannot be allocated.
+    #[error("cannot allocate the replica's memory")]
+    Memory(#[source] crate::memory::MemoryError),
+    /// The metrics file cannot be written.
+    #[error("cannot write the metrics file")]
+    Metrics(#[source] std::io::Error),
+    /// A thread cannot be started.
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    /// The primary died before its initial copy completed: nothing to resume.
+    #[error("the primary was lost ({0}) before its initial copy completed: there is nothing to take over")]
+    NothingToResume(String),
+    /// The fence cannot be taken, or the replica may not resume.
+    #[error("cannot take over")]
+    Fence(#[source] FenceError),
+    /// The replica cannot be applied (this host's own disks or memory failed).
+    #[error("cannot apply checkpoint {epoch} to the replica")]
+    Apply {
+        /// The checkpoint.
+        epoch: u64,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The machine cannot be rebuilt from the replica.
+    #[error("cannot resume the guest from checkpoint {epoch}")]
+    Restore {
+        /// The checkpoint.
+        epoch: u64,
+        /// Cause.
+        #[source]
+        source: Box<VmmError>,
+    },
+}
+
+/// How a standby's watch ended.
+pub enum StandbyEnd {
+    /// The primary ended the run in order: nothing to take over.
+    PrimaryEnded {
+        /// How, from the primary.
+        how: String,
+        /// The primary's exit status.
+        exit_status: i32,
+    },
+    /// The primary died: this host resumes the guest.
+    TookOver(Box<Takeover>),
+}
+
+/// The timings of a failover, by step.
+#[derive(Debug, Clone, Default)]
+pub struct FailoverReport {
+    /// Why the primary was declared lost.
+    pub reason: String,
+    /// The checkpoint resumed.
+    pub epoch: u64,
+    /// From the primary's last sign of life to the decision.
+    pub detect: Duration,
+    /// Taking the fence.
+    pub fence: Duration,
+    /// Settling the replica's disks at the checkpoint.
+    pub apply: Duration,
+    /// Building the machine from the replica.
+    pub restore: Duration,
+    /// Console bytes shown that the primary had held back.
+    pub console_bytes: u64,
+}
+
+impl std::fmt::Display for FailoverReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        write!(
+            f,
+            "failover: primary lost ({}) at checkpoint {}: detect {:.1} ms, fence {:.1} ms, apply {:.1} ms, restore {:.1} ms",
+            self.reason,
+            self.epoch,
+            ms(self.detect),
+            ms(self.fence),
+            ms(self.apply),
+            ms(self.restore)
+        )
+    }
+}
+
+/// A machine rebuilt from the replica, ready to run as the new primary.
+pub struct Takeover {
+    /// The machine.
+    pub machine: Machine,
+    /// How the failover went so far.
+    pub report: FailoverReport,
+    /// When the primary was declared lost.
+    pub decided: Instant,
+    /// The fence, held while this host runs the guest.
+    _fence: Option<super::fence::Fence>,
+}
+
+impl Takeover {
+    /// Runs the guest; prints the failover line (with the resume step and the total
+    /// from the primary's last sign of life) once every vCPU runs.
+    pub fn run(self) -> Result<RunEnd, VmmError> {
+        let Takeover {
+            mut machine,
+            report,
+            decided,
+            _fence,
+        } = self;
+        let ready = Instant::now();
+        machine.on_running(Box::new(move || {
+            let resume = ready.elapsed();
+            let total = report.detect + decided.elapsed();
+            eprintln!(
+                "mirrorvm: {report}, resume {:.1} ms, total {:.1} ms",
+                resume.as_secs_f64() * 1e3,
+                total.as_secs_f64() * 1e3
+            );
+        }));
+        let r = machine.run();
+        drop(_fence);
+        r
+    }
+}
+
+/// One JSON line per applied checkpoint (`--metrics` on the standby).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AppliedMetrics {
+    /// The checkpoint.
+    pub epoch: u64,
+    /// Bytes received for it (frames included).
+    pub bytes: u64,
+    /// Pages in it.
+    pub pages: u64,
+    /// Staged-to-acknowledged time, µs.
+    pub apply_us: u64,
+    /// When it was acknowledged, ms since the standby started.
+    pub received_at_ms: u64,
+}
+
+/// This host's CPU as KVM offers it to guests, for the Hello check.
+fn host_cpu(kvm_device: &std::path::Path) -> Result<GuestCpu, StandbyError> {
+    let shown = kvm_device.display().to_string();
+    let err = |source| StandbyError::HostCpu {
+        path: shown.clone(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(kvm_device.as_os_str().as_encoded_bytes())
+        .map_err(|_| err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    let kvm = kvm_ioctls::Kvm::new_with_path(&c_path).map_err(err)?;
+    // What a guest started here would see: the same derivation as a boot's.
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(err)?;
+    let vm = kvm.create_vm().map_err(err)?;
+    let vcpu = vm.create_vcpu(0).map_err(err)?;
+    let tsc = vcpu.get_tsc_khz().ok().filter(|k| *k > 0);
+    crate::cpuid::filter(&mut cpuid, 0, 1, tsc)
+        .map_err(|_| err(kvm_ioctls::Error::new(libc::ENOSPC)))?;
+    vcpu.set_cpuid2(&cpuid).map_err(err)?;
+    let seen = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(err)?;
+    Ok(GuestCpu::of(seen.as_slice(), tsc))
+}
+
+/// This host's disk: its image and (once the copy is done) its store.
+struct Disk {
+    config: DiskConfig,
+    size: u64,
+    file: Option<File>,
+    store: Option<devices::store::Store>,
+}
+
+impl Disk {
+    fn err(&self) -> impl Fn(std::io::Error) -> StandbyError + '_ {
+        move |source| StandbyError::Disk {
+            path: self.config.path.clone(),
+            source,
+        }
+    }
+}
+
+/// The standby: construct with [`Standby::new`], then [`Standby::serve`].
+pub struct Standby {
+    config: StandbyConfig,
+    listener: Listener,
+    cpu: GuestCpu,
+    started: Instant,
+    metrics: Option<BufWriter<File>>,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// The primary ended the run in order.
+    Shutdown(Shutdown),
+    /// The primary is lost: fail over.
+    Lost(String),
+    /// The primary broke the protocol: drop it, keep listening, never take over on
+    /// its account.
+    Broken(String),
+}
+
+/// The replica as the session leaves it.
+struct Replica {
+    manifest: Manifest,
+    memory: GuestMemory,
+    /// The last applied checkpoint and its state.
+    applied: Option<(u64, Vec<u8>)>,
+    /// Console output of applied checkpoints the primary may not have shown, oldest
+    /// first.
+    console: Vec<(u64, Console)>,
+}
+
+impl Standby {
+    /// Checks this host (KVM, its CPU) and starts listening.
+    pub fn new(config: StandbyConfig) -> Result<Standby, StandbyError> {
+        let cpu = host_cpu(&config.kvm_device)?;
+        let listener = config
+            .transport
+            .listen(&config.listen)
+            .map_err(StandbyError::Transport)?;
+        let metrics = match &config.metrics {
+            Some(p) => Some(BufWriter::new(
+                File::create(p).map_err(StandbyError::Metrics)?,
+            )),
+            None => None,
+        };
+        Ok(Standby {
+            config,
+            listener,
+            cpu,
+            started: Instant::now(),
+            metrics,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> String {
+        self.listener.local_addr()
+    }
+
+    /// Checks a Hello against this host: the reason and a sentence if it must be
+    /// refused.
+    fn check_hello(&self, hello: &Hello) -> Result<(), (RefuseReason, String)> {
+        if hello.protocol_version != VERSION {
+            return Err((
+                RefuseReason::Version,
+                format!(
+                    "protocol version {} is not this standby's {VERSION}",
+                    hello.protocol_version
+                ),
+            ));
+        }
+        if hello.storage != WireStorage::Replicated {
+            return Err((
+                RefuseReason::Storage,
+                "this standby keeps its own disk copies (replicated storage) only".into(),
+            ));
+        }
+        let m = &hello.manifest;
+        if let Err(e) = crate::memory::check_size(m.memory) {
+            return Err((
+                RefuseReason::Machine,
+                format!("cannot hold {} MiB of guest memory: {e}", m.memory >> 20),
+            ));
+        }
+        if m.disks.len() != self.config.disks.len() {
+            return Err((
+                RefuseReason::Machine,
+                format!(
+                    "the primary has {} disk(s), this standby {} (give one --disk per primary disk, in order)",
+                    m.disks.len(),
+                    self.config.disks.len()
+                ),
+            ));
+        }
+        for (i, (theirs, ours)) in m.disks.iter().zip(&self.config.disks).enumerate() {
+            let size = std::fs::metadata(&ours.path).map(|md| md.len());
+            match size {
+                Ok(s) if s == theirs.size => {}
+                Ok(s) => {
+                    return Err((
+                        RefuseReason::Machine,
+                        format!(
+                            "disk {i} is {} bytes on the primary and {s} bytes here ({})",
+                            theirs.size,
+                            ours.path.display()
+                        ),
+                    ))
+                }
+                Err(e) => {
+                    return Err((
+                        RefuseReason::Machine,
+                        format!(
+                            "disk {i} ({}) cannot be read here: {e}",
+                            ours.path.display()
+                        ),
+                    ))
+                }
+            }
+            if ours.readonly {
+                return Err((
+                    RefuseReason::Machine,
+                    format!(
+                        "disk {i} ({}) is read-only here: a standby writes its copy",
+                        ours.path.display()
+                    ),
+                ));
+            }
+        }
+        if let Err(why) = m.cpu.check_runs_on(&self.cpu) {
+            return Err((RefuseReason::Machine, why));
+        }
+        Ok(())
+    }
+
+    /// Serves primaries until one ends in order or dies after its initial copy.
+    pub fn serve(mut self) -> Result<StandbyEnd, StandbyError> {
+        eprintln!("mirrorvm: standby: listening on {}", self.local_addr());
+        loop {
+            let conn = self.listener.accept().map_err(StandbyError::Transport)?;
+            let peer = conn.peer().to_string();
+            let Some((hello, r, w, closer)) = self.greet(conn) else {
+                continue;
+            };
+            match self.session(&peer, hello, r, w, closer)? {
+                (SessionEnd::Shutdown(s), _) => {
+                    let (how, exit_status) = match s {
+                        Shutdown::Finished { exit_status, how } => (how, exit_status),
+                        Shutdown::Stopped { exit_status } => {
+                            ("stopped by the user".to_string(), exit_status)
+                        }
+                    };
+                    eprintln!(
+                        "mirrorvm: standby: the primary ended the run ({how}): exiting with status {exit_status}"
+                    );
+                    return Ok(StandbyEnd::PrimaryEnded { how, exit_status });
+                }
+                (SessionEnd::Broken(why), _) => {
+                    eprintln!(
+                        "mirrorvm: standby: dropped the primary at {peer}: {why}; waiting for a primary"
+                    );
+                }
+                (SessionEnd::Lost(why), (replica, disks, pulse_silence, decided)) => {
+                    return self
+                        .take_over(why, replica, disks, pulse_silence, decided)
+                        .map(|t| StandbyEnd::TookOver(Box::new(t)));
+                }
+            }
+        }
+    }
+
+    /// Reads a Hello from a new connection and answers it; `None` if the connection
+    /// is not a primary this standby accepts (it keeps listening).
+    #[allow(clippy::type_complexity)]
+    fn greet(
+        &self,
+        conn: Connection,
+    ) -> Option<(
+        Hello,
+        FrameReader<BufReader<Box<dyn Read + Send>>>,
+        FrameWriter<BufWriter<Box<dyn Write + Send>>>,
+        Closer,
+    )> {
+        let peer = conn.peer().to_string();
+        if conn.set_read_timeout(Some(HANDSHAKE_DEADLINE)).is_err() {
+            return None;
+        }
+        let (r, w, closer) = conn.split().ok()?;
+        let mut fr = FrameReader::new(BufReader::with_capacity(1 << 20, r));
+        let mut fw = FrameWriter::new(BufWriter::new(w), 0);
+        let hello = match fr.read_frame() {
+            Ok(Some(f)) => match f.body {
+                Body::Hello(h) => {
+                    fw = FrameWriter::new(fw.into_inner(), f.generation);
+                    h
+                }
+                other => {
+                    eprintln!(
+                        "mirrorvm: standby: ignored a connection from {peer}: it began with a {} frame, not a Hello",
+                        other.frame_type()
+                    );
+                    return None;
+                }
+            },
+            Ok(None) => return None,
+            Err(e) => {
+                eprintln!(
+                    "mirrorvm: standby: ignored a connection from {peer}: {}",
+                    devices::ErrorChain(&e)
+                );
+                if matches!(e, FrameError::Version { .. }) {
+                    let _ = fw.write(
+                        0,
+                        &Body::HelloAck(HelloAck::Refuse {
+                            reason: RefuseReason::Version,
+                            detail: format!("this standby speaks protocol version {VERSION}"),
+                        }),
+                    );
+                    let _ = fw.flush();
+                }
+                return None;
+            }
+        };
+        if let Err((reason, detail)) = self.check_hello(&hello) {
+            eprintln!("mirrorvm: standby: refused the primary at {peer}: {detail}");
+            let _ = fw
+                .write(0, &Body::HelloAck(HelloAck::Refuse { reason, detail }))
+                .and_then(|()| fw.flush());
+            return None;
+        }
+        if fw
+            .write(0, &Body::HelloAck(HelloAck::Accept))
+            .and_then(|()| fw.flush())
+            .is_err()
+        {
+            return None;
+        }
+        if closer.set_read_timeout(None).is_err() {
+            return None;
+        }
+        Some((hello, fr, fw, closer))
+    }
+
+    /// Opens this host's disks for the initial copy: each marked incomplete (durably)
+    /// before anything is written, its old journal removed, its image zeroed.
+    fn prepare_disks(&self) -> Result<Vec<Disk>, StandbyError> {
+        let mut out = Vec::new();
+        for d in &self.config.disks {
+            let err = |source| StandbyError::Disk {
+                path: d.path.clone(),
+                source,
+            };
+            crate::disk::mark_incomplete(&d.path).map_err(err)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&d.path)
+                .map_err(err)?;
+            devices::lock::lock_file(
+                &file,
+                &d.path,
+                "disk image",
+                devices::lock::LockKind::Exclusive,
+            )
+            .map_err(|e| err(std::io::Error::other(e)))?;
+            let size = file.metadata().map_err(err)?.len();
+            match std::fs::remove_file(devices::store::journal_path(&d.path)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(e)),
+            }
+            // The copy sends only what is not zero: start from zeros.
+            file.set_len(0).map_err(err)?;
+            file.set_len(size).map_err(err)?;
+            out.push(Disk {
+                config: DiskConfig {
+                    checkpoint: true,
+                    ..d.clone()
+                },
+                size,
+                file: Some(file),
+                store: None,
+            });
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn session(
+        &mut self,
+        peer: &str,
+        hello: Hello,
+        mut fr: FrameReader<BufReader<Box<dyn Read + Send>>>,
+        mut fw: FrameWriter<BufWriter<Box<dyn Write + Send>>>,
+        closer: Closer,
+    ) -> Result<(SessionEnd, (Replica, Vec<Disk>, Duration, Instant)), StandbyError> {
+        let m = &hello.manifest;
+        eprintln!(
+            "mirrorvm: standby: primary {peer} connected: {} MiB, {} vCPU(s), {} disk(s)",
+            m.memory >> 20,
+            m.cpus,
+            m.disks.len()
+        );
+        let closer = Arc::new(closer);
+        let pulse = Arc::new(Pulse::default());
+        let verdict = Arc::new(Verdict::default());
+        let ours = Arc::new(AtomicU64::new(0));
+        let released = Arc::new(AtomicU64::new(0));
+        // The primary opens its liveness connection right after the HelloAck.
+        let live = self
+            .listener
+            .accept_within(HANDSHAKE_DEADLINE)
+            .map_err(StandbyError::Transport)?;
+        let Some(live) = live else {
+            return Ok((
+                SessionEnd::Broken("it opened no liveness connection".into()),
+                (
+                    self.empty_replica(&hello)?,
+                    Vec::new(),
+                    Duration::ZERO,
+                    Instant::now(),
+                ),
+            ));
+        };
+        let on_dead = closer.clone();
+        let mut liveness = Liveness::spawn(
+            live,
+            0,
+            self.config.liveness,
+            Watch {
+                pulse: pulse.clone(),
+                ours: ours.clone(),
+                theirs: released.clone(),
+                verdict: verdict.clone(),
+                extra: Box::new(|| None),
+                on_dead: Box::new(move || on_dead.close()),
+            },
+        )
+        .map_err(|e| StandbyError::Thread("liveness", e))?;
+
+        let mut disks = self.prepare_disks()?;
+        let mut replica = self.empty_replica(&hello)?;
+        let limits = AssemblerLimits::for_manifest(&hello.manifest);
+        let mut asm = CheckpointAssembler::new(&hello, limits);
+        let counted = fr.bytes_read();
+        let mut first_bytes = counted.load(Ordering::Relaxed);
+        let mut staged_at = None;
+        let end = loop {
+            let frame = match fr.read_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    break SessionEnd::Lost(
+                        verdict
+                            .get()
+                            .unwrap_or_else(|| "the connection closed".into()),
+                    )
+                }
+                Err(e @ (FrameError::Io(_) | FrameError::Truncated { .. })) => {
+                    break SessionEnd::Lost(verdict.get().unwrap_or_else(|| {
+                        format!("the connection failed: {}", devices::ErrorChain(&e))
+                    }))
+                }
+                Err(e) => {
+                    break SessionEnd::Broken(format!(
+                        "a malformed frame: {}",
+                        devices::ErrorChain(&e)
+                    ))
+                }
+            };
+            pulse.touch();
+            staged_at.get_or_insert_with(Instant::now);
+            match asm.push(frame) {
+                Ok(Staged::Nothing) => {}
+                Ok(Staged::Base { pages, .. }) => {
+                    if let Err(e) = apply_pages(&replica.memory, &pages) {
+                        break SessionEnd::Broken(format!("a bad base page: {e}"));
+                    }
+                    staged_at = None;
+                }
+                Ok(Staged::DiskBase { chunk, .. }) => {
+                    let Some(d) = disks.get(chunk.disk as usize) else {
+                        break SessionEnd::Broken(format!("a chunk of disk {}", chunk.disk));
+                    };
+                    let fits = chunk
+                        .offset
+                        .checked_add(chunk.data.len() as u64)
+                        .is_some_and(|e| e <= d.size);
+                    if !fits {
+                        break SessionEnd::Broken(format!(
+                            "a chunk at byte {} of disk {} runs past its end",
+                            chunk.offset, chunk.disk
+                        ));
+                    }
+                    if let Some(f) = &d.file {
+                        f.write_all_at(&chunk.data, chunk.offset).map_err(d.err())?;
+                    }
+                    staged_at = None;
+                }
+                Ok(Staged::Complete(c)) => {
+                    let c = c.checkpoint;
+                    let epoch = c.epoch;
+                    let pages = c.pages.len() as u64;
+                    match self.apply(&mut replica, &mut disks, c) {
+                        Ok(()) => {}
+                        Err(Applied::Broken(why)) => break SessionEnd::Broken(why),
+                        Err(Applied::Failed(e)) => {
+                            liveness.stop();
+                            closer.close();
+                            return Err(e);
+                        }
+                    }
+                    if fw
+                        .write(epoch, &Body::Ack)
+                        .and_then(|()| fw.flush())
+                        .is_err()
+                    {
+                        // The primary is gone; the replica holds epoch `epoch`.
+                        ours.store(epoch, Ordering::Relaxed);
+                        continue;
+                    }
+                    ours.store(epoch, Ordering::Relaxed);
+                    self.retire(&mut disks, epoch)?;
+                    let now = counted.load(Ordering::Relaxed);
+                    let m = AppliedMetrics {
+                        epoch,
+                        bytes: now - first_bytes,
+                        pages,
+                        apply_us: staged_at.take().map_or(0, |t: Instant| us(t.elapsed())),
+                        received_at_ms: us(self.started.elapsed()) / 1000,
+                    };
+                    first_bytes = now;
+                    self.write_metrics(&m)?;
+                    // Output the primary has shown needs no keeping.
+                    let shown = released.load(Ordering::Relaxed);
+                    replica.console.retain(|(e, _)| *e > shown);
+                }
+                Ok(Staged::Shutdown(s)) => break SessionEnd::Shutdown(s),
+                Err(e) => break SessionEnd::Broken(assemble_why(&e)),
+            }
+        };
+        let decided = Instant::now();
+        let silence = pulse.silent_for();
+        liveness.stop();
+        closer.close();
+        let shown = released.load(Ordering::Relaxed);
+        replica.console.retain(|(e, _)| *e > shown);
+        Ok((end, (replica, disks, silence, decided)))
+    }
+
+    fn empty_replica(&self, hello: &Hello) -> Result<Replica, StandbyError> {
+        Ok(Replica {
+            manifest: hello.manifest.clone(),
+            memory: crate::memory::create(hello.manifest.memory).map_err(StandbyError::Memory)?,
+            applied: None,
+            console: Vec::new(),
+        })
+    }
+
+    fn write_metrics(&mut self, m: &AppliedMetrics) -> Result<(), StandbyError> {
+        if let Some(w) = &mut self.metrics {
+            serde_json::to_writer(&mut *w, m)
+                .map_err(|e| StandbyError::Metrics(std::io::Error::other(e)))?;
+            w.write_all(b"\n").map_err(StandbyError::Metrics)?;
+            w.flush().map_err(StandbyError::Metrics)?;
+        }
+        Ok(())
+    }
+
+    /// Applies a whole checkpoint: checks its state, completes the copy if it is the
+    /// first, imports its regions into this host's journals, writes its pages.
+    fn apply(
+        &mut self,
+        replica: &mut Replica,
+        disks: &mut [Disk],
+        c: Checkpoint,
+    ) -> Result<(), Applied> {
+        let epoch = c.epoch;
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| {
+            Applied::Failed(StandbyError::Apply { epoch, source })
+        };
+        // Nothing is written before everything that can be checked is.
+        let state = decode_state(&c.state)
+            .map_err(|e| Applied::Broken(format!("checkpoint {epoch}: {e}")))?;
+        if state.vcpus.len() != usize::from(replica.manifest.cpus) {
+            return Err(Applied::Broken(format!(
+                "checkpoint {epoch} has {} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                replica.manifest.cpus
+            )));
+        }
+        let first = disks.iter().any(|d| d.store.is_none());
+        if first {
+            // The copy is complete: the images hold epoch - 1; journals start there.
+            for d in disks.iter_mut() {
+                if let Some(f) = d.file.take() {
+                    f.sync_all().map_err(|e| failed(Box::new(e)))?;
+                    drop(f);
+                }
+                let cfg = devices::store::StoreConfig {
+                    created_epoch: epoch - 1,
+                    ..Default::default()
+                };
+                let (store, _) = devices::store::Store::open_path(
+                    &d.config.path,
+                    &cfg,
+                    devices::store::RecoverTo::LastAcknowledged,
+                )
+                .map_err(|e| failed(Box::new(e)))?;
+                d.store = Some(store);
+            }
+        }
+        for r in &c.disks {
+            let RegionContent::Data(export) = &r.content else {
+                return Err(Applied::Broken(format!(
+                    "checkpoint {epoch} carries region metadata without data"
+                )));
+            };
+            let Some(store) = disks.get_mut(r.disk).and_then(|d| d.store.as_mut()) else {
+                return Err(Applied::Broken(format!("a region of disk {}", r.disk)));
+            };
+            store.import(export).map_err(|e| failed(Box::new(e)))?;
+        }
+        apply_pages(&replica.memory, &c.pages)
+            .map_err(|e: ContentError| Applied::Broken(format!("checkpoint {epoch}: {e}")))?;
+        if first {
+            for d in disks.iter() {
+                crate::disk::clear_incomplete(&d.config.path).map_err(|e| failed(Box::new(e)))?;
+            }
+            eprintln!("mirrorvm: standby: initial copy complete at checkpoint {epoch}");
+        }
+        replica.applied = Some((epoch, c.state));
+        if !c.console.bytes.is_empty() {
+            replica.console.push((epoch, c.console));
+        }
+        Ok(())
+    }
+
+    /// After the Ack: commits checkpoint `epoch`'s regions into this host's images.
+    fn retire(&self, disks: &mut [Disk], epoch: u64) -> Result<(), StandbyError> {
+        for d in disks.iter_mut() {
+            if let Some(store) = d.store.as_mut() {
+                let path = d.config.path.clone();
+                let r = store.acknowledge(epoch).and_then(|()| store.retire(epoch));
+                r.map_err(|source| StandbyError::Store { path, source })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn take_over(
+        &self,
+        reason: String,
+        replica: Replica,
+        disks: Vec<Disk>,
+        silence: Duration,
+        decided: Instant,
+    ) -> Result<Takeover, StandbyError> {
+        let Some((epoch, state)) = replica.applied else {
+            return Err(StandbyError::NothingToResume(reason));
+        };
+        eprintln!("mirrorvm: standby: primary lost ({reason}): taking over at checkpoint {epoch}");
+        let mut report = FailoverReport {
+            reason,
+            epoch,
+            detect: silence,
+            ..Default::default()
+        };
+        // Fence.
+        let t = Instant::now();
+        let mut held = None;
+        match &self.config.witness {
+            Some(path) => {
+                let w = Witness::new(path);
+                let mut said = false;
+                let mut fence = loop {
+                    match w.try_acquire().map_err(StandbyError::Fence)? {
+                        Attempt::Acquired(f) => break f,
+                        Attempt::Busy(holder) => {
+                            if !said {
+                                eprintln!(
+                                    "mirrorvm: failover: waiting for the fence: the witness {} is held by {holder} (a primary that is alive but silent keeps it)",
+                                    path.display()
+                                );
+                                said = true;
+                            }
+                            std::thread::sleep(POLL_INTERVAL);
+                        }
+                    }
+                };
+                let generation = fence.take_over(epoch).map_err(StandbyError::Fence)?;
+                tracing::info!("took the fence: generation {generation}");
+                // This process holds the witness while it runs the guest.
+                held = Some(fence);
+            }
+            None => eprintln!(
+                "mirrorvm: failover: no --witness: taking over on silence alone (a network partition can leave two guests running)"
+            ),
+        }
+        report.fence = t.elapsed();
+        // Disks: close the stores; the machine opens them at exactly `epoch`.
+        let t = Instant::now();
+        let mut manifest = replica.manifest;
+        let mut ours = Vec::new();
+        for d in disks {
+            let journal_id = d.store.as_ref().map(|s| s.file_header().journal_id);
+            ours.push(DiskManifest {
+                config: d.config.clone(),
+                size: d.size,
+                journal_id,
+            });
+        }
+        manifest.disks = ours;
+        report.apply = t.elapsed();
+        let t = Instant::now();
+        let state = decode_state(&state).map_err(|e| StandbyError::Apply {
+            epoch,
+            source: Box::new(e),
+        })?;
+        let mut source = ReplicaSource::new(
+            manifest,
+            Restored {
+                epoch,
+                memory: replica.memory,
+                state,
+            },
+            "the standby's replica",
+        );
+        let machine = Machine::from_source(
+            &mut source,
+            &self.config.serial,
+            &self.config.kvm_device,
+            None,
+        )
+        .map_err(|e| StandbyError::Restore {
+            epoch,
+            source: Box::new(e),
+        })?;
+        report.restore = t.elapsed();
+        // Output of held epochs up to the one resumed that the primary may not have
+        // shown (it reported what it released in its heartbeats).
+        let mut end = None;
+        for (_, c) in &replica.console {
+            machine.show_console(c.offset, &c.bytes);
+            report.console_bytes += c.bytes.len() as u64;
+            end = Some(c.offset + c.bytes.len() as u64);
+        }
+        let _ = end;
+        Ok(Takeover {
+            machine,
+            report,
+            decided,
+            _fence: held,
+        })
+    }
+}
+
+/// Why applying a checkpoint stopped.
+enum Applied {
+    /// The checkpoint is malformed: the primary broke the protocol.
+    Broken(String),
+    /// This host failed to apply it.
+    Failed(StandbyError),
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn assemble_why(e: &AssembleError) -> String {
+    format!("{}", devices::ErrorChain(e))
+}
