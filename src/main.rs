@@ -58,11 +58,12 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct DemoArgs {
-    /// The test guest's `mix seconds=`: 0 runs it until the demo stops it [default:
-    /// --kill-after + --run-after, so it ends by itself on host-b and verifies
-    /// everything].
-    #[arg(long, value_name = "SECONDS")]
-    seconds: Option<u64>,
+    /// The test guest's `mix seconds=`: 0 runs it until the demo stops it --run-after
+    /// seconds after the takeover; N ends it by itself after N seconds of guest time
+    /// (counted from boot, so N must cover the initial copy and --kill-after) with a
+    /// final check of everything.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    seconds: u64,
 
     /// Seconds of mirroring (after the initial copy) before the primary is killed.
     #[arg(long, value_name = "SECONDS", default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=3600))]

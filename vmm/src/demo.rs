@@ -63,11 +63,13 @@ pub struct DemoOptions {
     /// The mirrorvm binary to run as primary and standby (normally
     /// `std::env::current_exe()`).
     pub mirrorvm: PathBuf,
-    /// The guest's `mix seconds=`: `None` for `kill_after + run_after`, so the guest
-    /// ends by itself on host b about `run_after` after the takeover and prints its
-    /// final check; `Some(0)` runs it forever, and the demo stops the standby
-    /// `run_after` after the takeover.
-    pub seconds: Option<u64>,
+    /// The guest's `mix seconds=`. 0 runs it until the demo stops the standby
+    /// `run_after` after the takeover (the verdict then rests on the guest's running
+    /// checks and progress lines). N > 0 lets it end by itself and verify everything
+    /// once more: N counts from the guest's start, and the initial copy before the
+    /// kill timer starts takes several seconds, so N must exceed that plus
+    /// `kill_after`; the demo then waits for the guest's end instead of `run_after`.
+    pub seconds: u64,
     /// How long the primary mirrors (from the standby's initial copy complete) before
     /// the demo kills it.
     pub kill_after: Duration,
@@ -133,7 +135,7 @@ pub enum DemoError {
         source: std::io::Error,
     },
     /// A process ended before the demo got to where it needed it.
-    #[error("the {role} on {host} ended ({status}) {when}; its last stderr lines:\n{tail}")]
+    #[error("the {role} on {host} ended ({status}) while the demo waited for {when}; its last stderr lines:\n{tail}")]
     Ended {
         /// "primary" or "standby".
         role: &'static str,
@@ -147,12 +149,19 @@ pub enum DemoError {
         tail: String,
     },
     /// Something did not happen in time.
-    #[error("{what} did not happen within {} s; the standby's last stderr lines:\n{tail}", timeout.as_secs())]
+    #[error("waited {} s for {what} in vain; the standby's last stderr lines:\n{tail}", timeout.as_secs())]
     Timeout {
         /// What was awaited.
         what: &'static str,
         /// How long the demo waited.
         timeout: Duration,
+        /// The standby's last stderr lines.
+        tail: String,
+    },
+    /// The guest ended its run on host-a before the demo killed the primary (a
+    /// `--seconds` too short), so there was nothing to fail over.
+    #[error("the guest ended its run on host-a before the primary was killed (is --seconds shorter than the initial copy plus --kill-after? 0 runs it until the demo stops it); the standby's last stderr lines:\n{tail}")]
+    GuestEndedEarly {
         /// The standby's last stderr lines.
         tail: String,
     },
@@ -290,6 +299,8 @@ impl Proc {
             source,
         })?;
         cmd.current_dir(workdir)
+            // Its log lines are shown inside the demo's own: plain text, no colours.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped())
@@ -468,7 +479,8 @@ impl Interrupts {
 /// Runs the demo and prints its verdict on stdout (the live view goes to stderr).
 pub fn run(opts: &DemoOptions) -> Result<Outcome, DemoError> {
     if opts.kernel.is_none() {
-        if let Some(s) = opts.seconds.filter(|s| *s > 0) {
+        let s = opts.seconds;
+        if s > 0 {
             if Duration::from_secs(s) <= opts.kill_after {
                 return Err(DemoError::Options(format!(
                     "--seconds {s} ends the guest before --kill-after {} s: nothing would be left to fail over",
@@ -545,10 +557,7 @@ fn guest(opts: &DemoOptions, dir: &Path) -> Result<Guest, DemoError> {
             })
         }
         None => {
-            let seconds = opts.seconds.unwrap_or_else(|| {
-                let ms = (opts.kill_after + opts.run_after).as_millis();
-                u64::try_from(ms.div_ceil(1000)).unwrap_or(u64::MAX)
-            });
+            let seconds = opts.seconds;
             for p in [LAYOUT.disk_a, LAYOUT.disk_b] {
                 let path = dir.join(p);
                 File::create(&path)
@@ -671,8 +680,48 @@ impl Stage<'_> {
         Ok(state)
     }
 
-    /// Ticks until `done` holds for the standby's state, the timeout passes, or a
-    /// process ends.
+    /// Fails if a process ended when it should not have: the primary before the kill,
+    /// the standby unless `standby_may_end`. True if the standby ended (allowed).
+    fn check_ended(
+        &mut self,
+        when: &'static str,
+        standby_may_end: bool,
+    ) -> Result<bool, DemoError> {
+        if !self.killed {
+            if let Some(p) = &mut self.primary {
+                if p.poll().is_some() {
+                    // A guest that ended its run on host-a ends the standby too, with
+                    // a line saying so: give it a moment to tell.
+                    let end = Instant::now() + Duration::from_secs(1);
+                    while self.standby.poll().is_none() && Instant::now() < end {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    if self.standby.poll().is_some() {
+                        self.standby.drain();
+                    }
+                    let lines = self.standby.lines();
+                    if StandbyState::from_lines(lines.iter().map(String::as_str))
+                        == StandbyState::PrimaryEnded
+                    {
+                        return Err(DemoError::GuestEndedEarly {
+                            tail: self.standby.tail(),
+                        });
+                    }
+                    return Err(p.ended(when));
+                }
+            }
+        }
+        if self.standby.poll().is_some() {
+            if standby_may_end {
+                return Ok(true);
+            }
+            return Err(self.standby.ended(when));
+        }
+        Ok(false)
+    }
+
+    /// Ticks until `done` holds for the standby's state; fails if the timeout passes
+    /// or a process ends first.
     fn wait_for(
         &mut self,
         what: &'static str,
@@ -681,20 +730,10 @@ impl Stage<'_> {
     ) -> Result<(), DemoError> {
         let end = Instant::now() + timeout;
         loop {
-            let state = self.tick()?;
-            if done(&state) {
+            if done(&self.tick()?) {
                 return Ok(());
             }
-            if self.standby.poll().is_some() {
-                return Err(self.standby.ended(what));
-            }
-            if !self.killed {
-                if let Some(p) = &mut self.primary {
-                    if p.poll().is_some() {
-                        return Err(p.ended(what));
-                    }
-                }
-            }
+            self.check_ended(what, false)?;
             if Instant::now() > end {
                 return Err(DemoError::Timeout {
                     what,
@@ -705,8 +744,8 @@ impl Stage<'_> {
         }
     }
 
-    /// Ticks for `d`, failing if a process ends meanwhile (the standby may, when
-    /// `standby_may_end`).
+    /// Ticks for `d`; fails if a process ends meanwhile (the standby may, when
+    /// `standby_may_end`: then it returns early).
     fn run_for(
         &mut self,
         d: Duration,
@@ -716,18 +755,8 @@ impl Stage<'_> {
         let end = Instant::now() + d;
         while Instant::now() < end {
             self.tick()?;
-            if self.standby.poll().is_some() {
-                if standby_may_end {
-                    return Ok(());
-                }
-                return Err(self.standby.ended(what));
-            }
-            if !self.killed {
-                if let Some(p) = &mut self.primary {
-                    if p.poll().is_some() {
-                        return Err(p.ended(what));
-                    }
-                }
+            if self.check_ended(what, standby_may_end)? {
+                break;
             }
         }
         Ok(())
@@ -786,7 +815,7 @@ fn run_in(
         seen_b: 0,
         killed: false,
     };
-    st.wait_for("the standby listening", LISTEN_TIMEOUT, |s| {
+    st.wait_for("the standby to listen", LISTEN_TIMEOUT, |s| {
         *s != StandbyState::Starting
     })?;
 
@@ -812,11 +841,23 @@ fn run_in(
     st.wait_for("the initial copy to the standby", PROTECT_TIMEOUT, |s| {
         matches!(s, StandbyState::Mirroring)
     })?;
+    if g.workload == Workload::Linux {
+        // Kill it mid-boot, but with some of the boot shown on host-a: the timer
+        // starts at the banner.
+        st.screen
+            .event("mirroring: host-b holds a replica; waiting for the kernel's banner on host-a");
+        let console = dir.join(LAYOUT.console_a);
+        let banner = move |_: &StandbyState| {
+            std::fs::read(&console)
+                .is_ok_and(|b| String::from_utf8_lossy(&b).contains(verdict::LINUX_BANNER))
+        };
+        st.wait_for("the kernel's banner on host-a", PROTECT_TIMEOUT, banner)?;
+    }
     st.screen.event(&format!(
         "mirroring: host-b holds a replica; host-a is killed in {:.0} s",
         opts.kill_after.as_secs_f64()
     ));
-    st.run_for(opts.kill_after, "mirroring", false)?;
+    st.run_for(opts.kill_after, "the kill (mirroring)", false)?;
 
     if let Some(p) = &mut st.primary {
         let pid = p.pid();
@@ -834,7 +875,7 @@ fn run_in(
     // Then the guest goes on, on host-b.
     let stopped = match g.workload {
         Workload::Mix { seconds: 0 } => {
-            st.run_for(opts.run_after, "running on host-b", false)?;
+            st.run_for(opts.run_after, "the guest to run on host-b", false)?;
             st.screen
                 .event("host-b: SIGTERM to the new primary: the demo is over");
             st.standby.terminate(STOP_GRACE);
@@ -846,7 +887,7 @@ fn run_in(
             } else {
                 opts.run_after + END_SLACK
             };
-            st.run_for(limit, "running on host-b", true)?;
+            st.run_for(limit, "the guest to run on host-b", true)?;
             if st.standby.poll().is_none() {
                 st.screen.event(&format!(
                     "host-b: the guest did not end within {} s: SIGTERM",

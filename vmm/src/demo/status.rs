@@ -180,7 +180,7 @@ pub fn render_standby(v: &StandbyView) -> String {
         (StandbyState::Mirroring, _) => "mirroring".to_owned(),
         (StandbyState::PrimaryEnded, _) => "the primary ended the run".to_owned(),
     };
-    let mut s = format!("standby  {state} · {} checkpoints applied", v.applied);
+    let mut s = format!("standby  {state} · checkpoints applied {}", v.applied);
     if let Some(e) = v.last_applied {
         s.push_str(&format!(" · last {e}"));
     }
@@ -505,7 +505,7 @@ mod tests {
         };
         assert_eq!(
             render_standby(&s),
-            "standby  mirroring · 119 checkpoints applied · last 120 · lag 0"
+            "standby  mirroring · checkpoints applied 119 · last 120 · lag 0"
         );
         let taking = StandbyView {
             primary_killed: true,
@@ -542,7 +542,11 @@ mod tests {
             .expect("json")
         };
         std::fs::write(&a.metrics, format!("{}\n{}\n", line(1), line(2))).expect("write");
-        std::fs::write(&b.metrics, "{\"epoch\":1}\n").expect("write");
+        std::fs::write(
+            &b.metrics,
+            "{\"epoch\":1,\"bytes\":9,\"pages\":1,\"apply_us\":4,\"received_at_ms\":3}\n",
+        )
+        .expect("write");
         std::fs::write(&a.console, "mix: memory: 1 s, 5 pages dirtied\n").expect("write");
         let now = Instant::now();
         m.poll(now);

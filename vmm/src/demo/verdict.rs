@@ -5,8 +5,6 @@
 
 use std::fmt;
 
-use serde::Deserialize;
-
 /// The standby's failover line, parsed: `failover: primary lost (REASON) at
 /// checkpoint N: detect D ms, fence F ms, …, total T ms`.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,22 +53,9 @@ pub fn parse_failover(line: &str) -> Option<Failover> {
     })
 }
 
-/// One line of the standby's `--metrics` file: a checkpoint it applied. Unknown
-/// fields are ignored and missing ones read as 0, so a later format still parses.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct StandbyMetric {
-    /// The checkpoint applied.
-    pub epoch: u64,
-    /// Bytes received for it.
-    pub bytes: u64,
-    /// Memory pages in it.
-    pub pages: u64,
-    /// Time to apply it, µs.
-    pub apply_us: u64,
-    /// When it arrived, ms (the standby's clock).
-    pub received_at_ms: u64,
-}
+/// One line of the standby's `--metrics` file: a checkpoint it applied (the
+/// standby's own type, read back with serde; fields added later are ignored).
+pub use crate::replication::standby::AppliedMetrics as StandbyMetric;
 
 /// Parses the complete lines of a standby metrics file; lines that do not parse are
 /// skipped (the verdict counts checkpoints, it does not police the format).
@@ -624,7 +609,7 @@ mod tests {
     #[test]
     fn standby_metrics_parse_leniently() {
         let text = "{\"epoch\":1,\"bytes\":10,\"pages\":2,\"apply_us\":5,\"received_at_ms\":7}\n\
-                    {\"epoch\":2,\"bytes\":3,\"new_field\":true}\n\
+                    {\"epoch\":2,\"bytes\":3,\"pages\":0,\"apply_us\":1,\"received_at_ms\":9,\"new_field\":true}\n\
                     not json\n\
                     {\"epoch\":3,\"by";
         let m = parse_standby_metrics(text);
