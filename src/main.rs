@@ -81,6 +81,12 @@ struct DemoArgs {
     /// Use loopback for both hosts even as root.
     #[arg(long)]
     loopback: bool,
+
+    /// Both hosts' --dead-ms: a peer silent this long is declared dead. Longer than
+    /// mirrorvm's 100 ms so that a loaded machine gives no false alarm; a SIGKILL is
+    /// seen at once anyway, as a closed connection.
+    #[arg(long, value_name = "N", default_value_t = vmm::demo::DEFAULT_DEAD_MS, value_parser = clap::value_parser!(u64).range(11..=3_600_000))]
+    dead_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -382,6 +388,7 @@ fn demo(args: DemoArgs) -> ExitCode {
         run_after: Duration::from_secs(args.run_after),
         kernel: args.kernel,
         loopback: args.loopback,
+        dead_ms: args.dead_ms,
     };
     match vmm::demo::run(&opts) {
         Ok(outcome) if outcome.verdict.passed() => ExitCode::SUCCESS,

@@ -79,7 +79,16 @@ pub struct DemoOptions {
     pub kernel: Option<PathBuf>,
     /// Use loopback even when the network lab could be made.
     pub loopback: bool,
+    /// Both hosts' liveness deadline (`--dead-ms`): a peer silent this long is
+    /// declared dead.
+    pub dead_ms: u64,
 }
+
+/// The demo's default liveness deadline, longer than mirrorvm's own 100 ms: on a
+/// loaded 2-core host (an emulated Linux boot, a compile beside it) a liveness thread
+/// can go unscheduled for more than 100 ms and the standby would declare a live
+/// primary dead. A SIGKILL is still seen at once, as a closed connection.
+pub const DEFAULT_DEAD_MS: u64 = 500;
 
 /// How a demo that ran to its verdict came out.
 #[derive(Debug)]
@@ -155,6 +164,18 @@ pub enum DemoError {
         what: &'static str,
         /// How long the demo waited.
         timeout: Duration,
+        /// The standby's last stderr lines.
+        tail: String,
+    },
+    /// The standby declared the primary lost while it was still running (its
+    /// liveness deadline passed on a loaded host, or the link failed). The fence keeps
+    /// the two from both running the guest, but the demo cannot go on.
+    #[error("host-b declared host-a lost ({reason}) while it was still running, before the demo killed it: a false alarm (a host too loaded for --dead-ms {dead_ms}?); the fence keeps them from both running the guest. The standby's last stderr lines:\n{tail}")]
+    FalseAlarm {
+        /// The standby's reason.
+        reason: String,
+        /// The liveness deadline in use.
+        dead_ms: u64,
         /// The standby's last stderr lines.
         tail: String,
     },
@@ -642,6 +663,7 @@ struct Stage<'a> {
     seen_b: usize,
     seen_a: usize,
     killed: bool,
+    dead_ms: u64,
 }
 
 impl Stage<'_> {
@@ -687,6 +709,18 @@ impl Stage<'_> {
         when: &'static str,
         standby_may_end: bool,
     ) -> Result<bool, DemoError> {
+        if !self.killed {
+            let lines = self.standby.lines();
+            if let StandbyState::LostPrimary { reason } =
+                StandbyState::from_lines(lines.iter().map(String::as_str))
+            {
+                return Err(DemoError::FalseAlarm {
+                    reason,
+                    dead_ms: self.dead_ms,
+                    tail: self.standby.tail(),
+                });
+            }
+        }
         if !self.killed {
             if let Some(p) = &mut self.primary {
                 if p.poll().is_some() {
@@ -793,6 +827,8 @@ fn run_in(
         LAYOUT.witness.into(),
         "--metrics".into(),
         LAYOUT.metrics_b.into(),
+        "--dead-ms".into(),
+        opts.dead_ms.to_string(),
     ];
     screen.event(&format!("host-b $ {}", shown("mirrorvm", &standby_args)));
     let mut cmd = net.command(Host::B, &opts.mirrorvm);
@@ -814,6 +850,7 @@ fn run_in(
         seen_a: 0,
         seen_b: 0,
         killed: false,
+        dead_ms: opts.dead_ms,
     };
     st.wait_for("the standby to listen", LISTEN_TIMEOUT, |s| {
         *s != StandbyState::Starting
@@ -832,6 +869,8 @@ fn run_in(
         LAYOUT.witness.into(),
         "--metrics".into(),
         LAYOUT.metrics_a.into(),
+        "--dead-ms".into(),
+        opts.dead_ms.to_string(),
     ]);
     st.screen
         .event(&format!("host-a $ {}", shown("mirrorvm", &primary_args)));

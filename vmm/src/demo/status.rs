@@ -65,6 +65,12 @@ pub enum StandbyState {
     Copying,
     /// The initial copy is complete; checkpoints arrive.
     Mirroring,
+    /// It declared the primary lost and is taking over (fence, restore) or waiting for
+    /// the fence.
+    LostPrimary {
+        /// Why, as it said.
+        reason: String,
+    },
     /// Took over: it runs the guest now.
     TookOver {
         /// The checkpoint it resumed from.
@@ -86,6 +92,8 @@ impl StandbyState {
                     checkpoint: f.checkpoint,
                     total_ms: f.total_ms,
                 };
+            } else if let Some(reason) = lost_reason(l) {
+                s = StandbyState::LostPrimary { reason };
             } else if l.contains("standby: listening on") {
                 s = StandbyState::Listening;
             } else if l.contains("standby: primary ") && l.contains(" connected") {
@@ -98,6 +106,13 @@ impl StandbyState {
         }
         s
     }
+}
+
+/// The reason in `standby: primary lost (REASON): taking over at checkpoint N`.
+fn lost_reason(line: &str) -> Option<String> {
+    const START: &str = "standby: primary lost (";
+    let rest = &line[line.find(START)? + START.len()..];
+    Some(rest[..rest.rfind("): taking over")?].to_owned())
 }
 
 /// What the status line of the primary shows.
@@ -179,6 +194,9 @@ pub fn render_standby(v: &StandbyView) -> String {
         (StandbyState::Copying, _) => "copying (initial copy of memory and disk)".to_owned(),
         (StandbyState::Mirroring, _) => "mirroring".to_owned(),
         (StandbyState::PrimaryEnded, _) => "the primary ended the run".to_owned(),
+        (StandbyState::LostPrimary { reason }, _) => {
+            format!("primary lost ({reason}): taking over")
+        }
     };
     let mut s = format!("standby  {state} · checkpoints applied {}", v.applied);
     if let Some(e) = v.last_applied {
@@ -462,6 +480,13 @@ mod tests {
         assert_eq!(
             StandbyState::from_lines(lines.clone()),
             StandbyState::Mirroring
+        );
+        lines.push("mirrorvm: standby: primary lost (silent for 105 ms (a pause)): taking over at checkpoint 9");
+        assert_eq!(
+            StandbyState::from_lines(lines.clone()),
+            StandbyState::LostPrimary {
+                reason: "silent for 105 ms (a pause)".to_owned()
+            }
         );
         lines.push("mirrorvm: failover: primary lost (connection reset) at checkpoint 9: detect 1 ms, total 2.5 ms");
         assert_eq!(
