@@ -499,16 +499,12 @@ impl Interrupts {
 
 /// Runs the demo and prints its verdict on stdout (the live view goes to stderr).
 pub fn run(opts: &DemoOptions) -> Result<Outcome, DemoError> {
-    if opts.kernel.is_none() {
-        let s = opts.seconds;
-        if s > 0 {
-            if Duration::from_secs(s) <= opts.kill_after {
-                return Err(DemoError::Options(format!(
-                    "--seconds {s} ends the guest before --kill-after {} s: nothing would be left to fail over",
-                    opts.kill_after.as_secs_f64()
-                )));
-            }
-        }
+    let s = opts.seconds;
+    if opts.kernel.is_none() && s > 0 && Duration::from_secs(s) <= opts.kill_after {
+        return Err(DemoError::Options(format!(
+            "--seconds {s} ends the guest before --kill-after {} s: nothing would be left to fail over",
+            opts.kill_after.as_secs_f64()
+        )));
     }
     let interrupts = Interrupts::install()?;
     // Declared first, dropped last: the namespaces go only after both processes.
