@@ -110,7 +110,11 @@ fn demo_on_loopback_with_a_guest_that_ends_by_itself_and_verifies_everything() {
     );
     assert!(out.contains("verdict: PASSED"), "{}", show(&o));
     assert!(out.contains("all verified"), "{}", show(&o));
-    assert!(out.contains("host-b     exited with status 0"), "{}", show(&o));
+    assert!(
+        out.contains("host-b     exited with status 0"),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]

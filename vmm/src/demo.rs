@@ -121,13 +121,33 @@ pub enum DemoError {
         #[source]
         source: std::io::Error,
     },
-    /// The root file system for the Linux guest could not be made.
-    #[error("cannot make the ext4 root image {path} with mkfs.ext4 (e2fsprogs): {why}")]
+    /// The kernel given with `--kernel` cannot be found.
+    #[error("cannot find the kernel {path}")]
+    Kernel {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `mkfs.ext4` could not be run to make the Linux guest's root file system.
+    #[error("cannot run mkfs.ext4 (e2fsprogs) to make the root image {path}")]
+    MkfsSpawn {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `mkfs.ext4` failed.
+    #[error("mkfs.ext4 {path} failed ({status}): {stderr}")]
     Mkfs {
         /// The image.
         path: PathBuf,
-        /// What went wrong.
-        why: String,
+        /// How it ended.
+        status: ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
     },
     /// No free port on loopback.
     #[error("cannot find a free port on loopback")]
@@ -551,6 +571,11 @@ struct Guest {
 fn guest(opts: &DemoOptions, dir: &Path) -> Result<Guest, DemoError> {
     match &opts.kernel {
         Some(kernel) => {
+            // Both hosts run in the working directory: the path must not be relative.
+            let kernel = std::fs::canonicalize(kernel).map_err(|source| DemoError::Kernel {
+                path: kernel.clone(),
+                source,
+            })?;
             make_ext4(&dir.join(LAYOUT.disk_a))?;
             let (a, b) = (dir.join(LAYOUT.disk_a), dir.join(LAYOUT.disk_b));
             std::fs::copy(&a, &b).map_err(|source| DemoError::File { path: b, source })?;
@@ -605,21 +630,27 @@ fn guest(opts: &DemoOptions, dir: &Path) -> Result<Guest, DemoError> {
 }
 
 fn make_ext4(path: &Path) -> Result<(), DemoError> {
-    let err = |why: String| DemoError::Mkfs {
-        path: path.to_owned(),
-        why,
-    };
     File::create(path)
         .and_then(|f| f.set_len(DISK_BYTES))
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|source| DemoError::File {
+            path: path.to_owned(),
+            source,
+        })?;
     let out = Command::new("mkfs.ext4")
         .args(["-F", "-q"])
         .arg(path)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|source| DemoError::MkfsSpawn {
+            path: path.to_owned(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        return Err(DemoError::Mkfs {
+            path: path.to_owned(),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(())
 }
