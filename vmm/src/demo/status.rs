@@ -152,20 +152,20 @@ pub struct StandbyView {
     pub ended: Option<String>,
 }
 
-/// The primary's status line.
+/// The primary's status line (kept under 80 columns where it can be).
 pub fn render_primary(v: &PrimaryView) -> String {
     let figures = match v.acked {
         Some(e) => format!(
-            "epoch {e} acked · pause {:.2} ms · {} dirty pages · {:.1} MB/s",
+            "acked {e} · pause {:.2} ms · {} pages · {:.1} MB/s",
             v.pause_ms, v.dirty_pages, v.mb_per_s
         ),
-        None => "no checkpoint acknowledged yet".to_owned(),
+        None => "nothing acknowledged yet".to_owned(),
     };
     if v.alive {
         let prot = if v.protected {
             "PROTECTED"
         } else {
-            "not protected"
+            "unprotected"
         };
         format!("primary  {figures} · {prot}")
     } else {
@@ -186,21 +186,21 @@ pub fn render_standby(v: &StandbyView) -> String {
             },
             _,
         ) => {
-            format!("TOOK OVER from checkpoint {checkpoint} in {total_ms} ms · runs the guest")
+            format!("TOOK OVER at {checkpoint} in {total_ms} ms, runs the guest")
         }
         (_, true) => "primary lost: taking over".to_owned(),
         (StandbyState::Starting, _) => "starting".to_owned(),
         (StandbyState::Listening, _) => "waiting for the primary".to_owned(),
-        (StandbyState::Copying, _) => "copying (initial copy of memory and disk)".to_owned(),
+        (StandbyState::Copying, _) => "initial copy".to_owned(),
         (StandbyState::Mirroring, _) => "mirroring".to_owned(),
         (StandbyState::PrimaryEnded, _) => "the primary ended the run".to_owned(),
         (StandbyState::LostPrimary { reason }, _) => {
             format!("primary lost ({reason}): taking over")
         }
     };
-    let mut s = format!("standby  {state} · checkpoints applied {}", v.applied);
+    let mut s = format!("standby  {state} · applied {}", v.applied);
     if let Some(e) = v.last_applied {
-        s.push_str(&format!(" · last {e}"));
+        s.push_str(&format!(" (last {e})"));
     }
     if let Some(l) = v.lag {
         s.push_str(&format!(" · lag {l}"));
@@ -365,6 +365,8 @@ pub enum Screen {
         multi: MultiProgress,
         /// One bar per status line.
         bars: Vec<ProgressBar>,
+        /// The status lines last shown, left on screen at the end.
+        last: Vec<String>,
     },
     /// stderr is a file or a pipe.
     Plain {
@@ -394,7 +396,11 @@ impl Screen {
                 b
             })
             .collect();
-        Screen::Bars { multi, bars }
+        Screen::Bars {
+            multi,
+            bars,
+            last: Vec::new(),
+        }
     }
 
     /// A line above the status lines, at once.
@@ -414,11 +420,12 @@ impl Screen {
     /// New status lines; `force` prints plain ones even if a second has not passed.
     pub fn status(&mut self, lines: &[String], force: bool) {
         match self {
-            Screen::Bars { bars, .. } => {
+            Screen::Bars { bars, last, .. } => {
                 for (b, l) in bars.iter().zip(lines) {
                     b.set_message(l.clone());
                     b.tick();
                 }
+                *last = lines.to_vec();
             }
             Screen::Plain { start, last } => {
                 let now = Instant::now();
@@ -433,11 +440,14 @@ impl Screen {
         }
     }
 
-    /// Leaves the last status lines on screen and stops drawing.
+    /// Stops drawing and leaves the last status lines on screen as plain lines.
     pub fn finish(&mut self) {
-        if let Screen::Bars { bars, .. } = self {
+        if let Screen::Bars { bars, last, .. } = self {
             for b in bars.iter() {
-                b.finish();
+                b.finish_and_clear();
+            }
+            for l in last.drain(..) {
+                eprintln!("  {l}");
             }
         }
     }
@@ -512,14 +522,14 @@ mod tests {
         };
         assert_eq!(
             render_primary(&p),
-            "primary  epoch 120 acked · pause 0.31 ms · 512 dirty pages · 80.0 MB/s · PROTECTED"
+            "primary  acked 120 · pause 0.31 ms · 512 pages · 80.0 MB/s · PROTECTED"
         );
         let dead = PrimaryView {
             alive: false,
             ended: Some("KILLED (SIGKILL)".to_owned()),
             ..p
         };
-        assert!(render_primary(&dead).starts_with("primary  KILLED (SIGKILL) · epoch 120"));
+        assert!(render_primary(&dead).starts_with("primary  KILLED (SIGKILL) · acked 120"));
         let s = StandbyView {
             state: StandbyState::Mirroring,
             primary_killed: false,
@@ -530,7 +540,7 @@ mod tests {
         };
         assert_eq!(
             render_standby(&s),
-            "standby  mirroring · checkpoints applied 119 · last 120 · lag 0"
+            "standby  mirroring · applied 119 (last 120) · lag 0"
         );
         let taking = StandbyView {
             primary_killed: true,
@@ -544,7 +554,7 @@ mod tests {
             },
             ..s
         };
-        assert!(render_standby(&took).contains("TOOK OVER from checkpoint 120 in 105 ms"));
+        assert!(render_standby(&took).contains("TOOK OVER at 120 in 105 ms"));
     }
 
     #[test]
