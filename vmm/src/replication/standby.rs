@@ -549,13 +549,6 @@ impl Standby {
                 .write(true)
                 .open(&d.path)
                 .map_err(err)?;
-            devices::lock::lock_file(
-                &file,
-                &d.path,
-                "disk image",
-                devices::lock::LockKind::Exclusive,
-            )
-            .map_err(|e| err(std::io::Error::other(e)))?;
             let size = file.metadata().map_err(err)?.len();
             match std::fs::remove_file(devices::store::journal_path(&d.path)) {
                 Ok(()) => {}
@@ -664,13 +657,15 @@ impl Standby {
             staged_at.get_or_insert_with(Instant::now);
             match asm.push(frame) {
                 Ok(Staged::Nothing) => {}
-                Ok(Staged::Base { pages, .. }) => {
+                Ok(Staged::Base { pages, epoch }) => {
+                    open_stores(&mut disks, epoch)?;
                     if let Err(e) = apply_pages(&replica.memory, &pages) {
                         break SessionEnd::Broken(format!("a bad base page: {e}"));
                     }
                     staged_at = None;
                 }
-                Ok(Staged::DiskBase { chunk, .. }) => {
+                Ok(Staged::DiskBase { chunk, epoch }) => {
+                    open_stores(&mut disks, epoch)?;
                     let Some(d) = disks.get(chunk.disk as usize) else {
                         break SessionEnd::Broken(format!("a chunk of disk {}", chunk.disk));
                     };
@@ -781,25 +776,14 @@ impl Standby {
                 replica.manifest.cpus
             )));
         }
-        let first = disks.iter().any(|d| d.store.is_none());
+        let first = disks.iter().any(|d| d.file.is_some());
         if first {
-            // The copy is complete: the images hold epoch - 1; journals start there.
+            // The copy is complete (the images hold epoch - 1): make it durable.
+            open_stores(disks, epoch - 1).map_err(Applied::Failed)?;
             for d in disks.iter_mut() {
                 if let Some(f) = d.file.take() {
                     f.sync_all().map_err(|e| failed(Box::new(e)))?;
-                    drop(f);
                 }
-                let cfg = devices::store::StoreConfig {
-                    created_epoch: epoch - 1,
-                    ..Default::default()
-                };
-                let (store, _) = devices::store::Store::open_path(
-                    &d.config.path,
-                    &cfg,
-                    devices::store::RecoverTo::LastAcknowledged,
-                )
-                .map_err(|e| failed(Box::new(e)))?;
-                d.store = Some(store);
             }
         }
         for r in &c.disks {
@@ -945,6 +929,29 @@ impl Standby {
             _fence: held,
         })
     }
+}
+
+/// Creates each disk's journal, starting at `epoch` (the initial copy's), if it
+/// does not exist yet: before the copy completes, so the first checkpoint's
+/// acknowledgement does not wait for a new journal to be written.
+fn open_stores(disks: &mut [Disk], epoch: u64) -> Result<(), StandbyError> {
+    for d in disks.iter_mut().filter(|d| d.store.is_none()) {
+        let cfg = devices::store::StoreConfig {
+            created_epoch: epoch,
+            ..Default::default()
+        };
+        let (store, _) = devices::store::Store::open_path(
+            &d.config.path,
+            &cfg,
+            devices::store::RecoverTo::LastAcknowledged,
+        )
+        .map_err(|source| StandbyError::Store {
+            path: d.config.path.clone(),
+            source,
+        })?;
+        d.store = Some(store);
+    }
+    Ok(())
 }
 
 /// Why applying a checkpoint stopped.
