@@ -65,9 +65,10 @@ struct DemoArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     seconds: u64,
 
-    /// Seconds of mirroring (after the initial copy) before the primary is killed.
-    #[arg(long, value_name = "SECONDS", default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    kill_after: u64,
+    /// Seconds of mirroring (after the initial copy) before the primary is killed
+    /// [default: 6; with --kernel, 0 after the kernel registers its virtio-mmio device].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    kill_after: Option<u64>,
 
     /// Seconds the guest runs on host-b after the takeover.
     #[arg(long, value_name = "SECONDS", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -384,7 +385,7 @@ fn demo(args: DemoArgs) -> ExitCode {
     let opts = vmm::demo::DemoOptions {
         mirrorvm,
         seconds: args.seconds,
-        kill_after: Duration::from_secs(args.kill_after),
+        kill_after: args.kill_after.map(Duration::from_secs),
         run_after: Duration::from_secs(args.run_after),
         kernel: args.kernel,
         loopback: args.loopback,

@@ -430,7 +430,8 @@ fn linux_failed_over_mid_boot_mounts_its_root_on_the_standby() {
     );
     let _ = pair.kill_primary();
     let mounted = wait(Duration::from_secs(240), || {
-        pair.standby_console().contains("VFS: Mounted root (ext4 filesystem)")
+        pair.standby_console()
+            .contains("VFS: Mounted root (ext4 filesystem)")
     });
     let (status, stderr) = pair.standby_exit(Duration::from_secs(120));
     let after = pair.standby_console();

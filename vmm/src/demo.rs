@@ -70,9 +70,11 @@ pub struct DemoOptions {
     /// kill timer starts takes several seconds, so N must exceed that plus
     /// `kill_after`; the demo then waits for the guest's end instead of `run_after`.
     pub seconds: u64,
-    /// How long the primary mirrors (from the standby's initial copy complete) before
-    /// the demo kills it.
-    pub kill_after: Duration,
+    /// How long the primary mirrors before the demo kills it: from the standby's
+    /// initial copy complete, or with `kernel` from the [`LINUX_KILL_MARKER`] on host
+    /// a's console. `None`: [`DEFAULT_KILL_AFTER`] for the test guest, at once for
+    /// Linux.
+    pub kill_after: Option<Duration>,
     /// How long the guest runs on host b after the takeover.
     pub run_after: Duration,
     /// Boot this Linux vmlinux (ext4 root disk) instead of the test guest.
@@ -83,6 +85,14 @@ pub struct DemoOptions {
     /// declared dead.
     pub dead_ms: u64,
 }
+
+/// How long the test guest is mirrored before the kill, by default.
+pub const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(6);
+/// With `--kernel`, the kill timer starts when host a's console shows this: the
+/// kernel is past its early clock calibration (a takeover in the middle of that is not
+/// yet reliable: the resumed kernel stalls) and has yet to probe its disk and mount
+/// its root.
+pub const LINUX_KILL_MARKER: &str = "virtio-mmio: Registering device";
 
 /// The demo's default liveness deadline, longer than mirrorvm's own 100 ms: on a
 /// loaded 2-core host (an emulated Linux boot, a compile beside it) a liveness thread
@@ -520,10 +530,11 @@ impl Interrupts {
 /// Runs the demo and prints its verdict on stdout (the live view goes to stderr).
 pub fn run(opts: &DemoOptions) -> Result<Outcome, DemoError> {
     let s = opts.seconds;
-    if opts.kernel.is_none() && s > 0 && Duration::from_secs(s) <= opts.kill_after {
+    let kill_after = opts.kill_after.unwrap_or(DEFAULT_KILL_AFTER);
+    if opts.kernel.is_none() && s > 0 && Duration::from_secs(s) <= kill_after {
         return Err(DemoError::Options(format!(
             "--seconds {s} ends the guest before --kill-after {} s: nothing would be left to fail over",
-            opts.kill_after.as_secs_f64()
+            kill_after.as_secs_f64()
         )));
     }
     let interrupts = Interrupts::install()?;
@@ -907,23 +918,29 @@ fn run_in(
     st.wait_for("the initial copy to the standby", PROTECT_TIMEOUT, |s| {
         matches!(s, StandbyState::Mirroring)
     })?;
-    if g.workload == Workload::Linux {
-        // Kill it mid-boot, but with some of the boot shown on host-a: the timer
-        // starts at the banner.
-        st.screen
-            .event("mirroring: host-b holds a replica; waiting for the kernel's banner on host-a");
+    let kill_after = if g.workload == Workload::Linux {
+        st.screen.event(&format!(
+            "mirroring: host-b holds a replica; waiting for `{LINUX_KILL_MARKER}` on host-a's console (mid-boot, past the kernel's clock calibration)"
+        ));
         let console = dir.join(LAYOUT.console_a);
-        let banner = move |_: &StandbyState| {
+        let marker = move |_: &StandbyState| {
             std::fs::read(&console)
-                .is_ok_and(|b| String::from_utf8_lossy(&b).contains(verdict::LINUX_BANNER))
+                .is_ok_and(|b| String::from_utf8_lossy(&b).contains(LINUX_KILL_MARKER))
         };
-        st.wait_for("the kernel's banner on host-a", PROTECT_TIMEOUT, banner)?;
-    }
+        st.wait_for(
+            "the kernel's virtio-mmio device on host-a",
+            PROTECT_TIMEOUT,
+            marker,
+        )?;
+        opts.kill_after.unwrap_or(Duration::ZERO)
+    } else {
+        opts.kill_after.unwrap_or(DEFAULT_KILL_AFTER)
+    };
     st.screen.event(&format!(
         "mirroring: host-b holds a replica; host-a is killed in {:.0} s",
-        opts.kill_after.as_secs_f64()
+        kill_after.as_secs_f64()
     ));
-    st.run_for(opts.kill_after, "the kill (mirroring)", false)?;
+    st.run_for(kill_after, "the kill (mirroring)", false)?;
 
     if let Some(p) = &mut st.primary {
         let pid = p.pid();
