@@ -50,8 +50,11 @@ const PROTECT_TIMEOUT: Duration = Duration::from_secs(120);
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How much later than planned the guest may end by itself on host b.
 const END_SLACK: Duration = Duration::from_secs(120);
-/// How long a Linux guest may take to finish booting on host b (it is emulated).
-const LINUX_END_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a Linux guest may take to reach [`LINUX_KILL_MARKER`] on host a (it is
+/// emulated: 20–60 s on a quiet machine, several minutes on a loaded one).
+const LINUX_MARKER_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a Linux guest may take to finish booting on host b.
+const LINUX_END_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a process has between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// The refresh period of the status lines (5 per second).
@@ -89,9 +92,9 @@ pub struct DemoOptions {
 /// How long the test guest is mirrored before the kill, by default.
 pub const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(6);
 /// With `--kernel`, the kill timer starts when host a's console shows this: the
-/// kernel is past its early clock calibration (a takeover in the middle of that is not
-/// yet reliable: the resumed kernel stalls) and has yet to probe its disk and mount
-/// its root.
+/// kernel is past its early clock calibration (after a takeover in the middle of
+/// that the resumed kernel made no visible progress for minutes, twice) and has yet
+/// to probe its disk and mount its root.
 pub const LINUX_KILL_MARKER: &str = "virtio-mmio: Registering device";
 
 /// The demo's default liveness deadline, longer than mirrorvm's own 100 ms: on a
@@ -291,6 +294,14 @@ fn network(loopback: bool) -> Network {
 }
 
 fn lab() -> Result<Network, String> {
+    let euid = nix::unistd::geteuid();
+    if !euid.is_root() {
+        // Said before the lock file is touched, which may belong to root.
+        return Err(NetLabError::NotRoot {
+            euid: euid.as_raw(),
+        }
+        .to_string());
+    }
     // One demo at a time owns the namespace names: a second one uses loopback rather
     // than deleting the first one's lab as a leftover.
     let path = std::env::temp_dir().join("mirrorvm-demo-netlab.lock");
@@ -929,7 +940,7 @@ fn run_in(
         };
         st.wait_for(
             "the kernel's virtio-mmio device on host-a",
-            PROTECT_TIMEOUT,
+            LINUX_MARKER_TIMEOUT,
             marker,
         )?;
         opts.kill_after.unwrap_or(Duration::ZERO)
