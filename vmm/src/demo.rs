@@ -9,6 +9,15 @@
 //! both hosts and the guest's own checks ([`verdict`]). Every exit path, Ctrl-C
 //! included, kills and reaps both processes and deletes the namespaces.
 
+/// `writeln!` to a stream, ignoring a closed pipe (`mirrorvm demo | head`): unlike
+/// `println!`, never a panic in the middle of the demo.
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
 pub mod status;
 pub mod verdict;
 
@@ -561,12 +570,13 @@ pub fn run(opts: &DemoOptions) -> Result<Outcome, DemoError> {
     screen.finish();
     match result {
         Ok(verdict) => {
-            println!("{verdict}");
+            say!(std::io::stdout(), "{verdict}");
             let kept = if verdict.passed() {
                 None
             } else {
                 let p = dir.keep();
-                println!(
+                say!(
+                    std::io::stdout(),
                     "the demo's files (consoles, metrics, logs) are kept in {}",
                     p.display()
                 );
@@ -577,7 +587,11 @@ pub fn run(opts: &DemoOptions) -> Result<Outcome, DemoError> {
         Err(e @ DemoError::Interrupted { .. }) => Err(e),
         Err(e) => {
             let p = dir.keep();
-            eprintln!("mirrorvm: the demo's files are kept in {}", p.display());
+            say!(
+                std::io::stderr(),
+                "mirrorvm: the demo's files are kept in {}",
+                p.display()
+            );
             Err(e)
         }
     }

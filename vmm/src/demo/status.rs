@@ -408,11 +408,15 @@ impl Screen {
         match self {
             Screen::Bars { multi, .. } => {
                 if multi.println(msg).is_err() {
-                    eprintln!("{msg}");
+                    say!(std::io::stderr(), "{msg}");
                 }
             }
             Screen::Plain { start, .. } => {
-                eprintln!("[{:6.1} s] {msg}", start.elapsed().as_secs_f64())
+                say!(
+                    std::io::stderr(),
+                    "[{:6.1} s] {msg}",
+                    start.elapsed().as_secs_f64()
+                )
             }
         }
     }
@@ -447,7 +451,7 @@ impl Screen {
                 b.finish_and_clear();
             }
             for l in last.drain(..) {
-                eprintln!("  {l}");
+                say!(std::io::stderr(), "  {l}");
             }
         }
     }
