@@ -47,6 +47,47 @@ enum Command {
     /// `--disk path=IMAGE,checkpoint=on` (the journal is IMAGE.mvj).
     #[command(subcommand)]
     Disk(DiskCommand),
+
+    /// Show mirroring and failover: a primary on host-a mirrors a guest to a standby
+    /// on host-b (two network namespaces as root, else loopback), is killed with
+    /// SIGKILL, and the standby takes over while the guest carries on. Ends with a
+    /// verdict from both hosts' consoles and the guest's own checks; exits 0 only if
+    /// it holds (docs/demo.md).
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// The test guest's `mix seconds=`: 0 runs it until the demo stops it --run-after
+    /// seconds after the takeover; N ends it by itself after N seconds of guest time
+    /// (counted from boot, so N must cover the initial copy and --kill-after) with a
+    /// final check of everything.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    seconds: u64,
+
+    /// Seconds of mirroring (after the initial copy) before the primary is killed
+    /// [default: 6; with --kernel, 0 after the kernel registers its virtio-mmio device].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    kill_after: Option<u64>,
+
+    /// Seconds the guest runs on host-b after the takeover.
+    #[arg(long, value_name = "SECONDS", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    run_after: u64,
+
+    /// Boot this Linux vmlinux from an ext4 root disk instead of the test guest; it is
+    /// killed mid-boot and host-b must finish the boot (`VFS: Mounted root`).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Use loopback for both hosts even as root.
+    #[arg(long)]
+    loopback: bool,
+
+    /// Both hosts' --dead-ms: a peer silent this long is declared dead. Longer than
+    /// mirrorvm's 100 ms so that a loaded machine gives no false alarm; a SIGKILL is
+    /// seen at once anyway, as a closed connection.
+    #[arg(long, value_name = "N", default_value_t = vmm::demo::DEFAULT_DEAD_MS, value_parser = clap::value_parser!(u64).range(11..=3_600_000))]
+    dead_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -334,6 +375,37 @@ fn disk(cmd: DiskCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn demo(args: DemoArgs) -> ExitCode {
+    let mirrorvm = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mirrorvm: error: cannot find the mirrorvm binary to run: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let opts = vmm::demo::DemoOptions {
+        mirrorvm,
+        seconds: args.seconds,
+        kill_after: args.kill_after.map(Duration::from_secs),
+        run_after: Duration::from_secs(args.run_after),
+        kernel: args.kernel,
+        loopback: args.loopback,
+        dead_ms: args.dead_ms,
+    };
+    match vmm::demo::run(&opts) {
+        Ok(outcome) if outcome.verdict.passed() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(vmm::demo::DemoError::Interrupted { signal }) => {
+            eprintln!("mirrorvm: demo interrupted: both hosts stopped and cleaned up");
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(u8::MAX))
+        }
+        Err(e) => {
+            eprintln!("mirrorvm: error: {:#}", anyhow::Error::from(e));
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -347,6 +419,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
         Command::Standby(args) => standby(args),
+        Command::Demo(args) => return demo(args),
         Command::Disk(cmd) => {
             return match disk(cmd) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -423,6 +423,7 @@ pub fn wait_checkpoint(dir: &Path, epoch: u64, timeout: Duration) -> bool {
 
 mod metrics;
 pub mod pair;
+pub mod proxy;
 #[allow(unused_imports)]
 pub use metrics::{read_metrics, Metric};
 
