@@ -18,8 +18,10 @@
 //! 4. **Guest slowdown at 40 Hz**: the same `dirty` work with no checkpoints, with
 //!    `--checkpoint-dir` and with `--peer`, alternating, wall time of the run.
 //!
-//!     cargo bench --bench mirror
-//!     MIRRORVM_BENCH_KILLS=50 MIRRORVM_BENCH_RUNS=5 cargo bench --bench mirror
+//! ```sh
+//! cargo bench --bench mirror
+//! MIRRORVM_BENCH_KILLS=50 MIRRORVM_BENCH_RUNS=5 cargo bench --bench mirror
+//! ```
 //!
 //! Knobs (defaults keep a run near 6–10 minutes on a 2-core machine):
 //! `MIRRORVM_BENCH_RUNS` (3): repetitions of the throughput and slowdown runs;
