@@ -162,7 +162,8 @@ struct LivenessArgs {
     dead_ms: u64,
 
     /// Primary: declare the standby lost when a checkpoint stays unacknowledged for N
-    /// milliseconds (it answers heartbeats but does not keep up).
+    /// milliseconds, or the initial copy gets no byte through for N milliseconds (at
+    /// least 10 s: it answers heartbeats but does not keep up).
     #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     max_lag_ms: u64,
 }

@@ -95,7 +95,18 @@ pub type SerialOutput = Box<dyn Write + Send>;
 /// A 16550 UART on 8 ports of the PIO bus.
 pub struct SerialDevice {
     serial: Serial<IrqTrigger, NoEvents, SerialOutput>,
+    busy: Option<BusyProbe>,
 }
+
+/// Says whether the output sink is full (held output at its bound): the UART then
+/// reports its transmitter busy, so a driver that polls LSR waits.
+pub type BusyProbe = Box<dyn Fn() -> bool + Send>;
+
+/// Line status register offset, and its "transmitter holding register empty" and
+/// "transmitter empty" bits.
+const LSR_OFFSET: u8 = 5;
+const LSR_THR_EMPTY: u8 = 0x20;
+const LSR_IDLE: u8 = 0x40;
 
 impl std::fmt::Debug for SerialDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,6 +135,7 @@ impl SerialDevice {
     pub fn with_interrupt(interrupt: EventFd, out: SerialOutput) -> Self {
         Self {
             serial: Serial::new(IrqTrigger(interrupt), out),
+            busy: None,
         }
     }
 
@@ -155,7 +167,14 @@ impl SerialDevice {
                 e => convert_error(e),
             },
         )?;
-        Ok(Self { serial })
+        Ok(Self { serial, busy: None })
+    }
+
+    /// Back-pressure: while `busy` says so, LSR reports the transmitter busy (THRE
+    /// and TEMT clear). A guest that writes anyway is not refused: nothing it writes
+    /// is dropped.
+    pub fn set_busy_probe(&mut self, busy: BusyProbe) {
+        self.busy = Some(busy);
     }
 
     /// The register and FIFO state (for save/restore).
@@ -212,7 +231,13 @@ impl BusDevice for SerialDevice {
         rest.fill(0);
         *first = match u8::try_from(offset) {
             // Registers are one byte wide; other sizes read as floating bus.
-            Ok(offset) if rest.is_empty() => self.serial.read(offset),
+            Ok(offset) if rest.is_empty() => {
+                let v = self.serial.read(offset);
+                match &self.busy {
+                    Some(busy) if offset == LSR_OFFSET && busy() => v & !(LSR_THR_EMPTY | LSR_IDLE),
+                    _ => v,
+                }
+            }
             _ => 0xff,
         };
     }
@@ -420,5 +445,29 @@ mod tests {
             dev.write(offset, &[0xff]);
             let _ = read(&mut dev, offset);
         }
+    }
+
+    #[test]
+    fn a_full_output_shows_as_a_busy_transmitter() {
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let out = SharedBuf::default();
+        let mut dev = SerialDevice::new(Box::new(out.clone())).unwrap();
+        let b = busy.clone();
+        dev.set_busy_probe(Box::new(move || {
+            b.load(std::sync::atomic::Ordering::Relaxed)
+        }));
+        let lsr = |dev: &mut SerialDevice| {
+            let mut v = [0u8];
+            dev.read(5, &mut v);
+            v[0]
+        };
+        assert_eq!(lsr(&mut dev) & 0x60, 0x60);
+        busy.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(lsr(&mut dev) & 0x60, 0);
+        // Written anyway: kept, not dropped.
+        dev.write(0, b"x");
+        assert_eq!(&*out.0.lock().unwrap(), b"x");
+        busy.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(lsr(&mut dev) & 0x60, 0x60);
     }
 }

@@ -215,7 +215,9 @@ pub fn make_ext4(path: &Path, size: u64) {
 pub struct Running {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
-    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stderr: Option<std::thread::JoinHandle<()>>,
+    /// Everything read from stderr so far.
+    stderr_buf: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     /// Every stdout line received so far, in order.
     pub seen: Vec<String>,
 }
@@ -237,13 +239,61 @@ impl Running {
                 }
             }
         });
-        let stderr = std::thread::spawn(move || read_all(err));
+        let stderr_buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let buf = stderr_buf.clone();
+        let stderr = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut err = err;
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = err.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&chunk[..n]);
+            }
+        });
         Running {
             child,
             lines: rx,
             stderr: Some(stderr),
+            stderr_buf,
             seen: Vec::new(),
         }
+    }
+
+    /// What the process wrote to stderr so far (it keeps running).
+    pub fn stderr_now(&self) -> String {
+        let b = self.stderr_buf.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    /// Waits until stderr holds a whole line (ended by a newline) for which `pred` is
+    /// true; that line, or `None` if `timeout` passes first.
+    pub fn wait_stderr(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let now = self.stderr_now();
+            // A line being written may be seen in pieces: only whole lines count.
+            let whole = now.rfind('\n').map_or("", |i| &now[..i]);
+            if let Some(l) = whole.lines().find(|l| pred(l)) {
+                return Some(l.to_string());
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its exit status if it has exited, `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait")
     }
 
     /// The process id.
@@ -325,12 +375,10 @@ impl Running {
         // An error here means it has already exited, which is fine.
         let _ = self.child.kill();
         self.child.wait().expect("reap mirrorvm");
-        let bytes = self
-            .stderr
-            .take()
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default();
-        String::from_utf8_lossy(&bytes).into_owned()
+        if let Some(t) = self.stderr.take() {
+            let _ = t.join();
+        }
+        self.stderr_now()
     }
 }
 

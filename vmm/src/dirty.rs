@@ -102,8 +102,11 @@ impl StagedPages {
     /// Copies the pages of `set` out of `mem`, reusing `self`'s buffers. Runs of
     /// adjacent pages are copied with one memcpy each.
     ///
-    /// Call only with the guest quiescent (vCPUs parked, device loop stopped): the
-    /// copy reads guest memory directly.
+    /// At a cut, call only with the guest quiescent (vCPUs parked, device loop
+    /// stopped): the copy reads guest memory directly. A pre-copy round calls it while
+    /// the guest runs: a page torn by a concurrent write was logged dirty again when
+    /// it was written (the harvest write-protected it), so a later round or the cut
+    /// sends it again.
     pub fn copy_from(&mut self, mem: &GuestMemory, set: &DirtySet) -> Result<(), DirtyError> {
         self.addrs.clear();
         self.addrs.extend(set.pages());

@@ -22,10 +22,13 @@ struct GateState {
     sealed: std::collections::VecDeque<(u64, Vec<u8>)>,
     /// Bytes the guest wrote since boot (the console stream's length).
     written: u64,
+    /// Bytes held (pending and sealed).
+    held_bytes: usize,
 }
 
-/// Most bytes held for one epoch; beyond it the oldest held output is released
-/// early rather than growing without bound (a guest printing megabytes per epoch).
+/// Held bytes past which the serial port reports its transmitter busy (LSR), so a
+/// driver that polls it waits for checkpoints to complete. Held output is never
+/// dropped or released early; a guest that ignores LSR keeps being accepted.
 pub const GATE_MAX_HELD: usize = 16 << 20;
 
 impl OutputGate {
@@ -39,6 +42,7 @@ impl OutputGate {
                 pending: Vec::new(),
                 sealed: std::collections::VecDeque::new(),
                 written: 0,
+                held_bytes: 0,
             }),
         })
     }
@@ -83,6 +87,7 @@ impl OutputGate {
         while s.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
             if let Some((_, bytes)) = s.sealed.pop_front() {
                 let _ = s.out.write_all(&bytes);
+                s.held_bytes = s.held_bytes.saturating_sub(bytes.len());
             }
         }
         let _ = s.out.flush();
@@ -100,6 +105,14 @@ impl OutputGate {
         let _ = s.out.write_all(&pending);
         let _ = s.out.flush();
         s.held = false;
+        s.held_bytes = 0;
+    }
+
+    /// Whether held output reached its bound ([`GATE_MAX_HELD`]): the serial port
+    /// then reports its transmitter busy.
+    pub fn is_full(&self) -> bool {
+        let s = self.state();
+        s.held && s.held_bytes >= GATE_MAX_HELD
     }
 
     /// A writer for the serial device.
@@ -119,15 +132,8 @@ impl std::io::Write for GateWriter {
             s.written += n as u64;
             return Ok(n);
         }
-        if s.pending.len() + buf.len() > GATE_MAX_HELD {
-            // Bounded: release the oldest sealed output early (documented).
-            let pending = std::mem::take(&mut s.pending);
-            while let Some((_, bytes)) = s.sealed.pop_front() {
-                s.out.write_all(&bytes)?;
-            }
-            s.out.write_all(&pending)?;
-        }
         s.pending.extend_from_slice(buf);
+        s.held_bytes += buf.len();
         s.written += buf.len() as u64;
         Ok(buf.len())
     }
@@ -187,5 +193,30 @@ mod gate_tests {
         let gate = OutputGate::new(Box::new(sink.clone()), false);
         gate.writer().write_all(b"now").unwrap();
         assert_eq!(&*sink.0.lock().unwrap(), b"now");
+    }
+
+    #[test]
+    fn held_output_at_its_bound_reports_full_and_is_never_released_early() {
+        let sink = Sink::default();
+        let gate = OutputGate::new(Box::new(sink.clone()), true);
+        let mut w = gate.writer();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..(GATE_MAX_HELD >> 20) - 1 {
+            w.write_all(&chunk).unwrap();
+        }
+        assert!(!gate.is_full());
+        w.write_all(&chunk).unwrap();
+        assert!(gate.is_full());
+        // More is accepted (a guest that ignores LSR), and nothing is shown early.
+        w.write_all(b"more").unwrap();
+        assert!(sink.0.lock().unwrap().is_empty());
+        let c = gate.seal(1);
+        assert_eq!(c.offset, 0);
+        assert_eq!(c.bytes.len(), GATE_MAX_HELD + 4);
+        assert!(gate.is_full());
+        gate.release(1);
+        assert!(!gate.is_full());
+        assert_eq!(sink.0.lock().unwrap().len(), GATE_MAX_HELD + 4);
+        assert_eq!(gate.seal(2).offset, GATE_MAX_HELD as u64 + 4);
     }
 }

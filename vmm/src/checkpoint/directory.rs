@@ -26,7 +26,7 @@ use super::format::{self, FormatError};
 use super::sink::{CheckpointSink, SinkEnd, SinkError, StorageMode};
 use super::source::{CheckpointSource, Restored, SourceError};
 use super::{apply_pages, Checkpoint, ContentError, Manifest};
-use crate::dirty::PAGE_SIZE;
+use crate::dirty::{StagedPages, PAGE_SIZE};
 use crate::memory::{self, GuestMemory, MemoryError};
 
 /// Failures reading or writing a checkpoint directory.
@@ -331,6 +331,28 @@ impl DirectorySink {
         Ok(written)
     }
 
+    fn write_base_pages_inner(&mut self, pages: &StagedPages) -> Result<u64, DirectoryError> {
+        self.fold(&self.dir.join(MEMORY_IMAGE), pages)?;
+        Ok(pages.data.len() as u64)
+    }
+
+    /// Writes `pages` into the memory image `img` at their places and syncs it.
+    fn fold(&self, img: &Path, pages: &StagedPages) -> Result<(), DirectoryError> {
+        let layout = self.layout()?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(img)
+            .map_err(io("cannot open", img))?;
+        for (gpa, page) in pages.addrs.iter().zip(pages.data.chunks_exact(PAGE_SIZE)) {
+            let off = image_offset(layout, *gpa).ok_or_else(|| DirectoryError::Content {
+                path: img.to_path_buf(),
+                source: ContentError::PageOutside(*gpa),
+            })?;
+            f.write_all_at(page, off).map_err(io("cannot write", img))?;
+        }
+        f.sync_data().map_err(io("cannot sync", img))
+    }
+
     fn write_inner(&mut self, c: &Checkpoint) -> Result<u64, DirectoryError> {
         let img = self.dir.join(MEMORY_IMAGE);
         let name = checkpoint_name(c.epoch);
@@ -348,25 +370,7 @@ impl DirectorySink {
         fs::rename(&tmp, &dst).map_err(io("cannot rename", &tmp))?;
         sync_dir(&self.dir)?;
         // Complete. Fold it into the image so the directory stays bounded.
-        let layout = self.layout()?;
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&img)
-            .map_err(io("cannot open", &img))?;
-        for (gpa, page) in c
-            .pages
-            .addrs
-            .iter()
-            .zip(c.pages.data.chunks_exact(PAGE_SIZE))
-        {
-            let off = image_offset(layout, *gpa).ok_or_else(|| DirectoryError::Content {
-                path: img.clone(),
-                source: ContentError::PageOutside(*gpa),
-            })?;
-            f.write_all_at(page, off)
-                .map_err(io("cannot write", &img))?;
-        }
-        f.sync_data().map_err(io("cannot sync", &img))?;
+        self.fold(&img, &c.pages)?;
         write_atomic(&self.dir, MEMORY_EPOCH, format!("{}\n", c.epoch).as_bytes())?;
         self.remove_older(c.epoch)?;
         Ok(written)
@@ -395,6 +399,12 @@ impl CheckpointSink for DirectorySink {
     /// renamed, and `memory.epoch` set to `epoch`.
     fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, SinkError> {
         Ok(self.write_base_inner(mem, epoch)?)
+    }
+
+    /// Writes the pages into `memory.img` in place and syncs it: the image is not
+    /// restorable on its own until the full checkpoint after the pre-copy lands.
+    fn write_base_pages(&mut self, pages: &StagedPages, _epoch: u64) -> Result<u64, SinkError> {
+        Ok(self.write_base_pages_inner(pages)?)
     }
 
     /// Durability order: the checkpoint file is written under a temporary name,

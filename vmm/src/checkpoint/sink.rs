@@ -21,6 +21,7 @@
 //! and returns from [`CheckpointSink::write`] once the standby acknowledged it.
 
 use super::{Checkpoint, Manifest};
+use crate::dirty::StagedPages;
 use crate::memory::GuestMemory;
 
 /// How disk regions travel in checkpoints.
@@ -91,6 +92,10 @@ pub trait CheckpointSink: Send {
     /// checkpoint `epoch + 1` completes. Until then the base alone is not restorable.
     /// Returns the bytes written.
     fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, SinkError>;
+    /// A later pre-copy round: `pages`, read again while the guest runs because it
+    /// wrote them during the previous round, replace their copies in the base of
+    /// `epoch`. Returns the bytes written.
+    fn write_base_pages(&mut self, pages: &StagedPages, epoch: u64) -> Result<u64, SinkError>;
     /// Makes checkpoint `c` durable; returns the bytes written.
     fn write(&mut self, c: &Checkpoint) -> Result<u64, SinkError>;
     /// The run ended: record how.

@@ -37,6 +37,16 @@ pub enum Job {
         /// Live guest memory.
         mem: GuestMemory,
     },
+    /// A later pre-copy round: the pages of `set`, read again from `mem` while the
+    /// guest runs, replace their copies in the base of `epoch`.
+    BaseRound {
+        /// The base's epoch.
+        epoch: u64,
+        /// Live guest memory.
+        mem: GuestMemory,
+        /// The pages written during the previous round.
+        set: crate::dirty::DirtySet,
+    },
     /// A staged checkpoint: seal its disk regions (once), then write it.
     Checkpoint {
         /// The checkpoint.
@@ -53,7 +63,7 @@ pub enum Job {
 impl Job {
     fn epoch(&self) -> u64 {
         match self {
-            Job::Base { epoch, .. } | Job::Retire(epoch) => *epoch,
+            Job::Base { epoch, .. } | Job::BaseRound { epoch, .. } | Job::Retire(epoch) => *epoch,
             Job::Checkpoint { checkpoint, .. } => checkpoint.epoch,
             Job::Begin(_) | Job::RetireAll => 0,
         }
@@ -165,7 +175,7 @@ impl ExportWorker {
         let epoch = job.epoch();
         let during = match job {
             Job::Begin(_) => LostDuring::Begin,
-            Job::Base { .. } => LostDuring::Base,
+            Job::Base { .. } | Job::BaseRound { .. } => LostDuring::Base,
             _ => LostDuring::Checkpoint,
         };
         let sink_err = |e: SinkError| match e {
@@ -187,6 +197,24 @@ impl ExportWorker {
                 }),
                 Err(e) => sink_err(e),
             },
+            Job::BaseRound { epoch, mem, set } => {
+                let mut pages = StagedPages::default();
+                if let Err(e) = pages.copy_from(mem, set) {
+                    return Attempt::Done(ExportEvent::Failed {
+                        epoch: *epoch,
+                        what: "reading guest memory for a pre-copy round",
+                        error: Box::new(e),
+                    });
+                }
+                match self.sink.write_base_pages(&pages, *epoch) {
+                    Ok(bytes) => Attempt::Done(ExportEvent::BaseWritten {
+                        epoch: *epoch,
+                        bytes,
+                        us: us(),
+                    }),
+                    Err(e) => sink_err(e),
+                }
+            }
             Job::Checkpoint { checkpoint, sealed } => {
                 if !*sealed {
                     // The memory side names the epoch, so its disk state must be

@@ -155,9 +155,28 @@ pub struct EpochEngine {
     local_retire_pending: bool,
     need_full: bool,
     metrics: Option<Box<dyn Write + Send>>,
+    /// Most pre-copy rounds after the first full pass (0: cut right after it).
+    max_rounds: u32,
+    /// Rounds sent in the pre-copy under way, the size of the last, and whether the
+    /// round in flight is the last one.
+    rounds: Rounds,
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
 }
+
+/// Where an iterative pre-copy stands.
+#[derive(Debug, Clone, Copy, Default)]
+struct Rounds {
+    sent: u32,
+    last: Option<usize>,
+    finishing: bool,
+}
+
+/// Iterative pre-copy stops once a round has at most this many pages: the cut then
+/// copies what is left within its pause.
+pub const PRECOPY_SMALL: usize = 256;
+/// Default most pre-copy rounds after the first full pass.
+pub const PRECOPY_MAX_ROUNDS: u32 = 8;
 
 impl EpochEngine {
     /// An engine that will cut checkpoint `first_epoch` first. Nothing happens until
@@ -181,9 +200,19 @@ impl EpochEngine {
             local_retire_pending: false,
             need_full: true,
             metrics,
+            max_rounds: 0,
+            rounds: Rounds::default(),
             #[cfg(test)]
             sabotage: Sabotage::default(),
         }
+    }
+
+    /// Makes the pre-copy iterative, as live migration's is: after the full pass,
+    /// rounds resend the pages the guest wrote meanwhile until the dirty set stops
+    /// shrinking (or is small, or `max` rounds were sent); the first cut then copies
+    /// only what is left. 0 (the default) cuts right after the full pass.
+    pub fn set_precopy_rounds(&mut self, max: u32) {
+        self.max_rounds = max;
     }
 
     /// Where the engine is.
@@ -220,6 +249,47 @@ impl EpochEngine {
         self.phase = Phase::PreCopy { first };
         self.in_flight = None;
         self.need_full = true;
+        self.rounds = Rounds::default();
+        Ok(())
+    }
+
+    /// A pre-copy pass or round landed: send another round of what the guest wrote
+    /// meanwhile, or cut the checkpoint that completes the base.
+    fn precopy_next(&mut self, first: u64) -> Result<(), EpochError> {
+        if self.rounds.finishing || self.rounds.sent >= self.max_rounds {
+            return self.cut(true);
+        }
+        // What the guest wrote during the last round (the harvest clears the logs:
+        // these pages go out in the next round, whatever is decided).
+        let set = self
+            .parts
+            .dirty
+            .harvest()
+            .map_err(|source| EpochError::Cut {
+                epoch: first,
+                source,
+            })?;
+        let n = set.count();
+        let shrinking = self.rounds.last.is_none_or(|l| n * 10 < l * 9);
+        self.rounds = Rounds {
+            sent: self.rounds.sent + 1,
+            last: Some(n),
+            finishing: n <= PRECOPY_SMALL || !shrinking || self.rounds.sent + 1 >= self.max_rounds,
+        };
+        tracing::info!(
+            "pre-copy round {}: {n} pages written during the last round{}",
+            self.rounds.sent,
+            if self.rounds.finishing {
+                " (last round)"
+            } else {
+                ""
+            }
+        );
+        self.exporter.submit(Job::BaseRound {
+            epoch: first.saturating_sub(1),
+            mem: self.mem.clone(),
+            set,
+        });
         Ok(())
     }
 
@@ -291,8 +361,8 @@ impl EpochEngine {
                     us / 1000
                 );
                 match self.phase {
-                    // Cut the checkpoint that completes the base right away.
-                    Phase::PreCopy { .. } => self.cut(true),
+                    // Another round, or cut the checkpoint that completes the base.
+                    Phase::PreCopy { first } => self.precopy_next(first),
                     Phase::Closing { in_flight, .. } => {
                         self.phase = Phase::Closing {
                             in_flight,
@@ -425,6 +495,9 @@ impl EpochEngine {
         match during {
             LostDuring::Begin => return Ok(()),
             LostDuring::Base => {
+                // The logs were harvested for rounds already sent: all of memory
+                // again, and rounds start over.
+                self.rounds = Rounds::default();
                 self.exporter.submit(Job::Base {
                     epoch,
                     mem: self.mem.clone(),

@@ -291,6 +291,17 @@ impl CheckpointSink for FakeSink {
         w(&self.0).image = Some(image);
         Ok((PAGES * PAGE_SIZE) as u64)
     }
+    fn write_base_pages(&mut self, pages: &StagedPages, _epoch: u64) -> Result<u64, SinkError> {
+        self.mode()?;
+        let mut s = w(&self.0);
+        let Some(image) = s.image.as_mut() else {
+            return Err(SinkError::BaseLost);
+        };
+        for (a, page) in pages.addrs.iter().zip(pages.data.chunks_exact(PAGE_SIZE)) {
+            image[crate::arch::to_usize(*a) / PAGE_SIZE] = page.to_vec();
+        }
+        Ok(pages.data.len() as u64)
+    }
     fn write(&mut self, c: &Checkpoint) -> Result<u64, SinkError> {
         self.mode_for(Some(c.epoch))?;
         let mut s = w(&self.0);
@@ -419,6 +430,16 @@ fn check(world: &Shared, engine: &EpochEngine, exporter: &SharedExporter) {
 }
 
 fn run_model(steps: &[Step], end: End, sabotage: Sabotage) -> Result<(), String> {
+    run_model_with_rounds(steps, end, sabotage, 0)
+}
+
+/// [`run_model`] with an iterative pre-copy of at most `rounds` rounds.
+fn run_model_with_rounds(
+    steps: &[Step],
+    end: End,
+    sabotage: Sabotage,
+    rounds: u32,
+) -> Result<(), String> {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), PAGES * PAGE_SIZE)])
         .map_err(|e| e.to_string())?;
     let world: Shared = Arc::new(Mutex::new(World {
@@ -451,6 +472,7 @@ fn run_model(steps: &[Step], end: End, sabotage: Sabotage) -> Result<(), String>
     };
     let mut engine = EpochEngine::new(parts, Box::new(exporter.clone()), mem.clone(), 1, None);
     engine.sabotage = sabotage;
+    engine.set_precopy_rounds(rounds);
     let manifest = Manifest {
         memory: (PAGES * PAGE_SIZE) as u64,
         cpus: 1,
@@ -558,8 +580,8 @@ proptest! {
     #![proptest_config(Config { cases: 512, failure_persistence: None, ..Config::default() })]
 
     #[test]
-    fn the_engine_keeps_its_invariants((steps, end) in strategy()) {
-        if let Err(e) = run_model(&steps, end, Sabotage::default()) {
+    fn the_engine_keeps_its_invariants((steps, end) in strategy(), rounds in 0u32..4) {
+        if let Err(e) = run_model_with_rounds(&steps, end, Sabotage::default(), rounds) {
             prop_assert!(false, "{}", e);
         }
     }

@@ -374,6 +374,9 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
         })?,
         None => SerialDevice::with_interrupt(serial_irq, serial_out),
     };
+    let mut serial = serial;
+    let full = gate.clone();
+    serial.set_busy_probe(Box::new(move || full.is_full()));
     vm.register_irqfd(&irq_for_kvm, SERIAL_GSI)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     let serial = Arc::new(Mutex::new(serial));

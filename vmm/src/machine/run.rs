@@ -143,6 +143,12 @@ impl Machine {
             cp.first_epoch,
             metrics,
         );
+        // A standby's initial copy crosses a network while the guest runs: iterate
+        // it, so the first cut carries little. A local directory is written fast
+        // enough that one pass suffices.
+        if matches!(cp.config.sink, crate::config::SinkConfig::Peer(_)) {
+            engine.set_precopy_rounds(crate::epoch::PRECOPY_MAX_ROUNDS);
+        }
         engine.start(manifest)?;
         let cut_request = cp
             .cut_request

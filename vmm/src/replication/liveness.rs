@@ -4,9 +4,10 @@
 //! liveness connection and reads the other side's. Any frame from the peer, on either
 //! connection, is a sign of life ([`Pulse::touch`]). A peer silent for
 //! [`LivenessConfig::dead_after`] is dead; so is one whose liveness connection fails.
-//! An extra check (the primary's lag deadline: no acknowledgement progress) can
-//! declare the peer dead too. Death is reported once, through a callback that closes
-//! the data connection, so whoever is blocked on it returns at once.
+//! An extra check (the primary's lag deadline: no acknowledgement, or no progress of
+//! the initial copy) can declare the peer dead too. Death is reported once, through a
+//! callback that closes the data connection, so whoever is blocked on it returns at
+//! once.
 //!
 //! A heartbeat's epoch field carries the sender's latest: on the primary the last
 //! epoch whose console output it released (a standby taking over shows only what
@@ -29,7 +30,8 @@ pub struct LivenessConfig {
     pub heartbeat: Duration,
     /// Silence after which the peer is dead.
     pub dead_after: Duration,
-    /// Longest a checkpoint may stay unacknowledged (the primary's lag deadline).
+    /// Longest a checkpoint may stay unacknowledged, and the initial copy go without
+    /// progress (at least `peer::COPY_STALL_DEADLINE`): the primary's lag deadline.
     pub max_lag: Duration,
 }
 
@@ -104,6 +106,8 @@ impl Verdict {
 pub struct Liveness {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Whether to send the farewell as the thread ends.
+    send_farewell: Arc<AtomicBool>,
 }
 
 /// What the liveness thread watches and reports.
@@ -120,17 +124,51 @@ pub struct Watch {
     pub extra: Box<dyn Fn() -> Option<String> + Send>,
     /// Called once when the peer is declared dead (closes the data connection).
     pub on_dead: Box<dyn Fn() + Send>,
+    /// Sent on the liveness connection when this side declares its peer dead, or
+    /// gives it up ([`Liveness::give_up`]): the primary's `Shutdown::Abandoned`.
+    pub farewell: Option<Body>,
+    /// Set when the peer's Shutdown frame arrives on the liveness connection: the
+    /// peer ended the session on purpose, which is not a death.
+    pub abandoned: Arc<AtomicBool>,
+    /// Set when the liveness reader has finished (the connection ended or failed).
+    pub reader_done: Arc<AtomicBool>,
 }
 
-/// Lowers the calling thread's nice value if allowed, so heartbeats keep their
-/// cadence on a busy host. Best effort: without the privilege nothing changes.
+/// Real-time priority of the liveness threads (SCHED_RR, low: above every normal
+/// thread, below the kernel's own real-time work).
+const LIVENESS_RT_PRIORITY: libc::c_int = 10;
+
+/// Puts the calling thread in the real-time round-robin class if allowed, else
+/// lowers its nice value if allowed, so heartbeats keep their cadence on a busy host
+/// (a 2-core machine running two VMMs, their vCPUs spinning, and a disk copy):
+/// a starved heartbeat thread would look like a dead peer. The threads sleep
+/// between heartbeats, so they take almost no CPU. Best effort: without the
+/// privilege nothing changes.
 fn raise_priority() {
+    let param = libc::sched_param {
+        sched_priority: LIVENESS_RT_PRIORITY,
+    };
+    // SAFETY: `param` is a valid sched_param that lives across the call, which only
+    // reads it; pid 0 is the calling thread, whose scheduling class alone changes.
+    let rt = unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, std::ptr::addr_of!(param)) };
+    if rt == 0 {
+        return;
+    }
     let tid = nix::unistd::gettid().as_raw();
     if let Ok(tid) = libc::id_t::try_from(tid) {
         // SAFETY: setpriority takes plain integers and touches no memory of ours; on
         // our own thread id it only changes this thread's nice value. Its failure
         // (no privilege) is ignored.
         let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, -10) };
+    }
+}
+
+/// Sets its flag when dropped (however the thread holding it ends).
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -152,7 +190,11 @@ impl Liveness {
             verdict,
             extra,
             on_dead,
+            farewell,
+            abandoned,
+            reader_done,
         } = watch;
+        let (rabandoned, rdone) = (abandoned.clone(), reader_done);
         let reader_stop = stop.clone();
         let (rp, rv) = (pulse.clone(), verdict.clone());
         let reader = std::thread::Builder::new()
@@ -160,12 +202,20 @@ impl Liveness {
             .spawn(move || {
                 raise_priority();
                 let mut fr = FrameReader::new(BufReader::new(r));
+                let _done = SetOnDrop(rdone);
                 loop {
                     match fr.read_frame() {
                         Ok(Some(f)) => {
                             rp.touch();
-                            if matches!(f.body, Body::Heartbeat) {
-                                theirs.fetch_max(f.epoch, Ordering::Relaxed);
+                            match f.body {
+                                Body::Heartbeat => {
+                                    theirs.fetch_max(f.epoch, Ordering::Relaxed);
+                                }
+                                Body::Shutdown(_) => {
+                                    rabandoned.store(true, Ordering::Release);
+                                    return;
+                                }
+                                _ => {}
                             }
                         }
                         Ok(None) => {
@@ -187,6 +237,8 @@ impl Liveness {
                 }
             })?;
         let thread_stop = stop.clone();
+        let send_farewell = Arc::new(AtomicBool::new(false));
+        let say_farewell = send_farewell.clone();
         let thread = std::thread::Builder::new()
             .name("liveness".into())
             .spawn(move || {
@@ -194,7 +246,18 @@ impl Liveness {
                 let mut fw = FrameWriter::new(BufWriter::new(w), generation);
                 pulse.touch();
                 let mut next = Instant::now();
+                let mut last_turn = Instant::now();
                 while !thread_stop.load(Ordering::Relaxed) {
+                    // This thread itself did not run for longer than the deadline
+                    // (its process was stopped, or starved): the silence may be ours.
+                    // Let the reader catch up on what arrived meanwhile first.
+                    let own_gap = last_turn.elapsed();
+                    last_turn = Instant::now();
+                    if own_gap > config.dead_after {
+                        std::thread::sleep(config.heartbeat);
+                        next = Instant::now();
+                        continue;
+                    }
                     let sent = fw
                         .write(ours.load(Ordering::Relaxed), &Body::Heartbeat)
                         .and_then(|()| fw.flush());
@@ -204,6 +267,9 @@ impl Liveness {
                             devices::ErrorChain(&e)
                         ));
                     }
+                    if abandoned.load(Ordering::Acquire) {
+                        verdict.declare("it ended the session".into());
+                    }
                     let silent = pulse.silent_for();
                     if silent > config.dead_after {
                         verdict.declare(format!("silent for {} ms", silent.as_millis()));
@@ -212,6 +278,7 @@ impl Liveness {
                         verdict.declare(why);
                     }
                     if verdict.get().is_some() {
+                        say_farewell.store(true, Ordering::Release);
                         on_dead();
                         break;
                     }
@@ -223,13 +290,29 @@ impl Liveness {
                         next = now;
                     }
                 }
+                if let Some(body) = farewell
+                    .as_ref()
+                    .filter(|_| say_farewell.load(Ordering::Acquire))
+                {
+                    let _ = fw
+                        .write(ours.load(Ordering::Relaxed), body)
+                        .and_then(|()| fw.flush());
+                }
                 closer.close();
                 let _ = reader.join();
             })?;
         Ok(Liveness {
             stop,
             thread: Some(thread),
+            send_farewell,
         })
+    }
+
+    /// Gives the peer up on purpose: sends the farewell (if any), stops heartbeats and
+    /// closes the liveness connection.
+    pub fn give_up(&mut self) {
+        self.send_farewell.store(true, Ordering::Release);
+        self.stop();
     }
 
     /// Stops heartbeats and closes the liveness connection.

@@ -10,7 +10,8 @@
 //!                     ◀── Ack(N)  (write returns only now: N is complete)
 //!  end(how):          Shutdown ──▶  (an orderly end: the standby does not take over)
 //!
-//!  standby silent for dead-after, no Ack within max-lag, or a connection error:
+//!  standby silent for dead-after, no Ack within max-lag, no byte of the initial
+//!  copy taken within max-lag (at least 10 s), or a connection error:
 //!     record "unprotected since" in the witness, then SinkError::Lost
 //!     (the engine releases held output, retires locally and runs on)
 //! ```
@@ -44,6 +45,10 @@ use crate::memory::GuestMemory;
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a standby may take to answer the Hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// The least time the initial copy may go without the standby taking a byte before
+/// the standby is lost (the lag deadline if that is longer): a standby pauses
+/// legitimately while it creates its journals at the start of the copy.
+pub const COPY_STALL_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Where and how to mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,13 +163,25 @@ struct Session {
     closer: Arc<Closer>,
     verdict: Arc<Verdict>,
     unacked_since: Arc<Mutex<Option<Instant>>>,
+    /// While the initial copy is sent: the bytes sent at its last progress, and when.
+    copy_progress: Arc<Mutex<Option<(u64, Instant)>>>,
     liveness: Option<Liveness>,
 }
 
 impl Session {
+    /// Ends the session in order (after a Shutdown frame).
     fn close(&mut self) {
         if let Some(mut l) = self.liveness.take() {
             l.stop();
+        }
+        self.closer.close();
+    }
+
+    /// Gives the standby up: it is told so on the liveness connection (it must not
+    /// take over: this primary runs on), then both connections close.
+    fn give_up(&mut self) {
+        if let Some(mut l) = self.liveness.take() {
+            l.give_up();
         }
         self.closer.close();
     }
@@ -253,7 +270,7 @@ impl PeerSink {
             _ => cause,
         };
         if let Some(mut s) = self.session.take() {
-            s.close();
+            s.give_up();
         }
         self.pending = None;
         let since = self.highest_sent.saturating_add(1);
@@ -356,8 +373,11 @@ impl PeerSink {
                 source,
             })?;
         let unacked_since: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let copy_progress: Arc<Mutex<Option<(u64, Instant)>>> = Arc::new(Mutex::new(None));
         let max_lag = self.config.liveness.max_lag;
+        let max_stall = max_lag.max(COPY_STALL_DEADLINE);
         let lag = unacked_since.clone();
+        let (copy, copied) = (copy_progress.clone(), sent.clone());
         let on_dead_closer = closer.clone();
         let liveness = Liveness::spawn(
             live,
@@ -369,17 +389,40 @@ impl PeerSink {
                 theirs: Arc::new(AtomicU64::new(0)),
                 verdict: verdict.clone(),
                 extra: Box::new(move || {
-                    let since = (*devices::bus::lock_recover(&lag))?;
-                    let waited = since.elapsed();
-                    (waited > max_lag).then(|| {
+                    if let Some(since) = *devices::bus::lock_recover(&lag) {
+                        let waited = since.elapsed();
+                        if waited > max_lag {
+                            return Some(format!(
+                                "no acknowledgement for {} ms (the lag deadline is {} ms)",
+                                waited.as_millis(),
+                                max_lag.as_millis()
+                            ));
+                        }
+                    }
+                    // The initial copy has no acknowledgement to wait for: a standby
+                    // that answers heartbeats but takes no data would block it forever.
+                    let mut progress = devices::bus::lock_recover(&copy);
+                    let (bytes, at) = (*progress)?;
+                    let now = copied.load(Ordering::Relaxed);
+                    if now != bytes {
+                        *progress = Some((now, Instant::now()));
+                        return None;
+                    }
+                    let stalled = at.elapsed();
+                    (stalled > max_stall).then(|| {
                         format!(
-                            "no acknowledgement for {} ms (the lag deadline is {} ms)",
-                            waited.as_millis(),
-                            max_lag.as_millis()
+                            "the standby took no data of the initial copy for {} ms (the deadline is {} ms)",
+                            stalled.as_millis(),
+                            max_stall.as_millis()
                         )
                     })
                 }),
                 on_dead: Box::new(move || on_dead_closer.close()),
+                // However this primary ends the session but in order, the standby
+                // learns that it was given up, not that its primary died.
+                farewell: Some(Body::Shutdown(Shutdown::Abandoned)),
+                abandoned: Default::default(),
+                reader_done: Default::default(),
             },
         )
         .map_err(|e| PeerError::Thread("liveness", e))?;
@@ -390,6 +433,7 @@ impl PeerSink {
             closer,
             verdict,
             unacked_since,
+            copy_progress,
             liveness: Some(liveness),
         })
     }
@@ -412,7 +456,10 @@ impl PeerSink {
         let total_disk: u64 = manifest.disks.iter().map(|d| d.size).sum();
         let total = mem.iter().map(|r| r.len()).sum::<u64>() + total_disk;
         let mut progress = Progress::new(&self.config.addr, total);
-        let start_bytes = self.session()?.sent.load(Ordering::Relaxed);
+        let s = self.session()?;
+        let start_bytes = s.sent.load(Ordering::Relaxed);
+        // From now on the lag deadline watches the copy's progress.
+        *devices::bus::lock_recover(&s.copy_progress) = Some((start_bytes, Instant::now()));
         let batch = MAX_BATCH_PAGES as usize;
         let mut pages = StagedPages {
             addrs: Vec::with_capacity(batch),
@@ -477,6 +524,7 @@ impl PeerSink {
         let s = self.session()?;
         s.w.flush()
             .map_err(|source| PeerError::Frames { addr, source })?;
+        *devices::bus::lock_recover(&s.copy_progress) = None;
         progress.done();
         Ok(s.sent.load(Ordering::Relaxed) - start_bytes)
     }
@@ -632,6 +680,21 @@ impl CheckpointSink for PeerSink {
             Ok(b) => Ok(b),
             Err(e) => Err(self.lose(e)),
         }
+    }
+
+    fn write_base_pages(&mut self, pages: &StagedPages, epoch: u64) -> Result<u64, SinkError> {
+        let addr = self.config.addr.clone();
+        let r = match self.session() {
+            Ok(s) => {
+                let before = s.sent.load(Ordering::Relaxed);
+                s.w.write_base(epoch, pages)
+                    .and_then(|()| s.w.flush())
+                    .map(|()| s.sent.load(Ordering::Relaxed) - before)
+                    .map_err(|source| PeerError::Frames { addr, source })
+            }
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| self.lose(e))
     }
 
     fn write(&mut self, c: &Checkpoint) -> Result<u64, SinkError> {

@@ -310,6 +310,11 @@ pub enum Shutdown {
         /// The primary's exit status.
         exit_status: i32,
     },
+    /// The primary gave up on this standby (its lag deadline, its silence, a broken
+    /// connection) and runs on without it, unprotected: the standby must not take
+    /// over. Sent on the liveness connection as the primary closes the session, so a
+    /// standby that was only slow or stopped, not dead, finds it when it wakes.
+    Abandoned,
 }
 
 /// Part of one disk's region in a Region frame. A region too large for one frame
@@ -2066,6 +2071,7 @@ mod tests {
                 how: "guest exit 3".into(),
             }),
             Body::Shutdown(Shutdown::Stopped { exit_status: 130 }),
+            Body::Shutdown(Shutdown::Abandoned),
             Body::DiskBase(DiskChunk {
                 disk: 1,
                 offset: 4096,

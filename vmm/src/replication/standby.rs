@@ -34,7 +34,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -436,12 +436,18 @@ impl Standby {
                 continue;
             };
             match self.session(&peer, hello, r, w, closer)? {
+                (SessionEnd::Shutdown(Shutdown::Abandoned), _) => {
+                    eprintln!(
+                        "mirrorvm: standby: the primary at {peer} gave up on this standby and runs on without it; waiting for a primary"
+                    );
+                }
                 (SessionEnd::Shutdown(s), _) => {
                     let (how, exit_status) = match s {
                         Shutdown::Finished { exit_status, how } => (how, exit_status),
                         Shutdown::Stopped { exit_status } => {
                             ("stopped by the user".to_string(), exit_status)
                         }
+                        Shutdown::Abandoned => ("abandoned".to_string(), 1),
                     };
                     eprintln!(
                         "mirrorvm: standby: the primary ended the run ({how}): exiting with status {exit_status}"
@@ -609,6 +615,8 @@ impl Standby {
             ));
         };
         let on_dead = closer.clone();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let reader_done = Arc::new(AtomicBool::new(false));
         let mut liveness = Liveness::spawn(
             live,
             0,
@@ -620,6 +628,9 @@ impl Standby {
                 verdict: verdict.clone(),
                 extra: Box::new(|| None),
                 on_dead: Box::new(move || on_dead.close()),
+                farewell: None,
+                abandoned: abandoned.clone(),
+                reader_done: reader_done.clone(),
             },
         )
         .map_err(|e| StandbyError::Thread("liveness", e))?;
@@ -726,6 +737,22 @@ impl Standby {
                 Err(e) => break SessionEnd::Broken(assemble_why(&e)),
             }
         };
+        let mut end = end;
+        if let SessionEnd::Lost(_) = &end {
+            // A primary that gave up on this standby says so on the liveness
+            // connection as it closes: read what it sent before deciding (briefly: a
+            // dead primary's connection ends at once, a silent one sends nothing).
+            let wait_until = Instant::now() + 2 * self.config.liveness.heartbeat;
+            while !reader_done.load(Ordering::Acquire)
+                && !abandoned.load(Ordering::Acquire)
+                && Instant::now() < wait_until
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if abandoned.load(Ordering::Acquire) {
+                end = SessionEnd::Shutdown(Shutdown::Abandoned);
+            }
+        }
         let decided = Instant::now();
         let silence = pulse.silent_for();
         liveness.stop();
