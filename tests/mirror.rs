@@ -264,6 +264,10 @@ fn a_lost_standby_leaves_the_primary_unprotected_and_its_replica_stale() {
         perr.contains("running unprotected since"),
         "the primary did not say it runs unprotected:\n{perr}"
     );
+    // Once on stderr, and once in the metrics.
+    assert_eq!(perr.matches("running unprotected since").count(), 1, "{perr}");
+    let m = read_metrics(&pair.path("a.jsonl")).expect("the primary's metrics");
+    assert_eq!(m.iter().filter(|l| l.unprotected).count(), 1);
     std::thread::sleep(Duration::from_millis(300));
     let serr = pair.kill_standby();
     assert!(

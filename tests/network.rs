@@ -63,7 +63,7 @@ fn a_slow_standby_stretches_epochs_and_loses_nothing() {
         "checkpoints stopped reaching the slow standby:\n{}",
         pair.dump()
     );
-    let metrics = read_metrics(&pair.path("a.jsonl"));
+    let metrics = read_metrics(&pair.path("a.jsonl")).expect("the primary's metrics");
     let slow: Vec<u64> = metrics
         .iter()
         .filter(|m| m.epoch > at as u64 + 3)
