@@ -77,6 +77,7 @@ fn command_in(ns: Option<&str>) -> std::process::Command {
             c
         }
     }
+}
 
 /// A free TCP port on loopback (bound and released: a tiny race, fine for tests).
 pub fn free_port() -> u16 {
