@@ -265,7 +265,11 @@ fn a_lost_standby_leaves_the_primary_unprotected_and_its_replica_stale() {
         "the primary did not say it runs unprotected:\n{perr}"
     );
     // Once on stderr, and once in the metrics.
-    assert_eq!(perr.matches("running unprotected since").count(), 1, "{perr}");
+    assert_eq!(
+        perr.matches("running unprotected since").count(),
+        1,
+        "{perr}"
+    );
     let m = read_metrics(&pair.path("a.jsonl")).expect("the primary's metrics");
     assert_eq!(m.iter().filter(|l| l.unprotected).count(), 1);
     std::thread::sleep(Duration::from_millis(300));

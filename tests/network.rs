@@ -80,7 +80,10 @@ fn a_slow_standby_stretches_epochs_and_loses_nothing() {
     }
     let (status, perr) = pair.primary_exit(Duration::from_secs(60));
     assert_eq!(status.and_then(|s| s.code()), Some(143), "{perr}");
-    assert!(!perr.contains("lost"), "the slow standby was given up:\n{perr}");
+    assert!(
+        !perr.contains("lost"),
+        "the slow standby was given up:\n{perr}"
+    );
     let (s, serr) = pair.standby_exit(Duration::from_secs(30));
     assert_eq!(s.and_then(|s| s.code()), Some(143), "{serr}");
     assert_consecutive(&pair.primary_console());
