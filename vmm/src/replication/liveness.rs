@@ -182,6 +182,10 @@ impl Liveness {
         watch: Watch,
     ) -> Result<Liveness, std::io::Error> {
         let stop = Arc::new(AtomicBool::new(false));
+        // A peer that stops reading must not block heartbeats (and with them every
+        // verdict): a write that cannot go out within the deadline is a death.
+        conn.set_write_timeout(Some(config.dead_after))
+            .map_err(std::io::Error::other)?;
         let (r, w, closer) = conn.split().map_err(std::io::Error::other)?;
         let Watch {
             pulse,
@@ -201,7 +205,11 @@ impl Liveness {
             .name("liveness-rx".into())
             .spawn(move || {
                 raise_priority();
-                let mut fr = FrameReader::new(BufReader::new(r));
+                // Only Heartbeats and Shutdowns come this way: small control frames.
+                let mut fr = FrameReader::with_max_payload(
+                    BufReader::new(r),
+                    super::protocol::MAX_CONTROL_PAYLOAD,
+                );
                 let _done = SetOnDrop(rdone);
                 loop {
                     match fr.read_frame() {
@@ -278,7 +286,13 @@ impl Liveness {
                         verdict.declare(why);
                     }
                     if verdict.get().is_some() {
-                        say_farewell.store(true, Ordering::Release);
+                        // The farewell goes out before the data connection closes, so
+                        // a peer that sees the close has the farewell to read.
+                        if let Some(body) = &farewell {
+                            let _ = fw
+                                .write(ours.load(Ordering::Relaxed), body)
+                                .and_then(|()| fw.flush());
+                        }
                         on_dead();
                         break;
                     }
@@ -290,10 +304,10 @@ impl Liveness {
                         next = now;
                     }
                 }
-                if let Some(body) = farewell
-                    .as_ref()
-                    .filter(|_| say_farewell.load(Ordering::Acquire))
-                {
+                // Given up on purpose while the peer was alive (a death already sent
+                // its farewell above).
+                let given_up = say_farewell.load(Ordering::Acquire) && verdict.get().is_none();
+                if let Some(body) = farewell.as_ref().filter(|_| given_up) {
                     let _ = fw
                         .write(ours.load(Ordering::Relaxed), body)
                         .and_then(|()| fw.flush());
