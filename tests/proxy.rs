@@ -120,7 +120,7 @@ fn the_end_of_a_stream_is_delayed_like_its_data() {
     });
     let proxy = Proxy::start(ANY.parse().expect("addr"), upstream);
     proxy.set_delay(Duration::from_millis(200));
-    let mut c = TcpStream::connect(proxy.addr()).expect("connect");
+    let c = TcpStream::connect(proxy.addr()).expect("connect");
     // A FIN with no data before it (a connection closed while idle) must not
     // overtake the data of another connection delayed as much.
     let t = Instant::now();
