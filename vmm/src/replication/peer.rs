@@ -186,7 +186,7 @@ impl Session {
     /// take over: this primary runs on), then both connections close.
     fn give_up(&mut self) {
         if let Some(mut l) = self.liveness.take() {
-            l.give_up();
+            l.end_with(Body::Shutdown(Shutdown::Abandoned));
         }
         self.closer.close();
     }
@@ -428,7 +428,7 @@ impl PeerSink {
                 // However this primary ends the session but in order, the standby
                 // learns that it was given up, not that its primary died.
                 farewell: Some(Body::Shutdown(Shutdown::Abandoned)),
-                abandoned: Default::default(),
+                said: Default::default(),
                 reader_done: Default::default(),
             },
         )
@@ -776,6 +776,11 @@ impl CheckpointSink for PeerSink {
         // The standby closes the session once it read the Shutdown. Until it did (or
         // if it cannot be told), it might still take over: record that this host goes
         // on alone before its caller shows the rest of the output.
+        // The same word on the liveness connection: an orderly end must not lose to
+        // the liveness connection's close while the data connection is backed up.
+        if let Some(mut l) = s.liveness.take() {
+            l.end_with(body.clone());
+        }
         let confirmed = r.is_ok() && Self::wait_closed(s, SHUTDOWN_CONFIRM);
         s.close();
         self.session = None;

@@ -617,7 +617,7 @@ impl Standby {
             ));
         };
         let on_dead = closer.clone();
-        let abandoned = Arc::new(AtomicBool::new(false));
+        let said: Arc<std::sync::Mutex<Option<Shutdown>>> = Arc::default();
         let reader_done = Arc::new(AtomicBool::new(false));
         let mut liveness = Liveness::spawn(
             live,
@@ -631,7 +631,7 @@ impl Standby {
                 extra: Box::new(|| None),
                 on_dead: Box::new(move || on_dead.close()),
                 farewell: None,
-                abandoned: abandoned.clone(),
+                said: said.clone(),
                 reader_done: reader_done.clone(),
             },
         )
@@ -753,18 +753,17 @@ impl Standby {
         };
         let mut end = end;
         if let SessionEnd::Lost(_) = &end {
-            // A primary that gave up on this standby says so on the liveness
-            // connection as it closes: read what it sent before deciding (briefly: a
-            // dead primary's connection ends at once, a silent one sends nothing).
+            // A primary that ends the session on purpose (an orderly end, or giving
+            // this standby up) says so on the liveness connection too: read what it
+            // sent before deciding (briefly: a dead primary's connection ends at
+            // once, a silent one sends nothing).
             let wait_until = Instant::now() + 2 * self.config.liveness.heartbeat;
-            while !reader_done.load(Ordering::Acquire)
-                && !abandoned.load(Ordering::Acquire)
-                && Instant::now() < wait_until
-            {
+            let heard = || devices::bus::lock_recover(&said).is_some();
+            while !reader_done.load(Ordering::Acquire) && !heard() && Instant::now() < wait_until {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            if abandoned.load(Ordering::Acquire) {
-                end = SessionEnd::Shutdown(Shutdown::Abandoned);
+            if let Some(s) = devices::bus::lock_recover(&said).take() {
+                end = SessionEnd::Shutdown(s);
             }
         }
         let decided = Instant::now();
