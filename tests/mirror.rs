@@ -264,6 +264,14 @@ fn a_lost_standby_leaves_the_primary_unprotected_and_its_replica_stale() {
         perr.contains("running unprotected since"),
         "the primary did not say it runs unprotected:\n{perr}"
     );
+    // Once on stderr, and once in the metrics.
+    assert_eq!(
+        perr.matches("running unprotected since").count(),
+        1,
+        "{perr}"
+    );
+    let m = read_metrics(&pair.path("a.jsonl")).expect("the primary's metrics");
+    assert_eq!(m.iter().filter(|l| l.unprotected).count(), 1);
     std::thread::sleep(Duration::from_millis(300));
     let serr = pair.kill_standby();
     assert!(
@@ -459,4 +467,45 @@ fn linux_failed_over_mid_boot_mounts_its_root_on_the_standby() {
         !after.contains("Linux version"),
         "the standby repeated the boot banner:\n{after}"
     );
+}
+
+#[test]
+fn a_killed_standby_leaves_the_primary_running_unprotected() {
+    if skip_without_kvm!() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let o = PairOpts {
+        disk: 8 << 20,
+        witness: true,
+        ..Default::default()
+    };
+    let mut pair = Pair::start(&o);
+    pair.expect_applied(3, Duration::from_secs(60));
+    let _ = pair.kill_standby();
+    let before = counters(pair.primary_console().lines()).len();
+    assert!(
+        wait(Duration::from_secs(30), || counters(
+            pair.primary_console().lines()
+        )
+        .len()
+            > before + 10),
+        "the primary's guest stopped with its standby"
+    );
+    if let Some(p) = &pair.primary {
+        p.signal(libc::SIGTERM);
+    }
+    let (status, perr) = pair.primary_exit(Duration::from_secs(60));
+    assert_eq!(status.and_then(|s| s.code()), Some(143), "{perr}");
+    assert_eq!(
+        perr.matches("running unprotected since").count(),
+        1,
+        "{perr}"
+    );
+    let fence = vmm::replication::fence::Witness::new(pair.path("witness"))
+        .open()
+        .expect("the witness is free");
+    assert!(fence.unprotected_since().is_some());
+    let c = counters(pair.primary_console().lines());
+    assert!(c.windows(2).all(|w| w[1] == w[0] + 1), "{c:?}");
 }

@@ -107,6 +107,34 @@ fn delay_holds_each_chunk() {
 }
 
 #[test]
+fn the_end_of_a_stream_is_delayed_like_its_data() {
+    // An upstream that reads to the end and tells when the end came.
+    let l = TcpListener::bind(ANY).expect("bind");
+    let upstream = l.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        let _ = tx.send((Instant::now(), all));
+    });
+    let proxy = Proxy::start(ANY.parse().expect("addr"), upstream);
+    proxy.set_delay(Duration::from_millis(200));
+    let c = TcpStream::connect(proxy.addr()).expect("connect");
+    // A FIN with no data before it (a connection closed while idle) must not
+    // overtake the data of another connection delayed as much.
+    let t = Instant::now();
+    c.shutdown(std::net::Shutdown::Write).expect("FIN");
+    let (at, all) = rx.recv_timeout(Duration::from_secs(5)).expect("the end");
+    assert!(all.is_empty());
+    let took = at.duration_since(t);
+    assert!(
+        took >= Duration::from_millis(190),
+        "the FIN came after {took:?}"
+    );
+}
+
+#[test]
 fn throttle_bounds_throughput() {
     let (proxy, mut c) = setup();
     // 40 kB at 100 kB/s each way: at least 0.4 s through the slower half, and the

@@ -26,6 +26,12 @@ pub struct PairOpts {
     /// A Linux kernel to boot instead of the test guest; the primary's disk is then
     /// an ext4 root file system.
     pub kernel: Option<PathBuf>,
+    /// The standby's listening address (default: a free loopback port).
+    pub listen: Option<String>,
+    /// The address the primary dials (default: the standby's; a proxy's otherwise).
+    pub peer: Option<String>,
+    /// Network namespaces to run the primary and the standby in.
+    pub netns: Option<(String, String)>,
 }
 
 impl Default for PairOpts {
@@ -39,6 +45,9 @@ impl Default for PairOpts {
             primary_args: Vec::new(),
             standby_args: Vec::new(),
             kernel: None,
+            listen: None,
+            peer: None,
+            netns: None,
         }
     }
 }
@@ -53,6 +62,21 @@ pub struct Pair {
     pub primary: Option<Running>,
     /// The standby's address.
     pub addr: String,
+    /// The address the primary dials.
+    pub peer: String,
+}
+
+/// The mirrorvm binary, run inside network namespace `ns` if one is given.
+fn command_in(ns: Option<&str>) -> std::process::Command {
+    match ns {
+        None => mirrorvm(),
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_mirrorvm")])
+                .stdin(std::process::Stdio::null());
+            c
+        }
+    }
 }
 
 /// A free TCP port on loopback (bound and released: a tiny race, fine for tests).
@@ -72,12 +96,17 @@ impl Pair {
     /// Starts the standby, then the primary.
     pub fn start(o: &PairOpts) -> Pair {
         let dir = tempdir();
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = o
+            .listen
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let peer = o.peer.clone().unwrap_or_else(|| addr.clone());
         let mut pair = Pair {
             dir,
             standby: None,
             primary: None,
             addr,
+            peer,
         };
         if o.disk > 0 {
             if o.kernel.is_some() {
@@ -94,7 +123,7 @@ impl Pair {
 
     /// The standby's command line.
     pub fn standby_command(&self, o: &PairOpts) -> std::process::Command {
-        let mut s = mirrorvm();
+        let mut s = command_in(o.netns.as_ref().map(|n| n.1.as_str()));
         s.args(["standby", "--listen", &self.addr])
             .arg("--serial")
             .arg(format!("file={}", self.path("b.txt").display()))
@@ -115,9 +144,9 @@ impl Pair {
 
     /// The primary's command line.
     pub fn primary_command(&self, o: &PairOpts) -> std::process::Command {
-        let mut p = mirrorvm();
+        let mut p = command_in(o.netns.as_ref().map(|n| n.0.as_str()));
         p.args(["run", "--memory", &o.memory, "--cpus", &o.cpus.to_string()])
-            .args(["--cmdline", &o.cmdline, "--peer", &self.addr])
+            .args(["--cmdline", &o.cmdline, "--peer", &self.peer])
             .arg("--serial")
             .arg(format!("file={}", self.path("a.txt").display()))
             .arg("--metrics")

@@ -8,7 +8,9 @@
 //! Each connection runs four threads: a reader and a writer per direction, joined by
 //! a bounded queue of chunks stamped with the time they were read, so a delay does not
 //! also throttle. While stalled, nothing is written and, once the queue is full,
-//! nothing more is read either, so the sender feels TCP back-pressure.
+//! nothing more is read either, so the sender feels TCP back-pressure. The end of a
+//! stream (FIN) travels the same queue: it is delayed and stalled like data and never
+//! overtakes it, as on a real link.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -274,12 +276,20 @@ impl Conn {
     }
 }
 
-fn read_side(conn: &Conn, dir: Direction, tx: &SyncSender<(Instant, Vec<u8>)>) {
+/// A chunk read from one side and when it was read; an empty one is the end of the
+/// stream (the FIN), which is delayed and stalled like data, so that it never
+/// overtakes what was sent before it.
+type Chunk = (Instant, Vec<u8>);
+
+fn read_side(conn: &Conn, dir: Direction, tx: &SyncSender<Chunk>) {
     let (mut src, _) = conn.ends(dir);
     let mut buf = vec![0u8; CHUNK];
     loop {
         match src.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                let _ = tx.send((Instant::now(), Vec::new()));
+                return;
+            }
             Ok(n) => {
                 if conn.dead() || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
                     return;
@@ -289,48 +299,67 @@ fn read_side(conn: &Conn, dir: Direction, tx: &SyncSender<(Instant, Vec<u8>)>) {
     }
 }
 
-fn write_side(conn: &Conn, shared: &Shared, dir: Direction, rx: &Receiver<(Instant, Vec<u8>)>) {
+/// Waits until `want` bytes read at `read_at` may go out going `i`: past the delay,
+/// not stalled, within the throttle. Returns how many may go now (at least 1 when
+/// `want` > 0; 0 for the end of the stream), or `None` once the connection is reset.
+fn wait_turn(
+    conn: &Conn,
+    shared: &Shared,
+    i: usize,
+    read_at: Instant,
+    want: usize,
+) -> Option<usize> {
+    let mut st = lock(&shared.state);
+    loop {
+        if conn.dead() {
+            return None;
+        }
+        let now = Instant::now();
+        let due = read_at + st.delay[i];
+        let wait = if st.stalled {
+            POLL
+        } else if due > now {
+            due - now
+        } else if want == 0 {
+            return Some(0);
+        } else if let Some(at) = st.next_free[i].filter(|at| *at > now) {
+            at - now
+        } else {
+            let Some(rate) = st.rate[i] else {
+                return Some(want);
+            };
+            // Small pieces so that the limit holds over short spans too.
+            let piece = want.min(usize::try_from(rate / 50).unwrap_or(CHUNK).clamp(1, CHUNK));
+            let secs = u64::try_from(piece).unwrap_or(u64::MAX) as f64 / rate as f64;
+            st.next_free[i] = Some(now + Duration::from_secs_f64(secs));
+            return Some(piece);
+        };
+        // Re-read the settings when woken: any of them may change meanwhile.
+        st = shared
+            .changed
+            .wait_timeout(st, wait.min(POLL))
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0;
+    }
+}
+
+fn write_side(conn: &Conn, shared: &Shared, dir: Direction, rx: &Receiver<Chunk>) {
     let (_, mut dst) = conn.ends(dir);
     let i = dir.index();
     while let Ok((read_at, chunk)) = rx.recv() {
+        if chunk.is_empty() {
+            // The source ended (or failed): pass the end on, in its turn. A reset
+            // connection is left to its RST instead.
+            if wait_turn(conn, shared, i, read_at, 0).is_some() {
+                let _ = dst.shutdown(Shutdown::Write);
+            }
+            return;
+        }
         let mut rest = &chunk[..];
         while !rest.is_empty() {
-            // Wait out the delay, a stall and the throttle, re-reading the settings
-            // each time round: any of them may change meanwhile.
-            let mut st = lock(&shared.state);
-            let piece = loop {
-                if conn.dead() {
-                    return;
-                }
-                let now = Instant::now();
-                let due = read_at + st.delay[i];
-                let wait = if st.stalled {
-                    POLL
-                } else if due > now {
-                    due - now
-                } else if let Some(at) = st.next_free[i].filter(|at| *at > now) {
-                    at - now
-                } else {
-                    let piece = match st.rate[i] {
-                        // Small pieces so that the limit holds over short spans too.
-                        Some(rate) => rest
-                            .len()
-                            .min(usize::try_from(rate / 50).unwrap_or(CHUNK).clamp(1, CHUNK)),
-                        None => rest.len(),
-                    };
-                    if let Some(rate) = st.rate[i] {
-                        let secs = u64::try_from(piece).unwrap_or(u64::MAX) as f64 / rate as f64;
-                        st.next_free[i] = Some(now + Duration::from_secs_f64(secs));
-                    }
-                    break piece;
-                };
-                st = shared
-                    .changed
-                    .wait_timeout(st, wait.min(POLL))
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
+            let Some(piece) = wait_turn(conn, shared, i, read_at, rest.len()) else {
+                return;
             };
-            drop(st);
             if dst.write_all(&rest[..piece]).is_err() {
                 return;
             }
@@ -338,10 +367,5 @@ fn write_side(conn: &Conn, shared: &Shared, dir: Direction, rx: &Receiver<(Insta
                 .fetch_add(u64::try_from(piece).unwrap_or(u64::MAX), Ordering::SeqCst);
             rest = &rest[piece..];
         }
-    }
-    // The source ended (or failed): pass the end on, unless the connection was reset,
-    // which must reach the peer as a RST, not a FIN.
-    if !conn.dead() {
-        let _ = dst.shutdown(Shutdown::Write);
     }
 }

@@ -29,6 +29,10 @@ pub struct EpochMetrics {
     pub region_bytes: u64,
     /// Time from handing the checkpoint to the exporter until the sink had it, µs.
     pub export_us: u64,
+    /// Set on the one line written when the sink was lost: the run goes on
+    /// unprotected after checkpoint `epoch` (the last complete one; 0 if none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unprotected: bool,
 }
 
 impl EpochMetrics {

@@ -541,6 +541,14 @@ impl EpochEngine {
         self.phase = Phase::Unprotected {
             since: self.last_complete,
         };
+        let line = EpochMetrics {
+            epoch: self.last_complete.unwrap_or(0),
+            unprotected: true,
+            ..Default::default()
+        };
+        if let Err(e) = self.log_metrics(&line) {
+            tracing::warn!("cannot write the metrics file: {}", ErrorChain(&e));
+        }
         self.in_flight = None;
         self.parts.output.release_all();
         self.exporter.submit(Job::RetireAll);

@@ -247,6 +247,11 @@ impl Machine {
             } else {
                 engine.shutdown(FINAL_CHECKPOINT_DEADLINE);
             }
+            // Fenced or failed while ending: leave everything for the last complete
+            // checkpoint after all.
+            if matches!(engine.phase(), Phase::Fenced | Phase::Failed) {
+                plan = ending::after_failed_final();
+            }
             // Nothing runs on the disks or the sink behind our back from here on.
             sink = engine.stop();
         }
@@ -283,6 +288,23 @@ impl Machine {
             }
         }
 
+        // The sink hears of the end first: a standby that was told never resumes,
+        // so only then may the rest of the output be shown and the disks settled.
+        if let (Some(sink), Some(how)) = (sink.as_mut(), &plan.sink_end) {
+            match sink.end(how) {
+                Ok(()) => {}
+                // The standby may still resume and this host cannot record that it
+                // goes on alone: show and settle nothing more.
+                Err(e @ crate::checkpoint::SinkError::Fenced(_)) => {
+                    eprintln!("mirrorvm: {}", devices::ErrorChain(&e));
+                    plan = ending::after_failed_final();
+                }
+                Err(e) => tracing::warn!(
+                    "cannot record the end of the run at the checkpoint sink: {}",
+                    devices::ErrorChain(&e)
+                ),
+            }
+        }
         if plan.release_output {
             self.gate.open();
         }
@@ -298,14 +320,6 @@ impl Machine {
                         }
                     })?;
                 }
-            }
-        }
-        if let (Some(sink), Some(how)) = (sink.as_mut(), &plan.sink_end) {
-            if let Err(e) = sink.end(how) {
-                tracing::warn!(
-                    "cannot record the end of the run at the checkpoint sink: {}",
-                    devices::ErrorChain(&e)
-                );
             }
         }
         final_result?;

@@ -106,8 +106,8 @@ impl Verdict {
 pub struct Liveness {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// Whether to send the farewell as the thread ends.
-    send_farewell: Arc<AtomicBool>,
+    /// What to send as the thread ends (an orderly end's Shutdown, or a give-up).
+    last_word: Arc<Mutex<Option<Body>>>,
 }
 
 /// What the liveness thread watches and reports.
@@ -127,9 +127,10 @@ pub struct Watch {
     /// Sent on the liveness connection when this side declares its peer dead, or
     /// gives it up ([`Liveness::give_up`]): the primary's `Shutdown::Abandoned`.
     pub farewell: Option<Body>,
-    /// Set when the peer's Shutdown frame arrives on the liveness connection: the
-    /// peer ended the session on purpose, which is not a death.
-    pub abandoned: Arc<AtomicBool>,
+    /// The peer's Shutdown frame, when one arrives on the liveness connection: the
+    /// peer ended the session on purpose (an orderly end, or it gave this side up),
+    /// which is not a death.
+    pub said: Arc<Mutex<Option<super::protocol::Shutdown>>>,
     /// Set when the liveness reader has finished (the connection ended or failed).
     pub reader_done: Arc<AtomicBool>,
 }
@@ -182,6 +183,10 @@ impl Liveness {
         watch: Watch,
     ) -> Result<Liveness, std::io::Error> {
         let stop = Arc::new(AtomicBool::new(false));
+        // A peer that stops reading must not block heartbeats (and with them every
+        // verdict): a write that cannot go out within the deadline is a death.
+        conn.set_write_timeout(Some(config.dead_after))
+            .map_err(std::io::Error::other)?;
         let (r, w, closer) = conn.split().map_err(std::io::Error::other)?;
         let Watch {
             pulse,
@@ -191,17 +196,21 @@ impl Liveness {
             extra,
             on_dead,
             farewell,
-            abandoned,
+            said,
             reader_done,
         } = watch;
-        let (rabandoned, rdone) = (abandoned.clone(), reader_done);
+        let (rsaid, rdone) = (said.clone(), reader_done);
         let reader_stop = stop.clone();
         let (rp, rv) = (pulse.clone(), verdict.clone());
         let reader = std::thread::Builder::new()
             .name("liveness-rx".into())
             .spawn(move || {
                 raise_priority();
-                let mut fr = FrameReader::new(BufReader::new(r));
+                // Only Heartbeats and Shutdowns come this way: small control frames.
+                let mut fr = FrameReader::with_max_payload(
+                    BufReader::new(r),
+                    super::protocol::MAX_CONTROL_PAYLOAD,
+                );
                 let _done = SetOnDrop(rdone);
                 loop {
                     match fr.read_frame() {
@@ -211,8 +220,8 @@ impl Liveness {
                                 Body::Heartbeat => {
                                     theirs.fetch_max(f.epoch, Ordering::Relaxed);
                                 }
-                                Body::Shutdown(_) => {
-                                    rabandoned.store(true, Ordering::Release);
+                                Body::Shutdown(s) => {
+                                    *devices::bus::lock_recover(&rsaid) = Some(s);
                                     return;
                                 }
                                 _ => {}
@@ -237,8 +246,8 @@ impl Liveness {
                 }
             })?;
         let thread_stop = stop.clone();
-        let send_farewell = Arc::new(AtomicBool::new(false));
-        let say_farewell = send_farewell.clone();
+        let last_word: Arc<Mutex<Option<Body>>> = Arc::default();
+        let say_last = last_word.clone();
         let thread = std::thread::Builder::new()
             .name("liveness".into())
             .spawn(move || {
@@ -267,7 +276,7 @@ impl Liveness {
                             devices::ErrorChain(&e)
                         ));
                     }
-                    if abandoned.load(Ordering::Acquire) {
+                    if devices::bus::lock_recover(&said).is_some() {
                         verdict.declare("it ended the session".into());
                     }
                     let silent = pulse.silent_for();
@@ -278,7 +287,13 @@ impl Liveness {
                         verdict.declare(why);
                     }
                     if verdict.get().is_some() {
-                        say_farewell.store(true, Ordering::Release);
+                        // The farewell goes out before the data connection closes, so
+                        // a peer that sees the close has the farewell to read.
+                        if let Some(body) = &farewell {
+                            let _ = fw
+                                .write(ours.load(Ordering::Relaxed), body)
+                                .and_then(|()| fw.flush());
+                        }
                         on_dead();
                         break;
                     }
@@ -290,12 +305,12 @@ impl Liveness {
                         next = now;
                     }
                 }
-                if let Some(body) = farewell
-                    .as_ref()
-                    .filter(|_| say_farewell.load(Ordering::Acquire))
-                {
+                // Ended on purpose while the peer was alive (a death already sent
+                // its farewell above).
+                let last = devices::bus::lock_recover(&say_last).take();
+                if let Some(body) = last.filter(|_| verdict.get().is_none()) {
                     let _ = fw
-                        .write(ours.load(Ordering::Relaxed), body)
+                        .write(ours.load(Ordering::Relaxed), &body)
                         .and_then(|()| fw.flush());
                 }
                 closer.close();
@@ -304,14 +319,15 @@ impl Liveness {
         Ok(Liveness {
             stop,
             thread: Some(thread),
-            send_farewell,
+            last_word,
         })
     }
 
-    /// Gives the peer up on purpose: sends the farewell (if any), stops heartbeats and
-    /// closes the liveness connection.
-    pub fn give_up(&mut self) {
-        self.send_farewell.store(true, Ordering::Release);
+    /// Ends the session on purpose: sends `word` (a Shutdown: the orderly end, or
+    /// `Abandoned`), stops heartbeats and closes the liveness connection. The peer
+    /// reads it there even if the data connection is stuck behind bulk data.
+    pub fn end_with(&mut self, word: Body) {
+        *devices::bus::lock_recover(&self.last_word) = Some(word);
         self.stop();
     }
 

@@ -43,6 +43,8 @@ use crate::memory::GuestMemory;
 
 /// How long the primary keeps trying to reach its standby at start.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+/// How long the primary waits for its standby to confirm a Shutdown (by closing).
+pub const SHUTDOWN_CONFIRM: Duration = Duration::from_secs(2);
 /// How long a standby may take to answer the Hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
 /// The least time the initial copy may go without the standby taking a byte before
@@ -147,19 +149,22 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-/// What the acknowledgement reader reports.
-enum Back {
-    /// The standby applied this checkpoint.
-    Ack(u64),
-    /// The data connection ended or carried garbage.
-    Closed(String),
+/// What the acknowledgement reader found: the highest epoch acknowledged, and why
+/// the data connection ended (if it did). A wakeup channel of one slot tells the
+/// waiting sender to look; a standby flooding Acks cannot grow anything.
+#[derive(Default)]
+struct Back {
+    /// Highest epoch acknowledged + 1 (0: none).
+    acked: AtomicU64,
+    closed: Mutex<Option<String>>,
 }
 
 /// A live session with the standby.
 struct Session {
     w: FrameWriter<BufWriter<Counting<Box<dyn Write + Send>>>>,
     sent: Arc<AtomicU64>,
-    back: Receiver<Back>,
+    back: Arc<Back>,
+    wake: Receiver<()>,
     closer: Arc<Closer>,
     verdict: Arc<Verdict>,
     unacked_since: Arc<Mutex<Option<Instant>>>,
@@ -181,7 +186,7 @@ impl Session {
     /// take over: this primary runs on), then both connections close.
     fn give_up(&mut self) {
         if let Some(mut l) = self.liveness.take() {
-            l.give_up();
+            l.end_with(Body::Shutdown(Shutdown::Abandoned));
         }
         self.closer.close();
     }
@@ -356,12 +361,14 @@ impl PeerSink {
         let closer = Arc::new(closer);
         let pulse = Arc::new(Pulse::default());
         let verdict = Arc::new(Verdict::default());
-        let (tx, back) = mpsc::channel();
+        let back = Arc::new(Back::default());
+        let (tx, wake) = mpsc::sync_channel(1);
         {
             let pulse = pulse.clone();
+            let back = back.clone();
             std::thread::Builder::new()
                 .name("peer-acks".into())
-                .spawn(move || read_acks(inner, pulse, tx))
+                .spawn(move || read_acks(inner, pulse, &back, tx))
                 .map_err(|e| PeerError::Thread("acknowledgement reader", e))?;
         }
         let live = self
@@ -421,7 +428,7 @@ impl PeerSink {
                 // However this primary ends the session but in order, the standby
                 // learns that it was given up, not that its primary died.
                 farewell: Some(Body::Shutdown(Shutdown::Abandoned)),
-                abandoned: Default::default(),
+                said: Default::default(),
                 reader_done: Default::default(),
             },
         )
@@ -430,6 +437,7 @@ impl PeerSink {
             w: fw,
             sent,
             back,
+            wake,
             closer,
             verdict,
             unacked_since,
@@ -519,6 +527,10 @@ impl PeerSink {
                 }
                 offset += want as u64;
                 progress.add(want as u64);
+                // Skipped zeros are progress too (the stall deadline watches it).
+                let s = self.session()?;
+                let now = s.sent.load(Ordering::Relaxed);
+                *devices::bus::lock_recover(&s.copy_progress) = Some((now, Instant::now()));
             }
         }
         let s = self.session()?;
@@ -546,54 +558,87 @@ impl PeerSink {
             })?;
         let bytes = s.sent.load(Ordering::Relaxed) - start_bytes;
         loop {
-            match s.back.recv_timeout(max_lag.min(Duration::from_millis(50))) {
-                Ok(Back::Ack(e)) if e == c.epoch => {
-                    *devices::bus::lock_recover(&s.unacked_since) = None;
-                    return Ok(bytes);
-                }
-                Ok(Back::Ack(_)) => {}
-                Ok(Back::Closed(why)) => return Err(PeerError::Dead { addr, why }),
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Some(why) = s.verdict.get() {
-                        return Err(PeerError::Dead { addr, why });
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
+            if s.back.acked.load(Ordering::Acquire) > c.epoch {
+                *devices::bus::lock_recover(&s.unacked_since) = None;
+                return Ok(bytes);
+            }
+            if let Some(why) = devices::bus::lock_recover(&s.back.closed).clone() {
+                return Err(PeerError::Dead { addr, why });
+            }
+            if let Some(why) = s.verdict.get() {
+                return Err(PeerError::Dead { addr, why });
+            }
+            if let Some(since) = *devices::bus::lock_recover(&s.unacked_since) {
+                if since.elapsed() > max_lag {
                     return Err(PeerError::Dead {
                         addr,
-                        why: "the acknowledgement reader stopped".into(),
-                    })
+                        why: format!(
+                            "no acknowledgement for {} ms (the lag deadline is {} ms)",
+                            since.elapsed().as_millis(),
+                            max_lag.as_millis()
+                        ),
+                    });
+                }
+            }
+            match s.wake.recv_timeout(Duration::from_millis(20)) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             }
         }
+    }
+
+    /// After a Shutdown frame: waits until the standby closes the session (it does
+    /// once it has read the Shutdown, or it died: either way it will not resume),
+    /// for at most `deadline`. False if it did not.
+    fn wait_closed(s: &Session, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if devices::bus::lock_recover(&s.back.closed).is_some() {
+                return true;
+            }
+            let _ = s.wake.recv_timeout(Duration::from_millis(10));
+        }
+        false
     }
 }
 
 /// Reads the standby's side of the data connection: Acks (any frame is a sign of
 /// life); anything else ends the session.
-fn read_acks(r: BufReader<Box<dyn Read + Send>>, pulse: Arc<Pulse>, tx: mpsc::Sender<Back>) {
-    let mut fr = FrameReader::new(r);
-    loop {
-        let msg = match fr.read_frame() {
+fn read_acks(
+    r: BufReader<Box<dyn Read + Send>>,
+    pulse: Arc<Pulse>,
+    back: &Back,
+    wake: mpsc::SyncSender<()>,
+) {
+    // Only Acks and Heartbeats come this way: both have empty payloads.
+    let mut fr = FrameReader::with_max_payload(r, 0);
+    let why = loop {
+        match fr.read_frame() {
             Ok(Some(f)) => {
                 pulse.touch();
                 match f.body {
-                    Body::Ack => Back::Ack(f.epoch),
-                    Body::Heartbeat => continue,
-                    other => Back::Closed(format!(
-                        "the standby sent an unexpected {} frame",
-                        other.frame_type()
-                    )),
+                    Body::Ack => {
+                        back.acked
+                            .fetch_max(f.epoch.saturating_add(1), Ordering::AcqRel);
+                        let _ = wake.try_send(());
+                    }
+                    Body::Heartbeat => {}
+                    other => {
+                        break format!(
+                            "the standby sent an unexpected {} frame",
+                            other.frame_type()
+                        )
+                    }
                 }
             }
-            Ok(None) => Back::Closed("the standby closed the connection".into()),
-            Err(e) => Back::Closed(format!("{}", devices::ErrorChain(&e))),
-        };
-        let end = matches!(msg, Back::Closed(_));
-        if tx.send(msg).is_err() || end {
-            return;
+            Ok(None) => break "the standby closed the connection".to_string(),
+            Err(e) => break format!("{}", devices::ErrorChain(&e)),
         }
-    }
+    };
+    *devices::bus::lock_recover(&back.closed) = Some(why);
+    let _ = wake.try_send(());
 }
 
 /// The initial copy's progress line on stderr: bytes, rate, estimate.
@@ -687,10 +732,15 @@ impl CheckpointSink for PeerSink {
         let r = match self.session() {
             Ok(s) => {
                 let before = s.sent.load(Ordering::Relaxed);
-                s.w.write_base(epoch, pages)
-                    .and_then(|()| s.w.flush())
-                    .map(|()| s.sent.load(Ordering::Relaxed) - before)
-                    .map_err(|source| PeerError::Frames { addr, source })
+                // The stall deadline watches a round as it watches the first pass.
+                *devices::bus::lock_recover(&s.copy_progress) = Some((before, Instant::now()));
+                let r =
+                    s.w.write_base(epoch, pages)
+                        .and_then(|()| s.w.flush())
+                        .map(|()| s.sent.load(Ordering::Relaxed) - before)
+                        .map_err(|source| PeerError::Frames { addr, source });
+                *devices::bus::lock_recover(&s.copy_progress) = None;
+                r
             }
             Err(e) => Err(e),
         };
@@ -723,8 +773,23 @@ impl CheckpointSink for PeerSink {
         });
         let epoch = self.highest_sent;
         let r = s.w.write(epoch, &body).and_then(|()| s.w.flush());
+        // The standby closes the session once it read the Shutdown. Until it did (or
+        // if it cannot be told), it might still take over: record that this host goes
+        // on alone before its caller shows the rest of the output.
+        // The same word on the liveness connection: an orderly end must not lose to
+        // the liveness connection's close while the data connection is backed up.
+        if let Some(mut l) = s.liveness.take() {
+            l.end_with(body.clone());
+        }
+        let confirmed = r.is_ok() && Self::wait_closed(s, SHUTDOWN_CONFIRM);
         s.close();
         self.session = None;
+        if !confirmed {
+            if let Some(f) = &mut self.fence {
+                f.record_unprotected_since(self.highest_sent.saturating_add(1))
+                    .map_err(|e| SinkError::Fenced(Box::new(e)))?;
+            }
+        }
         r.map_err(|e| {
             SinkError::Lost(Box::new(PeerError::Frames {
                 addr: self.config.addr.clone(),

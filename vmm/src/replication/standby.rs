@@ -321,6 +321,8 @@ struct Replica {
     /// Console output of applied checkpoints the primary may not have shown, oldest
     /// first.
     console: Vec<(u64, Console)>,
+    /// An initial copy is arriving (a Base or DiskBase frame came, no checkpoint yet).
+    copying: bool,
 }
 
 impl Standby {
@@ -615,7 +617,7 @@ impl Standby {
             ));
         };
         let on_dead = closer.clone();
-        let abandoned = Arc::new(AtomicBool::new(false));
+        let said: Arc<std::sync::Mutex<Option<Shutdown>>> = Arc::default();
         let reader_done = Arc::new(AtomicBool::new(false));
         let mut liveness = Liveness::spawn(
             live,
@@ -629,7 +631,7 @@ impl Standby {
                 extra: Box::new(|| None),
                 on_dead: Box::new(move || on_dead.close()),
                 farewell: None,
-                abandoned: abandoned.clone(),
+                said: said.clone(),
                 reader_done: reader_done.clone(),
             },
         )
@@ -668,7 +670,16 @@ impl Standby {
             staged_at.get_or_insert_with(Instant::now);
             match asm.push(frame) {
                 Ok(Staged::Nothing) => {}
+                Ok(Staged::Base { .. } | Staged::DiskBase { .. }) if replica.applied.is_some() => {
+                    // This standby's disks already follow the stream; it takes one
+                    // initial copy per session (a primary that lost its standby
+                    // starts a new session).
+                    break SessionEnd::Broken(
+                        "a second initial copy in one session is not supported".into(),
+                    );
+                }
                 Ok(Staged::Base { pages, epoch }) => {
+                    replica.copying = true;
                     open_stores(&mut disks, epoch)?;
                     if let Err(e) = apply_pages(&replica.memory, &pages) {
                         break SessionEnd::Broken(format!("a bad base page: {e}"));
@@ -676,6 +687,7 @@ impl Standby {
                     staged_at = None;
                 }
                 Ok(Staged::DiskBase { chunk, epoch }) => {
+                    replica.copying = true;
                     open_stores(&mut disks, epoch)?;
                     let Some(d) = disks.get(chunk.disk as usize) else {
                         break SessionEnd::Broken(format!("a chunk of disk {}", chunk.disk));
@@ -699,25 +711,27 @@ impl Standby {
                     let c = c.checkpoint;
                     let epoch = c.epoch;
                     let pages = c.pages.len() as u64;
-                    match self.apply(&mut replica, &mut disks, c) {
-                        Ok(()) => {}
+                    let first = match self.apply(&mut replica, &mut disks, c) {
+                        Ok(first) => first,
                         Err(Applied::Broken(why)) => break SessionEnd::Broken(why),
                         Err(Applied::Failed(e)) => {
                             liveness.stop();
                             closer.close();
                             return Err(e);
                         }
-                    }
-                    if fw
+                    };
+                    let acked = fw
                         .write(epoch, &Body::Ack)
                         .and_then(|()| fw.flush())
-                        .is_err()
-                    {
+                        .is_ok();
+                    ours.store(epoch, Ordering::Relaxed);
+                    if first {
+                        self.finish_copy(&mut disks, epoch)?;
+                    }
+                    if !acked {
                         // The primary is gone; the replica holds epoch `epoch`.
-                        ours.store(epoch, Ordering::Relaxed);
                         continue;
                     }
-                    ours.store(epoch, Ordering::Relaxed);
                     self.retire(&mut disks, epoch)?;
                     let now = counted.load(Ordering::Relaxed);
                     let m = AppliedMetrics {
@@ -739,18 +753,17 @@ impl Standby {
         };
         let mut end = end;
         if let SessionEnd::Lost(_) = &end {
-            // A primary that gave up on this standby says so on the liveness
-            // connection as it closes: read what it sent before deciding (briefly: a
-            // dead primary's connection ends at once, a silent one sends nothing).
+            // A primary that ends the session on purpose (an orderly end, or giving
+            // this standby up) says so on the liveness connection too: read what it
+            // sent before deciding (briefly: a dead primary's connection ends at
+            // once, a silent one sends nothing).
             let wait_until = Instant::now() + 2 * self.config.liveness.heartbeat;
-            while !reader_done.load(Ordering::Acquire)
-                && !abandoned.load(Ordering::Acquire)
-                && Instant::now() < wait_until
-            {
+            let heard = || devices::bus::lock_recover(&said).is_some();
+            while !reader_done.load(Ordering::Acquire) && !heard() && Instant::now() < wait_until {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            if abandoned.load(Ordering::Acquire) {
-                end = SessionEnd::Shutdown(Shutdown::Abandoned);
+            if let Some(s) = devices::bus::lock_recover(&said).take() {
+                end = SessionEnd::Shutdown(s);
             }
         }
         let decided = Instant::now();
@@ -768,6 +781,7 @@ impl Standby {
             memory: crate::memory::create(hello.manifest.memory).map_err(StandbyError::Memory)?,
             applied: None,
             console: Vec::new(),
+            copying: false,
         })
     }
 
@@ -788,7 +802,7 @@ impl Standby {
         replica: &mut Replica,
         disks: &mut [Disk],
         c: Checkpoint,
-    ) -> Result<(), Applied> {
+    ) -> Result<bool, Applied> {
         let epoch = c.epoch;
         let failed = |source: Box<dyn std::error::Error + Send + Sync>| {
             Applied::Failed(StandbyError::Apply { epoch, source })
@@ -803,15 +817,15 @@ impl Standby {
                 replica.manifest.cpus
             )));
         }
-        let first = disks.iter().any(|d| d.file.is_some());
+        let first = replica.applied.is_none();
         if first {
-            // The copy is complete (the images hold epoch - 1): make it durable.
-            open_stores(disks, epoch - 1).map_err(Applied::Failed)?;
-            for d in disks.iter_mut() {
-                if let Some(f) = d.file.take() {
-                    f.sync_all().map_err(|e| failed(Box::new(e)))?;
-                }
-            }
+            // The first checkpoint completes an initial copy, which must have come.
+            let (Some(base), true) = (epoch.checked_sub(1), replica.copying) else {
+                return Err(Applied::Broken(format!(
+                    "checkpoint {epoch} came before any initial copy"
+                )));
+            };
+            open_stores(disks, base).map_err(Applied::Failed)?;
         }
         for r in &c.disks {
             let RegionContent::Data(export) = &r.content else {
@@ -822,20 +836,37 @@ impl Standby {
             let Some(store) = disks.get_mut(r.disk).and_then(|d| d.store.as_mut()) else {
                 return Err(Applied::Broken(format!("a region of disk {}", r.disk)));
             };
-            store.import(export).map_err(|e| failed(Box::new(e)))?;
+            store.import(export).map_err(|e| match e {
+                // What the primary sent does not fit or does not follow: its fault.
+                devices::store::Error::ImportTooLarge { .. }
+                | devices::store::Error::EpochNotIncreasing { .. }
+                | devices::store::Error::ImportIntoBusyRegion { .. } => {
+                    Applied::Broken(format!("checkpoint {epoch}: {e}"))
+                }
+                e => failed(Box::new(e)),
+            })?;
         }
         apply_pages(&replica.memory, &c.pages)
             .map_err(|e: ContentError| Applied::Broken(format!("checkpoint {epoch}: {e}")))?;
-        if first {
-            for d in disks.iter() {
-                crate::disk::clear_incomplete(&d.config.path).map_err(|e| failed(Box::new(e)))?;
-            }
-            eprintln!("mirrorvm: standby: initial copy complete at checkpoint {epoch}");
-        }
         replica.applied = Some((epoch, c.state));
+        replica.copying = false;
         if !c.console.bytes.is_empty() {
             replica.console.push((epoch, c.console));
         }
+        Ok(first)
+    }
+
+    /// After the first checkpoint was applied (and acknowledged: no fsync is needed
+    /// before an Ack): the copied images are made durable, and only then are their
+    /// incomplete-copy marks removed.
+    fn finish_copy(&self, disks: &mut [Disk], epoch: u64) -> Result<(), StandbyError> {
+        for d in disks.iter_mut() {
+            if let Some(f) = d.file.take() {
+                f.sync_all().map_err(d.err())?;
+            }
+            crate::disk::clear_incomplete(&d.config.path).map_err(d.err())?;
+        }
+        eprintln!("mirrorvm: standby: initial copy complete at checkpoint {epoch}");
         Ok(())
     }
 

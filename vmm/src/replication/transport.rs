@@ -129,6 +129,16 @@ impl Connection {
             })
     }
 
+    /// Bounds each blocking write (`None`: no bound); a write that times out fails.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> Result<(), TransportError> {
+        self.stream
+            .set_write_timeout(t)
+            .map_err(|source| TransportError::Setup {
+                peer: self.peer.clone(),
+                source,
+            })
+    }
+
     /// The two halves, for a reader thread and a writer, and a handle that closes both.
     pub fn split(self) -> Result<(ReadHalf, WriteHalf, Closer), TransportError> {
         let setup = |source| TransportError::Setup {
