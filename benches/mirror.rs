@@ -338,14 +338,6 @@ struct PairOpts<'a> {
     info_log: bool,
 }
 
-/// How a pair's run ends.
-enum End {
-    /// SIGTERM to the primary.
-    Stop,
-    /// The guest ends the run itself, within this time.
-    Own(Duration),
-}
-
 struct Pair {
     dir: tempfile::TempDir,
     standby: Proc,
@@ -443,22 +435,16 @@ impl Pair {
         f || l
     }
 
-    /// Ends the pair: with [`End::Stop`] a SIGTERM to the primary (a final checkpoint,
-    /// then Shutdown), with [`End::Own`] the guest's own end; then the standby follows.
-    /// `Ok(true)` when the run was disturbed by a takeover or a lost standby that
-    /// nothing caused (counted in `tally`; both are then killed), `Ok(false)` for an
-    /// orderly end.
-    fn finish(&mut self, end: End, tally: &mut Tally) -> R<bool> {
+    /// Ends the run in order: SIGTERM to the primary (a final checkpoint, then
+    /// Shutdown), and the standby follows. `Ok(true)` when the run was disturbed by a
+    /// takeover or a lost standby that nothing caused (counted in `tally`; both are
+    /// then killed), `Ok(false)` for an orderly end.
+    fn finish(&mut self, tally: &mut Tally) -> R<bool> {
         let disturbed = |p: &Pair| p.took_over() || p.lost_standby();
-        let timeout = match end {
-            End::Stop => {
-                if !disturbed(self) {
-                    self.primary.signal(nix::sys::signal::Signal::SIGTERM)?;
-                }
-                Duration::from_secs(60)
-            }
-            End::Own(t) => t,
-        };
+        if !disturbed(self) {
+            self.primary.signal(nix::sys::signal::Signal::SIGTERM)?;
+        }
+        let timeout = Duration::from_secs(60);
         let deadline = Instant::now() + timeout;
         while !self.primary.exited() && !disturbed(self) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
@@ -592,7 +578,7 @@ fn initial_copy(net: &Net, cfg: &Config, tally: &mut Tally) -> R<f64> {
         .ok_or_else(|| format!("no 'initial copy … MiB in' line\n{}", pair.dump()))?;
     let rate = parse_copy_line(&line.1).ok_or_else(|| format!("cannot parse '{}'", line.1))?;
     pair.wait_applied(1, Duration::from_secs(120))?;
-    pair.finish(End::Stop, tally)?;
+    pair.finish(tally)?;
     Ok(rate)
 }
 
@@ -607,27 +593,29 @@ struct Steady {
 const STEADY_CMDLINE: &str = "dirty pages_per_ms=1000000 mb=64 verify=0 idle=1";
 
 /// A dirtier that rewrites its whole 64 MiB region every millisecond: each checkpoint
-/// carries the region. Sustained = applied bytes over the standby's clock; in flight =
-/// each checkpoint's bytes over its hand-over-to-Ack time (median).
+/// carries the region. It runs for 2 × `seconds` after the first checkpoint, then is
+/// stopped. Sustained = applied bytes over the standby's clock; in flight = each
+/// checkpoint's bytes over its hand-over-to-Ack time (median).
 fn steady(net: &Net, cfg: &Config, tally: &mut Tally) -> R<Steady> {
-    let cmdline = format!("{STEADY_CMDLINE} seconds={}", cfg.seconds);
     let mut pair = Pair::start(
         net,
         &PairOpts {
             memory: "256M",
-            cmdline: &cmdline,
+            cmdline: STEADY_CMDLINE,
             witness: false,
             info_log: false,
         },
         tally,
     )?;
-    let disturbed = pair.finish(End::Own(Duration::from_secs(cfg.seconds * 20 + 120)), tally)?;
+    pair.wait_applied(1, Duration::from_secs(300))?;
+    std::thread::sleep(Duration::from_secs(2 * cfg.seconds));
+    let disturbed = pair.finish(tally)?;
     // The first checkpoint completes the initial copy's rounds: left out.
     let applied: Vec<AppliedMetrics> = pair.applied()?.into_iter().skip(1).collect();
     let sent: Vec<metrics::Metric> = pair
         .primary_metrics()?
         .into_iter()
-        .filter(|m| !m.full)
+        .filter(|m| !m.full && !m.unprotected)
         .skip(1)
         .collect();
     let sustained = match (applied.first(), applied.last()) {
@@ -687,8 +675,9 @@ fn throughput(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
     }
     println!();
     println!(
-        "Initial copy: `mirrorvm run --memory {} --cmdline \"counter idle=1\" --peer ADDR`, the primary's `initial copy to ADDR: N MiB in S s` (MIRRORVM_LOG=info). Dirtier: `{STEADY_CMDLINE} seconds={}` in 256 MiB, its first checkpoint left out; sustained is from the standby's `--metrics` clock.",
-        cfg.copy, cfg.seconds
+        "Initial copy: `mirrorvm run --memory {} --cmdline \"counter idle=1\" --peer ADDR`, the primary's `initial copy to ADDR: N MiB in S s` (MIRRORVM_LOG=info). Dirtier: `{STEADY_CMDLINE}` in 256 MiB for {} s after its first checkpoint, which is left out; sustained is from the standby's `--metrics` clock.",
+        cfg.copy,
+        2 * cfg.seconds
     );
     println!();
     Ok(())
@@ -726,13 +715,13 @@ fn ack_latency(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
             )?;
             pair.wait_applied(1, Duration::from_secs(120))?;
             std::thread::sleep(Duration::from_secs(cfg.seconds));
-            let disturbed = pair.finish(End::Stop, tally)?;
+            let disturbed = pair.finish(tally)?;
             // The first checkpoint completes the initial copy (`full`); the next still
             // carries what the copy's last round left: both left out.
             let m: Vec<metrics::Metric> = pair
                 .primary_metrics()?
                 .into_iter()
-                .filter(|m| !m.full)
+                .filter(|m| !m.full && !m.unprotected)
                 .skip(1)
                 .collect();
             if m.is_empty() {
