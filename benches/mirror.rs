@@ -387,21 +387,37 @@ impl Pair {
         metrics::read_metrics(&self.dir.path().join("a.jsonl"))
     }
 
-    /// Waits until the standby applied `n` checkpoints.
-    fn wait_applied(&mut self, n: usize, timeout: Duration) -> R<()> {
+    /// Waits until `done` holds; `Ok(true)` if a takeover or a lost standby came
+    /// first (the run is disturbed: the caller counts it), an error if either process
+    /// ended or `timeout` passed.
+    fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&Pair) -> R<bool>,
+    ) -> R<bool> {
         let end = Instant::now() + timeout;
         loop {
-            if self.applied()?.len() >= n {
-                return Ok(());
+            if done(self)? {
+                return Ok(false);
+            }
+            if self.took_over() || self.lost_standby() {
+                return Ok(true);
             }
             if self.primary.exited() || self.standby.exited() || Instant::now() >= end {
-                return Err(format!(
-                    "the standby did not apply {n} checkpoints within {timeout:?}\n{}",
-                    self.dump()
-                ));
+                return Err(format!("{what}: not within {timeout:?}\n{}", self.dump()));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Waits until the standby applied `n` checkpoints (`Ok(true)`: disturbed first).
+    fn wait_applied(&mut self, n: usize, timeout: Duration) -> R<bool> {
+        self.wait_until(
+            &format!("the standby applying {n} checkpoint(s)"),
+            timeout,
+            |p| Ok(p.applied()?.len() >= n),
+        )
     }
 
     fn took_over(&self) -> bool {
@@ -501,6 +517,10 @@ fn pct<T: Copy + PartialOrd>(v: &[T], p: f64) -> Option<T> {
     stats::percentile(v, p)
 }
 
+fn int(v: Option<u64>) -> String {
+    v.map_or_else(|| "n/a".into(), |x| x.to_string())
+}
+
 fn f1(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a".into(), |x| format!("{x:.1}"))
 }
@@ -559,7 +579,7 @@ fn parse_copy_line(line: &str) -> Option<f64> {
 
 /// The initial copy of a `cfg.copy` guest (`counter idle=1`: the vCPU sleeps, so the
 /// copy does not share the host's cores with a spinning guest): MiB/s.
-fn initial_copy(net: &Net, cfg: &Config, tally: &mut Tally) -> R<f64> {
+fn initial_copy(net: &Net, cfg: &Config, tally: &mut Tally) -> R<Option<f64>> {
     let mut pair = Pair::start(
         net,
         &PairOpts {
@@ -570,15 +590,23 @@ fn initial_copy(net: &Net, cfg: &Config, tally: &mut Tally) -> R<f64> {
         },
         tally,
     )?;
-    let line = pair
-        .primary
-        .wait_line(Duration::from_secs(600), |l| {
-            l.contains("initial copy to ") && l.contains(" MiB in ")
-        })
-        .ok_or_else(|| format!("no 'initial copy … MiB in' line\n{}", pair.dump()))?;
-    let rate = parse_copy_line(&line.1).ok_or_else(|| format!("cannot parse '{}'", line.1))?;
-    pair.wait_applied(1, Duration::from_secs(120))?;
-    pair.finish(tally)?;
+    let is_copy_line = |l: &str| l.contains("initial copy to ") && l.contains(" MiB in ");
+    let disturbed = pair.wait_until("the initial copy", Duration::from_secs(600), |p| {
+        Ok(p.primary.find(is_copy_line).is_some())
+    })?;
+    // A run disturbed by a false failover (counted by `finish`) gives no sample.
+    let rate = match pair.primary.find(is_copy_line) {
+        Some((_, line)) if !disturbed => {
+            Some(parse_copy_line(&line).ok_or_else(|| format!("cannot parse '{line}'"))?)
+        }
+        _ => None,
+    };
+    if !disturbed {
+        pair.wait_applied(1, Duration::from_secs(120))?;
+    }
+    if pair.finish(tally)? {
+        return Ok(None);
+    }
     Ok(rate)
 }
 
@@ -607,8 +635,9 @@ fn steady(net: &Net, cfg: &Config, tally: &mut Tally) -> R<Steady> {
         },
         tally,
     )?;
-    pair.wait_applied(1, Duration::from_secs(300))?;
-    std::thread::sleep(Duration::from_secs(2 * cfg.seconds));
+    if !pair.wait_applied(1, Duration::from_secs(300))? {
+        std::thread::sleep(Duration::from_secs(2 * cfg.seconds));
+    }
     let disturbed = pair.finish(tally)?;
     // The first checkpoint completes the initial copy's rounds: left out.
     let applied: Vec<AppliedMetrics> = pair.applied()?.into_iter().skip(1).collect();
@@ -654,7 +683,7 @@ fn throughput(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
         let (mut raw, mut copy) = (Vec::new(), Vec::new());
         for _ in 0..cfg.runs {
             raw.push(raw_tcp(net, cfg.copy_bytes)?);
-            copy.push(initial_copy(net, cfg, tally)?);
+            copy.extend(initial_copy(net, cfg, tally)?);
         }
         let s = steady(net, cfg, tally)?;
         let (r, c) = (stats::median(&raw), stats::median(&copy));
@@ -721,8 +750,9 @@ fn ack_latency(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
                 },
                 tally,
             )?;
-            pair.wait_applied(1, Duration::from_secs(120))?;
-            std::thread::sleep(Duration::from_secs(cfg.seconds));
+            if !pair.wait_applied(1, Duration::from_secs(120))? {
+                std::thread::sleep(Duration::from_secs(cfg.seconds));
+            }
             let disturbed = pair.finish(tally)?;
             // The first checkpoint completes the initial copy (`full`); the next still
             // carries what the copy's last round left: both left out.
@@ -732,9 +762,6 @@ fn ack_latency(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
                 .filter(|m| !m.full && !m.unprotected)
                 .skip(1)
                 .collect();
-            if m.is_empty() {
-                return Err(format!("{name} over {}: no checkpoint", net.label()));
-            }
             let ack: Vec<f64> = m.iter().map(|m| m.export_us as f64 / 1e3).collect();
             let pages: Vec<u64> = m.iter().map(|m| m.dirty_pages).collect();
             let bytes: Vec<u64> = m.iter().map(|m| m.bytes).collect();
@@ -744,9 +771,9 @@ fn ack_latency(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
                 net.label(),
                 if disturbed { DISTURBED } else { "" },
                 m.len(),
-                pct(&pages, 0.5).unwrap_or(0),
-                pct(&bytes, 0.5).unwrap_or(0),
-                pct(&pause, 0.5).unwrap_or(0),
+                int(pct(&pages, 0.5)),
+                int(pct(&bytes, 0.5)),
+                int(pct(&pause, 0.5)),
                 f1(pct(&ack, 0.5)),
                 f1(pct(&ack, 0.99)),
             );
@@ -835,9 +862,11 @@ fn failover_trial(
         },
         tally,
     )?;
-    pair.wait_applied(8, Duration::from_secs(120))?;
+    let early = pair.wait_applied(8, Duration::from_secs(120))?;
     // Somewhere within an epoch, not always just after an Ack.
-    std::thread::sleep(Duration::from_millis(rng.below(40)));
+    if !early {
+        std::thread::sleep(Duration::from_millis(rng.below(40)));
+    }
     if pair.check_unprovoked(tally) {
         return Ok(());
     }
