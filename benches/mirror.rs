@@ -1,0 +1,1244 @@
+//! Mirroring benchmark: a primary (`mirrorvm run --peer`) and its standby
+//! (`mirrorvm standby`) run as separate processes of the release binary, over
+//! loopback and over a veth pair between two network namespaces (`vmm::netlab`, root
+//! only: the veth rows are skipped with the reason otherwise). It prints four tables,
+//! each measured side by side in one run:
+//!
+//! 1. **Stream throughput**: one plain TCP stream (std::net, the reference) and the
+//!    initial copy of a `--memory` guest (the primary's `initial copy to ADDR: N MiB
+//!    in S s` line, `MIRRORVM_LOG=info`), alternating; then the checkpoint bytes per
+//!    second a heavy dirtier sustains (the standby's `--metrics` lines) and each
+//!    checkpoint's bytes over its hand-over-to-Ack time.
+//! 2. **Ack latency**: each checkpoint's hand-over to acknowledgement (`export_us` of
+//!    the primary's `--metrics`), idle and at ~1,000 dirty pages per 25 ms epoch.
+//! 3. **Failover by step**: SIGKILLs of the primary, and link cuts (`ip link set DEV
+//!    down` on the veth pair; without root a SIGSTOP of the primary on loopback, no
+//!    witness: silence), from the standby's `failover: …` line; plus every takeover
+//!    that happened when nothing was killed, cut or stopped, over all the runs.
+//! 4. **Guest slowdown at 40 Hz**: the same `dirty` work with no checkpoints, with
+//!    `--checkpoint-dir` and with `--peer`, alternating, wall time of the run.
+//!
+//! ```sh
+//! cargo bench --bench mirror
+//! MIRRORVM_BENCH_KILLS=50 MIRRORVM_BENCH_RUNS=5 cargo bench --bench mirror
+//! ```
+//!
+//! Knobs (defaults keep a run near 6–10 minutes on a 2-core machine):
+//! `MIRRORVM_BENCH_RUNS` (3): repetitions of the throughput and slowdown runs;
+//! `MIRRORVM_BENCH_KILLS` (20): kills, and link cuts, each;
+//! `MIRRORVM_BENCH_SECONDS` (5): length of the ack-latency runs (after the first
+//! checkpoint) and the `seconds=` of the dirty workloads;
+//! `MIRRORVM_BENCH_COPY` (1G): the guest memory whose initial copy is timed;
+//! `MIRRORVM_BENCH_SEED` (1): the pseudo-random delays before each kill or cut;
+//! `MIRRORVM_BENCH_ONLY` (all): the tables to measure, e.g. `3` or `1,2`.
+//! A speed goal lives here and nowhere in the tests: the tables say whether it is met.
+
+#[path = "support/host.rs"]
+mod host;
+#[path = "../tests/common/metrics.rs"]
+mod metrics;
+#[path = "support/stats.rs"]
+mod stats;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm::netlab::{Host, NetLab, NetLabError};
+use vmm::replication::standby::AppliedMetrics;
+
+type R<T> = Result<T, String>;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The benchmark's knobs, from the environment.
+struct Config {
+    runs: usize,
+    kills: usize,
+    seconds: u64,
+    copy: String,
+    copy_bytes: u64,
+    seed: u64,
+    only: Option<Vec<u32>>,
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+impl Config {
+    fn from_env() -> R<Config> {
+        let copy = std::env::var("MIRRORVM_BENCH_COPY").unwrap_or_else(|_| "1G".into());
+        let copy_bytes = vmm::config::parse_size(&copy)
+            .map_err(|e| format!("MIRRORVM_BENCH_COPY={copy}: {e}"))?;
+        Ok(Config {
+            runs: usize::try_from(env_num("MIRRORVM_BENCH_RUNS", 3).max(1)).unwrap_or(3),
+            kills: usize::try_from(env_num("MIRRORVM_BENCH_KILLS", 20).max(1)).unwrap_or(20),
+            seconds: env_num("MIRRORVM_BENCH_SECONDS", 5).max(1),
+            copy,
+            copy_bytes,
+            seed: env_num("MIRRORVM_BENCH_SEED", 1),
+            only: std::env::var("MIRRORVM_BENCH_ONLY")
+                .ok()
+                .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect()),
+        })
+    }
+
+    /// Whether table `n` is to be measured (all, unless `MIRRORVM_BENCH_ONLY=1,3`).
+    fn wants(&self, n: u32) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(&n))
+    }
+}
+
+/// A tiny deterministic generator for the delays before kills and cuts.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Where a pair runs.
+
+/// Loopback, or the two namespaces of a network lab.
+enum Net<'a> {
+    Loopback,
+    Veth { lab: &'a NetLab, mtu: String },
+}
+
+/// Ports on host b of the lab: its namespace is fresh, so none is taken, and a new
+/// one per pair never meets an old connection's TIME_WAIT.
+static NEXT_LAB_PORT: AtomicU16 = AtomicU16::new(17_000);
+
+impl Net<'_> {
+    fn label(&self) -> String {
+        match self {
+            Net::Loopback => "loopback".into(),
+            Net::Veth { mtu, .. } => format!("veth, MTU {mtu}"),
+        }
+    }
+
+    fn ip(&self, host: Host) -> IpAddr {
+        match self {
+            Net::Loopback => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Net::Veth { lab, .. } => IpAddr::V4(lab.addr(host)),
+        }
+    }
+
+    fn netns(&self, host: Host) -> Option<PathBuf> {
+        match self {
+            Net::Loopback => None,
+            Net::Veth { lab, .. } => Some(lab.netns_path(host)),
+        }
+    }
+
+    /// A command running mirrorvm on `host`.
+    fn mirrorvm(&self, host: Host) -> Command {
+        let bin = env!("CARGO_BIN_EXE_mirrorvm");
+        match self {
+            Net::Loopback => Command::new(bin),
+            Net::Veth { lab, .. } => lab.command_in(host, bin),
+        }
+    }
+
+    /// A fresh address for a standby on host b.
+    fn standby_addr(&self) -> R<String> {
+        match self {
+            Net::Loopback => {
+                // Bound and released: a tiny race, as in the tests.
+                let port = TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map_err(|e| format!("no free port on loopback: {e}"))?
+                    .port();
+                Ok(format!("127.0.0.1:{port}"))
+            }
+            Net::Veth { lab, .. } => Ok(format!(
+                "{}:{}",
+                lab.addr_b(),
+                NEXT_LAB_PORT.fetch_add(1, Ordering::Relaxed)
+            )),
+        }
+    }
+}
+
+/// Runs `f` on a thread that first enters the network namespace `netns` (if any).
+fn thread_in<T: Send + 'static>(
+    netns: Option<PathBuf>,
+    f: impl FnOnce() -> R<T> + Send + 'static,
+) -> JoinHandle<R<T>> {
+    std::thread::spawn(move || {
+        if let Some(p) = netns {
+            let ns = std::fs::File::open(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            // A thread may switch its own network namespace; its sockets live there.
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("setns {}: {e}", p.display()))?;
+        }
+        f()
+    })
+}
+
+fn join<T>(h: JoinHandle<R<T>>) -> R<T> {
+    h.join()
+        .map_err(|_| "a bench thread panicked".to_string())?
+}
+
+// ---------------------------------------------------------------------------------
+// Processes.
+
+/// A child process whose stderr lines are collected with the time each arrived.
+/// Dropping it kills it (SIGKILL) and reaps it: no run leaves a process behind.
+struct Proc {
+    what: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    fn spawn(what: &str, mut c: Command) -> R<Proc> {
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1");
+        let mut child = c.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+        let err = child.stderr.take().ok_or("no stderr pipe")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                sink.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push((Instant::now(), line));
+            }
+        });
+        Ok(Proc {
+            what: what.to_string(),
+            child,
+            lines,
+            status: None,
+        })
+    }
+
+    /// The first stderr line so far for which `pred` holds, with its arrival time.
+    fn find(&self, pred: impl Fn(&str) -> bool) -> Option<(Instant, String)> {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(_, l)| pred(l))
+            .cloned()
+    }
+
+    /// Waits up to `timeout` for a stderr line for which `pred` holds.
+    fn wait_line(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<(Instant, String)> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(hit) = self.find(&pred) {
+                return Some(hit);
+            }
+            if Instant::now() >= end || self.exited() {
+                // One more look: the line may have arrived with the exit.
+                std::thread::sleep(Duration::from_millis(20));
+                return self.find(&pred);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        let lines = self
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = String::new();
+        for (_, l) in lines.iter() {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+
+    fn exited(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status.is_some()
+    }
+
+    fn signal(&mut self, sig: nix::sys::signal::Signal) -> R<()> {
+        if self.exited() {
+            return Err(format!(
+                "{} has already exited ({:?})",
+                self.what, self.status
+            ));
+        }
+        let pid = i32::try_from(self.child.id()).map_err(|_| "pid out of range")?;
+        // Our own child, not yet reaped: its pid cannot have been reused.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+            .map_err(|e| format!("kill {} ({sig}): {e}", self.what))
+    }
+
+    /// Waits up to `timeout` for it to exit by itself.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while !self.exited() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.status
+    }
+
+    fn kill(&mut self) {
+        if !self.exited() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// A primary and its standby.
+
+/// Takeovers and losses nobody caused, over every pair the benchmark runs.
+#[derive(Default)]
+struct Tally {
+    pairs: usize,
+    false_failovers: usize,
+    false_losses: usize,
+}
+
+struct PairOpts<'a> {
+    memory: &'a str,
+    cmdline: &'a str,
+    witness: bool,
+    info_log: bool,
+}
+
+/// How a pair's run ends.
+enum End {
+    /// SIGTERM to the primary.
+    Stop,
+    /// The guest ends the run itself, within this time.
+    Own(Duration),
+}
+
+struct Pair {
+    dir: tempfile::TempDir,
+    standby: Proc,
+    primary: Proc,
+}
+
+const FAILOVER: &str = "failover: primary lost";
+/// Marks a row whose run saw a takeover or a lost standby nobody caused: its figures
+/// cover the run up to then.
+const DISTURBED: &str = " †";
+const SINK_LOST: &str = "checkpoint sink lost";
+
+impl Pair {
+    fn start(net: &Net, o: &PairOpts, tally: &mut Tally) -> R<Pair> {
+        let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        let addr = net.standby_addr()?;
+        let mut s = net.mirrorvm(Host::B);
+        s.args(["standby", "--listen", &addr, "--serial", "off", "--metrics"])
+            .arg(dir.path().join("b.jsonl"));
+        let mut p = net.mirrorvm(Host::A);
+        p.args(["run", "--memory", o.memory, "--cmdline", o.cmdline])
+            .args(["--peer", &addr, "--serial", "off", "--metrics"])
+            .arg(dir.path().join("a.jsonl"));
+        if o.witness {
+            s.arg("--witness").arg(dir.path().join("witness"));
+            p.arg("--witness").arg(dir.path().join("witness"));
+        }
+        if o.info_log {
+            p.env("MIRRORVM_LOG", "info");
+        }
+        let standby = Proc::spawn("the standby", s)?;
+        // The primary keeps dialling for up to 10 s: no need to wait for the listener.
+        let primary = Proc::spawn("the primary", p)?;
+        tally.pairs += 1;
+        Ok(Pair {
+            dir,
+            standby,
+            primary,
+        })
+    }
+
+    fn applied(&self) -> R<Vec<AppliedMetrics>> {
+        read_jsonl(&self.dir.path().join("b.jsonl"))
+    }
+
+    fn primary_metrics(&self) -> R<Vec<metrics::Metric>> {
+        metrics::read_metrics(&self.dir.path().join("a.jsonl"))
+    }
+
+    /// Waits until the standby applied `n` checkpoints.
+    fn wait_applied(&mut self, n: usize, timeout: Duration) -> R<()> {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.applied()?.len() >= n {
+                return Ok(());
+            }
+            if self.primary.exited() || self.standby.exited() || Instant::now() >= end {
+                return Err(format!(
+                    "the standby did not apply {n} checkpoints within {timeout:?}\n{}",
+                    self.dump()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn took_over(&self) -> bool {
+        self.standby.find(|l| l.contains(FAILOVER)).is_some()
+    }
+
+    fn lost_standby(&self) -> bool {
+        self.primary.find(|l| l.contains(SINK_LOST)).is_some()
+    }
+
+    /// Counts a takeover or a lost standby that nothing caused (call once per pair).
+    fn check_unprovoked(&self, tally: &mut Tally) -> bool {
+        let (f, l) = (self.took_over(), self.lost_standby());
+        if f {
+            tally.false_failovers += 1;
+        }
+        if l {
+            tally.false_losses += 1;
+        }
+        if f || l {
+            eprintln!(
+                "mirror benchmark: {} while nothing was killed, cut or stopped:\n{}",
+                match (f, l) {
+                    (true, true) => "FALSE FAILOVER, and the primary lost its standby,",
+                    (true, false) => "FALSE FAILOVER",
+                    _ => "the primary lost its standby",
+                },
+                self.dump()
+            );
+        }
+        f || l
+    }
+
+    /// Ends the pair: with [`End::Stop`] a SIGTERM to the primary (a final checkpoint,
+    /// then Shutdown), with [`End::Own`] the guest's own end; then the standby follows.
+    /// `Ok(true)` when the run was disturbed by a takeover or a lost standby that
+    /// nothing caused (counted in `tally`; both are then killed), `Ok(false)` for an
+    /// orderly end.
+    fn finish(&mut self, end: End, tally: &mut Tally) -> R<bool> {
+        let disturbed = |p: &Pair| p.took_over() || p.lost_standby();
+        let timeout = match end {
+            End::Stop => {
+                if !disturbed(self) {
+                    self.primary.signal(nix::sys::signal::Signal::SIGTERM)?;
+                }
+                Duration::from_secs(60)
+            }
+            End::Own(t) => t,
+        };
+        let deadline = Instant::now() + timeout;
+        while !self.primary.exited() && !disturbed(self) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !disturbed(self) {
+            self.standby.wait_exit(Duration::from_secs(30));
+        }
+        if self.check_unprovoked(tally) {
+            self.primary.kill();
+            self.standby.kill();
+            return Ok(true);
+        }
+        let (p, s) = (self.primary.status, self.standby.status);
+        match (p, s) {
+            (Some(p), Some(_)) if p.success() || p.code() == Some(143) => Ok(false),
+            _ => Err(format!(
+                "the pair did not end in order (primary {p:?}, standby {s:?})\n{}",
+                self.dump()
+            )),
+        }
+    }
+
+    fn dump(&self) -> String {
+        format!(
+            "--- primary stderr:\n{}--- standby stderr:\n{}",
+            tail(&self.primary.stderr(), 15),
+            tail(&self.standby.stderr(), 15)
+        )
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
+    out.push('\n');
+    out
+}
+
+/// Every complete JSON line of `path` (none if it does not exist yet).
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> R<Vec<T>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("{}: {e}: {l}", path.display())))
+        .collect()
+}
+
+fn pct<T: Copy + PartialOrd>(v: &[T], p: f64) -> Option<T> {
+    stats::percentile(v, p)
+}
+
+fn f1(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".into(), |x| format!("{x:.1}"))
+}
+
+// ---------------------------------------------------------------------------------
+// 1. Stream throughput.
+
+/// One plain TCP stream of `bytes` from host a to host b: MiB/s at the receiver,
+/// from the accept to the last byte.
+fn raw_tcp(net: &Net, bytes: u64) -> R<f64> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ip = net.ip(Host::B);
+    let receiver = thread_in(net.netns(Host::B), move || {
+        let l = TcpListener::bind((ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
+        let _ = tx.send(l.local_addr().map_err(|e| e.to_string()));
+        let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+        let start = Instant::now();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < bytes {
+            match s.read(&mut buf) {
+                Ok(0) => return Err(format!("the stream ended after {got} bytes")),
+                Ok(n) => got += n as u64,
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        Ok(start.elapsed())
+    });
+    let addr: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| "the receiver never listened")??;
+    let sender = thread_in(net.netns(Host::A), move || {
+        let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+        let buf = vec![0x5au8; 1 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64);
+            let n = usize::try_from(n).map_err(|_| "chunk")?;
+            s.write_all(&buf[..n]).map_err(|e| format!("write: {e}"))?;
+            left -= n as u64;
+        }
+        Ok(())
+    });
+    join(sender)?;
+    let d = join(receiver)?;
+    Ok(bytes as f64 / MIB / d.as_secs_f64())
+}
+
+/// `initial copy to ADDR: N MiB in S s` → MiB/s.
+fn parse_copy_line(line: &str) -> Option<f64> {
+    let (head, rest) = line.split_once(" MiB in ")?;
+    let mib: f64 = head.rsplit(' ').next()?.parse().ok()?;
+    let secs: f64 = rest.split(' ').next()?.parse().ok()?;
+    (secs > 0.0).then(|| mib / secs)
+}
+
+/// The initial copy of a `cfg.copy` guest (`counter idle=1`: the vCPU sleeps, so the
+/// copy does not share the host's cores with a spinning guest): MiB/s.
+fn initial_copy(net: &Net, cfg: &Config, tally: &mut Tally) -> R<f64> {
+    let mut pair = Pair::start(
+        net,
+        &PairOpts {
+            memory: &cfg.copy,
+            cmdline: "counter idle=1",
+            witness: false,
+            info_log: true,
+        },
+        tally,
+    )?;
+    let line = pair
+        .primary
+        .wait_line(Duration::from_secs(600), |l| {
+            l.contains("initial copy to ") && l.contains(" MiB in ")
+        })
+        .ok_or_else(|| format!("no 'initial copy … MiB in' line\n{}", pair.dump()))?;
+    let rate = parse_copy_line(&line.1).ok_or_else(|| format!("cannot parse '{}'", line.1))?;
+    pair.wait_applied(1, Duration::from_secs(120))?;
+    pair.finish(End::Stop, tally)?;
+    Ok(rate)
+}
+
+struct Steady {
+    disturbed: bool,
+    checkpoints: usize,
+    mib_per_ckpt: Option<f64>,
+    sustained: Option<f64>,
+    in_flight: Option<f64>,
+}
+
+const STEADY_CMDLINE: &str = "dirty pages_per_ms=1000000 mb=64 verify=0 idle=1";
+
+/// A dirtier that rewrites its whole 64 MiB region every millisecond: each checkpoint
+/// carries the region. Sustained = applied bytes over the standby's clock; in flight =
+/// each checkpoint's bytes over its hand-over-to-Ack time (median).
+fn steady(net: &Net, cfg: &Config, tally: &mut Tally) -> R<Steady> {
+    let cmdline = format!("{STEADY_CMDLINE} seconds={}", cfg.seconds);
+    let mut pair = Pair::start(
+        net,
+        &PairOpts {
+            memory: "256M",
+            cmdline: &cmdline,
+            witness: false,
+            info_log: false,
+        },
+        tally,
+    )?;
+    let disturbed = pair.finish(End::Own(Duration::from_secs(cfg.seconds * 20 + 120)), tally)?;
+    // The first checkpoint completes the initial copy's rounds: left out.
+    let applied: Vec<AppliedMetrics> = pair.applied()?.into_iter().skip(1).collect();
+    let sent: Vec<metrics::Metric> = pair
+        .primary_metrics()?
+        .into_iter()
+        .filter(|m| !m.full)
+        .skip(1)
+        .collect();
+    let sustained = match (applied.first(), applied.last()) {
+        (Some(a), Some(b)) if b.received_at_ms > a.received_at_ms => {
+            let bytes: u64 = applied[1..].iter().map(|m| m.bytes).sum();
+            Some(bytes as f64 / MIB / ((b.received_at_ms - a.received_at_ms) as f64 / 1e3))
+        }
+        _ => None,
+    };
+    let rates: Vec<f64> = sent
+        .iter()
+        .filter(|m| m.export_us > 0)
+        .map(|m| m.bytes as f64 / MIB / (m.export_us as f64 / 1e6))
+        .collect();
+    let sizes: Vec<f64> = applied.iter().map(|m| m.bytes as f64 / MIB).collect();
+    Ok(Steady {
+        disturbed,
+        checkpoints: applied.len(),
+        mib_per_ckpt: stats::median(&sizes),
+        sustained,
+        in_flight: stats::median(&rates),
+    })
+}
+
+fn throughput(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
+    let copy_mib = cfg.copy_bytes >> 20;
+    println!(
+        "## 1. Stream throughput (goal ≥ 1.5 GiB/s = 1536 MiB/s); medians of {} alternating runs",
+        cfg.runs
+    );
+    println!();
+    println!("| path | one TCP stream, {copy_mib} MiB (MiB/s) | initial copy of a {} guest (MiB/s) | copy / TCP | checkpoints under the dirtier | MiB per checkpoint | sustained (MiB/s) | per checkpoint, hand-over to Ack (MiB/s) |", cfg.copy);
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for net in nets {
+        let (mut raw, mut copy) = (Vec::new(), Vec::new());
+        for _ in 0..cfg.runs {
+            raw.push(raw_tcp(net, cfg.copy_bytes)?);
+            copy.push(initial_copy(net, cfg, tally)?);
+        }
+        let s = steady(net, cfg, tally)?;
+        let (r, c) = (stats::median(&raw), stats::median(&copy));
+        let ratio = match (r, c) {
+            (Some(r), Some(c)) if r > 0.0 => format!("{:.2}", c / r),
+            _ => "n/a".into(),
+        };
+        println!(
+            "| {}{} | {} | {} | {ratio} | {} | {} | {} | {} |",
+            net.label(),
+            if s.disturbed { DISTURBED } else { "" },
+            f1(r),
+            f1(c),
+            s.checkpoints,
+            f1(s.mib_per_ckpt),
+            f1(s.sustained),
+            f1(s.in_flight)
+        );
+    }
+    println!();
+    println!(
+        "Initial copy: `mirrorvm run --memory {} --cmdline \"counter idle=1\" --peer ADDR`, the primary's `initial copy to ADDR: N MiB in S s` (MIRRORVM_LOG=info). Dirtier: `{STEADY_CMDLINE} seconds={}` in 256 MiB, its first checkpoint left out; sustained is from the standby's `--metrics` clock.",
+        cfg.copy, cfg.seconds
+    );
+    println!();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// 2. Ack latency.
+
+fn ack_latency(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
+    println!(
+        "## 2. Ack latency: hand-over to acknowledged (`export_us`), 25 ms epochs, 128 MiB, {} s per run",
+        cfg.seconds
+    );
+    println!();
+    println!("| load | path | checkpoints | dirty pages p50 | bytes p50 | pause p50 (µs) | ack p50 (ms) | ack p99 (ms) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let loads = [
+        ("idle, `counter idle=1`", "counter idle=1"),
+        (
+            "~1,000 pages/epoch, `dirty pages_per_ms=40 mb=64`",
+            "dirty pages_per_ms=40 mb=64",
+        ),
+    ];
+    for (name, cmdline) in loads {
+        for net in nets {
+            let mut pair = Pair::start(
+                net,
+                &PairOpts {
+                    memory: "128M",
+                    cmdline,
+                    witness: false,
+                    info_log: false,
+                },
+                tally,
+            )?;
+            pair.wait_applied(1, Duration::from_secs(120))?;
+            std::thread::sleep(Duration::from_secs(cfg.seconds));
+            let disturbed = pair.finish(End::Stop, tally)?;
+            // The first checkpoint completes the initial copy (`full`); the next still
+            // carries what the copy's last round left: both left out.
+            let m: Vec<metrics::Metric> = pair
+                .primary_metrics()?
+                .into_iter()
+                .filter(|m| !m.full)
+                .skip(1)
+                .collect();
+            if m.is_empty() {
+                return Err(format!("{name} over {}: no checkpoint", net.label()));
+            }
+            let ack: Vec<f64> = m.iter().map(|m| m.export_us as f64 / 1e3).collect();
+            let pages: Vec<u64> = m.iter().map(|m| m.dirty_pages).collect();
+            let bytes: Vec<u64> = m.iter().map(|m| m.bytes).collect();
+            let pause: Vec<u64> = m.iter().map(|m| m.pause_us).collect();
+            println!(
+                "| {name} | {}{} | {} | {} | {} | {} | {} | {} |",
+                net.label(),
+                if disturbed { DISTURBED } else { "" },
+                m.len(),
+                pct(&pages, 0.5).unwrap_or(0),
+                pct(&bytes, 0.5).unwrap_or(0),
+                pct(&pause, 0.5).unwrap_or(0),
+                f1(pct(&ack, 0.5)),
+                f1(pct(&ack, 0.99)),
+            );
+        }
+    }
+    println!();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// 3. Failover.
+
+/// One failover line's steps, ms.
+#[derive(Debug, Clone, Copy)]
+struct Steps {
+    detect: f64,
+    fence: f64,
+    apply: f64,
+    restore: f64,
+    resume: f64,
+    total: f64,
+}
+
+/// `…failover: primary lost (REASON) at checkpoint N: detect D ms, fence F ms, apply A
+/// ms, restore R ms, resume S ms, total T ms` → the reason and the steps.
+fn parse_failover(line: &str) -> Option<(String, Steps)> {
+    let start = line.find("primary lost (")? + "primary lost (".len();
+    let at = line.rfind(") at checkpoint ")?;
+    let reason = line.get(start..at)?.to_string();
+    let (_, steps) = line[at..].split_once(": ")?;
+    let get = |name: &str| -> Option<f64> {
+        steps.split(", ").find_map(|part| {
+            let mut w = part.split(' ');
+            (w.next()? == name).then_some(())?;
+            w.next()?.parse().ok()
+        })
+    };
+    Some((
+        reason,
+        Steps {
+            detect: get("detect")?,
+            fence: get("fence")?,
+            apply: get("apply")?,
+            restore: get("restore")?,
+            resume: get("resume")?,
+            total: get("total")?,
+        },
+    ))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Blow {
+    Kill,
+    LinkCut,
+    Stop,
+}
+
+#[derive(Default)]
+struct Trials {
+    steps: Vec<Steps>,
+    /// From the kill (or cut) to the failover line on the standby's stderr, by the
+    /// benchmark's clock.
+    seen: Vec<f64>,
+    reasons: Vec<String>,
+    missed: usize,
+}
+
+const FAILOVER_CMDLINE: &str = "counter";
+const FAILOVER_MEMORY: &str = "64M";
+
+fn failover_trial(
+    net: &Net,
+    blow: Blow,
+    witness: bool,
+    rng: &mut Lcg,
+    out: &mut Trials,
+    tally: &mut Tally,
+) -> R<()> {
+    let mut pair = Pair::start(
+        net,
+        &PairOpts {
+            memory: FAILOVER_MEMORY,
+            cmdline: FAILOVER_CMDLINE,
+            witness,
+            info_log: false,
+        },
+        tally,
+    )?;
+    pair.wait_applied(8, Duration::from_secs(120))?;
+    // Somewhere within an epoch, not always just after an Ack.
+    std::thread::sleep(Duration::from_millis(rng.below(40)));
+    if pair.check_unprovoked(tally) {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    match (blow, net) {
+        (Blow::Kill, _) => pair.primary.signal(nix::sys::signal::Signal::SIGKILL)?,
+        (Blow::Stop, _) => pair.primary.signal(nix::sys::signal::Signal::SIGSTOP)?,
+        (Blow::LinkCut, Net::Veth { lab, .. }) => lab.link_down().map_err(|e| e.to_string())?,
+        (Blow::LinkCut, Net::Loopback) => return Err("a link cut needs the lab".into()),
+    }
+    let hit = pair
+        .standby
+        .wait_line(Duration::from_secs(10), |l| l.contains(FAILOVER));
+    pair.primary.kill();
+    pair.standby.kill();
+    if let (Blow::LinkCut, Net::Veth { lab, .. }) = (blow, net) {
+        lab.link_up().map_err(|e| e.to_string())?;
+    }
+    match hit.and_then(|(at, l)| Some((at, parse_failover(&l)?))) {
+        Some((at, (reason, steps))) => {
+            out.steps.push(steps);
+            out.seen.push(at.duration_since(t0).as_secs_f64() * 1e3);
+            // "silent for 104 ms" and "silent for 109 ms" are one reason.
+            let mut r = String::new();
+            for c in reason.chars() {
+                if !c.is_ascii_digit() {
+                    r.push(c);
+                } else if !r.ends_with('N') {
+                    r.push('N');
+                }
+            }
+            out.reasons.push(r);
+        }
+        None => {
+            out.missed += 1;
+            eprintln!(
+                "mirror benchmark: no failover within 10 s of the {}:\n{}",
+                match blow {
+                    Blow::Kill => "kill",
+                    Blow::LinkCut => "link cut",
+                    Blow::Stop => "SIGSTOP",
+                },
+                pair.dump()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One series of failovers: how the primary is lost, where, with or without a witness.
+struct Series<'a> {
+    key: &'static str,
+    what: String,
+    net: &'a Net<'a>,
+    blow: Blow,
+    witness: bool,
+    trials: Trials,
+}
+
+fn failover(cfg: &Config, lab: Option<&Net>, rng: &mut Lcg, tally: &mut Tally) -> R<()> {
+    let loopback = Net::Loopback;
+    let mut series = vec![
+        Series {
+            key: "A",
+            what: "SIGKILL of the primary, loopback, with --witness".into(),
+            net: &loopback,
+            blow: Blow::Kill,
+            witness: true,
+            trials: Trials::default(),
+        },
+        Series {
+            key: "B",
+            what: "SIGKILL of the primary, loopback, no witness".into(),
+            net: &loopback,
+            blow: Blow::Kill,
+            witness: false,
+            trials: Trials::default(),
+        },
+        match lab {
+            Some(net) => Series {
+                key: "C",
+                what: format!(
+                    "link cut (`ip link set {} down`), {}, no witness (silence alone)",
+                    vmm::netlab::DEV_A,
+                    net.label()
+                ),
+                net,
+                blow: Blow::LinkCut,
+                witness: false,
+                trials: Trials::default(),
+            },
+            None => Series {
+                key: "C",
+                what: "SIGSTOP of the primary (no network lab here), loopback, no witness (silence alone)".into(),
+                net: &loopback,
+                blow: Blow::Stop,
+                witness: false,
+                trials: Trials::default(),
+            },
+        },
+    ];
+    for s in &mut series {
+        // A pair disturbed before its blow gives no sample: try again (up to twice).
+        for _ in 0..2 * cfg.kills {
+            if s.trials.steps.len() + s.trials.missed >= cfg.kills {
+                break;
+            }
+            failover_trial(s.net, s.blow, s.witness, rng, &mut s.trials, tally)?;
+        }
+    }
+    println!(
+        "## 3. Failover by step (goal: total ≤ 150 ms p50, apply + restore + resume ≤ 50 ms), default liveness (--heartbeat-ms 10, --dead-ms 100)"
+    );
+    println!();
+    println!(
+        "Guest `{FAILOVER_CMDLINE}`, {FAILOVER_MEMORY}; each blow falls 8 checkpoints after the initial copy, plus 0–40 ms. Steps from the standby's `failover:` line."
+    );
+    println!();
+    for s in &series {
+        println!(
+            "- {}: {}: {} taken over of {}",
+            s.key,
+            s.what,
+            s.trials.steps.len(),
+            s.trials.steps.len() + s.trials.missed
+        );
+    }
+    println!();
+    let mut head = String::from("| step |");
+    let mut rule = String::from("| --- |");
+    for s in &series {
+        head.push_str(&format!(" {k} p50 (ms) | {k} p99 (ms) |", k = s.key));
+        rule.push_str(" --- | --- |");
+    }
+    println!("{head}");
+    println!("{rule}");
+    type Get = fn(&Steps) -> f64;
+    let rows: [(&str, Get); 7] = [
+        ("detect", |s| s.detect),
+        ("fence", |s| s.fence),
+        ("apply", |s| s.apply),
+        ("restore", |s| s.restore),
+        ("resume", |s| s.resume),
+        ("apply + restore + resume", |s| {
+            s.apply + s.restore + s.resume
+        }),
+        ("total (last sign of life → guest running)", |s| s.total),
+    ];
+    for (name, get) in rows {
+        let mut row = format!("| {name} |");
+        for s in &series {
+            let v: Vec<f64> = s.trials.steps.iter().map(get).collect();
+            row.push_str(&format!(" {} | {} |", f1(pct(&v, 0.5)), f1(pct(&v, 0.99))));
+        }
+        println!("{row}");
+    }
+    let mut row = String::from("| blow → failover line on the standby's stderr (bench clock) |");
+    for s in &series {
+        let v = &s.trials.seen;
+        row.push_str(&format!(" {} | {} |", f1(pct(v, 0.5)), f1(pct(v, 0.99))));
+    }
+    println!("{row}");
+    println!();
+    for s in &series {
+        let t = &s.trials;
+        let mut reasons = t.reasons.clone();
+        reasons.sort();
+        reasons.dedup();
+        let total: Vec<f64> = t.steps.iter().map(|s| s.total).collect();
+        let local: Vec<f64> = t
+            .steps
+            .iter()
+            .map(|s| s.apply + s.restore + s.resume)
+            .collect();
+        let goal = match (pct(&total, 0.5), pct(&local, 0.5)) {
+            (Some(t), Some(l)) => format!(
+                "total p50 {t:.1} ms: {}; apply + restore + resume p50 {l:.1} ms: {}",
+                if t <= 150.0 { "met" } else { "NOT met" },
+                if l <= 50.0 { "met" } else { "NOT met" }
+            ),
+            _ => "no samples".into(),
+        };
+        println!(
+            "{}: goal {goal}. No takeover within 10 s: {}. Reasons given: {}.",
+            s.key,
+            t.missed,
+            if reasons.is_empty() {
+                "none".to_string()
+            } else {
+                reasons.join("; ")
+            }
+        );
+    }
+    println!();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// 4. Guest slowdown.
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    None,
+    Local,
+    Mirrored,
+}
+
+/// One run of `cmdline` (128 MiB): its wall time (spawn to exit of the primary) and
+/// the checkpoints it cut.
+fn slowdown_run(cmdline: &str, mode: Mode, tally: &mut Tally) -> R<(f64, usize)> {
+    let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    let metrics = dir.path().join("a.jsonl");
+    let mut standby = None;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mirrorvm"));
+    c.args([
+        "run",
+        "--memory",
+        "128M",
+        "--cmdline",
+        cmdline,
+        "--serial",
+        "off",
+    ]);
+    match mode {
+        Mode::None => {}
+        Mode::Local => {
+            c.arg("--checkpoint-dir")
+                .arg(dir.path().join("ck"))
+                .arg("--metrics")
+                .arg(&metrics);
+        }
+        Mode::Mirrored => {
+            let addr = Net::Loopback.standby_addr()?;
+            let mut s = Command::new(env!("CARGO_BIN_EXE_mirrorvm"));
+            s.args(["standby", "--listen", &addr, "--serial", "off"]);
+            standby = Some(Proc::spawn("the standby", s)?);
+            tally.pairs += 1;
+            c.args(["--peer", &addr]).arg("--metrics").arg(&metrics);
+        }
+    }
+    let start = Instant::now();
+    let mut p = Proc::spawn("the primary", c)?;
+    let status = p.wait_exit(Duration::from_secs(600));
+    let wall = start.elapsed().as_secs_f64();
+    if status.is_none_or(|s| !s.success()) {
+        return Err(format!(
+            "'{cmdline}' failed ({status:?}):\n{}",
+            tail(&p.stderr(), 15)
+        ));
+    }
+    if let Some(mut s) = standby {
+        let end = s.wait_exit(Duration::from_secs(30));
+        if s.find(|l| l.contains(FAILOVER)).is_some() {
+            tally.false_failovers += 1;
+        }
+        if p.find(|l| l.contains(SINK_LOST)).is_some() {
+            tally.false_losses += 1;
+        }
+        if end.is_none_or(|e| !e.success()) {
+            return Err(format!(
+                "the standby did not follow the primary's end ({end:?}):\n{}",
+                tail(&s.stderr(), 15)
+            ));
+        }
+    }
+    let cuts = metrics::read_metrics(&metrics)?.len();
+    Ok((wall, cuts))
+}
+
+fn slowdown(cfg: &Config, tally: &mut Tally) -> R<()> {
+    let s = cfg.seconds;
+    println!(
+        "## 4. Guest slowdown at 40 Hz: wall time of `mirrorvm run --memory 128M` (spawn to exit), medians of {} alternating runs",
+        cfg.runs
+    );
+    println!();
+    println!("| work | none (s) | --checkpoint-dir (s) | --peer, loopback (s) | local / none | mirrored / none | checkpoints p50 (local, mirrored) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for ppm in [40u64, 400] {
+        let cmdline = format!("dirty pages_per_ms={ppm} mb=64 seconds={s} verify=1");
+        let mut wall = [Vec::new(), Vec::new(), Vec::new()];
+        let mut cuts = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..cfg.runs {
+            for (i, mode) in [Mode::None, Mode::Local, Mode::Mirrored]
+                .into_iter()
+                .enumerate()
+            {
+                let (w, c) = slowdown_run(&cmdline, mode, tally)?;
+                wall[i].push(w);
+                cuts[i].push(c);
+            }
+        }
+        let m: Vec<Option<f64>> = wall.iter().map(|w| stats::median(w)).collect();
+        let ratio = |x: Option<f64>| match (x, m[0]) {
+            (Some(x), Some(n)) if n > 0.0 => format!("{:.2}", x / n),
+            _ => "n/a".into(),
+        };
+        let f2 = |x: Option<f64>| x.map_or_else(|| "n/a".into(), |x| format!("{x:.2}"));
+        println!(
+            "| `{cmdline}` (~{} pages/epoch) | {} | {} | {} | {} | {} | {}, {} |",
+            ppm * 25,
+            f2(m[0]),
+            f2(m[1]),
+            f2(m[2]),
+            ratio(m[1]),
+            ratio(m[2]),
+            stats::median(&cuts[1]).unwrap_or(0),
+            stats::median(&cuts[2]).unwrap_or(0)
+        );
+    }
+    println!();
+    println!("The guest work is {s} s of paced steps; wall time includes boot (~15 ms), and for the mirrored run the initial copy of 128 MiB, during which the guest already runs.");
+    println!();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+fn run() -> R<()> {
+    let cfg = Config::from_env()?;
+    let started = Instant::now();
+    println!("mirrorvm mirror benchmark: primary and standby as separate processes of the release binary");
+    println!("{}", host::line());
+    println!(
+        "settings: MIRRORVM_BENCH_RUNS={} MIRRORVM_BENCH_KILLS={} MIRRORVM_BENCH_SECONDS={} MIRRORVM_BENCH_COPY={} MIRRORVM_BENCH_SEED={}{}",
+        cfg.runs,
+        cfg.kills,
+        cfg.seconds,
+        cfg.copy,
+        cfg.seed,
+        std::env::var("MIRRORVM_BENCH_ONLY")
+            .map(|v| format!(" MIRRORVM_BENCH_ONLY={v}"))
+            .unwrap_or_default()
+    );
+    let prefix = format!("mvbench{}", std::process::id());
+    let lab = match NetLab::create(&prefix) {
+        Ok(lab) => Some(lab),
+        Err(e @ (NetLabError::NotRoot { .. } | NetLabError::IpMissing)) => {
+            println!("veth rows skipped: {e}");
+            None
+        }
+        Err(e) => return Err(format!("cannot build the network lab: {e}")),
+    };
+    let mut nets = vec![Net::Loopback];
+    if let Some(lab) = &lab {
+        let mtu = lab
+            .command_in(Host::A, "cat")
+            .arg(format!("/sys/class/net/{}/mtu", vmm::netlab::DEV_A))
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| "?".into());
+        nets.push(Net::Veth { lab, mtu });
+    }
+    println!();
+    let mut tally = Tally::default();
+    let mut rng = Lcg(cfg.seed);
+    if cfg.wants(1) {
+        throughput(&cfg, &nets, &mut tally)?;
+    }
+    if cfg.wants(2) {
+        ack_latency(&cfg, &nets, &mut tally)?;
+    }
+    if cfg.wants(3) {
+        failover(&cfg, nets.get(1), &mut rng, &mut tally)?;
+    }
+    if cfg.wants(4) {
+        slowdown(&cfg, &mut tally)?;
+    }
+    println!(
+        "False failovers (a takeover when nothing was killed, cut or stopped): {} in {} primary/standby pairs; primaries that lost a standby nobody cut: {}",
+        tally.false_failovers, tally.pairs, tally.false_losses
+    );
+    println!("† a run disturbed by such a takeover or loss: its figures cover it up to then.");
+    println!(
+        "bench time {:.0} s; load average at the end {}",
+        started.elapsed().as_secs_f64(),
+        host::load()
+    );
+    Ok(())
+}
+
+fn main() {
+    if !kvm_usable() {
+        eprintln!("*** SKIPPED mirror benchmark: /dev/kvm is unusable ***");
+        return;
+    }
+    if let Err(e) = run() {
+        eprintln!("mirror benchmark: {e}");
+        std::process::exit(1);
+    }
+}
