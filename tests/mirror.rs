@@ -435,7 +435,9 @@ fn linux_failed_over_mid_boot_mounts_its_root_on_the_standby() {
     // once its checkpoint is acknowledged) but has not probed the disk or mounted
     // its root. (Earlier, while Linux still calibrates its clocks, see the notes in
     // docs/mirroring.md.)
-    let booting = wait(Duration::from_secs(200), || {
+    // Linux's early boot under checkpoints is slow here (emulated CPL0 code and a
+    // pause every epoch): give it time on a loaded machine.
+    let booting = wait(Duration::from_secs(360), || {
         pair.primary_console()
             .contains("virtio-mmio: Registering device")
     });
