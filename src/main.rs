@@ -407,6 +407,7 @@ fn demo(args: DemoArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    vmm::memory::tune_host_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MIRRORVM_LOG")

@@ -96,10 +96,54 @@ pub fn check_size(size: u64) -> Result<(), MemoryError> {
 }
 
 /// Allocates guest memory of `size` bytes, laid out around the MMIO hole.
+///
+/// The regions are offered to transparent huge pages (`MADV_HUGEPAGE`): a guest's
+/// memory is touched 2 MiB at a time instead of 4 KiB, which makes first writes (a
+/// standby receiving an initial copy, a guest booting) far cheaper, above all under
+/// nested virtualization, where each page fault is expensive. KVM still tracks dirty
+/// pages at 4 KiB. A host with THP off ignores the advice.
 pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
     check_size(size)?;
-    GuestMemory::from_ranges(&ram_ranges(size))
-        .map_err(|source| MemoryError::Allocate { size, source })
+    let mem = GuestMemory::from_ranges(&ram_ranges(size))
+        .map_err(|source| MemoryError::Allocate { size, source })?;
+    for region in mem.iter() {
+        advise_huge_pages(region.as_ptr(), crate::arch::to_usize(region.len()));
+    }
+    Ok(mem)
+}
+
+/// Makes the process's allocator keep and reuse large buffers instead of mapping and
+/// unmapping each one (glibc maps any allocation over its threshold, 128 KiB to
+/// 32 MiB, with `mmap` and unmaps it on free). The checkpoint stream allocates and
+/// frees megabytes per frame; fresh mappings cost a page fault and a page clear per
+/// 4 KiB, which measured as a quarter of the stream's CPU time on a nested host.
+/// Allocations under 64 MiB come from the heap, and up to 256 MiB of freed heap is
+/// kept for reuse. Call once, early, before other threads start.
+pub fn tune_host_allocator() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets a glibc allocator parameter; it takes plain
+        // integers, touches no memory of ours, and is called before other threads
+        // allocate (the caller's contract).
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20) };
+        // SAFETY: as above.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20) };
+    }
+}
+
+/// `madvise(MADV_HUGEPAGE)` on one region; advice only, so a refusal is logged, not
+/// an error.
+fn advise_huge_pages(addr: *mut u8, len: usize) {
+    // SAFETY: [addr, addr + len) is one whole mapping just created by
+    // `GuestMemory::from_ranges` and owned by it; MADV_HUGEPAGE changes only how the
+    // kernel backs it, never its contents or its validity.
+    let r = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        tracing::debug!(
+            "madvise(MADV_HUGEPAGE) on guest memory: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Registers every region of `mem` with KVM, slot *i* for region *i*.

@@ -132,6 +132,15 @@ pub enum PeerError {
     Thread(&'static str, #[source] std::io::Error),
 }
 
+/// Whether `b` holds only zeros (compared a word at a time).
+fn is_zero(b: &[u8]) -> bool {
+    let (words, rest) = b.split_at(b.len() - b.len() % 8);
+    words
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && rest.iter().all(|x| *x == 0)
+}
+
 /// A byte counter in front of a writer.
 struct Counting<W> {
     inner: W,
@@ -473,24 +482,38 @@ impl PeerSink {
             addrs: Vec::with_capacity(batch),
             data: Vec::with_capacity(batch * PAGE_SIZE),
         };
+        let mut read = Vec::with_capacity(batch * PAGE_SIZE);
         let ranges: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         for (start, len) in ranges {
             let mut gpa = start;
             while gpa < start + len {
                 let n = ((start + len - gpa) / PAGE_SIZE as u64).min(batch as u64);
-                pages.addrs.clear();
-                pages.data.resize(crate::arch::to_usize(n) * PAGE_SIZE, 0);
-                mem.read_slice(&mut pages.data, GuestAddress(gpa))
+                let bytes = crate::arch::to_usize(n) * PAGE_SIZE;
+                read.resize(bytes, 0);
+                mem.read_slice(&mut read[..bytes], GuestAddress(gpa))
                     .map_err(|_| PeerError::ReadMemory(gpa))?;
-                pages
-                    .addrs
-                    .extend((0..n).map(|i| gpa + i * PAGE_SIZE as u64));
+                // The standby's replica starts as zeros: only the other pages travel.
+                // (Only in this first pass: a page re-sent by a later round or a
+                // checkpoint may have become zero, and travels whatever it holds.)
+                pages.addrs.clear();
+                pages.data.clear();
+                for (i, page) in read[..bytes].chunks_exact(PAGE_SIZE).enumerate() {
+                    if !is_zero(page) {
+                        pages.addrs.push(gpa + (i * PAGE_SIZE) as u64);
+                        pages.data.extend_from_slice(page);
+                    }
+                }
                 let s = self.session()?;
-                s.w.write_base(epoch, &pages)
-                    .map_err(|source| PeerError::Frames {
-                        addr: addr.clone(),
-                        source,
-                    })?;
+                if !pages.addrs.is_empty() {
+                    s.w.write_base(epoch, &pages)
+                        .map_err(|source| PeerError::Frames {
+                            addr: addr.clone(),
+                            source,
+                        })?;
+                }
+                // Skipped pages are progress too (the stall deadline watches it).
+                let now = s.sent.load(Ordering::Relaxed);
+                *devices::bus::lock_recover(&s.copy_progress) = Some((now, Instant::now()));
                 gpa += n * PAGE_SIZE as u64;
                 progress.add(n * PAGE_SIZE as u64);
             }
@@ -511,7 +534,7 @@ impl PeerSink {
                         source,
                     })?;
                 // The standby's copy starts as zeros: only the rest travels.
-                if buf[..want].iter().any(|b| *b != 0) {
+                if !is_zero(&buf[..want]) {
                     let chunk = DiskChunk {
                         disk: u32::try_from(i).unwrap_or(u32::MAX),
                         offset,

@@ -587,7 +587,9 @@ fn frame_crc_mismatch(stored: u32, computed: u32) -> CrcMismatch {
 // Encoding
 
 /// Appends a page batch payload.
-fn encode_pages(
+/// Appends a Pages or Base frame's payload up to its page data (head and addresses),
+/// after checking that `data` holds exactly the pages of `addrs`.
+fn encode_pages_head(
     buf: &mut Vec<u8>,
     ty: FrameType,
     addrs: &[u64],
@@ -618,6 +620,17 @@ fn encode_pages(
     for a in addrs {
         buf.extend_from_slice(&a.to_le_bytes());
     }
+    Ok(())
+}
+
+/// Appends the payload of a Pages or Base frame: head, addresses, page data.
+fn encode_pages(
+    buf: &mut Vec<u8>,
+    ty: FrameType,
+    addrs: &[u64],
+    data: &[u8],
+) -> Result<(), FrameError> {
+    encode_pages_head(buf, ty, addrs, data)?;
     buf.extend_from_slice(data);
     Ok(())
 }
@@ -782,15 +795,24 @@ impl<W: Write> FrameWriter<W> {
 
     /// Writes the header for `payload` and the payload.
     fn send(&mut self, ty: FrameType, epoch: u64, payload: &[u8]) -> Result<(), FrameError> {
+        self.send_parts(ty, epoch, &[payload])
+    }
+
+    /// Writes the header for a payload made of `parts`, then the parts, each with its
+    /// own `write_all`: page data goes from where it is staged to the transport
+    /// without being copied into a frame buffer first.
+    fn send_parts(&mut self, ty: FrameType, epoch: u64, parts: &[&[u8]]) -> Result<(), FrameError> {
         let max = ty.max_payload().min(MAX_PAYLOAD);
-        let len = u32::try_from(payload.len())
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let len = u32::try_from(total)
             .ok()
             .filter(|l| *l <= max)
             .ok_or(FrameError::TooLarge {
                 ty,
-                len: payload.len() as u64,
+                len: total as u64,
                 max,
             })?;
+        let payload_crc = parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p));
         let mut h = RawHeader {
             magic: MAGIC,
             version: U16::new(VERSION),
@@ -799,12 +821,15 @@ impl<W: Write> FrameWriter<W> {
             payload_len: U32::new(len),
             epoch: U64::new(epoch),
             generation: U64::new(self.generation),
-            payload_crc: U32::new(crc32c::crc32c(payload)),
+            payload_crc: U32::new(payload_crc),
             crc: U32::ZERO,
         };
         h.seal();
         self.w.write_all(h.as_bytes()).map_err(FrameError::Io)?;
-        self.w.write_all(payload).map_err(FrameError::Io)
+        for p in parts {
+            self.w.write_all(p).map_err(FrameError::Io)?;
+        }
+        Ok(())
     }
 
     /// Sends a batch of pages of `epoch` as one Pages or Base frame.
@@ -817,7 +842,8 @@ impl<W: Write> FrameWriter<W> {
     ) -> Result<(), FrameError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
-        let r = encode_pages(&mut buf, ty, addrs, data).and_then(|()| self.send(ty, epoch, &buf));
+        let r = encode_pages_head(&mut buf, ty, addrs, data)
+            .and_then(|()| self.send_parts(ty, epoch, &[&buf, data]));
         self.buf = buf;
         r
     }
@@ -976,6 +1002,8 @@ pub struct FrameReader<R> {
     r: R,
     max_payload: u32,
     read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The payload of the frame being read, kept between frames.
+    buf: Vec<u8>,
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -1011,6 +1039,7 @@ impl<R: Read> FrameReader<R> {
             r,
             max_payload,
             read: Default::default(),
+            buf: Vec::new(),
         }
     }
 
@@ -1043,9 +1072,17 @@ impl<R: Read> FrameReader<R> {
             });
         }
         let (ty, epoch, generation, len, payload_crc) = self.check_header(&hb)?;
-        // `len` is within the bound: this is the only allocation a header sizes.
-        let mut payload = vec![0u8; len];
-        let got = read_full(&mut self.r, &mut payload)?;
+        if matches!(ty, FrameType::Pages | FrameType::Base) {
+            return self.read_pages(ty, epoch, generation, len, payload_crc);
+        }
+        // `len` is within the bound: this is the only allocation a header sizes, and
+        // the buffer is kept for the next frame (a fresh one per frame costs page
+        // faults and clearing at every frame).
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
+        let payload = &mut self.buf[..len];
+        let got = read_full(&mut self.r, payload)?;
         self.read
             .fetch_add(got as u64, std::sync::atomic::Ordering::Relaxed);
         if got < len {
@@ -1055,7 +1092,7 @@ impl<R: Read> FrameReader<R> {
                 want: len,
             });
         }
-        let computed = crc32c::crc32c(&payload);
+        let computed = crc32c::crc32c(payload);
         if computed != payload_crc {
             return Err(FrameError::PayloadCrc {
                 ty,
@@ -1068,6 +1105,120 @@ impl<R: Read> FrameReader<R> {
             generation,
             body,
         }))
+    }
+
+    /// Reads the payload of a Pages or Base frame of `len` bytes (within its bound)
+    /// in two parts: its head and addresses into the frame buffer, then its page data
+    /// straight into the vector the frame will carry, so that the data is copied once
+    /// (from the socket) on its way to the staging.
+    fn read_pages(
+        &mut self,
+        ty: FrameType,
+        epoch: u64,
+        generation: u64,
+        len: usize,
+        payload_crc: u32,
+    ) -> Result<Option<Frame>, FrameError> {
+        let truncated = |got: usize| FrameError::Truncated {
+            part: "payload",
+            got,
+            want: len,
+        };
+        let mut head = [0u8; PAGES_HEAD_LEN];
+        let want = PAGES_HEAD_LEN.min(len);
+        let got = read_full(&mut self.r, &mut head[..want])?;
+        self.count(got);
+        if got < want {
+            return Err(truncated(got));
+        }
+        // A length that cannot hold whole entries is malformed whatever the count says.
+        let entries = (len.saturating_sub(PAGES_HEAD_LEN)) as u64;
+        let count = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        if len < PAGES_HEAD_LEN || entries != u64::from(count) * PAGE_ENTRY {
+            // Read (and check) the rest as any frame before judging it, so that the
+            // error says what was wrong with a frame that arrived whole.
+            let mut rest = vec![0u8; len - want];
+            let got = read_full(&mut self.r, &mut rest)?;
+            self.count(got);
+            if got < rest.len() {
+                return Err(truncated(want + got));
+            }
+            let mut payload = head[..want].to_vec();
+            payload.extend_from_slice(&rest);
+            return self.finish(ty, epoch, generation, &payload, payload_crc);
+        }
+        let n = count as usize;
+        let addr_len = n * 8;
+        if self.buf.len() < PAGES_HEAD_LEN + addr_len {
+            self.buf.resize(PAGES_HEAD_LEN + addr_len, 0);
+        }
+        self.buf[..PAGES_HEAD_LEN].copy_from_slice(&head);
+        let got = read_full(
+            &mut self.r,
+            &mut self.buf[PAGES_HEAD_LEN..PAGES_HEAD_LEN + addr_len],
+        )?;
+        self.count(got);
+        if got < addr_len {
+            return Err(truncated(PAGES_HEAD_LEN + got));
+        }
+        // The data: read into spare capacity, not zero-filled first.
+        let data_len = n * PAGE_SIZE;
+        let mut data = Vec::with_capacity(data_len);
+        let got = (&mut self.r)
+            .take(data_len as u64)
+            .read_to_end(&mut data)
+            .map_err(FrameError::Io)?;
+        self.count(got);
+        if got < data_len {
+            return Err(truncated(PAGES_HEAD_LEN + addr_len + got));
+        }
+        let head_part = &self.buf[..PAGES_HEAD_LEN + addr_len];
+        let computed = crc32c::crc32c_append(crc32c::crc32c(head_part), &data);
+        if computed != payload_crc {
+            return Err(FrameError::PayloadCrc {
+                ty,
+                cause: frame_crc_mismatch(payload_crc, computed),
+            });
+        }
+        let pages = decode_pages_parts(head_part, data).map_err(|cause| malformed(ty, cause))?;
+        Ok(Some(Frame {
+            epoch,
+            generation,
+            body: if ty == FrameType::Base {
+                Body::Base(pages)
+            } else {
+                Body::Pages(pages)
+            },
+        }))
+    }
+
+    /// Checks a whole payload's CRC and decodes it.
+    fn finish(
+        &self,
+        ty: FrameType,
+        epoch: u64,
+        generation: u64,
+        payload: &[u8],
+        payload_crc: u32,
+    ) -> Result<Option<Frame>, FrameError> {
+        let computed = crc32c::crc32c(payload);
+        if computed != payload_crc {
+            return Err(FrameError::PayloadCrc {
+                ty,
+                cause: frame_crc_mismatch(payload_crc, computed),
+            });
+        }
+        let body = decode_body(ty, payload).map_err(|cause| malformed(ty, cause))?;
+        Ok(Some(Frame {
+            epoch,
+            generation,
+            body,
+        }))
+    }
+
+    fn count(&self, n: usize) {
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Checks a header: magic, version, CRC, type, flags, length bound.
@@ -1147,14 +1298,46 @@ fn decode_pages(payload: &[u8]) -> Result<StagedPages, Malformed> {
     }
     let n = count as usize;
     let (addr_bytes, data) = rest.split_at(n * 8);
-    let addrs: Vec<u64> = addr_bytes.chunks_exact(8).map(u64_at).collect();
-    if let Some(a) = addrs.iter().find(|a| *a % PAGE != 0) {
-        return Err(Malformed::UnalignedPage(*a));
-    }
+    let addrs = decode_addrs(addr_bytes)?;
     Ok(StagedPages {
         addrs,
         data: data.to_vec(),
     })
+}
+
+/// Page addresses, each page-aligned.
+fn decode_addrs(addr_bytes: &[u8]) -> Result<Vec<u64>, Malformed> {
+    let addrs: Vec<u64> = addr_bytes.chunks_exact(8).map(u64_at).collect();
+    if let Some(a) = addrs.iter().find(|a| *a % PAGE != 0) {
+        return Err(Malformed::UnalignedPage(*a));
+    }
+    Ok(addrs)
+}
+
+/// A Pages or Base payload read in two parts: `head_and_addrs` (whose count the
+/// reader has matched with the payload's length) and the page data.
+fn decode_pages_parts(head_and_addrs: &[u8], data: Vec<u8>) -> Result<StagedPages, Malformed> {
+    let (head, addr_bytes) =
+        RawPagesHead::read_from_prefix(head_and_addrs).map_err(|_| Malformed::Short {
+            len: head_and_addrs.len(),
+            need: PAGES_HEAD_LEN,
+        })?;
+    let count = head.count.get();
+    if count > MAX_BATCH_PAGES {
+        return Err(Malformed::BatchTooLarge(count));
+    }
+    if head.reserved != [0; 4] {
+        return Err(Malformed::Reserved);
+    }
+    let addrs = decode_addrs(addr_bytes)?;
+    if addrs.len() != count as usize || data.len() != addrs.len() * PAGE_SIZE {
+        return Err(Malformed::PageCount {
+            count,
+            need: u64::from(count) * PAGE_ENTRY + PAGES_HEAD_LEN as u64,
+            len: head_and_addrs.len() + data.len(),
+        });
+    }
+    Ok(StagedPages { addrs, data })
 }
 
 fn decode_region(payload: &[u8]) -> Result<RegionChunk, Malformed> {
@@ -1228,7 +1411,7 @@ fn decode_region(payload: &[u8]) -> Result<RegionChunk, Malformed> {
     })
 }
 
-fn decode_body(ty: FrameType, payload: Vec<u8>) -> Result<Body, Malformed> {
+fn decode_body(ty: FrameType, payload: &[u8]) -> Result<Body, Malformed> {
     fn pc<'a, T: Deserialize<'a>>(p: &'a [u8]) -> Result<T, Malformed> {
         let (v, rest) = postcard::take_from_bytes(p).map_err(Malformed::Decode)?;
         if rest.is_empty() {
@@ -1238,16 +1421,16 @@ fn decode_body(ty: FrameType, payload: Vec<u8>) -> Result<Body, Malformed> {
         }
     }
     Ok(match ty {
-        FrameType::Hello => Body::Hello(pc(&payload)?),
-        FrameType::HelloAck => Body::HelloAck(pc(&payload)?),
-        FrameType::Shutdown => Body::Shutdown(pc(&payload)?),
-        FrameType::Base => Body::Base(decode_pages(&payload)?),
-        FrameType::Pages => Body::Pages(decode_pages(&payload)?),
-        FrameType::State => Body::State(payload),
-        FrameType::Region => Body::Region(decode_region(&payload)?),
+        FrameType::Hello => Body::Hello(pc(payload)?),
+        FrameType::HelloAck => Body::HelloAck(pc(payload)?),
+        FrameType::Shutdown => Body::Shutdown(pc(payload)?),
+        FrameType::Base => Body::Base(decode_pages(payload)?),
+        FrameType::Pages => Body::Pages(decode_pages(payload)?),
+        FrameType::State => Body::State(payload.to_vec()),
+        FrameType::Region => Body::Region(decode_region(payload)?),
         FrameType::Console => {
-            need(&payload, CONSOLE_HEAD_LEN)?;
-            let offset = u64_at(&payload);
+            need(payload, CONSOLE_HEAD_LEN)?;
+            let offset = u64_at(payload);
             let bytes = payload[CONSOLE_HEAD_LEN..].to_vec();
             if offset.checked_add(bytes.len() as u64).is_none() {
                 return Err(Malformed::ConsoleOverflow(offset));
@@ -1255,7 +1438,7 @@ fn decode_body(ty: FrameType, payload: Vec<u8>) -> Result<Body, Malformed> {
             Body::Console(ConsoleChunk { offset, bytes })
         }
         FrameType::EndOfCheckpoint => {
-            let raw = RawEnd::read_from_bytes(&payload).map_err(|_| Malformed::Short {
+            let raw = RawEnd::read_from_bytes(payload).map_err(|_| Malformed::Short {
                 len: payload.len(),
                 need: END_LEN,
             })?;
@@ -1275,7 +1458,7 @@ fn decode_body(ty: FrameType, payload: Vec<u8>) -> Result<Body, Malformed> {
         FrameType::Ack => Body::Ack,
         FrameType::Heartbeat => Body::Heartbeat,
         FrameType::DiskBase => {
-            need(&payload, DISK_BASE_HEAD_LEN)?;
+            need(payload, DISK_BASE_HEAD_LEN)?;
             let disk = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
             if payload[4..8] != [0; 4] {
                 return Err(Malformed::Reserved);
@@ -1462,9 +1645,32 @@ pub enum AssembleError {
 /// A checkpoint that arrived whole: ready to apply.
 #[derive(Debug)]
 pub struct Complete {
-    /// The checkpoint: pages, state, regions (data or metadata, in disk order) and
-    /// its console output.
+    /// The checkpoint: state, regions (data or metadata, in disk order) and its
+    /// console output. Its `pages` are empty: they are in `batches`.
     pub checkpoint: Checkpoint,
+    /// The checkpoint's pages, as the frames carried them, in order: applying them
+    /// batch by batch spares a copy of every page into one buffer.
+    pub batches: Vec<StagedPages>,
+}
+
+impl Complete {
+    /// How many pages the checkpoint carries.
+    pub fn page_count(&self) -> usize {
+        self.batches.iter().map(StagedPages::len).sum()
+    }
+
+    /// Moves the batches into `checkpoint.pages`, in order, for a caller that wants
+    /// the checkpoint whole.
+    pub fn join_pages(&mut self) {
+        for b in self.batches.drain(..) {
+            if self.checkpoint.pages.addrs.is_empty() {
+                self.checkpoint.pages = b;
+            } else {
+                self.checkpoint.pages.addrs.extend_from_slice(&b.addrs);
+                self.checkpoint.pages.data.extend_from_slice(&b.data);
+            }
+        }
+    }
 }
 
 /// What a frame fed to the assembler produced.
@@ -1507,7 +1713,9 @@ struct RegionAcc {
 struct Partial {
     epoch: u64,
     generation: u64,
-    pages: StagedPages,
+    /// The page batches, as their frames carried them.
+    pages: Vec<StagedPages>,
+    page_count: u64,
     state: Option<Vec<u8>>,
     regions: Vec<Option<RegionAcc>>,
     region_bytes: u64,
@@ -1636,7 +1844,7 @@ impl CheckpointAssembler {
             Body::Pages(pages) => {
                 let limit = self.limits.max_pages;
                 let p = self.receiving(epoch, generation)?;
-                let total = (p.pages.len() as u64).saturating_add(pages.len() as u64);
+                let total = p.page_count.saturating_add(pages.len() as u64);
                 if total > limit {
                     return Err(AssembleError::TooMuch {
                         epoch,
@@ -1644,8 +1852,8 @@ impl CheckpointAssembler {
                         limit,
                     });
                 }
-                p.pages.addrs.extend_from_slice(&pages.addrs);
-                p.pages.data.extend_from_slice(&pages.data);
+                p.page_count = total;
+                p.pages.push(pages);
                 Ok(Staged::Nothing)
             }
             Body::State(s) => {
@@ -1696,7 +1904,8 @@ impl CheckpointAssembler {
             self.partial = Some(Partial {
                 epoch,
                 generation,
-                pages: StagedPages::default(),
+                pages: Vec::new(),
+                page_count: 0,
                 state: None,
                 regions: (0..self.disks).map(|_| None).collect(),
                 region_bytes: 0,
@@ -1853,7 +2062,7 @@ impl CheckpointAssembler {
                 })
             }
         };
-        check("pages", t.pages, p.pages.len() as u64)?;
+        check("pages", t.pages, p.page_count)?;
         check("state bytes", t.state_len, state.len() as u64)?;
         check("regions", u64::from(t.regions), regions.len() as u64)?;
         check("console bytes", t.console_bytes, console.bytes.len() as u64)?;
@@ -1868,10 +2077,11 @@ impl CheckpointAssembler {
                 epoch,
                 full: t.full,
                 state,
-                pages: p.pages,
+                pages: StagedPages::default(),
                 disks: regions,
                 console,
             },
+            batches: p.pages,
         })))
     }
 }
@@ -2012,7 +2222,9 @@ mod tests {
         let mut done = Vec::new();
         for f in frames {
             if let Staged::Complete(c) = a.push(f)? {
-                done.push(*c);
+                let mut c = *c;
+                c.join_pages();
+                done.push(c);
             }
         }
         Ok(done)

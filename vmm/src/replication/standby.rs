@@ -43,14 +43,14 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use super::fence::{Attempt, FenceError, Witness, POLL_INTERVAL};
 use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
 use super::protocol::{
-    AssembleError, AssemblerLimits, Body, CheckpointAssembler, FrameError, FrameReader,
+    AssembleError, AssemblerLimits, Body, CheckpointAssembler, Complete, FrameError, FrameReader,
     FrameWriter, Hello, HelloAck, RefuseReason, Shutdown, Staged, WireStorage, VERSION,
 };
 use super::transport::{Closer, Connection, Listener, Transport, TransportError};
 use crate::checkpoint::source::ReplicaSource;
 use crate::checkpoint::{
-    apply_pages, decode_state, Checkpoint, Console, ContentError, DiskManifest, Manifest,
-    RegionContent, Restored,
+    apply_pages, decode_state, Console, ContentError, DiskManifest, Manifest, RegionContent,
+    Restored,
 };
 use crate::config::{DiskConfig, SerialConfig};
 use crate::cpuid::GuestCpu;
@@ -708,10 +708,9 @@ impl Standby {
                     staged_at = None;
                 }
                 Ok(Staged::Complete(c)) => {
-                    let c = c.checkpoint;
-                    let epoch = c.epoch;
-                    let pages = c.pages.len() as u64;
-                    let first = match self.apply(&mut replica, &mut disks, c) {
+                    let epoch = c.checkpoint.epoch;
+                    let pages = c.page_count() as u64;
+                    let first = match self.apply(&mut replica, &mut disks, *c) {
                         Ok(first) => first,
                         Err(Applied::Broken(why)) => break SessionEnd::Broken(why),
                         Err(Applied::Failed(e)) => {
@@ -801,8 +800,12 @@ impl Standby {
         &mut self,
         replica: &mut Replica,
         disks: &mut [Disk],
-        c: Checkpoint,
+        complete: Complete,
     ) -> Result<bool, Applied> {
+        let Complete {
+            checkpoint: c,
+            batches,
+        } = complete;
         let epoch = c.epoch;
         let failed = |source: Box<dyn std::error::Error + Send + Sync>| {
             Applied::Failed(StandbyError::Apply { epoch, source })
@@ -846,8 +849,10 @@ impl Standby {
                 e => failed(Box::new(e)),
             })?;
         }
-        apply_pages(&replica.memory, &c.pages)
-            .map_err(|e: ContentError| Applied::Broken(format!("checkpoint {epoch}: {e}")))?;
+        for b in &batches {
+            apply_pages(&replica.memory, b)
+                .map_err(|e: ContentError| Applied::Broken(format!("checkpoint {epoch}: {e}")))?;
+        }
         replica.applied = Some((epoch, c.state));
         replica.copying = false;
         if !c.console.bytes.is_empty() {
