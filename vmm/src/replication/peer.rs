@@ -132,13 +132,11 @@ pub enum PeerError {
     Thread(&'static str, #[source] std::io::Error),
 }
 
-/// Whether `b` holds only zeros (compared a word at a time).
+/// Whether `b` holds only zeros. Compared a page at a time against a zero page: slice
+/// equality is a `memcmp`, fast in every build profile.
 fn is_zero(b: &[u8]) -> bool {
-    let (words, rest) = b.split_at(b.len() - b.len() % 8);
-    words
-        .chunks_exact(8)
-        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
-        && rest.iter().all(|x| *x == 0)
+    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    b.chunks(PAGE_SIZE).all(|c| c == &ZERO[..c.len()])
 }
 
 /// A byte counter in front of a writer.
@@ -393,6 +391,7 @@ impl PeerSink {
         let max_lag = self.config.liveness.max_lag;
         let max_stall = max_lag.max(COPY_STALL_DEADLINE);
         let lag = unacked_since.clone();
+        let acks = back.clone();
         let (copy, copied) = (copy_progress.clone(), sent.clone());
         let on_dead_closer = closer.clone();
         let liveness = Liveness::spawn(
@@ -407,11 +406,20 @@ impl PeerSink {
                 extra: Box::new(move || {
                     if let Some(since) = *devices::bus::lock_recover(&lag) {
                         let waited = since.elapsed();
-                        if waited > max_lag {
+                        // The checkpoint that completes the initial copy is part of
+                        // the copy: its Ack waits for the standby to set up its disks'
+                        // journals and settle its copies, which is disk work, not lag.
+                        let copying = acks.acked.load(Ordering::Acquire) == 0;
+                        let (limit, what) = if copying {
+                            (max_stall, "the deadline for the checkpoint that completes the initial copy")
+                        } else {
+                            (max_lag, "the lag deadline")
+                        };
+                        if waited > limit {
                             return Some(format!(
-                                "no acknowledgement for {} ms (the lag deadline is {} ms)",
+                                "no acknowledgement for {} ms ({what} is {} ms)",
                                 waited.as_millis(),
-                                max_lag.as_millis()
+                                limit.as_millis()
                             ));
                         }
                     }
@@ -591,14 +599,21 @@ impl PeerSink {
             if let Some(why) = s.verdict.get() {
                 return Err(PeerError::Dead { addr, why });
             }
+            // The checkpoint that completes the initial copy has the copy's deadline
+            // (the liveness thread judges it the same way and says why).
+            let limit = if s.back.acked.load(Ordering::Acquire) == 0 {
+                max_lag.max(COPY_STALL_DEADLINE)
+            } else {
+                max_lag
+            };
             if let Some(since) = *devices::bus::lock_recover(&s.unacked_since) {
-                if since.elapsed() > max_lag {
+                if since.elapsed() > limit {
                     return Err(PeerError::Dead {
                         addr,
                         why: format!(
                             "no acknowledgement for {} ms (the lag deadline is {} ms)",
                             since.elapsed().as_millis(),
-                            max_lag.as_millis()
+                            limit.as_millis()
                         ),
                     });
                 }
