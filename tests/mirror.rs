@@ -433,8 +433,7 @@ fn linux_failed_over_mid_boot_mounts_its_root_on_the_standby() {
     let mut pair = Pair::start(&o);
     // Mid-boot: the kernel registered its virtio-mmio device (its output is shown
     // once its checkpoint is acknowledged) but has not probed the disk or mounted
-    // its root. (Earlier, while Linux still calibrates its clocks, see the notes in
-    // docs/mirroring.md.)
+    // its root.
     // Linux's early boot under checkpoints takes 30-60 s here (emulated CPL0 code
     // and a pause every epoch); the bound is for a loaded machine. (It once never
     // came: the periodic tick's catch-up loop, resources/linux/README.md.)
