@@ -416,7 +416,6 @@ fn two_vcpus_and_a_disk_survive_a_failover_with_a_witness() {
 }
 
 #[test]
-#[ignore = "known failure (issue 8 open): under --peer the primary's Linux did not reach virtio-mmio registration within 360 s in the last fresh-clone run; run with --ignored"]
 fn linux_failed_over_mid_boot_mounts_its_root_on_the_standby() {
     if skip_without_kvm!() {
         return;
@@ -434,10 +433,10 @@ fn linux_failed_over_mid_boot_mounts_its_root_on_the_standby() {
     let mut pair = Pair::start(&o);
     // Mid-boot: the kernel registered its virtio-mmio device (its output is shown
     // once its checkpoint is acknowledged) but has not probed the disk or mounted
-    // its root. (Earlier, while Linux still calibrates its clocks, see the notes in
-    // docs/mirroring.md.)
-    // Linux's early boot under checkpoints is slow here (emulated CPL0 code and a
-    // pause every epoch): give it time on a loaded machine.
+    // its root.
+    // Linux's early boot under checkpoints takes 30-60 s here (emulated CPL0 code
+    // and a pause every epoch); the bound is for a loaded machine. (It once never
+    // came: the periodic tick's catch-up loop, resources/linux/README.md.)
     let booting = wait(Duration::from_secs(360), || {
         pair.primary_console()
             .contains("virtio-mmio: Registering device")

@@ -72,7 +72,7 @@ ensure_packages() {
     [ -x "$BUSYBOX" ] || die "busybox not found at $BUSYBOX"
 }
 
-# --- the three source edits --------------------------------------------------
+# --- the four source edits ---------------------------------------------------
 # Each one skips code that KVM's instruction emulator cannot run at CPL0 on the
 # software-nested (kvm_pvm) hosts; see README.md. Each is checked: the original
 # line must be present exactly once (or the edit must already be in place).
@@ -109,6 +109,14 @@ apply_edits() {
     edit_line "$SRC/arch/x86/kernel/fpu/core.c" \
         $'\t\tasm volatile("1: fwait\\n"' \
         $'\t\tasm volatile("1: nop\\n" /* mirrorvm: was fwait, not emulated */'
+    # 4. tick_handle_periodic() replays every missed tick once kvm-clock is the
+    #    clocksource, interrupts off, until it has caught up. Until the
+    #    high-resolution tick takes over, a tick emulated at CPL0 can outlast its
+    #    period on a busy host, and then the replay never ends (README.md, "Timer
+    #    tick"). Skip missed ticks instead of replaying them.
+    edit_line "$SRC/kernel/time/tick-common.c" \
+        $'\t\tif (timekeeping_valid_for_hres())' \
+        $'\t\tif (0) /* mirrorvm: was timekeeping_valid_for_hres(); missed ticks are skipped, not replayed */'
 }
 
 # --- cache keys -------------------------------------------------------------

@@ -101,9 +101,9 @@ pub struct DemoOptions {
 /// How long the test guest is mirrored before the kill, by default.
 pub const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(6);
 /// With `--kernel`, the kill timer starts when host a's console shows this: the
-/// kernel is past its early clock calibration (after a takeover in the middle of
-/// that the resumed kernel made no visible progress for minutes, twice) and has yet
-/// to probe its disk and mount its root.
+/// kernel is past its early clock setup and has yet to probe its disk and mount its
+/// root. (Takeovers earlier in the boot used to stall in the guest kernel's tick
+/// replay; the kernel build no longer replays ticks: docs/demo.md, "Linux".)
 pub const LINUX_KILL_MARKER: &str = "virtio-mmio: Registering device";
 
 /// The demo's default liveness deadline, longer than mirrorvm's own 100 ms: on a
