@@ -1886,7 +1886,8 @@ pub const FUZZ_SHARED: u8 = 2;
 
 /// Decodes any byte string as a stream of frames and stages them in an assembler for
 /// a two-disk machine: every input ends in an error or a clean end, never a panic,
-/// and no allocation exceeds the reader's 1 MiB bound and the assembler's limits. The
+/// and no allocation exceeds the reader's 1 MiB bound and the assembler's (small)
+/// limits. The
 /// fuzz target `vmm/fuzz/fuzz_targets/frame.rs` calls this.
 ///
 /// The first byte is the mode ([`FUZZ_RESEAL`], [`FUZZ_SHARED`]), the rest the
@@ -1902,10 +1903,11 @@ pub fn fuzz(data: &[u8]) {
     if mode & FUZZ_SHARED != 0 {
         hello.storage = WireStorage::Shared;
     }
+    // Small enough that short inputs reach them (16 pages, 16 sectors, 1 KiB).
     let limits = AssemblerLimits {
-        max_pages: 512,
-        max_region_bytes: 4 << 20,
-        max_console_bytes: 1 << 20,
+        max_pages: 16,
+        max_region_bytes: 8 << 10,
+        max_console_bytes: 1 << 10,
     };
     let mut assembler = CheckpointAssembler::new(&hello, limits);
     let mut bytes = stream.to_vec();
@@ -2824,7 +2826,8 @@ mod tests {
 
     /// A small session for the fuzz seeds: a one-page base copy with a disk base
     /// chunk, the full checkpoint 1 that completes it and checkpoint 2 (one page each,
-    /// a two-extent region, console bytes), a heartbeat, and an orderly shutdown.
+    /// a two-extent region, in two chunks in checkpoint 2 when replicated, console
+    /// bytes), heartbeats, and an orderly shutdown.
     fn seed_session(storage: WireStorage) -> Vec<u8> {
         let mut w = FrameWriter::new(Vec::new(), GEN);
         w.write_base(0, &pages(&[2 * PAGE])).unwrap();
@@ -2847,7 +2850,34 @@ mod tests {
                     content: RegionContent::Meta(meta(epoch)),
                 }];
             }
-            w.write_checkpoint_with(&c, &console).unwrap();
+            if epoch == 1 || storage == WireStorage::Shared {
+                w.write_checkpoint_with(&c, &console).unwrap();
+            } else {
+                // Its region in two chunks, one extent each, as a large one travels.
+                let RegionContent::Data(e) = &c.disks[0].content else {
+                    unreachable!()
+                };
+                w.write(epoch, &Body::Pages(c.pages.clone())).unwrap();
+                for x in &e.extents {
+                    let chunk = RegionChunk {
+                        disk: 1,
+                        storage,
+                        meta: e.meta,
+                        extents: vec![x.clone()],
+                    };
+                    w.write(epoch, &Body::Region(chunk)).unwrap();
+                }
+                w.write(epoch, &Body::Console(console.clone())).unwrap();
+                w.write(epoch, &Body::State(c.state.clone())).unwrap();
+                let end = Totals {
+                    pages: 1,
+                    state_len: c.state.len() as u64,
+                    console_bytes: console.bytes.len() as u64,
+                    regions: 1,
+                    full: false,
+                };
+                w.write(epoch, &Body::EndOfCheckpoint(end)).unwrap();
+            }
             w.write(epoch, &Body::Heartbeat).unwrap();
         }
         w.write(2, &Body::Shutdown(Shutdown::Stopped { exit_status: 130 }))
