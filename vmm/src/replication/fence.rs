@@ -430,7 +430,9 @@ impl Witness {
     /// ([`Witness::start_wait`]) that takes the lock the moment its holder releases it.
     /// A holder still alive at the deadline is [`FenceError::StillHeld`] (naming the
     /// holder the first attempt found), and this process then holds no lock on the
-    /// witness file (see [`FenceWait`]); any other failure is returned at once.
+    /// witness file (see [`FenceWait`]); any other failure is returned at once. Each
+    /// call that hits its deadline leaves a thread blocked until the holder goes: to
+    /// wait in slices, keep one [`FenceWait`] and call [`FenceWait::wait_until`] again.
     pub fn acquire(&self, deadline: Instant) -> Result<Fence, FenceError> {
         let start = Instant::now();
         let holder = match self.try_acquire()? {
