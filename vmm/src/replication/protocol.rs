@@ -2719,6 +2719,43 @@ mod tests {
     }
 
     #[test]
+    fn region_chunks_that_disagree_discard_the_checkpoint() {
+        let chunk = |sector: u64, meta: RegionMeta| Frame {
+            epoch: 1,
+            generation: GEN,
+            body: Body::Region(RegionChunk {
+                disk: 1,
+                storage: WireStorage::Replicated,
+                meta,
+                extents: vec![ExportExtent {
+                    sector,
+                    data: vec![1; 1024],
+                }],
+            }),
+        };
+        // Sectors 2-3, then a chunk starting inside them.
+        let mut a = assembler();
+        a.push(chunk(2, meta(1))).unwrap();
+        assert_eq!(
+            a.push(chunk(3, meta(1))).unwrap_err(),
+            AssembleError::RegionChunks { disk: 1 }
+        );
+        assert!(!a.is_receiving());
+        // Other metadata in a later chunk.
+        let mut other = meta(1);
+        other.records += 1;
+        a.push(chunk(2, meta(1))).unwrap();
+        assert_eq!(
+            a.push(chunk(10, other)).unwrap_err(),
+            AssembleError::RegionChunks { disk: 1 }
+        );
+        // Adjacent chunks that agree are one region.
+        a.push(chunk(2, meta(1))).unwrap();
+        a.push(chunk(4, meta(1))).unwrap();
+        assert!(a.is_receiving());
+    }
+
+    #[test]
     fn a_base_copy_must_be_completed_by_a_full_checkpoint() {
         let mut a = assembler();
         let base = Frame {
