@@ -3,7 +3,8 @@
 //! one host) can never write the same files at once.
 //!
 //! The locks are Linux *open file description* locks (`F_OFD_SETLK`) over the whole
-//! file, taken without waiting, as QEMU and cloud-hypervisor lock their images:
+//! file, taken without waiting, as QEMU and cloud-hypervisor lock their images (the
+//! witness fence alone waits for its lock, [`lock_file_wait`]):
 //!
 //! * A lock belongs to the open file description, not to a process or an fd: every fd
 //!   that shares the description (`dup`, [`File::try_clone`], fork) holds it, and the
@@ -180,24 +181,74 @@ pub fn lock_file(
 }
 
 fn set_lock(fd: std::os::fd::BorrowedFd<'_>, kind: LockKind) -> nix::Result<()> {
+    let fl = whole_file(match kind {
+        LockKind::Shared => libc::F_RDLCK,
+        LockKind::Exclusive => libc::F_WRLCK,
+    });
+    fcntl(fd, FcntlArg::F_OFD_SETLK(&fl)).map(drop)
+}
+
+/// A `struct flock` of type `l_type` (`F_RDLCK`, `F_WRLCK`, `F_UNLCK`) over the whole
+/// file.
+fn whole_file(l_type: libc::c_int) -> libc::flock {
     // SAFETY: `libc::flock` is a plain C struct of integers (some targets add padding
     // or sysid fields), for which all zero bytes is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    // F_RDLCK, F_WRLCK (0, 1) and SEEK_SET (0) are small constants: they fit the
-    // c_short fields of struct flock.
+    // F_RDLCK, F_WRLCK, F_UNLCK (0, 1, 2) and SEEK_SET (0) are small constants: they
+    // fit the c_short fields of struct flock.
     #[allow(clippy::cast_possible_truncation)]
-    let (l_type, l_whence) = (
-        match kind {
-            LockKind::Shared => libc::F_RDLCK,
-            LockKind::Exclusive => libc::F_WRLCK,
-        } as libc::c_short,
-        libc::SEEK_SET as libc::c_short,
-    );
+    let (l_type, l_whence) = (l_type as libc::c_short, libc::SEEK_SET as libc::c_short);
     fl.l_type = l_type;
     fl.l_whence = l_whence;
     // l_start 0, l_len 0: the whole file, however it grows. l_pid must be 0 for
     // OFD locks.
-    fcntl(fd, FcntlArg::F_OFD_SETLK(&fl)).map(drop)
+    fl
+}
+
+/// Takes a whole-file OFD lock of `kind` on the open file description of `file` as
+/// [`lock_file`] does, but *waiting* (`F_OFD_SETLKW`) for as long as another open of
+/// the file holds a conflicting lock: the kernel grants it the moment that lock is
+/// released (its holder unlocks, closes it, or dies). A signal interrupting the wait
+/// (`EINTR`) does not end it.
+///
+/// The wait has no deadline, and nothing but a signal wakes the thread blocked in it:
+/// a caller that must be able to give up runs it on a thread of its own, which owns
+/// `file` and releases the lock if no one wants it any more by the time it gets it
+/// (as the witness fence's wait does). While it waits it holds nothing: a blocked
+/// request conflicts with no other lock (`/proc/locks` shows it as a waiter, `->`).
+pub fn lock_file_wait(
+    file: &File,
+    path: &Path,
+    what: &'static str,
+    kind: LockKind,
+) -> Result<(), LockError> {
+    let fl = whole_file(match kind {
+        LockKind::Shared => libc::F_RDLCK,
+        LockKind::Exclusive => libc::F_WRLCK,
+    });
+    loop {
+        match fcntl(file.as_fd(), FcntlArg::F_OFD_SETLKW(&fl)) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => {}
+            Err(other) => {
+                return Err(LockError::Lock {
+                    what,
+                    path: path.to_owned(),
+                    source: other.into(),
+                })
+            }
+        }
+    }
+}
+
+/// Releases the OFD lock that the open file description of `file` holds, if any
+/// (`F_UNLCK` over the whole file). It is released for every descriptor sharing that
+/// description: use it only on a description no one else relies on.
+pub fn unlock_file(file: &File) -> io::Result<()> {
+    let fl = whole_file(libc::F_UNLCK);
+    fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&fl))
+        .map(drop)
+        .map_err(io::Error::from)
 }
 
 /// A whole-file OFD lock that stays held as long as this value lives, even once the
@@ -417,6 +468,39 @@ mod tests {
 
     fn lock(f: &File, p: &Path, kind: LockKind) -> Result<FileLock, LockError> {
         FileLock::new(f, p, "disk image", kind)
+    }
+
+    #[test]
+    fn a_waiting_lock_is_granted_when_the_holder_lets_go_and_unlock_releases_it() {
+        let (_d, p) = scratch();
+        let held = open_rw(&p);
+        lock_file(&held, &p, "disk image", LockKind::Exclusive).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let f = open_rw(&p);
+                let r = lock_file_wait(&f, &p, "disk image", LockKind::Exclusive);
+                tx.send(r.is_ok()).unwrap();
+                f
+            })
+        };
+        // The waiter holds nothing while it waits: the holder can still take its
+        // lock again, and only a third open is refused (by the holder's lock).
+        lock_file(&held, &p, "disk image", LockKind::Exclusive).unwrap();
+        assert!(rx.try_recv().is_err());
+        drop(held);
+        assert_eq!(rx.recv(), Ok(true));
+        let f = waiter.join().unwrap();
+        let other = open_rw(&p);
+        assert!(matches!(
+            lock_file(&other, &p, "disk image", LockKind::Exclusive),
+            Err(LockError::Busy { .. })
+        ));
+        // Unlocking releases it while the file stays open.
+        unlock_file(&f).unwrap();
+        lock_file(&other, &p, "disk image", LockKind::Exclusive).unwrap();
+        drop(f);
     }
 
     #[test]

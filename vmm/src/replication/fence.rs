@@ -10,6 +10,25 @@
 //! fast; a primary that is alive but silent (stopped, cut off) keeps it, and the
 //! standby waits.
 //!
+//! A standby waits for the lock by blocking in the kernel, not by polling: a helper
+//! thread owns its own open of the witness file and sleeps in `F_OFD_SETLKW`
+//! ([`Witness::start_wait`], [`FenceWait`]), and the kernel grants it the lock the
+//! moment the holder's last descriptor closes, so a killed primary's fence passes to
+//! the standby as soon as its process is torn down. The requester waits on the thread
+//! with or without a deadline ([`Witness::acquire`] has one, the standby's take-over
+//! none). This was chosen over a short-interval poll because a refused attempt is not
+//! cheap here: it names the holder by scanning `/proc` (every process's fds, since
+//! `/proc/locks` shows no pid for OFD locks), which at 1–2 ms intervals would cost a
+//! core on a busy host, and the old 50 ms interval added up to 50 ms to every
+//! failover whose primary was still being torn down at the first try. What a blocking
+//! wait costs instead is cancellation: nothing but a signal wakes a thread blocked in
+//! `F_OFD_SETLKW`, and mirrorvm sends its threads no signals for this. So a given-up
+//! wait is handled by ownership: its thread owns the only descriptor of its open file
+//! description, and when the lock is finally granted to a requester that has gone, it
+//! unlocks and closes it at once instead of handing it over. A given-up wait therefore
+//! never holds the fence beyond that instant; its thread stays blocked (holding
+//! nothing: a blocked request conflicts with no lock) until the holder goes.
+//!
 //! The file is never unlinked or replaced (a newcomer would lock a fresh inode while
 //! the holder still locks the old one): after locking, the path must still name the
 //! locked inode. It holds a small record, written in place as two checksummed copies
@@ -20,10 +39,12 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::codec::{Crc32cHeader, FromBytes, Immutable, IntoBytes, KnownLayout, U32, U64};
-use devices::lock::{lock_file, Holder, LockError, LockKind};
+use devices::lock::{lock_file, lock_file_wait, unlock_file, Holder, LockError, LockKind};
 
 /// Magic at the start of each record copy.
 pub const MAGIC: [u8; 8] = *b"MVFENCE\0";
@@ -36,8 +57,6 @@ pub const RECORD_LEN: usize = 64;
 pub const COPY_OFFSETS: [u64; 2] = [0, 512];
 /// Record flag: the `unprotected_since` field holds an epoch.
 pub const FLAG_UNPROTECTED: u32 = 1;
-/// How often [`Witness::acquire`] tries the lock again while it is held.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// What the witness file is, in lock errors.
 const WHAT: &str = "witness file";
@@ -204,6 +223,21 @@ pub enum FenceError {
         replica: u64,
         /// The recorded "unprotected since" epoch.
         unprotected_since: u64,
+    },
+    /// The thread that waits for the lock could not be started.
+    #[error("cannot start waiting for the lock on the witness file {path}")]
+    Wait {
+        /// The witness file.
+        path: PathBuf,
+        /// The error of spawning the thread.
+        #[source]
+        source: io::Error,
+    },
+    /// A [`FenceWait`] was asked again after it had returned the fence or an error.
+    #[error("the wait for the witness file {path} already ended")]
+    WaitEnded {
+        /// The witness file.
+        path: PathBuf,
     },
     /// The fence generation or the record's write counter cannot grow any further
     /// (only a damaged file can get there).
@@ -374,7 +408,12 @@ impl Witness {
     /// One attempt at the fence, as [`Witness::open`], except that a fence held
     /// elsewhere is an answer ([`Attempt::Busy`]), not an error.
     pub fn try_acquire(&self) -> Result<Attempt, FenceError> {
-        let file = OpenOptions::new()
+        lock_and_load(self.open_file()?, &self.path)
+    }
+
+    /// Opens (or creates) the witness file, never truncating or replacing it.
+    fn open_file(&self) -> Result<File, FenceError> {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -383,32 +422,216 @@ impl Witness {
             .map_err(|source| FenceError::Open {
                 path: self.path.clone(),
                 source,
-            })?;
-        lock_and_load(file, &self.path)
+            })
     }
 
-    /// Waits for the fence, as a standby does before it takes over: tries every
-    /// [`POLL_INTERVAL`] while another process holds it, until `deadline`. A live
-    /// holder at the deadline is [`FenceError::StillHeld`]; any other failure is
-    /// returned at once.
+    /// Waits for the fence until `deadline`, as a standby that may give up does: one
+    /// attempt without waiting, then, while another process holds it, a blocking wait
+    /// ([`Witness::start_wait`]) that takes the lock the moment its holder releases it.
+    /// A holder still alive at the deadline is [`FenceError::StillHeld`] (naming the
+    /// holder the first attempt found), and this process then holds no lock on the
+    /// witness file (see [`FenceWait`]); any other failure is returned at once. Each
+    /// call that hits its deadline leaves a thread blocked until the holder goes: to
+    /// wait in slices, keep one [`FenceWait`] and call [`FenceWait::wait_until`] again.
     pub fn acquire(&self, deadline: Instant) -> Result<Fence, FenceError> {
         let start = Instant::now();
+        let holder = match self.try_acquire()? {
+            Attempt::Acquired(f) => return Ok(f),
+            Attempt::Busy(holder) => holder,
+        };
+        let mut wait = self.start_wait()?;
+        match wait.wait_until(deadline)? {
+            Some(f) => Ok(f),
+            None => Err(FenceError::StillHeld {
+                path: self.path.clone(),
+                holder,
+                waited: start.elapsed(),
+            }),
+        }
+    }
+
+    /// Starts waiting for the fence: opens the witness file and hands it to a thread
+    /// that blocks in `F_OFD_SETLKW` until the kernel grants the lock. The returned
+    /// [`FenceWait`] collects the fence, with or without a deadline; dropping it gives
+    /// the wait up.
+    pub fn start_wait(&self) -> Result<FenceWait, FenceError> {
+        let file = self.open_file()?;
+        let shared = Arc::new(WaitShared {
+            state: Mutex::new(WaitState::Waiting),
+            changed: Condvar::new(),
+        });
+        let (path, theirs) = (self.path.clone(), shared.clone());
+        let thread = std::thread::Builder::new()
+            .name("fence-wait".to_owned())
+            .spawn(move || wait_for_lock(file, &path, &theirs))
+            .map_err(|source| FenceError::Wait {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(FenceWait {
+            path: self.path.clone(),
+            shared,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Where a [`FenceWait`] and its thread meet.
+#[derive(Debug)]
+struct WaitShared {
+    state: Mutex<WaitState>,
+    /// Signalled when the thread's wait ends.
+    changed: Condvar,
+}
+
+impl WaitShared {
+    fn lock(&self) -> MutexGuard<'_, WaitState> {
+        // Neither side panics while holding it; a poisoned state is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The state of a wait for the lock.
+#[derive(Debug)]
+enum WaitState {
+    /// The thread is blocked in the kernel, waiting for the lock.
+    Waiting,
+    /// The thread's wait ended: the file, locked, or why the kernel refused the lock.
+    Done(Result<File, LockError>),
+    /// The requester gave up: whatever the thread gets, it releases at once.
+    Cancelled,
+    /// The result was handed out (or released).
+    Taken,
+}
+
+/// The body of a [`FenceWait`]'s thread: waits for the lock on `file`, which it alone
+/// owns, then hands it over, or, if the requester has gone, releases it and closes
+/// the file. It never holds the lock for anyone who is not there to take it.
+fn wait_for_lock(file: File, path: &Path, shared: &WaitShared) {
+    let r = lock_file_wait(&file, path, WHAT, LockKind::Exclusive);
+    let mut state = shared.lock();
+    if matches!(*state, WaitState::Cancelled) {
+        *state = WaitState::Taken;
+        drop(state);
+        release(file);
+        return;
+    }
+    *state = WaitState::Done(r.map(|()| file));
+    shared.changed.notify_all();
+}
+
+/// Gives up a lock taken on `file` that no one will use: unlocks it explicitly (so
+/// that no other descriptor of its description, such as a child's after a fork, keeps
+/// it) and closes the file. An unlock that fails is followed by the close, which
+/// releases the lock of the description's last descriptor anyway.
+fn release(file: File) {
+    let _ = unlock_file(&file);
+    drop(file);
+}
+
+/// A wait for the fence in progress ([`Witness::start_wait`]): a thread blocked in
+/// `F_OFD_SETLKW` on its own open of the witness file, which the kernel wakes the
+/// moment the holder's lock is released (it unlocks, closes, or dies).
+///
+/// Dropping it gives the wait up: a lock already granted but not collected is
+/// released at once; a thread still blocked stays blocked (nothing but a signal could
+/// wake it) but holds nothing meanwhile, and when the kernel grants it the lock later
+/// it releases it at once and ends, so a given-up wait never holds the fence on its
+/// own. It does hold it for that instant, during which another process trying the
+/// lock without waiting would be refused.
+#[derive(Debug)]
+pub struct FenceWait {
+    path: PathBuf,
+    shared: Arc<WaitShared>,
+    /// The waiting thread; not joined (it may stay blocked as long as the holder
+    /// lives).
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FenceWait {
+    /// Waits until the fence is ours (`Ok(Some)`, its record read as in
+    /// [`Witness::open`]) or `deadline` passes (`Ok(None)`: still held; wait again,
+    /// or drop this to give up). After it returned the fence or an error the wait is
+    /// over: another call is [`FenceError::WaitEnded`].
+    pub fn wait_until(&mut self, deadline: Instant) -> Result<Option<Fence>, FenceError> {
+        self.wait_for(Some(deadline))
+    }
+
+    /// Waits for the fence for as long as it takes.
+    pub fn wait(mut self) -> Result<Fence, FenceError> {
         loop {
-            match self.try_acquire()? {
-                Attempt::Acquired(f) => return Ok(f),
-                Attempt::Busy(holder) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(FenceError::StillHeld {
-                            path: self.path.clone(),
-                            holder,
-                            waited: now - start,
-                        });
-                    }
-                    std::thread::sleep(POLL_INTERVAL.min(deadline - now));
-                }
+            if let Some(f) = self.wait_for(None)? {
+                return Ok(f);
             }
         }
+    }
+
+    fn wait_for(&mut self, deadline: Option<Instant>) -> Result<Option<Fence>, FenceError> {
+        let mut state = self.shared.lock();
+        loop {
+            match std::mem::replace(&mut *state, WaitState::Taken) {
+                WaitState::Done(Ok(file)) => {
+                    drop(state);
+                    return load(file, &self.path).map(Some);
+                }
+                WaitState::Done(Err(source)) => {
+                    return Err(FenceError::Lock {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
+                WaitState::Taken | WaitState::Cancelled => {
+                    return Err(FenceError::WaitEnded {
+                        path: self.path.clone(),
+                    })
+                }
+                WaitState::Waiting => *state = WaitState::Waiting,
+            }
+            state = match deadline {
+                None => self
+                    .shared
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(None);
+                    }
+                    self.shared
+                        .changed
+                        .wait_timeout(state, deadline - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Gives the wait up as dropping it does, and returns its thread, which ends once
+    /// the kernel grants it the lock and it has released it (tests join it).
+    #[cfg(test)]
+    fn cancel(mut self) -> JoinHandle<()> {
+        let thread = self.thread.take();
+        drop(self);
+        thread.expect("the thread is taken only here")
+    }
+}
+
+impl Drop for FenceWait {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        match std::mem::replace(&mut *state, WaitState::Cancelled) {
+            WaitState::Done(Ok(file)) => {
+                *state = WaitState::Taken;
+                drop(state);
+                release(file);
+            }
+            WaitState::Done(Err(_)) | WaitState::Taken => *state = WaitState::Taken,
+            WaitState::Waiting | WaitState::Cancelled => {}
+        }
+        // Detach the thread: it ends on its own once its wait ends.
+        drop(self.thread.take());
     }
 }
 
@@ -425,15 +648,21 @@ fn lock_and_load(file: File, path: &Path) -> Result<Attempt, FenceError> {
             })
         }
     }
+    load(file, path).map(Attempt::Acquired)
+}
+
+/// Once `file` is locked: checks that `path` still names it and reads its record.
+/// On an error `file` is closed, which releases the lock.
+fn load(file: File, path: &Path) -> Result<Fence, FenceError> {
     check_same_file(&file, path)?;
     let [a, b] = read_copies(&file, path)?;
     let (record, current) = choose(path, [decode_copy(&a), decode_copy(&b)])?;
-    Ok(Attempt::Acquired(Fence {
+    Ok(Fence {
         file,
         path: path.to_owned(),
         record,
         current,
-    }))
+    })
 }
 
 /// Checks that `path` names the very file `file` is open on (same device and inode).
@@ -961,12 +1190,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn fence_lock_of_a_killed_process_is_released() {
-        use nix::sys::signal::{kill, Signal};
-        use nix::unistd::Pid;
-
-        let (_d, w) = scratch();
+    /// Starts a child process holding the fence on `w` (see [`child_holds_witness`])
+    /// and returns once it holds it.
+    fn spawn_holder(w: &Witness) -> std::process::Child {
         let exe = std::env::current_exe().unwrap();
         let mut child = Command::new(exe)
             .args([
@@ -996,6 +1222,54 @@ mod tests {
             let _ = child.wait();
             panic!("the child never took the fence");
         }
+        child
+    }
+
+    /// Kills `child` and reaps it.
+    fn kill_holder(mut child: std::process::Child) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+        kill(pid, Signal::SIGKILL).unwrap();
+        assert!(!child.wait().unwrap().success());
+    }
+
+    /// How many locks this process holds on the witness file, through any of its
+    /// descriptors (`/proc/self/fdinfo` lists the locks granted to each description,
+    /// not the requests still waiting).
+    fn locks_held_here(w: &Witness) -> usize {
+        let file = std::fs::metadata(w.path()).unwrap();
+        let mut n = 0;
+        for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            match std::fs::metadata(fd.path()) {
+                Ok(m) if m.dev() == file.dev() && m.ino() == file.ino() => {}
+                _ => continue,
+            }
+            let info = Path::new("/proc/self/fdinfo").join(fd.file_name());
+            let text = std::fs::read_to_string(info).unwrap_or_default();
+            n += text.lines().filter(|l| l.starts_with("lock:")).count();
+        }
+        n
+    }
+
+    /// Joins a given-up wait's thread, which ends once it was granted the lock and
+    /// released it; a thread still blocked long after its holder died fails the test.
+    fn join_given_up(thread: JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(thread.join().is_ok());
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(60)),
+            Ok(true),
+            "the given-up wait's thread did not end after its holder died"
+        );
+    }
+
+    #[test]
+    fn fence_lock_of_a_killed_process_is_released() {
+        let (_d, w) = scratch();
+        let child = spawn_holder(&w);
 
         // Held by the child: the standby waits, and learns who holds it.
         let pid = child.id();
@@ -1008,11 +1282,102 @@ mod tests {
         let e = w.open().unwrap_err();
         assert!(e.to_string().contains(&format!("pid {pid}")), "{e}");
 
-        kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
-        let t0 = Instant::now();
-        let mut f = w.acquire(t0 + Duration::from_secs(10)).unwrap();
-        let status = child.wait().unwrap();
-        assert!(!status.success());
+        kill_holder(child);
+        let mut f = w.acquire(Instant::now() + Duration::from_secs(10)).unwrap();
         assert_eq!(f.take_over(0).unwrap(), 1);
+    }
+
+    #[test]
+    fn fence_a_blocked_wait_gets_the_fence_when_its_holder_is_killed() {
+        let (_d, w) = scratch();
+        let child = spawn_holder(&w);
+        let mut wait = w.start_wait().unwrap();
+        // The child is alive: a deadline already due finds the wait still waiting,
+        // holding nothing.
+        assert!(wait.wait_until(Instant::now()).unwrap().is_none());
+        assert_eq!(locks_held_here(&w), 0);
+        // The kernel grants the blocked request once the holder is gone; the deadline
+        // is only a guard against a hang.
+        kill_holder(child);
+        let mut f = wait
+            .wait_until(Instant::now() + Duration::from_secs(60))
+            .unwrap()
+            .expect("the killed holder's lock was not granted to the waiting standby");
+        assert_eq!(locks_held_here(&w), 1);
+        assert_eq!(f.take_over(0).unwrap(), 1);
+        // The wait is spent.
+        assert!(matches!(
+            wait.wait_until(Instant::now()),
+            Err(FenceError::WaitEnded { .. })
+        ));
+        drop(f);
+        assert_eq!(locks_held_here(&w), 0);
+        assert_eq!(w.open().unwrap().generation(), 1);
+    }
+
+    #[test]
+    fn fence_acquire_from_a_live_holder_hits_its_deadline_and_holds_nothing() {
+        let (_d, w) = scratch();
+        let child = spawn_holder(&w);
+        let pid = child.id();
+        let e = w
+            .acquire(Instant::now() + Duration::from_millis(100))
+            .unwrap_err();
+        match &e {
+            FenceError::StillHeld {
+                holder: Holder::Others(procs),
+                ..
+            } => assert!(procs.iter().any(|(p, _)| *p == pid), "{procs:?}"),
+            other => panic!("not StillHeld by the child: {other:?}"),
+        }
+        assert_eq!(locks_held_here(&w), 0);
+        // Once the holder is dead the fence is free for the next attempt (the given-up
+        // wait's thread, granted the lock too, lets go of it at once).
+        kill_holder(child);
+        let mut f = w.acquire(Instant::now() + Duration::from_secs(60)).unwrap();
+        assert_eq!(f.take_over(0).unwrap(), 1);
+    }
+
+    #[test]
+    fn fence_a_given_up_wait_releases_the_lock_it_is_granted_later() {
+        let (_d, w) = scratch();
+        let child = spawn_holder(&w);
+        let mut wait = w.start_wait().unwrap();
+        assert!(wait.wait_until(Instant::now()).unwrap().is_none());
+        let thread = wait.cancel();
+        assert_eq!(locks_held_here(&w), 0);
+        // The holder dies: the kernel grants the given-up request, whose thread
+        // releases the lock and ends instead of keeping it for no one.
+        kill_holder(child);
+        join_given_up(thread);
+        assert_eq!(locks_held_here(&w), 0);
+        let mut f = w.open().unwrap();
+        assert_eq!(f.take_over(0).unwrap(), 1);
+    }
+
+    #[test]
+    fn fence_a_given_up_wait_releases_a_lock_granted_but_not_collected() {
+        let (_d, w) = scratch();
+        let held = w.open().unwrap();
+        let mut wait = w.start_wait().unwrap();
+        assert!(wait.wait_until(Instant::now()).unwrap().is_none());
+        drop(held);
+        // Granted now (or soon); give it up without collecting it.
+        let shared = wait.shared.clone();
+        let granted = {
+            let state = shared.lock();
+            let (state, _) = shared
+                .changed
+                .wait_timeout_while(state, Duration::from_secs(60), |s| {
+                    matches!(s, WaitState::Waiting)
+                })
+                .unwrap();
+            matches!(*state, WaitState::Done(Ok(_)))
+        };
+        assert!(granted, "the released lock was not granted to the wait");
+        assert_eq!(locks_held_here(&w), 1);
+        join_given_up(wait.cancel());
+        assert_eq!(locks_held_here(&w), 0);
+        w.open().unwrap();
     }
 }

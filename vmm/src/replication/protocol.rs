@@ -2086,24 +2086,138 @@ impl CheckpointAssembler {
     }
 }
 
+/// Fuzz mode bit (the input's first byte): recompute every header's CRCs before
+/// decoding, so that mutated lengths, types, epochs and payloads reach the checks that
+/// sit behind the CRCs (a fuzzer cannot forge a CRC32C).
+pub const FUZZ_RESEAL: u8 = 1;
+/// Fuzz mode bit: stage in a shared-storage session (regions carry metadata only)
+/// instead of a replicated one.
+pub const FUZZ_SHARED: u8 = 2;
+
 /// Decodes any byte string as a stream of frames and stages them in an assembler for
-/// a two-disk replicated machine: every input ends in an error or a clean end, never
-/// a panic, and no allocation exceeds the reader's 1 MiB bound and the assembler's
-/// limits. The fuzz target `vmm/fuzz/fuzz_targets/frame.rs` calls this.
+/// a two-disk machine: every input ends in an error or a clean end, never a panic,
+/// and no allocation exceeds the reader's 1 MiB bound and the assembler's (small)
+/// limits. The
+/// fuzz target `vmm/fuzz/fuzz_targets/frame.rs` calls this.
+///
+/// The first byte is the mode ([`FUZZ_RESEAL`], [`FUZZ_SHARED`]), the rest the
+/// stream. Besides not panicking, it asserts that every frame the reader accepts
+/// re-encodes to a frame that decodes to the same value (for the fixed binary
+/// layouts, to the very same bytes), and that every checkpoint the assembler completes
+/// is within its limits and made of what the session allows.
 pub fn fuzz(data: &[u8]) {
-    let hello = fuzz_hello();
-    let mut assembler = CheckpointAssembler::new(
-        &hello,
-        AssemblerLimits {
-            max_pages: 512,
-            max_region_bytes: 4 << 20,
-            max_console_bytes: 1 << 20,
-        },
-    );
-    let mut reader = FrameReader::with_max_payload(data, 1 << 20);
-    while let Ok(Some(frame)) = reader.read_frame() {
-        let _ = assembler.push(frame);
+    let Some((&mode, stream)) = data.split_first() else {
+        return;
+    };
+    let mut hello = fuzz_hello();
+    if mode & FUZZ_SHARED != 0 {
+        hello.storage = WireStorage::Shared;
     }
+    // Small enough that short inputs reach them (16 pages, 16 sectors, 1 KiB).
+    let limits = AssemblerLimits {
+        max_pages: 16,
+        max_region_bytes: 8 << 10,
+        max_console_bytes: 1 << 10,
+    };
+    let mut assembler = CheckpointAssembler::new(&hello, limits);
+    let mut bytes = stream.to_vec();
+    if mode & FUZZ_RESEAL != 0 {
+        reseal_stream(&mut bytes);
+    }
+    let mut reader = FrameReader::with_max_payload(&bytes[..], 1 << 20);
+    let consumed = reader.bytes_read();
+    let mut at = 0usize;
+    while let Ok(Some(frame)) = reader.read_frame() {
+        let end = crate::arch::to_usize(consumed.load(std::sync::atomic::Ordering::Relaxed));
+        fuzz_check_round_trip(&frame, &bytes[at..end]);
+        at = end;
+        if let Ok(Staged::Complete(c)) = assembler.push(frame) {
+            fuzz_check_complete(&c.checkpoint, &hello, &limits, assembler.last_epoch());
+        }
+    }
+}
+
+/// Recomputes the payload CRC and the header CRC of every frame in `bytes`, as the
+/// headers' payload lengths lay the frames out (a last payload may be cut short).
+fn reseal_stream(bytes: &mut [u8]) {
+    let mut at = 0usize;
+    while let Some(end) = at.checked_add(HEADER_LEN).filter(|e| *e <= bytes.len()) {
+        let (head, rest) = bytes[at..].split_at_mut(HEADER_LEN);
+        let Ok(h) = RawHeader::mut_from_bytes(head) else {
+            return;
+        };
+        let len = crate::arch::to_usize(u64::from(h.payload_len.get()));
+        let payload = &rest[..len.min(rest.len())];
+        h.payload_crc = U32::new(crc32c::crc32c(payload));
+        h.seal();
+        match end.checked_add(len) {
+            Some(next) => at = next,
+            None => return,
+        }
+    }
+}
+
+/// Re-encodes a decoded frame and decodes it again: it must be the same frame, and
+/// for the binary layouts (all but the postcard payloads, whose varints have more
+/// than one spelling) the same bytes as `wire`, the frame as it was read.
+fn fuzz_check_round_trip(frame: &Frame, wire: &[u8]) {
+    let mut w = FrameWriter::new(Vec::new(), frame.generation);
+    if let Err(e) = w.write(frame.epoch, &frame.body) {
+        panic!("a frame the reader accepted does not encode: {e}: {frame:?}");
+    }
+    let out = w.into_inner();
+    match FrameReader::new(&out[..]).read_frame() {
+        Ok(Some(again)) => assert_eq!(&again, frame, "a re-encoded frame decodes otherwise"),
+        other => panic!("a re-encoded frame does not decode: {other:?}"),
+    }
+    let postcard = matches!(
+        frame.body,
+        Body::Hello(_) | Body::HelloAck(_) | Body::Shutdown(_)
+    );
+    if !postcard {
+        assert_eq!(out, wire, "a decoded frame re-encodes to other bytes");
+    }
+}
+
+/// Checks a checkpoint the assembler completed against the session and the limits.
+fn fuzz_check_complete(c: &Checkpoint, hello: &Hello, limits: &AssemblerLimits, last: Option<u64>) {
+    assert_eq!(
+        last,
+        Some(c.epoch),
+        "the completed epoch is not the last one"
+    );
+    assert!(c.pages.len() as u64 <= limits.max_pages, "too many pages");
+    assert_eq!(c.pages.addrs.len() * PAGE_SIZE, c.pages.data.len());
+    assert!(c.console.bytes.len() as u64 <= limits.max_console_bytes);
+    let mut region_bytes = 0u64;
+    let mut disks = c.disks.iter().map(|d| d.disk).peekable();
+    while let Some(d) = disks.next() {
+        assert!(d < hello.manifest.disks.len(), "a region for disk {d}");
+        assert!(
+            disks.peek().is_none_or(|n| *n > d),
+            "regions not in disk order"
+        );
+    }
+    for d in &c.disks {
+        match (&d.content, hello.storage) {
+            (RegionContent::Meta(m), WireStorage::Shared) => assert_eq!(m.epoch, c.epoch),
+            (RegionContent::Data(e), WireStorage::Replicated) => {
+                assert_eq!(e.meta.epoch, c.epoch);
+                let mut next = 0u64;
+                for x in &e.extents {
+                    assert!(x.sector >= next, "extents out of order");
+                    assert!(!x.data.is_empty() && x.data.len() as u64 % SECTOR_SIZE == 0);
+                    next = x.sector + x.data.len() as u64 / SECTOR_SIZE;
+                    region_bytes += x.data.len() as u64;
+                }
+            }
+            (content, storage) => panic!("{content:?} region in a {storage:?} session"),
+        }
+    }
+    assert!(
+        region_bytes <= limits.max_region_bytes,
+        "too many region bytes"
+    );
 }
 
 /// The session [`fuzz`] and the tests assume: 1 MiB of memory, two disks, replicated.
@@ -2817,6 +2931,43 @@ mod tests {
     }
 
     #[test]
+    fn region_chunks_that_disagree_discard_the_checkpoint() {
+        let chunk = |sector: u64, meta: RegionMeta| Frame {
+            epoch: 1,
+            generation: GEN,
+            body: Body::Region(RegionChunk {
+                disk: 1,
+                storage: WireStorage::Replicated,
+                meta,
+                extents: vec![ExportExtent {
+                    sector,
+                    data: vec![1; 1024],
+                }],
+            }),
+        };
+        // Sectors 2-3, then a chunk starting inside them.
+        let mut a = assembler();
+        a.push(chunk(2, meta(1))).unwrap();
+        assert_eq!(
+            a.push(chunk(3, meta(1))).unwrap_err(),
+            AssembleError::RegionChunks { disk: 1 }
+        );
+        assert!(!a.is_receiving());
+        // Other metadata in a later chunk.
+        let mut other = meta(1);
+        other.records += 1;
+        a.push(chunk(2, meta(1))).unwrap();
+        assert_eq!(
+            a.push(chunk(10, other)).unwrap_err(),
+            AssembleError::RegionChunks { disk: 1 }
+        );
+        // Adjacent chunks that agree are one region.
+        a.push(chunk(2, meta(1))).unwrap();
+        a.push(chunk(4, meta(1))).unwrap();
+        assert!(a.is_receiving());
+    }
+
+    #[test]
     fn a_base_copy_must_be_completed_by_a_full_checkpoint() {
         let mut a = assembler();
         let base = Frame {
@@ -2887,9 +3038,16 @@ mod tests {
 
     #[test]
     fn fuzz_entry_survives_mutated_streams() {
-        let bytes = valid_stream();
-        fuzz(&bytes);
+        let stream = valid_stream();
         fuzz(&[]);
+        fuzz(&[0]);
+        for mode in [0, FUZZ_RESEAL, FUZZ_SHARED, FUZZ_RESEAL | FUZZ_SHARED] {
+            let mut bytes = vec![mode];
+            bytes.extend_from_slice(&stream);
+            fuzz(&bytes);
+        }
+        let mut bytes = vec![FUZZ_RESEAL];
+        bytes.extend_from_slice(&stream);
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             seed ^= seed << 13;
@@ -2900,17 +3058,153 @@ mod tests {
         for _ in 0..300 {
             let mut b = bytes.clone();
             for _ in 0..(next() % 8 + 1) {
-                let i = crate::arch::to_usize(next() % b.len() as u64);
+                // Byte 0 is the mode: mutate the stream only.
+                let i = 1 + crate::arch::to_usize(next() % (b.len() as u64 - 1));
                 match next() % 3 {
                     0 => b[i] ^= 1 << (next() % 8),
                     1 => b.truncate(i),
                     _ => b[i] = 0xff,
                 }
-                if b.is_empty() {
+                if b.len() < 2 {
                     break;
                 }
             }
             fuzz(&b);
+        }
+    }
+
+    /// A small session for the fuzz seeds: a one-page base copy with a disk base
+    /// chunk, the full checkpoint 1 that completes it and checkpoint 2 (one page each,
+    /// a two-extent region, in two chunks in checkpoint 2 when replicated, console
+    /// bytes), heartbeats, and an orderly shutdown.
+    fn seed_session(storage: WireStorage) -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        w.write_base(0, &pages(&[2 * PAGE])).unwrap();
+        w.write(
+            0,
+            &Body::DiskBase(DiskChunk {
+                disk: 0,
+                offset: 1024,
+                data: vec![4; 512],
+            }),
+        )
+        .unwrap();
+        for epoch in 1..=2 {
+            let (mut c, console) = checkpoint(epoch);
+            c.full = epoch == 1;
+            c.pages = pages(&[epoch * PAGE]);
+            if storage == WireStorage::Shared {
+                c.disks = vec![DiskRegion {
+                    disk: 0,
+                    content: RegionContent::Meta(meta(epoch)),
+                }];
+            }
+            if epoch == 1 || storage == WireStorage::Shared {
+                w.write_checkpoint_with(&c, &console).unwrap();
+            } else {
+                // Its region in two chunks, one extent each, as a large one travels.
+                let RegionContent::Data(e) = &c.disks[0].content else {
+                    unreachable!()
+                };
+                w.write(epoch, &Body::Pages(c.pages.clone())).unwrap();
+                for x in &e.extents {
+                    let chunk = RegionChunk {
+                        disk: 1,
+                        storage,
+                        meta: e.meta,
+                        extents: vec![x.clone()],
+                    };
+                    w.write(epoch, &Body::Region(chunk)).unwrap();
+                }
+                w.write(epoch, &Body::Console(console.clone())).unwrap();
+                w.write(epoch, &Body::State(c.state.clone())).unwrap();
+                let end = Totals {
+                    pages: 1,
+                    state_len: c.state.len() as u64,
+                    console_bytes: console.bytes.len() as u64,
+                    regions: 1,
+                    full: false,
+                };
+                w.write(epoch, &Body::EndOfCheckpoint(end)).unwrap();
+            }
+            w.write(epoch, &Body::Heartbeat).unwrap();
+        }
+        w.write(2, &Body::Shutdown(Shutdown::Stopped { exit_status: 130 }))
+            .unwrap();
+        w.into_inner()
+    }
+
+    /// The seed corpus of the `frame` fuzz target (`vmm/fuzz/corpus/frame`): the
+    /// mode byte of [`fuzz`], then the stream.
+    fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let mut every = FrameWriter::new(Vec::new(), GEN);
+        for (i, b) in every_body().iter().enumerate() {
+            every.write(i as u64, b).unwrap();
+        }
+        let with_mode = |mode: u8, stream: Vec<u8>| [vec![mode], stream].concat();
+        vec![
+            (
+                "seed-session",
+                with_mode(FUZZ_RESEAL, seed_session(WireStorage::Replicated)),
+            ),
+            (
+                "seed-session-crc",
+                with_mode(0, seed_session(WireStorage::Replicated)),
+            ),
+            (
+                "seed-session-shared",
+                with_mode(FUZZ_RESEAL | FUZZ_SHARED, seed_session(WireStorage::Shared)),
+            ),
+            (
+                "seed-every-frame",
+                with_mode(FUZZ_RESEAL, every.into_inner()),
+            ),
+        ]
+    }
+
+    #[test]
+    fn fuzz_seeds_are_whole_sessions() {
+        for (name, seed) in fuzz_seeds() {
+            let frames = read_all(&seed[1..]).unwrap();
+            if name == "seed-every-frame" {
+                assert_eq!(frames.len(), every_body().len());
+                continue;
+            }
+            let mut hello = fuzz_hello();
+            if seed[0] & FUZZ_SHARED != 0 {
+                hello.storage = WireStorage::Shared;
+            }
+            let mut a =
+                CheckpointAssembler::new(&hello, AssemblerLimits::for_manifest(&hello.manifest));
+            let mut complete = 0;
+            let mut shutdown = false;
+            for f in frames {
+                match a.push(f) {
+                    Ok(Staged::Complete(_)) => complete += 1,
+                    Ok(Staged::Shutdown(_)) => shutdown = true,
+                    Ok(_) => {}
+                    Err(e) => panic!("{name}: {e}"),
+                }
+            }
+            assert_eq!((complete, shutdown), (2, true), "{name}");
+            fuzz(&seed);
+        }
+    }
+
+    /// Writes [`fuzz_seeds`] into the directory named by `MIRRORVM_FUZZ_SEEDS` (an
+    /// absolute path: tests run in `vmm/`), from the repository's root:
+    /// `MIRRORVM_FUZZ_SEEDS=$PWD/vmm/fuzz/corpus/frame cargo test -p vmm --lib
+    /// write_fuzz_seeds -- --ignored`.
+    #[test]
+    #[ignore = "writes the frame fuzz target's seed corpus when MIRRORVM_FUZZ_SEEDS is set"]
+    fn write_fuzz_seeds() {
+        let Some(dir) = std::env::var_os("MIRRORVM_FUZZ_SEEDS") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, seed) in fuzz_seeds() {
+            std::fs::write(dir.join(name), seed).unwrap();
         }
     }
 

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
-use super::fence::{Attempt, FenceError, Witness, POLL_INTERVAL};
+use super::fence::{Attempt, FenceError, FenceWait, Witness};
 use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
 use super::protocol::{
     AssembleError, AssemblerLimits, Body, CheckpointAssembler, Complete, FrameError, FrameReader,
@@ -911,20 +911,18 @@ impl Standby {
         match &self.config.witness {
             Some(path) => {
                 let w = Witness::new(path);
-                let mut said = false;
-                let mut fence = loop {
-                    match w.try_acquire().map_err(StandbyError::Fence)? {
-                        Attempt::Acquired(f) => break f,
-                        Attempt::Busy(holder) => {
-                            if !said {
-                                eprintln!(
-                                    "mirrorvm: failover: waiting for the fence: the witness {} is held by {holder} (a primary that is alive but silent keeps it)",
-                                    path.display()
-                                );
-                                said = true;
-                            }
-                            std::thread::sleep(POLL_INTERVAL);
-                        }
+                let mut fence = match w.try_acquire().map_err(StandbyError::Fence)? {
+                    Attempt::Acquired(f) => f,
+                    Attempt::Busy(holder) => {
+                        eprintln!(
+                            "mirrorvm: failover: waiting for the fence: the witness {} is held by {holder} (a primary that is alive but silent keeps it)",
+                            path.display()
+                        );
+                        // Blocks in the kernel until the holder's lock is released
+                        // (it dies or exits); no deadline: a live primary keeps it.
+                        w.start_wait()
+                            .and_then(FenceWait::wait)
+                            .map_err(StandbyError::Fence)?
                     }
                 };
                 let generation = fence.take_over(epoch).map_err(StandbyError::Fence)?;
