@@ -2132,6 +2132,8 @@ pub fn fuzz(data: &[u8]) {
         fuzz_check_round_trip(&frame, &bytes[at..end]);
         at = end;
         if let Ok(Staged::Complete(c)) = assembler.push(frame) {
+            let mut c = *c;
+            c.join_pages();
             fuzz_check_complete(&c.checkpoint, &hello, &limits, assembler.last_epoch());
         }
     }
