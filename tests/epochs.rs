@@ -577,7 +577,7 @@ fn stopping_the_vmm_cuts_a_final_checkpoint_that_restore_resumes() {
         "{}",
         r.seen.join("\n")
     );
-    let last = *counters(r.seen.iter()).last().expect("printed values");
+    let mut before = r.seen.clone();
     assert!(
         !ck.join("finished").exists(),
         "a stopped guest is not finished"
@@ -587,12 +587,24 @@ fn stopping_the_vmm_cuts_a_final_checkpoint_that_restore_resumes() {
     c.args(["restore", "--from"]).arg(&ck);
     let mut r = Running::spawn(c);
     let ok = r.wait_for(Duration::from_secs(30), |l| l.starts_with("counter "));
-    let first = counters(r.seen.iter()).first().copied();
     assert!(ok, "restore printed nothing: {}", r.stderr());
+    // The final cut may fall while the guest writes a line (one port write per
+    // byte): its start was shown by the stopped VMM, its end comes from the restored
+    // guest. Joined, they make the next line.
+    let mut after = r.seen.clone();
+    if after.first().is_some_and(|l| !l.starts_with("counter ")) {
+        let end = after.remove(0);
+        let start = before.pop().unwrap_or_default();
+        after.insert(0, format!("{start}{end}"));
+    }
+    let last = *counters(before.iter()).last().expect("printed values");
+    let first = counters(after.iter()).first().copied();
     assert_eq!(
         first,
         Some(last + 1),
-        "the restored guest must continue with the very next line"
+        "the restored guest must continue with the very next line (before: {:?}, after: {:?})",
+        before.last(),
+        after.first()
     );
 }
 
