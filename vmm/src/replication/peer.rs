@@ -139,6 +139,21 @@ fn is_zero(b: &[u8]) -> bool {
     b.chunks(PAGE_SIZE).all(|c| c == &ZERO[..c.len()])
 }
 
+/// How long the checkpoint in flight may go unacknowledged, and what that deadline is
+/// called. The checkpoint that completes the initial copy (none acknowledged yet) is
+/// part of the copy: its Ack waits for the standby to create its disks' journals and
+/// settle its copies, which is disk work, not lag, so it has the copy's deadline.
+fn ack_deadline(back: &Back, max_lag: Duration) -> (Duration, &'static str) {
+    if back.acked.load(Ordering::Acquire) == 0 {
+        (
+            max_lag.max(COPY_STALL_DEADLINE),
+            "the deadline for the checkpoint that completes the initial copy",
+        )
+    } else {
+        (max_lag, "the lag deadline")
+    }
+}
+
 /// A byte counter in front of a writer.
 struct Counting<W> {
     inner: W,
@@ -406,15 +421,7 @@ impl PeerSink {
                 extra: Box::new(move || {
                     if let Some(since) = *devices::bus::lock_recover(&lag) {
                         let waited = since.elapsed();
-                        // The checkpoint that completes the initial copy is part of
-                        // the copy: its Ack waits for the standby to set up its disks'
-                        // journals and settle its copies, which is disk work, not lag.
-                        let copying = acks.acked.load(Ordering::Acquire) == 0;
-                        let (limit, what) = if copying {
-                            (max_stall, "the deadline for the checkpoint that completes the initial copy")
-                        } else {
-                            (max_lag, "the lag deadline")
-                        };
+                        let (limit, what) = ack_deadline(&acks, max_lag);
                         if waited > limit {
                             return Some(format!(
                                 "no acknowledgement for {} ms ({what} is {} ms)",
@@ -599,13 +606,7 @@ impl PeerSink {
             if let Some(why) = s.verdict.get() {
                 return Err(PeerError::Dead { addr, why });
             }
-            // The checkpoint that completes the initial copy has the copy's deadline
-            // (the liveness thread judges it the same way and says why).
-            let limit = if s.back.acked.load(Ordering::Acquire) == 0 {
-                max_lag.max(COPY_STALL_DEADLINE)
-            } else {
-                max_lag
-            };
+            let (limit, _) = ack_deadline(&s.back, max_lag);
             if let Some(since) = *devices::bus::lock_recover(&s.unacked_since) {
                 if since.elapsed() > limit {
                     return Err(PeerError::Dead {

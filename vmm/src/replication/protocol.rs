@@ -1059,8 +1059,7 @@ impl<R: Read> FrameReader<R> {
     pub fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         let mut hb = [0u8; HEADER_LEN];
         let got = read_full(&mut self.r, &mut hb)?;
-        self.read
-            .fetch_add(got as u64, std::sync::atomic::Ordering::Relaxed);
+        self.count(got);
         if got == 0 {
             return Ok(None);
         }
@@ -1075,36 +1074,28 @@ impl<R: Read> FrameReader<R> {
         if matches!(ty, FrameType::Pages | FrameType::Base) {
             return self.read_pages(ty, epoch, generation, len, payload_crc);
         }
-        // `len` is within the bound: this is the only allocation a header sizes, and
-        // the buffer is kept for the next frame (a fresh one per frame costs page
-        // faults and clearing at every frame).
-        if self.buf.len() < len {
-            self.buf.resize(len, 0);
+        self.read_payload(0, len, len)?;
+        self.finish(ty, epoch, generation, &self.buf[..len], payload_crc)
+    }
+
+    /// Reads bytes `[from, to)` of a payload of `len` bytes into the frame buffer,
+    /// which is kept for the next frame (a fresh one per frame costs page faults and
+    /// clearing every time). `len` is within the header's bound: this is the only
+    /// allocation a header sizes.
+    fn read_payload(&mut self, from: usize, to: usize, len: usize) -> Result<(), FrameError> {
+        if self.buf.len() < to {
+            self.buf.resize(to, 0);
         }
-        let payload = &mut self.buf[..len];
-        let got = read_full(&mut self.r, payload)?;
-        self.read
-            .fetch_add(got as u64, std::sync::atomic::Ordering::Relaxed);
-        if got < len {
+        let got = read_full(&mut self.r, &mut self.buf[from..to])?;
+        self.count(got);
+        if from + got < to {
             return Err(FrameError::Truncated {
                 part: "payload",
-                got,
+                got: from + got,
                 want: len,
             });
         }
-        let computed = crc32c::crc32c(payload);
-        if computed != payload_crc {
-            return Err(FrameError::PayloadCrc {
-                ty,
-                cause: frame_crc_mismatch(payload_crc, computed),
-            });
-        }
-        let body = decode_body(ty, payload).map_err(|cause| malformed(ty, cause))?;
-        Ok(Some(Frame {
-            epoch,
-            generation,
-            body,
-        }))
+        Ok(())
     }
 
     /// Reads the payload of a Pages or Base frame of `len` bytes (within its bound)
@@ -1137,30 +1128,16 @@ impl<R: Read> FrameReader<R> {
         if len < PAGES_HEAD_LEN || entries != u64::from(count) * PAGE_ENTRY {
             // Read (and check) the rest as any frame before judging it, so that the
             // error says what was wrong with a frame that arrived whole.
-            let mut rest = vec![0u8; len - want];
-            let got = read_full(&mut self.r, &mut rest)?;
-            self.count(got);
-            if got < rest.len() {
-                return Err(truncated(want + got));
-            }
-            let mut payload = head[..want].to_vec();
-            payload.extend_from_slice(&rest);
-            return self.finish(ty, epoch, generation, &payload, payload_crc);
+            self.buf.resize(self.buf.len().max(want), 0);
+            self.buf[..want].copy_from_slice(&head[..want]);
+            self.read_payload(want, len, len)?;
+            return self.finish(ty, epoch, generation, &self.buf[..len], payload_crc);
         }
         let n = count as usize;
         let addr_len = n * 8;
-        if self.buf.len() < PAGES_HEAD_LEN + addr_len {
-            self.buf.resize(PAGES_HEAD_LEN + addr_len, 0);
-        }
+        self.buf.resize(self.buf.len().max(PAGES_HEAD_LEN), 0);
         self.buf[..PAGES_HEAD_LEN].copy_from_slice(&head);
-        let got = read_full(
-            &mut self.r,
-            &mut self.buf[PAGES_HEAD_LEN..PAGES_HEAD_LEN + addr_len],
-        )?;
-        self.count(got);
-        if got < addr_len {
-            return Err(truncated(PAGES_HEAD_LEN + got));
-        }
+        self.read_payload(PAGES_HEAD_LEN, PAGES_HEAD_LEN + addr_len, len)?;
         // The data: read into spare capacity, not zero-filled first.
         let data_len = n * PAGE_SIZE;
         let mut data = Vec::with_capacity(data_len);
