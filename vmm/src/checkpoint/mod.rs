@@ -154,22 +154,58 @@ pub fn decode_state(bytes: &[u8]) -> Result<MachineState, ContentError> {
 /// checkpoint (a directory replaying its chain, a standby applying what arrived).
 /// Every address is checked against `mem` before anything is written.
 pub fn apply_pages(mem: &GuestMemory, pages: &StagedPages) -> Result<(), ContentError> {
-    if pages.addrs.len().checked_mul(PAGE_SIZE) != Some(pages.data.len()) {
-        return Err(ContentError::Malformed {
-            addrs: pages.addrs.len(),
-            bytes: pages.data.len(),
-        });
-    }
-    for &gpa in &pages.addrs {
-        if mem.get_slice(GuestAddress(gpa), PAGE_SIZE).is_err() {
-            return Err(ContentError::PageOutside(gpa));
+    apply_batches(mem, std::slice::from_ref(pages))
+}
+
+/// Writes a checkpoint's batches of pages into guest memory, all or nothing: see
+/// [`check_batches`].
+pub fn apply_batches(mem: &GuestMemory, batches: &[StagedPages]) -> Result<(), ContentError> {
+    check_batches(mem, batches)?.write()
+}
+
+/// A checkpoint's pages whose shape and addresses were checked against one guest
+/// memory: writing them cannot fail on anything the sender controls.
+pub struct CheckedPages<'a> {
+    mem: &'a GuestMemory,
+    batches: &'a [StagedPages],
+}
+
+/// Checks every batch's shape and every address against `mem` before any page is
+/// written, so a bad batch late in a checkpoint cannot leave memory half at the old
+/// checkpoint and half at the new one (a standby checks before it imports the
+/// checkpoint's disk regions, too).
+pub fn check_batches<'a>(
+    mem: &'a GuestMemory,
+    batches: &'a [StagedPages],
+) -> Result<CheckedPages<'a>, ContentError> {
+    for pages in batches {
+        if pages.addrs.len().checked_mul(PAGE_SIZE) != Some(pages.data.len()) {
+            return Err(ContentError::Malformed {
+                addrs: pages.addrs.len(),
+                bytes: pages.data.len(),
+            });
+        }
+        for &gpa in &pages.addrs {
+            if mem.get_slice(GuestAddress(gpa), PAGE_SIZE).is_err() {
+                return Err(ContentError::PageOutside(gpa));
+            }
         }
     }
-    for (gpa, page) in pages.addrs.iter().zip(pages.data.chunks_exact(PAGE_SIZE)) {
-        mem.write_slice(page, GuestAddress(*gpa))
-            .map_err(|_| ContentError::PageOutside(*gpa))?;
+    Ok(CheckedPages { mem, batches })
+}
+
+impl CheckedPages<'_> {
+    /// Writes the pages, in order.
+    pub fn write(self) -> Result<(), ContentError> {
+        for pages in self.batches {
+            for (gpa, page) in pages.addrs.iter().zip(pages.data.chunks_exact(PAGE_SIZE)) {
+                self.mem
+                    .write_slice(page, GuestAddress(*gpa))
+                    .map_err(|_| ContentError::PageOutside(*gpa))?;
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -211,5 +247,43 @@ mod tests {
             Err(ContentError::Malformed { .. })
         ));
         assert_eq!(mem.num_regions(), 1);
+    }
+
+    #[test]
+    fn a_bad_batch_late_in_a_checkpoint_leaves_every_earlier_batch_unwritten() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap();
+        let page = |fill: u8| vec![fill; PAGE_SIZE];
+        let first = StagedPages {
+            addrs: vec![PAGE_SIZE as u64],
+            data: page(0x11),
+        };
+        let second_bad = StagedPages {
+            addrs: vec![2 * PAGE_SIZE as u64, 99 * PAGE_SIZE as u64],
+            data: [page(0x22), page(0x33)].concat(),
+        };
+        let third_short = StagedPages {
+            addrs: vec![4 * PAGE_SIZE as u64],
+            data: vec![0x44; 8],
+        };
+        for batches in [
+            vec![first.clone(), second_bad],
+            vec![first.clone(), third_short],
+        ] {
+            assert!(apply_batches(&mem, &batches).is_err());
+            for p in 0..16u64 {
+                assert_eq!(mem.read_obj::<u8>(GuestAddress(p * 4096)).unwrap(), 0);
+            }
+        }
+        // A checked checkpoint is written whole.
+        let second = StagedPages {
+            addrs: vec![2 * PAGE_SIZE as u64],
+            data: page(0x22),
+        };
+        check_batches(&mem, &[first, second])
+            .unwrap()
+            .write()
+            .unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0x11);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(2 * 4096)).unwrap(), 0x22);
     }
 }

@@ -49,8 +49,8 @@ use super::protocol::{
 use super::transport::{Closer, Connection, Listener, Transport, TransportError};
 use crate::checkpoint::source::ReplicaSource;
 use crate::checkpoint::{
-    apply_pages, decode_state, Console, ContentError, DiskManifest, Manifest, RegionContent,
-    Restored,
+    apply_pages, check_batches, decode_state, Console, ContentError, DiskManifest, Manifest,
+    RegionContent, Restored,
 };
 use crate::config::{DiskConfig, SerialConfig};
 use crate::cpuid::GuestCpu;
@@ -820,6 +820,8 @@ impl Standby {
                 replica.manifest.cpus
             )));
         }
+        let pages = check_batches(&replica.memory, &batches)
+            .map_err(|e: ContentError| Applied::Broken(format!("checkpoint {epoch}: {e}")))?;
         let first = replica.applied.is_none();
         if first {
             // The first checkpoint completes an initial copy, which must have come.
@@ -849,10 +851,9 @@ impl Standby {
                 e => failed(Box::new(e)),
             })?;
         }
-        for b in &batches {
-            apply_pages(&replica.memory, b)
-                .map_err(|e: ContentError| Applied::Broken(format!("checkpoint {epoch}: {e}")))?;
-        }
+        pages
+            .write()
+            .map_err(|e: ContentError| Applied::Broken(format!("checkpoint {epoch}: {e}")))?;
         replica.applied = Some((epoch, c.state));
         replica.copying = false;
         if !c.console.bytes.is_empty() {
