@@ -584,9 +584,9 @@ fn raw_tcp(net: &Net, bytes: u64) -> R<f64> {
 /// whole, checks it, applies its pages to a 256 MiB replica memory and acknowledges it;
 /// the sender waits for each Ack before the next checkpoint, as a primary does. MiB/s
 /// of page data from the first byte sent to the last Ack, after one more checkpoint
-/// that warms both ends.
-fn stream_path(net: &Net, mib: u64, count: u64) -> R<f64> {
-    use vmm::checkpoint::{apply_pages, Checkpoint, Manifest};
+/// that warms both ends; and where a checkpoint's time goes, per checkpoint.
+fn stream_path(net: &Net, mib: u64, count: u64) -> R<StreamRun> {
+    use vmm::checkpoint::{apply_batches, Checkpoint, Manifest};
     use vmm::dirty::{StagedPages, PAGE_SIZE};
     use vmm::replication::protocol::{
         AssemblerLimits, Body, CheckpointAssembler, FrameReader, FrameWriter, Hello, Staged,
@@ -618,14 +618,21 @@ fn stream_path(net: &Net, mib: u64, count: u64) -> R<f64> {
         let mut fw = FrameWriter::new(std::io::BufWriter::new(back), 1);
         let mut asm = CheckpointAssembler::new(&hello, AssemblerLimits::for_manifest(&manifest));
         let mut done = 0;
+        // Per timed checkpoint: its first frame read → whole and checked; → applied.
+        let (mut first_at, mut recv, mut apply) = (None, Vec::new(), Vec::new());
         while done < count + 1 {
             let f = fr
                 .read_frame()
                 .map_err(|e| format!("read: {e}"))?
                 .ok_or("the stream ended early")?;
+            let t0 = *first_at.get_or_insert_with(Instant::now);
             if let Staged::Complete(c) = asm.push(f).map_err(|e| format!("assemble: {e}"))? {
-                for b in &c.batches {
-                    apply_pages(&memory, b).map_err(|e| format!("apply: {e}"))?;
+                let t1 = Instant::now();
+                first_at = None;
+                apply_batches(&memory, &c.batches).map_err(|e| format!("apply: {e}"))?;
+                if done > 0 {
+                    recv.push(ms(t1.duration_since(t0)));
+                    apply.push(ms(t1.elapsed()));
                 }
                 let epoch = c.checkpoint.epoch;
                 fw.write(epoch, &Body::Ack)
@@ -634,7 +641,7 @@ fn stream_path(net: &Net, mib: u64, count: u64) -> R<f64> {
                 done += 1;
             }
         }
-        Ok(())
+        Ok((recv, apply))
     });
     let addr: SocketAddr = rx
         .recv_timeout(Duration::from_secs(10))
@@ -669,11 +676,13 @@ fn stream_path(net: &Net, mib: u64, count: u64) -> R<f64> {
         // Checkpoint 1 warms both ends (the replica's memory is first touched, the
         // staging grows), as the initial copy does on a real standby: it is not timed.
         let mut start = Instant::now();
+        let mut acked = Vec::new();
         for epoch in 1..=count + 1 {
             if epoch == 2 {
                 start = Instant::now();
             }
             c.epoch = epoch;
+            let t0 = Instant::now();
             fw.write_checkpoint(&c)
                 .and_then(|()| fw.flush())
                 .map_err(|e| format!("send: {e}"))?;
@@ -681,12 +690,34 @@ fn stream_path(net: &Net, mib: u64, count: u64) -> R<f64> {
                 Ok(Some(f)) if f.epoch == epoch && matches!(f.body, Body::Ack) => {}
                 other => return Err(format!("no Ack for checkpoint {epoch}: {other:?}")),
             }
+            if epoch > 1 {
+                acked.push(ms(t0.elapsed()));
+            }
         }
-        Ok(start.elapsed())
+        Ok((start.elapsed(), acked))
     });
-    let d = join(sender)?;
-    join(receiver)?;
-    Ok((mib * count) as f64 / d.as_secs_f64())
+    let (d, acked) = join(sender)?;
+    let (recv, apply) = join(receiver)?;
+    Ok(StreamRun {
+        rate: (mib * count) as f64 / d.as_secs_f64(),
+        receive_ms: stats::median(&recv).unwrap_or(f64::NAN),
+        apply_ms: stats::median(&apply).unwrap_or(f64::NAN),
+        ack_ms: stats::median(&acked).unwrap_or(f64::NAN),
+    })
+}
+
+/// One run of [`stream_path`]: its rate, and per checkpoint (medians, ms): the
+/// standby's time from the first frame read to the checkpoint whole and checked, its
+/// apply, and the primary's time from the first byte sent to the Ack.
+struct StreamRun {
+    rate: f64,
+    receive_ms: f64,
+    apply_ms: f64,
+    ack_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// `initial copy to ADDR: N MiB in S s` → MiB/s.
@@ -796,14 +827,19 @@ fn throughput(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
         cfg.runs
     );
     println!();
-    println!("| path | one TCP stream, {copy_mib} MiB (MiB/s) | checkpoint stream, {STREAM_COUNT} × {STREAM_MIB} MiB (MiB/s) | stream / TCP | initial copy of a {} guest (MiB/s of guest memory) | checkpoints under the dirtier | MiB per checkpoint | sustained (MiB/s) | per checkpoint, hand-over to Ack (MiB/s) |", cfg.copy);
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| path | one TCP stream, {copy_mib} MiB (MiB/s) | checkpoint stream, {STREAM_COUNT} × {STREAM_MIB} MiB (MiB/s) | stream / TCP | per checkpoint: received, applied, sent → Ack (ms) | initial copy of a {} guest (MiB/s of guest memory) | checkpoints under the dirtier | MiB per checkpoint | sustained (MiB/s) | per checkpoint, hand-over to Ack (MiB/s) |", cfg.copy);
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut best_stream = Vec::new();
     for net in nets {
         let (mut raw, mut stream, mut copy) = (Vec::new(), Vec::new(), Vec::new());
+        let mut parts = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..cfg.runs {
             raw.push(raw_tcp(net, cfg.copy_bytes)?);
-            stream.push(stream_path(net, STREAM_MIB, STREAM_COUNT)?);
+            let run = stream_path(net, STREAM_MIB, STREAM_COUNT)?;
+            stream.push(run.rate);
+            parts.0.push(run.receive_ms);
+            parts.1.push(run.apply_ms);
+            parts.2.push(run.ack_ms);
             if !cfg.stream_only {
                 copy.extend(initial_copy(net, cfg, tally)?);
             }
@@ -833,8 +869,14 @@ fn throughput(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
             ),
             None => "not run | | |".into(),
         };
+        let split = format!(
+            "{} / {} / {}",
+            f1(stats::median(&parts.0)),
+            f1(stats::median(&parts.1)),
+            f1(stats::median(&parts.2))
+        );
         println!(
-            "| {}{} | {} | {} | {ratio} | {} | {steady_cols} |",
+            "| {}{} | {} | {} | {ratio} | {split} | {} | {steady_cols} |",
             net.label(),
             if s.as_ref().is_some_and(|s| s.disturbed) {
                 DISTURBED
@@ -854,7 +896,7 @@ fn throughput(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
     );
     println!();
     println!(
-        "Checkpoint stream: the protocol path alone (frame writer → TCP → frame reader, staging, checks, apply to a 256 MiB replica, Ack), {STREAM_COUNT} checkpoints of {STREAM_MIB} MiB of non-zero pages, each acknowledged before the next is sent. Initial copy: `mirrorvm run --memory {} --cmdline \"counter idle=1\" --peer ADDR`, the primary's `initial copy to ADDR: N MiB in S s` (MIRRORVM_LOG=info); the guest's memory is mostly zero pages, which are checked and skipped, not sent. Dirtier: `{STEADY_CMDLINE}` in 256 MiB for {} s after its first checkpoint, which is left out; sustained is from the standby's `--metrics` clock; the spinning guest and both VMMs share the host's cores.",
+        "Checkpoint stream: the protocol path alone (frame writer → TCP → frame reader, staging, checks, apply to a 256 MiB replica, Ack), {STREAM_COUNT} checkpoints of {STREAM_MIB} MiB of non-zero pages, each acknowledged before the next is sent; per checkpoint (medians of the runs' medians): the standby's time from its first frame read to the checkpoint whole and checked, its apply to the replica, and the sender's time from its first byte to the Ack. Initial copy: `mirrorvm run --memory {} --cmdline \"counter idle=1\" --peer ADDR`, the primary's `initial copy to ADDR: N MiB in S s` (MIRRORVM_LOG=info); the guest's memory is mostly zero pages, which are checked and skipped, not sent. Dirtier: `{STEADY_CMDLINE}` in 256 MiB for {} s after its first checkpoint, which is left out; sustained is from the standby's `--metrics` clock; the spinning guest and both VMMs share the host's cores.",
         cfg.copy,
         2 * cfg.seconds
     );
