@@ -1,15 +1,20 @@
-//! Boot benchmark: how long `mirrorvm run` takes from process start to the test
-//! guest's first serial byte, and to the guest's exit. Runs the real binary
-//! repeatedly and prints a table of medians (a bench target, never a timed test:
-//! these machines are shared and noisy).
+//! Boot and restore benchmark: how long `mirrorvm run` takes from process start to
+//! the test guest's first serial byte, and to the guest's exit; and how long
+//! `mirrorvm restore` of a 256 MiB guest takes from process start to the restored
+//! guest's first serial byte (goal ≤ 20 ms). Runs the real binary repeatedly and
+//! prints tables of medians (a bench target, never a timed test: these machines are
+//! shared and noisy).
 //!
 //!     cargo bench --bench boot            # 30 runs of each workload
 //!     MIRRORVM_BENCH_RUNS=100 cargo bench --bench boot
 
+#[path = "support/host.rs"]
+mod host;
 #[path = "support/stats.rs"]
 mod stats;
 
 use std::io::Read;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,6 +50,94 @@ fn ms(v: &[Duration], p: f64) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e3)
 }
 
+/// Time from spawning `mirrorvm restore --from dir` to the restored guest's first
+/// serial byte; the restored process is then killed, which leaves `dir` as it was
+/// (a restore without `--checkpoint-dir` writes nothing there).
+fn one_restore(dir: &Path) -> Option<Duration> {
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mirrorvm"))
+        .arg("restore")
+        .arg("--from")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut out = child.stdout.take()?;
+    let mut byte = [0u8; 1];
+    let got = out.read_exact(&mut byte).is_ok();
+    let first_byte = start.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    got.then_some(first_byte)
+}
+
+/// A checkpoint directory of a 256 MiB `counter interval_ms=1` guest, killed with
+/// SIGKILL after `secs` seconds of checkpoints (so it is not marked finished).
+fn checkpointed_guest(dir: &Path, secs: u64) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mirrorvm"))
+        .args([
+            "run",
+            "--memory",
+            "256M",
+            "--cmdline",
+            "counter interval_ms=1",
+        ])
+        .arg("--checkpoint-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    std::thread::sleep(Duration::from_secs(secs));
+    let _ = child.kill();
+    let _ = child.wait();
+    if dir.join("memory.img").exists() {
+        Ok(())
+    } else {
+        Err(format!("{} holds no memory image", dir.display()))
+    }
+}
+
+fn restore_table(runs: usize) {
+    let dir = std::env::temp_dir().join(format!("mirrorvm-bench-restore-{}", std::process::id()));
+    if let Err(e) = checkpointed_guest(&dir, 3) {
+        eprintln!("cannot prepare the restore benchmark: {e}");
+        std::process::exit(1);
+    }
+    let mut first = Vec::new();
+    // One warm-up restore, as for the boots.
+    let _ = one_restore(&dir);
+    for _ in 0..runs {
+        match one_restore(&dir) {
+            Some(d) => first.push(d),
+            None => {
+                eprintln!("a restore from {} showed no output", dir.display());
+                std::process::exit(1);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!();
+    println!("| restore, 256 MiB `counter interval_ms=1` guest | first serial byte p50 (ms) | p90 | min | goal |");
+    println!("| --- | --- | --- | --- | --- |");
+    let p50 = stats::percentile(&first, 0.5).unwrap_or_default();
+    println!(
+        "| `mirrorvm restore --from DIR` | {} | {} | {} | ≤ 20 ms p50: {} |",
+        ms(&first, 0.5),
+        ms(&first, 0.9),
+        ms(&first, 0.0),
+        if p50 <= Duration::from_millis(20) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing special.
     // Either way, a missing KVM is reported loudly rather than measured as zero.
@@ -63,6 +156,7 @@ fn main() {
         .unwrap_or(30)
         .max(1);
     println!("mirrorvm boot benchmark: {runs} runs each, 128 MiB, test guest");
+    println!("{}", host::line());
     println!();
     println!(
         "| workload | first serial byte p50 (ms) | p90 | guest exit p50 (ms) | p90 | min exit |"
@@ -98,4 +192,5 @@ fn main() {
             ms(&exit, 0.0)
         );
     }
+    restore_table(runs);
 }

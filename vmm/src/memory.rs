@@ -52,6 +52,25 @@ pub enum MemoryError {
         /// Cause.
         source: kvm_ioctls::Error,
     },
+    /// Mapping a memory image failed.
+    #[error("cannot map {size} bytes of the memory image at offset {offset}: {source}")]
+    MapImage {
+        /// The region's size.
+        size: usize,
+        /// Its offset in the image.
+        offset: u64,
+        /// Cause.
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// The mapped image's regions do not form a guest memory.
+    #[error("the memory image's regions do not form a guest memory: {0}")]
+    ImageLayout(vm_memory::GuestRegionCollectionError),
+    /// A region would end past the top of the guest's address space.
+    #[error("a memory region at {0:#x} would end past the top of the address space")]
+    RegionPastEnd(u64),
+    /// The image file could not be opened a second time for a region.
+    #[error("cannot duplicate the memory image's file handle: {0}")]
+    ImageHandle(std::io::Error),
     /// A region's host address could not be found.
     #[error("guest memory region at {0:#x} has no host mapping")]
     NoHostAddress(u64),
@@ -110,6 +129,41 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
         advise_huge_pages(region.as_ptr(), crate::arch::to_usize(region.len()));
     }
     Ok(mem)
+}
+
+/// Guest memory of `size` bytes backed by `image` (its RAM regions stored back to
+/// back, as a checkpoint directory's `memory.img` holds them), mapped privately and
+/// lazily: a page is read from the file when the guest or the VMM first touches it,
+/// and a write makes a private copy, so the file never changes through this mapping.
+/// A restore then costs a mapping, not a read of all of memory. The caller checks
+/// that the file holds `size` bytes; the file must not be truncated while the guest
+/// runs (a page past its end would fault the process).
+pub fn map_image(image: &std::fs::File, size: u64) -> Result<GuestMemory, MemoryError> {
+    use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+
+    check_size(size)?;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, len) in ram_ranges(size) {
+        let file = image.try_clone().map_err(MemoryError::ImageHandle)?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::MapImage {
+                size: len,
+                offset,
+                source,
+            })?;
+        let region = GuestRegionMmap::new(mapping, addr)
+            .ok_or(MemoryError::RegionPastEnd(addr.raw_value()))?;
+        regions.push(region);
+        offset += len as u64;
+    }
+    GuestMemory::from_regions(regions).map_err(MemoryError::ImageLayout)
 }
 
 /// Makes the process's allocator keep and reuse large buffers instead of mapping and
@@ -201,5 +255,28 @@ mod tests {
         assert!(check_size(u64::MAX).is_err());
         assert!(check_size((64 << 20) + 1).is_err());
         assert!(check_size(64 << 20).is_ok());
+    }
+
+    #[test]
+    fn a_mapped_image_reads_from_the_file_and_never_writes_to_it() {
+        use std::io::Write;
+        use vm_memory::Bytes;
+        let size = 16u64 << 20;
+        let mut f = tempfile::tempfile().unwrap();
+        let mut image = vec![0u8; to_usize(size)];
+        image[4096] = 0x5a;
+        image[to_usize(size) - 1] = 0xa5;
+        f.write_all(&image).unwrap();
+        let mem = map_image(&f, size).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0x5a);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(size - 1)).unwrap(), 0xa5);
+        mem.write_obj(0x77u8, GuestAddress(4096)).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0x77);
+        // The write stayed private: the file still holds what it held.
+        let mut byte = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut byte, 4096).unwrap();
+        assert_eq!(byte[0], 0x5a);
+        // A bad size is refused, as for anonymous memory.
+        assert!(map_image(&f, 1 << 20).is_err());
     }
 }

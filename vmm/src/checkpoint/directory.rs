@@ -497,10 +497,12 @@ impl DirectorySource {
         if latest <= base && !dir.join(checkpoint_name(base)).exists() {
             return Err(DirectoryError::NoCheckpoint(dir.clone()));
         }
-        let mem = memory::create(manifest.memory).map_err(DirectoryError::Memory)?;
         let img = dir.join(MEMORY_IMAGE);
         let f = File::open(&img).map_err(io("cannot open", &img))?;
-        let total: u64 = mem.iter().map(|r| r.len()).sum();
+        let total: u64 = memory::ram_ranges(manifest.memory)
+            .iter()
+            .map(|(_, len)| *len as u64)
+            .sum();
         let actual = f.metadata().map_err(io("cannot stat", &img))?.len();
         if actual != total {
             return Err(DirectoryError::ImageSize {
@@ -509,25 +511,9 @@ impl DirectorySource {
                 actual,
             });
         }
-        let mut off = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
-        for r in mem.iter() {
-            let mut done = 0u64;
-            while done < r.len() {
-                let n = crate::arch::to_usize((r.len() - done).min(buf.len() as u64));
-                let gpa = r.start_addr().0 + done;
-                f.read_exact_at(&mut buf[..n], off + done)
-                    .map_err(io("cannot read", &img))?;
-                mem.write_slice(&buf[..n], GuestAddress(gpa)).map_err(|_| {
-                    DirectoryError::Content {
-                        path: img.clone(),
-                        source: ContentError::PageOutside(gpa),
-                    }
-                })?;
-                done += n as u64;
-            }
-            off += r.len();
-        }
+        // The image is mapped, not read: pages come from the file as they are
+        // touched, and the replay's and the guest's writes stay private.
+        let mem = memory::map_image(&f, manifest.memory).map_err(DirectoryError::Memory)?;
         // Replay every checkpoint after the image, in order; the last one's state wins.
         let max_pages = total / PAGE_SIZE as u64;
         let mut last = None;
