@@ -547,7 +547,16 @@ fn a_full_disk_region_ends_the_epoch_early() {
             m.region_bytes <= 64 << 20,
             "a region past its capacity: {m:?}"
         );
+        // The metrics say how long each epoch lasted: far less than the minute.
+        assert!(
+            m.epoch_us > 0 && m.epoch_us < 30_000_000,
+            "an early cut's epoch length is wrong: {m:?}"
+        );
     }
+    assert_eq!(
+        got[0].epoch_us, 0,
+        "the run's first cut has no epoch before it"
+    );
 }
 
 #[test]

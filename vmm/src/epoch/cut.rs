@@ -51,6 +51,7 @@ impl EpochEngine {
             }
         }
         let t_kick = t0.elapsed();
+        let epoch_len = self.last_cut.replace(t0).map(|t| t0.duration_since(t));
         let staged = self.capture(epoch);
         // Resume whatever happened (the guest must not stay paused), unless this is
         // the run's final checkpoint and it succeeded.
@@ -84,6 +85,7 @@ impl EpochEngine {
             save_us: us(t_save),
             dirty_pages: pages.len() as u64,
             region_bytes,
+            epoch_us: epoch_len.map_or(0, us),
             ..Default::default()
         };
         if full {

@@ -29,6 +29,12 @@ pub struct EpochMetrics {
     pub region_bytes: u64,
     /// Time from handing the checkpoint to the exporter until the sink had it, µs.
     pub export_us: u64,
+    /// How long the epoch lasted: from the previous cut's pause to this one's, µs (0
+    /// for the first cut of a run). Longer than `--epoch-ms` when cuts were
+    /// postponed behind a slow export; `dirty_pages` counts what the guest wrote in
+    /// all of it, so this is what to divide by for a dirty rate.
+    #[serde(default)]
+    pub epoch_us: u64,
     /// Set on the one line written when the sink was lost: the run goes on
     /// unprotected after checkpoint `epoch` (the last complete one; 0 if none).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

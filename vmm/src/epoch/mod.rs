@@ -151,6 +151,9 @@ pub struct EpochEngine {
     next_epoch: u64,
     spare: StagedPages,
     in_flight: Option<EpochMetrics>,
+    /// When the last cut's pause began: each cut's metrics say how long its epoch
+    /// lasted.
+    last_cut: Option<std::time::Instant>,
     last_complete: Option<u64>,
     local_retire_pending: bool,
     need_full: bool,
@@ -196,6 +199,7 @@ impl EpochEngine {
             next_epoch: first_epoch,
             spare: StagedPages::default(),
             in_flight: None,
+            last_cut: None,
             last_complete: None,
             local_retire_pending: false,
             need_full: true,
