@@ -280,7 +280,13 @@ impl Liveness {
                         verdict.declare("it ended the session".into());
                     }
                     let silent = pulse.silent_for();
-                    if silent > config.dead_after {
+                    // Bytes from the peer already wait in our receive queue: it
+                    // spoke, and our reader was not scheduled to read it yet (a busy
+                    // host). Give the reader its turn rather than call the peer dead,
+                    // within a bound, so a reader that never catches up still ends
+                    // in a verdict.
+                    let heard_unread = silent <= 4 * config.dead_after && closer.has_unread();
+                    if silent > config.dead_after && !heard_unread {
                         verdict.declare(format!("silent for {} ms", silent.as_millis()));
                     }
                     if let Some(why) = extra() {

@@ -97,6 +97,24 @@ impl Closer {
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.0.set_read_timeout(t)
     }
+
+    /// Whether bytes from the peer wait in this host's receive queue, not yet read:
+    /// the peer spoke, even if the reader has not caught up (its thread was not
+    /// scheduled). Without blocking, and without touching what the reader will read.
+    pub fn has_unread(&self) -> bool {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on a socket we own (the descriptor lives as long as
+        // `self.0`) writes one c_int, the number of bytes queued for reading, into
+        // `n`, which lives across the call; it changes nothing on the socket.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                libc::FIONREAD,
+                std::ptr::addr_of_mut!(n),
+            )
+        };
+        r == 0 && n > 0
+    }
 }
 
 impl Connection {
@@ -299,5 +317,27 @@ mod tests {
             t.connect("no-such-host.invalid:1", Duration::from_secs(1)),
             Err(TransportError::Resolve { .. } | TransportError::NoAddress(_))
         ));
+    }
+
+    #[test]
+    fn unread_bytes_are_seen_without_being_taken() {
+        let t = Transport::PlainTcp;
+        let l = t.listen("127.0.0.1:0").unwrap();
+        let c = t.connect(&l.local_addr(), Duration::from_secs(5)).unwrap();
+        let s = l.accept_within(Duration::from_secs(5)).unwrap().unwrap();
+        let (_cr, mut cw, _cc) = c.split().unwrap();
+        let (mut r, _w, close) = s.split().unwrap();
+        assert!(!close.has_unread(), "nothing was sent yet");
+        cw.write_all(b"beat").unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !close.has_unread() && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(close.has_unread(), "the sent bytes never showed as unread");
+        // Seeing them took nothing: the reader still reads all four.
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"beat");
+        assert!(!close.has_unread(), "read bytes still count as unread");
     }
 }
