@@ -108,6 +108,7 @@ impl EpochEngine {
             },
             sealed: false,
         });
+        self.last_cut = Some((epoch, m.pause_us));
         self.in_flight = Some(m);
         self.need_full = false;
         self.next_epoch += 1;
