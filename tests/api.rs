@@ -447,3 +447,63 @@ fn a_standby_reports_itself_and_refuses_guest_commands() {
     let r = call(&sock, "GET", "/api/v1/vmm.ping", None);
     assert_eq!(r.status, 200, "{r:?}");
 }
+
+#[test]
+fn a_paused_primary_is_not_taken_over() {
+    use common::pair::{Pair, PairOpts};
+    if skip_without_kvm!() {
+        return;
+    }
+    let socks = tempdir();
+    let (p_sock, s_sock) = (socks.path().join("p.sock"), socks.path().join("s.sock"));
+    let mut pair = Pair::start(&PairOpts {
+        primary_args: vec!["--api-socket".into(), p_sock.display().to_string()],
+        standby_args: vec!["--api-socket".into(), s_sock.display().to_string()],
+        ..Default::default()
+    });
+    pair.expect_applied(5, Duration::from_secs(60));
+    let p = info(&p_sock);
+    assert_eq!(p.role, vmm::api::Role::Primary, "{p:?}");
+    assert!(p.protected, "{p:?}");
+    assert_eq!(p.peer.as_deref(), Some(pair.addr.as_str()));
+    let s = info(&s_sock);
+    assert_eq!(
+        (s.role, s.state.as_str()),
+        (vmm::api::Role::Standby, "mirroring")
+    );
+    assert!(s.protected && s.peer.is_some(), "{s:?}");
+    refused(
+        &call(&s_sock, "PUT", "/api/v1/vm.checkpoint", None),
+        409,
+        "standby",
+    );
+
+    // Paused for ten times --dead-ms: heartbeats and acknowledgements go on.
+    assert_eq!(call(&p_sock, "PUT", "/api/v1/vm.pause", None).status, 200);
+    let applied = pair.applied();
+    std::thread::sleep(Duration::from_millis(1000));
+    let s = info(&s_sock);
+    assert_eq!(
+        s.role,
+        vmm::api::Role::Standby,
+        "the standby took over: {s:?}"
+    );
+    assert!(
+        pair.applied() > applied + 10,
+        "checkpoints stopped while paused"
+    );
+    let p = info(&p_sock);
+    assert_eq!(
+        (p.role, p.state.as_str()),
+        (vmm::api::Role::Primary, "paused")
+    );
+    assert!(p.protected, "{p:?}");
+    assert_eq!(call(&p_sock, "PUT", "/api/v1/vm.resume", None).status, 200);
+    let shown = pair.primary_console().len();
+    assert!(
+        common::pair::wait(T, || pair.primary_console().len() > shown),
+        "the guest does not go on after the resume"
+    );
+    let standby_err = pair.kill_standby();
+    assert!(!standby_err.contains("failover"), "{standby_err}");
+}
