@@ -469,14 +469,14 @@ fn disk(cmd: DiskCommand) -> anyhow::Result<()> {
 }
 
 fn ctl(args: &CtlArgs) -> anyhow::Result<ExitCode> {
-    use vmm::api::CtlRequest;
+    use vmm::api::Command as Api;
     let req = match args.command {
-        CtlCommand::Ping => CtlRequest::Ping,
-        CtlCommand::Info => CtlRequest::Info,
-        CtlCommand::Pause => CtlRequest::Pause,
-        CtlCommand::Resume => CtlRequest::Resume,
-        CtlCommand::Checkpoint { no_wait } => CtlRequest::Checkpoint { wait: !no_wait },
-        CtlCommand::Shutdown => CtlRequest::Shutdown,
+        CtlCommand::Ping => Api::Ping,
+        CtlCommand::Info => Api::Info,
+        CtlCommand::Pause => Api::Pause,
+        CtlCommand::Resume => Api::Resume,
+        CtlCommand::Checkpoint { no_wait } => Api::Checkpoint { wait: !no_wait },
+        CtlCommand::Shutdown => Api::Shutdown,
     };
     let r = vmm::api::ctl(&args.api_socket, req)?;
     if (200..300).contains(&r.status) {

@@ -98,39 +98,14 @@ pub fn request(
     parse(&raw).map_err(|why| ClientError::BadResponse { path: shown, why })
 }
 
-/// What `mirrorvm ctl` can ask.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CtlRequest {
-    /// `GET /api/v1/vmm.ping`.
-    Ping,
-    /// `GET /api/v1/vm.info`.
-    Info,
-    /// `PUT /api/v1/vm.pause`.
-    Pause,
-    /// `PUT /api/v1/vm.resume`.
-    Resume,
-    /// `PUT /api/v1/vm.checkpoint`, waiting for completion or not.
-    Checkpoint {
-        /// Answer once the checkpoint is complete.
-        wait: bool,
-    },
-    /// `PUT /api/v1/vm.shutdown`.
-    Shutdown,
-}
-
-/// Sends `req` to the API at `socket`; the answer's status says whether it was
-/// carried out.
-pub fn ctl(socket: &Path, req: CtlRequest) -> Result<Response, ClientError> {
-    let (method, path) = match req {
-        CtlRequest::Ping => ("GET", "/api/v1/vmm.ping"),
-        CtlRequest::Info => ("GET", "/api/v1/vm.info"),
-        CtlRequest::Pause => ("PUT", "/api/v1/vm.pause"),
-        CtlRequest::Resume => ("PUT", "/api/v1/vm.resume"),
-        CtlRequest::Checkpoint { .. } => ("PUT", "/api/v1/vm.checkpoint"),
-        CtlRequest::Shutdown => ("PUT", "/api/v1/vm.shutdown"),
-    };
-    let body = match req {
-        CtlRequest::Checkpoint { wait } => Some(serde_json::json!({ "wait": wait }).to_string()),
+/// Sends `cmd` to the API at `socket` (what `mirrorvm ctl` does); the answer's
+/// status says whether it was carried out.
+pub fn ctl(socket: &Path, cmd: super::Command) -> Result<Response, ClientError> {
+    let (method, path) = cmd.endpoint();
+    let body = match cmd {
+        super::Command::Checkpoint { wait } => {
+            Some(serde_json::json!({ "wait": wait }).to_string())
+        }
         _ => None,
     };
     request(

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{ctl, request, ClientError, CtlRequest, Response};
+pub use client::{ctl, request, ClientError, Response};
 pub use link::{link, Inbox, LinkBackend, Pending};
 pub use server::{ApiServer, ApiServerError, MAX_BODY};
 
@@ -36,6 +36,8 @@ pub const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(60);
 /// What a request asks of the VMM, once parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
+    /// Is the VMM alive (`GET vmm.ping`): answered by the API thread itself.
+    Ping,
     /// The status (`GET vm.info`).
     Info,
     /// Park every vCPU until [`Command::Resume`] (`PUT vm.pause`).
@@ -51,6 +53,40 @@ pub enum Command {
     /// End the run as a user stop does: a final checkpoint, then exit 0
     /// (`PUT vm.shutdown`).
     Shutdown,
+}
+
+impl Command {
+    /// Every command (`Checkpoint` with its default, waiting).
+    pub const ALL: [Command; 6] = [
+        Command::Ping,
+        Command::Info,
+        Command::Pause,
+        Command::Resume,
+        Command::Checkpoint { wait: true },
+        Command::Shutdown,
+    ];
+
+    /// Its HTTP method and path: the one table the server routes by and the
+    /// client sends by.
+    pub fn endpoint(&self) -> (&'static str, &'static str) {
+        match self {
+            Command::Ping => ("GET", "/api/v1/vmm.ping"),
+            Command::Info => ("GET", "/api/v1/vm.info"),
+            Command::Pause => ("PUT", "/api/v1/vm.pause"),
+            Command::Resume => ("PUT", "/api/v1/vm.resume"),
+            Command::Checkpoint { .. } => ("PUT", "/api/v1/vm.checkpoint"),
+            Command::Shutdown => ("PUT", "/api/v1/vm.shutdown"),
+        }
+    }
+}
+
+/// The answer to `vmm.ping`: this process.
+pub fn ping() -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(Ping {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+    })
+    .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// What this host is to the guest.
@@ -236,6 +272,7 @@ impl StandbyBackend {
 impl Backend for StandbyBackend {
     fn handle(&self, cmd: Command) -> Result<serde_json::Value, ApiError> {
         match cmd {
+            Command::Ping => ping(),
             Command::Info => {
                 let info = devices::bus::lock_recover(&self.info).clone();
                 serde_json::to_value(info).map_err(|e| ApiError::internal(e.to_string()))

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use serde::Deserialize;
-use tiny_http::{Header, Method, Request, Response};
+use tiny_http::{Header, Request, Response};
 
-use super::{ApiError, Command, Endpoint, Ping};
+use super::{ping, ApiError, Command, Endpoint};
 
 /// The largest request body accepted, bytes (413 beyond it).
 pub const MAX_BODY: usize = 4096;
@@ -223,24 +223,17 @@ type Refusal = (ApiError, Option<&'static str>);
 
 fn route(rq: &mut Request, endpoint: &Endpoint) -> Result<(u16, serde_json::Value), Refusal> {
     let path = rq.url().split('?').next().unwrap_or("").to_string();
-    let wants = match path.as_str() {
-        "/api/v1/vmm.ping" | "/api/v1/vm.info" => Method::Get,
-        "/api/v1/vm.pause"
-        | "/api/v1/vm.resume"
-        | "/api/v1/vm.checkpoint"
-        | "/api/v1/vm.shutdown" => Method::Put,
-        _ => {
-            return Err((
-                ApiError {
-                    status: 404,
-                    message: format!("no such endpoint: {path} (see docs/api.md)"),
-                },
-                None,
-            ))
-        }
+    let Some(cmd) = Command::ALL.into_iter().find(|c| c.endpoint().1 == path) else {
+        return Err((
+            ApiError {
+                status: 404,
+                message: format!("no such endpoint: {path} (see docs/api.md)"),
+            },
+            None,
+        ));
     };
-    if *rq.method() != wants {
-        let allowed = if wants == Method::Get { "GET" } else { "PUT" };
+    let (allowed, _) = cmd.endpoint();
+    if rq.method().as_str() != allowed {
         return Err((
             ApiError {
                 status: 405,
@@ -250,28 +243,16 @@ fn route(rq: &mut Request, endpoint: &Endpoint) -> Result<(u16, serde_json::Valu
         ));
     }
     let body = read_body(rq).map_err(|e| (e, None))?;
-    let cmd = match path.as_str() {
-        "/api/v1/vmm.ping" => {
-            let ping = Ping {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                pid: std::process::id(),
-            };
-            return serde_json::to_value(ping)
-                .map(|v| (200, v))
-                .map_err(|e| (ApiError::internal(e.to_string()), None));
-        }
-        "/api/v1/vm.info" => Command::Info,
-        "/api/v1/vm.checkpoint" => {
+    let cmd = match cmd {
+        Command::Ping => return ping().map(|v| (200, v)).map_err(|e| (e, None)),
+        Command::Checkpoint { .. } => {
             let p: CheckpointParams = params(&body).map_err(|e| (e, None))?;
             Command::Checkpoint { wait: p.wait }
         }
-        other => {
+        Command::Info => cmd,
+        Command::Pause | Command::Resume | Command::Shutdown => {
             let NoParams {} = params(&body).map_err(|e| (e, None))?;
-            match other {
-                "/api/v1/vm.pause" => Command::Pause,
-                "/api/v1/vm.resume" => Command::Resume,
-                _ => Command::Shutdown,
-            }
+            cmd
         }
     };
     let status = if cmd == Command::Shutdown { 202 } else { 200 };

@@ -51,6 +51,7 @@ pub(super) struct ApiControl {
 impl ApiControl {
     fn carry_out(&mut self, p: Pending) {
         let r = match p.cmd {
+            Command::Ping => crate::api::ping(),
             Command::Info => {
                 serde_json::to_value(self.info()).map_err(|e| ApiError::internal(e.to_string()))
             }
