@@ -449,7 +449,7 @@ fn a_standby_reports_itself_and_refuses_guest_commands() {
 }
 
 #[test]
-fn a_paused_primary_is_not_taken_over() {
+fn a_paused_primary_is_not_taken_over_and_a_takeover_answers_on_the_same_socket() {
     use common::pair::{Pair, PairOpts};
     if skip_without_kvm!() {
         return;
@@ -504,6 +504,23 @@ fn a_paused_primary_is_not_taken_over() {
         common::pair::wait(T, || pair.primary_console().len() > shown),
         "the guest does not go on after the resume"
     );
-    let standby_err = pair.kill_standby();
+    let standby_err = pair.standby.as_ref().unwrap().stderr_now();
     assert!(!standby_err.contains("failover"), "{standby_err}");
+
+    // Now kill the primary: the standby takes over, and its socket answers for the
+    // guest it resumed.
+    pair.kill_primary();
+    let took_over = common::pair::wait(Duration::from_secs(30), || {
+        request(&s_sock, "GET", "/api/v1/vm.info", None, T)
+            .is_ok_and(|r| r.status == 200 && r.json()["role"] == "unprotected")
+    });
+    assert!(took_over, "{}", pair.dump());
+    let s = info(&s_sock);
+    assert_eq!(s.state, "running", "{s:?}");
+    assert!(!s.protected, "{s:?}");
+    refused(
+        &call(&s_sock, "PUT", "/api/v1/vm.checkpoint", None),
+        409,
+        "no checkpoint sink",
+    );
 }
