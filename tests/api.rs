@@ -206,21 +206,38 @@ fn every_endpoint_and_every_bad_request() {
     // None of them changed anything.
     assert_eq!(info(&sock).state, "running");
 
-    // vm.shutdown: a user stop, with a final checkpoint; exit 0, socket removed.
+    // vm.shutdown of a paused guest: a user stop, with a final checkpoint cut with
+    // the vCPUs parked; exit 0, socket removed.
+    assert_eq!(call(&sock, "PUT", "/api/v1/vm.pause", None).status, 200);
     let r = call(&sock, "PUT", "/api/v1/vm.shutdown", None);
     assert_eq!(r.status, 202, "{r:?}");
     assert_eq!(r.json()["final_checkpoint"], true);
     let status = run.wait_exit(Duration::from_secs(30)).expect("it exits");
     assert_eq!(status.code(), Some(0), "{}", run.stderr_now());
     assert!(!sock.exists(), "the socket file is left behind");
-    // The final checkpoint is restorable: the counter goes on.
+    // The final checkpoint is restorable, and the restored guest runs: the counter
+    // goes on.
+    let console = dir.path().join("console.txt");
+    let before = counters(std::fs::read_to_string(&console).unwrap().lines());
+    let last = *before.last().expect("the counter counted");
+    let restored_console = dir.path().join("restored.txt");
     let mut c = mirrorvm();
-    c.args(["restore", "--from", ck.to_str().unwrap(), "--serial", "off"])
+    c.args(["restore", "--from", ck.to_str().unwrap(), "--serial"])
+        .arg(format!("file={}", restored_console.display()))
         .arg("--api-socket")
         .arg(&sock);
     let restored = Running::spawn(c);
     let i = wait_running(&sock, &restored);
-    assert_eq!(i.role, vmm::api::Role::Standalone, "{i:?}");
+    assert_eq!(
+        (i.role, i.state.as_str()),
+        (vmm::api::Role::Standalone, "running"),
+        "{i:?}"
+    );
+    let goes_on = common::pair::wait(T, || {
+        let text = std::fs::read_to_string(&restored_console).unwrap_or_default();
+        counters(text.lines()).first() == Some(&(last + 1)) && counters(text.lines()).len() >= 3
+    });
+    assert!(goes_on, "the restored counter does not go on from {last}");
     refused(
         &call(&sock, "PUT", "/api/v1/vm.checkpoint", None),
         409,
@@ -247,7 +264,7 @@ fn pause_and_resume_under_a_running_mix_guest() {
         "--memory",
         "128M",
         "--cmdline",
-        "mix seconds=8",
+        "mix seconds=12",
     ])
     .arg("--disk")
     .arg(format!("path={},checkpoint=on", img.display()))
@@ -285,11 +302,25 @@ fn pause_and_resume_under_a_running_mix_guest() {
     let resumed_at = i.epoch.expect("an epoch");
     let r = call(&sock, "PUT", "/api/v1/vm.resume", None);
     assert_eq!(r.status, 200, "{r:?}");
+    // Checkpoints go on after the resume, with the guest dirtying memory again.
+    let busy_after = || {
+        read_metrics(&metrics)
+            .unwrap()
+            .iter()
+            .filter(|m| m.epoch > resumed_at + 1 && m.dirty_pages > 200)
+            .count()
+    };
+    assert!(
+        common::pair::wait(Duration::from_secs(30), || busy_after() >= 10),
+        "{} busy checkpoints after the resume:\n{}",
+        busy_after(),
+        run.stderr_now()
+    );
 
     // Ticks kept cutting while paused, and the parked guest dirtied nothing (the
     // first cut after the pause may still hold pages of the running guest).
     assert!(
-        resumed_at >= paused_at + 20,
+        resumed_at >= paused_at + 5,
         "only {} checkpoints in 1.5 s of pause",
         resumed_at - paused_at
     );
@@ -302,11 +333,7 @@ fn pause_and_resume_under_a_running_mix_guest() {
         .iter()
         .filter(|m| m.epoch > paused_at + 1 && m.epoch <= resumed_at)
         .collect();
-    assert!(
-        during.len() >= 20,
-        "{} lines during the pause",
-        during.len()
-    );
+    assert!(during.len() >= 4, "{} lines during the pause", during.len());
     for m in &during {
         assert!(
             m.dirty_pages < 64,
@@ -314,12 +341,6 @@ fn pause_and_resume_under_a_running_mix_guest() {
             m.epoch
         );
     }
-    // Checkpoints go on after the resume, with the guest dirtying memory again.
-    let after = all
-        .iter()
-        .filter(|m| m.epoch > resumed_at + 1 && m.dirty_pages > 200)
-        .count();
-    assert!(after >= 10, "{after} busy checkpoints after the resume");
 }
 
 #[test]
@@ -364,6 +385,17 @@ fn no_sink_stale_and_busy_sockets_and_ctl() {
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     assert!(show(&o).contains("is not a socket"), "{}", show(&o));
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
+
+    // A client that stalls halfway through its body holds up no other request.
+    let mut stalled = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(
+        &mut stalled,
+        b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(info(&sock).state, "running");
+    drop(stalled);
 
     // mirrorvm ctl against the real socket.
     let ctl = |args: &[&str]| {

@@ -1,12 +1,13 @@
-//! The API's HTTP side: a Unix socket served by tiny_http (one thread per
-//! connection reads requests; a few workers answer them), routing, bounded bodies
+//! The API's HTTP side: a Unix socket served by tiny_http (a thread per connection
+//! reads requests, a thread per request answers it, so a slow client or a
+//! `vm.checkpoint` that waits holds up no other request), routing, bounded bodies
 //! and JSON errors. What a command does is the [`Backend`]'s business.
 
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -18,9 +19,8 @@ use super::{ping, ApiError, Command, Endpoint};
 /// The largest request body accepted, bytes (413 beyond it).
 pub const MAX_BODY: usize = 4096;
 
-/// Requests answered at once (a `vm.checkpoint` that waits for its checkpoint
-/// holds one worker meanwhile).
-const WORKERS: usize = 4;
+/// Requests answered at once; more are answered 503 until one is done.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// Failures to start the API server.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub struct ApiServer {
     server: Arc<tiny_http::Server>,
     endpoint: Endpoint,
     stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
+    dispatcher: Option<JoinHandle<()>>,
     path: PathBuf,
 }
 
@@ -131,18 +131,15 @@ impl ApiServer {
             server: Arc::new(server),
             endpoint: Endpoint::default(),
             stop: Arc::new(AtomicBool::new(false)),
-            workers: Vec::new(),
+            dispatcher: None,
             path: path.to_path_buf(),
         };
-        for i in 0..WORKERS {
-            let (server, endpoint, stop) =
-                (api.server.clone(), api.endpoint.clone(), api.stop.clone());
-            let h = std::thread::Builder::new()
-                .name(format!("api{i}"))
-                .spawn(move || serve(&server, &endpoint, &stop))
-                .map_err(ApiServerError::Thread)?;
-            api.workers.push(h);
-        }
+        let (server, endpoint, stop) = (api.server.clone(), api.endpoint.clone(), api.stop.clone());
+        let h = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve(&server, &endpoint, &stop))
+            .map_err(ApiServerError::Thread)?;
+        api.dispatcher = Some(h);
         Ok(api)
     }
 
@@ -160,19 +157,49 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        for _ in &self.workers {
-            self.server.unblock();
-        }
-        for h in self.workers.drain(..) {
+        self.server.unblock();
+        if let Some(h) = self.dispatcher.take() {
             let _ = h.join();
         }
     }
 }
 
+/// Counts a request in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn serve(server: &tiny_http::Server, endpoint: &Endpoint, stop: &AtomicBool) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Acquire) {
         match server.recv() {
-            Ok(rq) => answer(rq, endpoint),
+            Ok(rq) => {
+                if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    let busy = ApiError::unavailable(format!(
+                        "{MAX_IN_FLIGHT} requests are being answered: try again"
+                    ));
+                    respond(rq, Err((busy, None)));
+                    continue;
+                }
+                let counted = InFlight(in_flight.clone());
+                let endpoint = endpoint.clone();
+                // A request whose thread cannot start is dropped, which tiny_http
+                // answers with 500.
+                if let Err(e) = std::thread::Builder::new()
+                    .name("api-request".into())
+                    .spawn(move || {
+                        answer(rq, &endpoint);
+                        drop(counted);
+                    })
+                {
+                    tracing::warn!("API socket: cannot start a thread for a request: {e}");
+                }
+            }
             Err(e) => {
                 if stop.load(Ordering::Acquire) {
                     break;
@@ -185,7 +212,12 @@ fn serve(server: &tiny_http::Server, endpoint: &Endpoint, stop: &AtomicBool) {
 }
 
 fn answer(mut rq: Request, endpoint: &Endpoint) {
-    let (status, body, allow) = match route(&mut rq, endpoint) {
+    let r = route(&mut rq, endpoint);
+    respond(rq, r);
+}
+
+fn respond(rq: Request, r: Result<(u16, serde_json::Value), Refusal>) {
+    let (status, body, allow) = match r {
         Ok((status, v)) => (status, v, None),
         Err((e, allow)) => (e.status, serde_json::json!({ "error": e.message }), allow),
     };
