@@ -2,7 +2,7 @@
 //! cloud-hypervisor's: `GET /api/v1/vm.info`, `PUT /api/v1/vm.pause`, … with JSON
 //! bodies. `docs/api.md` specifies every endpoint.
 //!
-//! - `server.rs`: the socket and the HTTP side (tiny_http, a few worker threads):
+//! - `server.rs`: the socket and the HTTP side (tiny_http, a thread per request):
 //!   routing, bounded bodies, JSON, error statuses. Each request becomes a
 //!   [`Command`] handed to the current [`Backend`].
 //! - `link.rs`: the backend of a running machine. The API thread sends the command

@@ -65,7 +65,7 @@ pub enum ApiServerError {
         /// tiny_http's message.
         message: String,
     },
-    /// A worker thread could not be started.
+    /// The dispatcher thread could not be started.
     #[error("cannot start an API thread")]
     Thread(#[source] std::io::Error),
 }
