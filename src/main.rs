@@ -120,7 +120,8 @@ enum CtlCommand {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Stop the run as SIGTERM does (a final checkpoint if checkpointing), exit 0.
+    /// Stop the run with a final checkpoint (if checkpointing), as SIGTERM does; the
+    /// VMM then exits 0.
     Shutdown,
 }
 
