@@ -48,6 +48,10 @@ enum Command {
     #[command(subcommand)]
     Disk(DiskCommand),
 
+    /// Send a command to a running mirrorvm's API socket (`--api-socket`) and print
+    /// its JSON answer (docs/api.md). Exits 0 if it was carried out, 1 if refused.
+    Ctl(CtlArgs),
+
     /// Show mirroring and failover: a primary on host-a mirrors a guest to a standby
     /// on host-b (two network namespaces as root, else loopback), is killed with
     /// SIGKILL, and the standby takes over while the guest carries on. Ends with a
@@ -88,6 +92,37 @@ struct DemoArgs {
     /// seen at once anyway, as a closed connection.
     #[arg(long, value_name = "N", default_value_t = vmm::demo::DEFAULT_DEAD_MS, value_parser = clap::value_parser!(u64).range(11..=3_600_000))]
     dead_ms: u64,
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The API socket of the mirrorvm to talk to.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum CtlCommand {
+    /// Check that it answers: its version and pid.
+    Ping,
+    /// Its status: role, epoch, protected or not, peer, lag, last pause, held output.
+    Info,
+    /// Park every vCPU until `resume` (checkpoints go on).
+    Pause,
+    /// Let a paused guest run again.
+    Resume,
+    /// Cut a checkpoint now and wait until it is complete at the sink.
+    Checkpoint {
+        /// Answer once the checkpoint is cut (or scheduled), not once complete.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop the run with a final checkpoint (if checkpointing), as SIGTERM does; the
+    /// VMM then exits 0.
+    Shutdown,
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,9 +180,30 @@ struct EpochArgs {
     #[command(flatten)]
     liveness: LivenessArgs,
 
+    #[command(flatten)]
+    api: ApiArgs,
+
     /// Per-epoch metrics as JSON lines (needs --checkpoint-dir or --peer).
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
+}
+
+/// The HTTP API on a Unix socket.
+#[derive(Args, Debug)]
+struct ApiArgs {
+    /// Serve the HTTP API (docs/api.md) on a Unix socket at PATH: status, pause,
+    /// resume, checkpoint now, shutdown. `mirrorvm ctl` talks to it.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+}
+
+/// Starts the API server (after the options are checked, before the machine is
+/// built, so a script can wait for the socket).
+fn start_api(path: Option<PathBuf>) -> anyhow::Result<Option<vmm::api::ApiServer>> {
+    Ok(match path {
+        Some(p) => Some(vmm::api::ApiServer::start(&p)?),
+        None => None,
+    })
 }
 
 /// Heartbeats and deadlines between a primary and its standby.
@@ -171,11 +227,10 @@ struct LivenessArgs {
 impl LivenessArgs {
     fn config(&self) -> anyhow::Result<LivenessConfig> {
         if self.dead_ms <= self.heartbeat_ms {
-            anyhow::bail!(
+            return Err(usage(format!(
                 "--dead-ms ({}) must be longer than --heartbeat-ms ({})",
-                self.dead_ms,
-                self.heartbeat_ms
-            );
+                self.dead_ms, self.heartbeat_ms
+            )));
         }
         Ok(LivenessConfig {
             heartbeat: Duration::from_millis(self.heartbeat_ms),
@@ -197,7 +252,7 @@ impl EpochArgs {
             }),
             (None, None) => {
                 if self.metrics.is_some() {
-                    anyhow::bail!("--metrics needs --checkpoint-dir or --peer");
+                    return Err(usage("--metrics needs --checkpoint-dir or --peer".into()));
                 }
                 return Ok(None);
             }
@@ -237,6 +292,9 @@ struct StandbyArgs {
 
     #[command(flatten)]
     liveness: LivenessArgs,
+
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 #[derive(Args, Debug)]
@@ -290,6 +348,26 @@ struct RunArgs {
     epochs: EpochArgs,
 }
 
+/// sysexits' EX_USAGE: the command line is wrong (clap's own errors too), distinct
+/// from 1 (mirrorvm failed) and 2 (the guest stopped in a way that ends a VM).
+const EX_USAGE: u8 = 64;
+
+/// A command-line error found after parsing (options that do not go together).
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn usage(msg: String) -> anyhow::Error {
+    anyhow::Error::new(Usage(msg))
+}
+
 fn kvm_device() -> PathBuf {
     std::env::var_os("MIRRORVM_KVM_DEVICE")
         .map_or_else(|| config::DEFAULT_KVM_DEVICE.into(), Into::into)
@@ -303,7 +381,7 @@ impl RunArgs {
                 .map_or(KernelSource::TestGuest, KernelSource::File),
             initramfs: self.initramfs,
             cmdline: self.cmdline,
-            cpus: VmConfig::cpus_from(self.cpus)?,
+            cpus: VmConfig::cpus_from(self.cpus).map_err(|e| usage(e.to_string()))?,
             memory: self.memory,
             disks: self.disk,
             serial: self.serial,
@@ -313,36 +391,52 @@ impl RunArgs {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<RunEnd> {
+fn run(mut args: RunArgs) -> anyhow::Result<RunEnd> {
+    let api_socket = args.epochs.api.api_socket.take();
     let config = args.into_config()?;
-    let machine = Machine::new(&config)?;
+    let api = start_api(api_socket)?;
+    let mut machine = Machine::new(&config)?;
+    if let Some(api) = &api {
+        machine.serve_api(api.endpoint());
+    }
     tracing::info!(cmdline = machine.cmdline(), "booting");
     Ok(machine.run()?)
 }
 
-fn restore(args: RestoreArgs) -> anyhow::Result<RunEnd> {
+fn restore(mut args: RestoreArgs) -> anyhow::Result<RunEnd> {
+    let api_socket = args.epochs.api.api_socket.take();
     let cfg = RestoreConfig {
         from: args.from,
         serial: args.serial,
         kvm_device: kvm_device(),
         epoch: args.epochs.config()?,
     };
-    let machine = Machine::restore(&cfg)?;
+    let api = start_api(api_socket)?;
+    let mut machine = Machine::restore(&cfg)?;
+    if let Some(api) = &api {
+        machine.serve_api(api.endpoint());
+    }
     Ok(machine.run()?)
 }
 
 fn standby(args: StandbyArgs) -> anyhow::Result<RunEnd> {
+    let liveness = args.liveness.config()?;
+    let api = start_api(args.api.api_socket)?;
     let config = StandbyConfig {
         listen: args.listen,
         disks: args.disk,
         serial: args.serial,
         kvm_device: kvm_device(),
         witness: args.witness,
-        liveness: args.liveness.config()?,
+        liveness,
         metrics: args.metrics,
         transport: Transport::PlainTcp,
     };
-    match Standby::new(config)?.serve()? {
+    let mut standby = Standby::new(config)?;
+    if let Some(api) = &api {
+        standby.serve_api(api.endpoint());
+    }
+    match standby.serve()? {
         StandbyEnd::PrimaryEnded { exit_status, .. } => Ok(RunEnd::GuestExit(
             u8::try_from(exit_status.clamp(0, 255)).unwrap_or(u8::MAX),
         )),
@@ -373,6 +467,27 @@ fn disk(cmd: DiskCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn ctl(args: &CtlArgs) -> anyhow::Result<ExitCode> {
+    use vmm::api::Command as Api;
+    let req = match args.command {
+        CtlCommand::Ping => Api::Ping,
+        CtlCommand::Info => Api::Info,
+        CtlCommand::Pause => Api::Pause,
+        CtlCommand::Resume => Api::Resume,
+        CtlCommand::Checkpoint { no_wait } => Api::Checkpoint { wait: !no_wait },
+        CtlCommand::Shutdown => Api::Shutdown,
+    };
+    let r = vmm::api::ctl(&args.api_socket, req)?;
+    if (200..300).contains(&r.status) {
+        println!("{}", r.body);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let json = r.json();
+    let why = json["error"].as_str().unwrap_or(&r.body);
+    eprintln!("mirrorvm: error: {why} (HTTP {})", r.status);
+    Ok(ExitCode::from(1))
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
@@ -415,12 +530,30 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; every other
+            // command-line error exits EX_USAGE.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
         Command::Standby(args) => standby(args),
         Command::Demo(args) => return demo(args),
+        Command::Ctl(args) => {
+            return ctl(&args).unwrap_or_else(|e| {
+                eprintln!("mirrorvm: error: {e:#}");
+                ExitCode::from(1)
+            })
+        }
         Command::Disk(cmd) => {
             return match disk(cmd) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -443,7 +576,11 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("mirrorvm: error: {e:#}");
-            ExitCode::from(1)
+            if e.chain().any(|c| c.is::<Usage>()) {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }

@@ -257,6 +257,58 @@ fn bad_command_lines_are_refused() {
     expect_error(&["fly"], None, "unrecognized subcommand");
 }
 
+/// A command-line error exits 64 (sysexits' EX_USAGE), never 2 (a guest that
+/// stopped in a way that ends a VM) or 1 (mirrorvm failed); --help and --version
+/// still succeed.
+#[test]
+fn usage_errors_exit_64_and_help_exits_0() {
+    let status = |args: &[&str]| {
+        let mut c = mirrorvm();
+        c.args(args);
+        let o = run_with_timeout(c, T);
+        (o.status.code(), show(&o))
+    };
+    for args in [
+        &["run", "--no-such-flag"][..],
+        &["fly"],
+        &[],
+        &["run", "--cpus", "0"],
+        &["run", "--memory", "lots"],
+        &["run", "--metrics", "/tmp/x.jsonl"],
+        &[
+            "run",
+            "--peer",
+            "127.0.0.1:1",
+            "--dead-ms",
+            "5",
+            "--heartbeat-ms",
+            "10",
+        ],
+        &[
+            "standby",
+            "--listen",
+            "127.0.0.1:0",
+            "--dead-ms",
+            "5",
+            "--heartbeat-ms",
+            "10",
+        ],
+        &["ctl", "info"],
+    ] {
+        let (code, out) = status(args);
+        assert_eq!(code, Some(64), "{args:?}:\n{out}");
+    }
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["run", "--help"],
+        &["ctl", "--help"],
+    ] {
+        let (code, out) = status(args);
+        assert_eq!(code, Some(0), "{args:?}:\n{out}");
+    }
+}
+
 #[test]
 fn missing_or_not_kvm_devices_are_a_clear_error() {
     expect_error(

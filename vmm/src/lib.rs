@@ -8,6 +8,7 @@
 //! - where they come from on restore: `checkpoint/source.rs`;
 //! - how a run ends: `epoch/ending.rs`, carried out by `machine/run.rs`.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod checkpoint;

@@ -108,6 +108,11 @@ impl OutputGate {
         s.held_bytes = 0;
     }
 
+    /// Console bytes held now (written, not yet released).
+    pub fn held_bytes(&self) -> usize {
+        self.state().held_bytes
+    }
+
     /// Whether held output reached its bound ([`GATE_MAX_HELD`]): the serial port
     /// then reports its transmitter busy.
     pub fn is_full(&self) -> bool {

@@ -51,7 +51,7 @@ impl EpochEngine {
             }
         }
         let t_kick = t0.elapsed();
-        let epoch_len = self.last_cut.replace(t0).map(|t| t0.duration_since(t));
+        let epoch_len = self.last_cut_at.replace(t0).map(|t| t0.duration_since(t));
         let staged = self.capture(epoch);
         // Resume whatever happened (the guest must not stay paused), unless this is
         // the run's final checkpoint and it succeeded.
@@ -110,6 +110,7 @@ impl EpochEngine {
             },
             sealed: false,
         });
+        self.last_cut = Some((epoch, m.pause_us));
         self.in_flight = Some(m);
         self.need_full = false;
         self.next_epoch += 1;

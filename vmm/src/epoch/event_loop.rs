@@ -10,7 +10,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use devices::ErrorChain;
 
-use super::{EpochEngine, EpochError};
+use super::{CutRefused, EpochEngine, EpochError};
 
 const TOKEN_TIMER: u32 = 0;
 const TOKEN_EXPORTER: u32 = 1;
@@ -54,6 +54,20 @@ impl EpochLoop {
     /// The engine.
     pub fn engine(&mut self) -> &mut EpochEngine {
         &mut self.engine
+    }
+
+    /// Cuts a checkpoint as soon as possible ([`EpochEngine::request_cut`]); a cut
+    /// that fails ends the run, as a failed tick does.
+    pub fn request_cut(&mut self) -> Result<u64, CutRefused> {
+        let r = match self.engine.request_cut() {
+            Ok(r) => r,
+            Err(e) => {
+                (self.on_error)(format!("checkpointing failed: {}", ErrorChain(&e)));
+                Err(CutRefused::Failed)
+            }
+        };
+        self.engine.settle_waiters();
+        r
     }
 
     /// The epoch length.
@@ -102,5 +116,6 @@ impl MutEventSubscriber for EpochLoop {
         if let Err(e) = r {
             (self.on_error)(format!("checkpointing failed: {}", ErrorChain(&e)));
         }
+        self.engine.settle_waiters();
     }
 }

@@ -112,6 +112,20 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// A short name for status reports (`precopy`, `idle`, `exporting`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::PreCopy { .. } => "precopy",
+            Phase::Idle => "idle",
+            Phase::Exporting { .. } => "exporting",
+            Phase::CutPostponed { .. } => "cut_postponed",
+            Phase::Closing { .. } => "closing",
+            Phase::Failed => "failed",
+            Phase::Unprotected { .. } => "unprotected",
+            Phase::Fenced => "fenced",
+        }
+    }
+
     /// The checkpoint in flight, if any.
     pub fn in_flight(&self) -> Option<u64> {
         match *self {
@@ -153,7 +167,7 @@ pub struct EpochEngine {
     in_flight: Option<EpochMetrics>,
     /// When the last cut's pause began: each cut's metrics say how long its epoch
     /// lasted.
-    last_cut: Option<std::time::Instant>,
+    last_cut_at: Option<std::time::Instant>,
     last_complete: Option<u64>,
     local_retire_pending: bool,
     need_full: bool,
@@ -163,6 +177,10 @@ pub struct EpochEngine {
     /// Rounds sent in the pre-copy under way, the size of the last, and whether the
     /// round in flight is the last one.
     rounds: Rounds,
+    /// The last cut of this run and its pause, µs.
+    last_cut: Option<(u64, u64)>,
+    /// Who waits for a checkpoint to be complete (`on_complete`).
+    waiters: Vec<(u64, CompletionWaiter)>,
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
 }
@@ -173,6 +191,46 @@ struct Rounds {
     sent: u32,
     last: Option<usize>,
     finishing: bool,
+}
+
+/// Told once a checkpoint is complete at the sink (its epoch), or why it never will
+/// be.
+pub type CompletionWaiter = Box<dyn FnOnce(Result<u64, CutRefused>) + Send>;
+
+/// Why no checkpoint can be cut on request ([`EpochEngine::request_cut`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CutRefused {
+    /// The initial copy is under way.
+    #[error("the initial copy to the checkpoint sink is under way: no checkpoint can be cut before it ends")]
+    PreCopy,
+    /// The run is ending.
+    #[error("the run is ending")]
+    Closing,
+    /// A cut or a disk commit failed.
+    #[error("checkpointing failed in this run: no further checkpoint can be cut")]
+    Failed,
+    /// The sink is lost.
+    #[error("the checkpoint sink is lost: the guest runs unprotected and no checkpoint is cut")]
+    Unprotected,
+    /// Another host holds the fence.
+    #[error("another host holds the fence: this one cuts no checkpoint")]
+    Fenced,
+}
+
+/// Where the engine stands, for a status report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStatus {
+    /// The phase.
+    pub phase: Phase,
+    /// The last checkpoint cut in this run.
+    pub last_cut: Option<u64>,
+    /// The last checkpoint complete at the sink in this run.
+    pub last_complete: Option<u64>,
+    /// The last cut's pause, µs.
+    pub last_pause_us: Option<u64>,
+    /// Bytes of the checkpoint in flight (pages and disk regions) until the sink
+    /// has it.
+    pub in_flight_bytes: u64,
 }
 
 /// Iterative pre-copy stops once a round has at most this many pages: the cut then
@@ -199,13 +257,15 @@ impl EpochEngine {
             next_epoch: first_epoch,
             spare: StagedPages::default(),
             in_flight: None,
-            last_cut: None,
+            last_cut_at: None,
             last_complete: None,
             local_retire_pending: false,
             need_full: true,
             metrics,
             max_rounds: 0,
             rounds: Rounds::default(),
+            last_cut: None,
+            waiters: Vec::new(),
             #[cfg(test)]
             sabotage: Sabotage::default(),
         }
@@ -227,6 +287,72 @@ impl EpochEngine {
     /// The last checkpoint the sink completed in this run.
     pub fn last_complete(&self) -> Option<u64> {
         self.last_complete
+    }
+
+    /// Where the engine stands.
+    pub fn status(&self) -> EngineStatus {
+        EngineStatus {
+            phase: self.phase,
+            last_cut: self.last_cut.map(|(e, _)| e),
+            last_complete: self.last_complete,
+            last_pause_us: self.last_cut.map(|(_, p)| p),
+            in_flight_bytes: self.in_flight.as_ref().map_or(0, |m| {
+                m.dirty_pages
+                    .saturating_mul(PAGE_SIZE as u64)
+                    .saturating_add(m.region_bytes)
+            }),
+        }
+    }
+
+    /// Cuts a checkpoint as soon as possible (an API request): now if none is in
+    /// flight, else right after the one in flight, as a postponed tick does. Returns
+    /// the epoch of that checkpoint.
+    pub fn request_cut(&mut self) -> Result<Result<u64, CutRefused>, EpochError> {
+        match self.phase {
+            Phase::Idle => {
+                let epoch = self.next_epoch;
+                self.cut(true)?;
+                Ok(Ok(epoch))
+            }
+            Phase::Exporting { epoch } | Phase::CutPostponed { epoch } => {
+                self.phase = Phase::CutPostponed { epoch };
+                Ok(Ok(self.next_epoch))
+            }
+            Phase::PreCopy { .. } => Ok(Err(CutRefused::PreCopy)),
+            Phase::Closing { .. } => Ok(Err(CutRefused::Closing)),
+            Phase::Failed => Ok(Err(CutRefused::Failed)),
+            Phase::Unprotected { .. } => Ok(Err(CutRefused::Unprotected)),
+            Phase::Fenced => Ok(Err(CutRefused::Fenced)),
+        }
+    }
+
+    /// Calls `f` once checkpoint `epoch` (or a later one) is complete at the sink, or
+    /// with the reason it never will be. Dropped unanswered if the run ends first.
+    pub fn on_complete(&mut self, epoch: u64, f: CompletionWaiter) {
+        self.waiters.push((epoch, f));
+        self.settle_waiters();
+    }
+
+    /// Answers the waiters whose checkpoint is complete, or can no longer be.
+    pub fn settle_waiters(&mut self) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let never = match self.phase {
+            Phase::Failed => Some(CutRefused::Failed),
+            Phase::Unprotected { .. } => Some(CutRefused::Unprotected),
+            Phase::Fenced => Some(CutRefused::Fenced),
+            _ => None,
+        };
+        for (epoch, f) in std::mem::take(&mut self.waiters) {
+            if self.last_complete.is_some_and(|c| c >= epoch) {
+                f(Ok(epoch));
+            } else if let Some(why) = &never {
+                f(Err(why.clone()));
+            } else {
+                self.waiters.push((epoch, f));
+            }
+        }
     }
 
     /// Starts checkpointing: the manifest goes to the sink, then the pre-copy. From

@@ -345,14 +345,22 @@ impl ExportQueue for SharedExporter {
 
 #[derive(Debug, Clone)]
 enum Step {
-    Write { page: usize, value: u64 },
+    Write {
+        page: usize,
+        value: u64,
+    },
     Tick,
     RegionFull,
     Export,
     Sink(SinkMode),
     FailNextSave,
     Fence,
+    /// An API request: cut now (or after the one in flight) and report completion.
+    RequestCut,
 }
+
+/// What cut requests were answered: (epoch asked for, the answer).
+type Answers = Arc<Mutex<Vec<(u64, Result<u64, super::CutRefused>)>>>;
 
 #[derive(Debug, Clone, Copy)]
 enum End {
@@ -373,11 +381,32 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Sink(SinkMode::LoseBaseOnce)),
         1 => Just(Step::FailNextSave),
         1 => Just(Step::Fence),
+        1 => Just(Step::RequestCut),
     ]
 }
 
 fn end() -> impl Strategy<Value = End> {
     prop_oneof![Just(End::UserStop), Just(End::GuestStop), Just(End::Crash)]
+}
+
+/// A cut request is answered complete only once the sink holds that checkpoint (or
+/// a later one), and refused only once no checkpoint can complete any more.
+fn check_answers(world: &Shared, answers: &Answers) {
+    let mut s = w(world);
+    for (asked, r) in answers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        match r {
+            Ok(e) if e != asked || !s.complete.iter().any(|c| c >= e) => {
+                let v =
+                    format!("cut request {asked} answered complete ({e}) before the sink held it");
+                s.violate(v);
+            }
+            Err(why) if !(s.failed || s.lost || s.fenced) => {
+                let v = format!("cut request {asked} refused ({why}) while checkpoints go on");
+                s.violate(v);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Checks the invariants that hold between steps.
@@ -481,6 +510,7 @@ fn run_model_with_rounds(
         cpu: Default::default(),
     };
     engine.start(manifest).map_err(|e| e.to_string())?;
+    let answers: Answers = Arc::default();
     for st in steps {
         let r = match st {
             Step::Write { page, value } => {
@@ -515,11 +545,27 @@ fn run_model_with_rounds(
                 engine.on_fenced();
                 Ok(())
             }
+            Step::RequestCut => match engine.request_cut() {
+                Ok(Ok(epoch)) => {
+                    let a = answers.clone();
+                    engine.on_complete(
+                        epoch,
+                        Box::new(move |r| {
+                            a.lock().unwrap_or_else(|e| e.into_inner()).push((epoch, r))
+                        }),
+                    );
+                    Ok(())
+                }
+                Ok(Err(_)) => Ok(()),
+                Err(e) => Err(e),
+            },
         };
+        engine.settle_waiters();
         // Engine errors end the real run; the model goes on to check that nothing
         // more happens that should not.
         let _ = r;
         check(&world, &engine, &exporter);
+        check_answers(&world, &answers);
     }
     match end {
         End::Crash => {}

@@ -1,6 +1,7 @@
 //! The machine as the epoch engine sees it: implementations of the engine's traits
 //! over KVM, the devices, the disks' checkpoint stores and the console gate.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock_recover;
@@ -27,6 +28,9 @@ use crate::vm_state::VmState;
 /// The vCPU threads, paused through their controls.
 pub(super) struct KvmVcpus {
     pub controls: Vec<Arc<VcpuControl>>,
+    /// Set while the user holds the guest paused (`vm.pause`): a cut then finds the
+    /// vCPUs parked already and leaves them parked.
+    pub held: Arc<AtomicBool>,
 }
 
 impl Vcpus for KvmVcpus {
@@ -45,6 +49,9 @@ impl Vcpus for KvmVcpus {
     }
 
     fn resume(&mut self) {
+        if self.held.load(Ordering::Acquire) {
+            return;
+        }
         for v in &self.controls {
             v.resume();
         }

@@ -525,5 +525,7 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
         memory_size,
         checkpointing,
         on_running: None,
+        api: None,
+        taken_over: false,
     })
 }

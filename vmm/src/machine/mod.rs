@@ -6,8 +6,10 @@
 //!   the end-of-run plan of `epoch::ending`.
 //! - `control.rs`: what ends a run: the shutdown latch, signals, console input.
 //! - `adapters.rs`: the machine as the epoch engine sees it.
+//! - `api.rs`: the API's commands (`--api-socket`), carried out on the device loop.
 
 mod adapters;
+mod api;
 mod build;
 mod control;
 mod run;
@@ -264,6 +266,10 @@ pub struct Machine {
     memory_size: u64,
     checkpointing: Option<Checkpointing>,
     on_running: Option<Box<dyn FnOnce() + Send>>,
+    /// Where the API's requests come in, if it serves one.
+    api: Option<crate::api::Endpoint>,
+    /// Resumed by a standby that took over from its primary.
+    pub(crate) taken_over: bool,
 }
 
 impl Machine {
@@ -285,6 +291,12 @@ impl Machine {
     /// A handle to end the run from elsewhere (tests, a control socket).
     pub fn shutdown_handle(&self) -> Arc<Shutdown> {
         self.shutdown.clone()
+    }
+
+    /// Answers the API's requests at `endpoint` while the guest runs (from the
+    /// start of [`Machine::run`] until the run ends).
+    pub fn serve_api(&mut self, endpoint: crate::api::Endpoint) {
+        self.api = Some(endpoint);
     }
 
     /// Calls `f` once every vCPU thread is started (a standby taking over times its

@@ -2,6 +2,7 @@
 //! until something ends the run, then the end-of-run plan (`epoch::ending`).
 
 use std::io::Write;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::adapters::{Gate, KvmDirtyLog, KvmState, KvmVcpus, Stores};
+use super::api::{ApiControl, SinkKind};
 use super::control::Control;
 use super::{Machine, RunEnd, VmmError, FINAL_CHECKPOINT_DEADLINE, VCPU_STOP_DEADLINE};
 use crate::checkpoint::{DiskManifest, Manifest};
@@ -85,6 +87,7 @@ impl Machine {
     fn start_engine(
         &mut self,
         controls: &[Arc<VcpuControl>],
+        held: &Arc<AtomicBool>,
     ) -> Result<Option<Arc<Mutex<EpochLoop>>>, VmmError> {
         let Some(cp) = self.checkpointing.take() else {
             return Ok(None);
@@ -102,6 +105,7 @@ impl Machine {
         let parts = Parts {
             vcpus: Box::new(KvmVcpus {
                 controls: controls.to_vec(),
+                held: held.clone(),
             }),
             dirty: Box::new(KvmDirtyLog {
                 vm: self.vm.clone(),
@@ -193,7 +197,28 @@ impl Machine {
             .iter()
             .map(|v| VcpuControl::new(v.index()))
             .collect();
-        let engine = self.start_engine(&controls)?;
+        let sink = match self.checkpointing.as_ref().map(|c| &c.config.sink) {
+            None => SinkKind::None,
+            Some(crate::config::SinkConfig::Directory(_)) => SinkKind::Directory,
+            Some(crate::config::SinkConfig::Peer(p)) => SinkKind::Peer(p.addr.clone()),
+        };
+        let paused = Arc::new(AtomicBool::new(false));
+        let engine = self.start_engine(&controls, &paused)?;
+        if let Some(endpoint) = &self.api {
+            let (backend, inbox) = crate::api::link().map_err(os_err("the API eventfd"))?;
+            self.events.add_subscriber(Arc::new(Mutex::new(ApiControl {
+                inbox,
+                engine: engine.clone(),
+                controls: controls.clone(),
+                paused,
+                shutdown: self.shutdown.clone(),
+                gate: self.gate.clone(),
+                sink,
+                taken_over: self.taken_over,
+                memory_bytes: self.memory_size,
+            })));
+            endpoint.set(Arc::new(backend));
+        }
 
         let (done_tx, done_rx) = mpsc::channel::<u8>();
         let mut threads = Vec::new();
@@ -225,6 +250,9 @@ impl Machine {
         };
         if let Err(e) = &loop_result {
             self.shutdown.request(RunEnd::GuestError(format!("{e}")));
+        }
+        if let Some(endpoint) = &self.api {
+            endpoint.set(Arc::new(crate::api::Unavailable("the run is ending")));
         }
         let why = self.shutdown.reason().unwrap_or(RunEnd::Quit);
 

@@ -47,6 +47,7 @@ use super::protocol::{
     FrameWriter, Hello, HelloAck, RefuseReason, Shutdown, Staged, WireStorage, VERSION,
 };
 use super::transport::{Closer, Connection, Listener, Transport, TransportError};
+use crate::api::{Endpoint, StandbyBackend, VmInfo};
 use crate::checkpoint::source::ReplicaSource;
 use crate::checkpoint::{
     apply_pages, check_batches, decode_state, Console, ContentError, DiskManifest, Manifest,
@@ -299,6 +300,10 @@ pub struct Standby {
     cpu: GuestCpu,
     started: Instant,
     metrics: Option<BufWriter<File>>,
+    /// The status the API reports while this host stands by.
+    info: Arc<std::sync::Mutex<VmInfo>>,
+    /// The API, handed to the machine if this host takes over.
+    api: Option<Endpoint>,
 }
 
 /// Why a session ended.
@@ -345,7 +350,23 @@ impl Standby {
             cpu,
             started: Instant::now(),
             metrics,
+            info: Arc::new(std::sync::Mutex::new(StandbyBackend::initial_info())),
+            api: None,
         })
+    }
+
+    /// Answers the API's requests at `endpoint`: its status while it stands by,
+    /// then, if it takes over, the resumed machine's.
+    pub fn serve_api(&mut self, endpoint: Endpoint) {
+        endpoint.set(Arc::new(StandbyBackend {
+            info: self.info.clone(),
+        }));
+        self.api = Some(endpoint);
+    }
+
+    /// Updates the status the API reports.
+    fn status(&self, f: impl FnOnce(&mut VmInfo)) {
+        f(&mut devices::bus::lock_recover(&self.info));
     }
 
     /// The address it listens on.
@@ -437,7 +458,11 @@ impl Standby {
             let Some((hello, r, w, closer)) = self.greet(conn) else {
                 continue;
             };
-            match self.session(&peer, hello, r, w, closer)? {
+            let ended = self.session(&peer, hello, r, w, closer)?;
+            if !matches!(ended.0, SessionEnd::Lost(_)) {
+                self.status(|i| *i = StandbyBackend::initial_info());
+            }
+            match ended {
                 (SessionEnd::Shutdown(Shutdown::Abandoned), _) => {
                     eprintln!(
                         "mirrorvm: standby: the primary at {peer} gave up on this standby and runs on without it; waiting for a primary"
@@ -589,6 +614,15 @@ impl Standby {
         closer: Closer,
     ) -> Result<(SessionEnd, (Replica, Vec<Disk>, Duration, Instant)), StandbyError> {
         let m = &hello.manifest;
+        self.status(|i| {
+            *i = VmInfo {
+                state: "copying".into(),
+                cpus: m.cpus,
+                memory_bytes: m.memory,
+                peer: Some(peer.to_string()),
+                ..StandbyBackend::initial_info()
+            }
+        });
         eprintln!(
             "mirrorvm: standby: primary {peer} connected: {} MiB, {} vCPU(s), {} disk(s)",
             m.memory >> 20,
@@ -724,6 +758,12 @@ impl Standby {
                         .and_then(|()| fw.flush())
                         .is_ok();
                     ours.store(epoch, Ordering::Relaxed);
+                    self.status(|i| {
+                        i.state = "mirroring".into();
+                        i.epoch = Some(epoch);
+                        i.last_complete = Some(epoch);
+                        i.protected = true;
+                    });
                     if first {
                         self.finish_copy(&mut disks, epoch)?;
                     }
@@ -964,7 +1004,7 @@ impl Standby {
             },
             "the standby's replica",
         );
-        let machine = Machine::from_source(
+        let mut machine = Machine::from_source(
             &mut source,
             &self.config.serial,
             &self.config.kvm_device,
@@ -974,6 +1014,10 @@ impl Standby {
             epoch,
             source: Box::new(e),
         })?;
+        machine.taken_over = true;
+        if let Some(endpoint) = self.api.clone() {
+            machine.serve_api(endpoint);
+        }
         report.restore = t.elapsed();
         // Output of held epochs up to the one resumed that the primary may not have
         // shown (it reported what it released in its heartbeats).
