@@ -23,6 +23,7 @@ pub mod memory;
 pub mod mptable;
 pub mod netlab;
 pub mod output;
+pub mod progress;
 pub mod replication;
 pub mod run_end;
 pub mod terminal;
