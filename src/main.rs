@@ -148,6 +148,11 @@ struct EpochArgs {
     /// Per-epoch metrics as JSON lines (needs --checkpoint-dir or --peer).
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
+
+    /// Serve the same figures for Prometheus at http://ADDR/metrics (HOST:PORT;
+    /// port 0 picks one, shown on stderr). Needs --checkpoint-dir or --peer.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
 }
 
 /// Heartbeats and deadlines between a primary and its standby.
@@ -199,6 +204,9 @@ impl EpochArgs {
                 if self.metrics.is_some() {
                     anyhow::bail!("--metrics needs --checkpoint-dir or --peer");
                 }
+                if self.metrics_addr.is_some() {
+                    anyhow::bail!("--metrics-addr needs --checkpoint-dir or --peer");
+                }
                 return Ok(None);
             }
         };
@@ -206,6 +214,7 @@ impl EpochArgs {
             epoch: Duration::from_millis(self.epoch_ms),
             sink,
             metrics: self.metrics,
+            metrics_addr: self.metrics_addr,
         }))
     }
 }
@@ -231,9 +240,14 @@ struct StandbyArgs {
     #[arg(long, value_name = "PATH")]
     witness: Option<PathBuf>,
 
-    /// One JSON line per applied checkpoint.
+    /// One JSON line per applied checkpoint, and one for a takeover.
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
+
+    /// Serve the standby's figures for Prometheus at http://ADDR/metrics (HOST:PORT;
+    /// port 0 picks one, shown on stderr); after a takeover, the new primary's.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
 
     #[command(flatten)]
     liveness: LivenessArgs,
@@ -340,6 +354,7 @@ fn standby(args: StandbyArgs) -> anyhow::Result<RunEnd> {
         witness: args.witness,
         liveness: args.liveness.config()?,
         metrics: args.metrics,
+        metrics_addr: args.metrics_addr,
         transport: Transport::PlainTcp,
     };
     match Standby::new(config)?.serve()? {

@@ -26,6 +26,7 @@ pub mod output;
 pub mod progress;
 pub mod replication;
 pub mod run_end;
+pub mod telemetry;
 pub mod terminal;
 pub mod testguest;
 pub mod vcpu;

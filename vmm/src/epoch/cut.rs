@@ -60,6 +60,7 @@ impl EpochEngine {
             self.parts.vcpus.resume();
         }
         let pause = t0.elapsed();
+        let resumed = Instant::now();
         let Captured {
             pages,
             state,
@@ -84,6 +85,7 @@ impl EpochEngine {
             save_us: us(t_save),
             dirty_pages: pages.len() as u64,
             region_bytes,
+            at_ms: self.ms_since_start(),
             ..Default::default()
         };
         if full {
@@ -109,6 +111,7 @@ impl EpochEngine {
             sealed: false,
         });
         self.in_flight = Some(m);
+        self.cut_at = Some(resumed);
         self.need_full = false;
         self.next_epoch += 1;
         self.phase = Phase::Exporting { epoch };

@@ -76,8 +76,10 @@ pub struct StandbyConfig {
     pub witness: Option<PathBuf>,
     /// Heartbeats and deadlines.
     pub liveness: LivenessConfig,
-    /// One JSON line per applied checkpoint.
+    /// One JSON line per applied checkpoint, and one for a takeover.
     pub metrics: Option<PathBuf>,
+    /// Serve the same figures for Prometheus at `http://ADDR/metrics`.
+    pub metrics_addr: Option<String>,
     /// How hosts talk.
     pub transport: Transport,
 }
@@ -121,6 +123,9 @@ pub enum StandbyError {
     /// The metrics file cannot be written.
     #[error("cannot write the metrics file")]
     Metrics(#[source] std::io::Error),
+    /// The Prometheus endpoint cannot be served.
+    #[error(transparent)]
+    Endpoint(#[from] crate::telemetry::EndpointError),
     /// A thread cannot be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
@@ -208,6 +213,8 @@ pub struct Takeover {
     pub decided: Instant,
     /// The fence, held while this host runs the guest.
     _fence: Option<super::fence::Fence>,
+    /// The Prometheus endpoint, served on while this host runs the guest.
+    endpoint: Option<crate::telemetry::MetricsEndpoint>,
 }
 
 impl Takeover {
@@ -219,7 +226,11 @@ impl Takeover {
             report,
             decided,
             _fence,
+            endpoint,
         } = self;
+        if let Some(e) = endpoint {
+            machine.keep_metrics_endpoint(e);
+        }
         let ready = Instant::now();
         machine.on_running(Box::new(move || {
             let resume = ready.elapsed();
@@ -249,6 +260,27 @@ pub struct AppliedMetrics {
     pub apply_us: u64,
     /// When it was acknowledged, ms since the standby started.
     pub received_at_ms: u64,
+}
+
+/// The JSON line a standby writes to `--metrics` when it takes over (before the
+/// guest resumes), so a run's figures show where the failover fell.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailoverMetrics {
+    /// Always true: tells this line from the checkpoint lines.
+    pub failover: bool,
+    /// The checkpoint resumed.
+    pub epoch: u64,
+    /// Why the primary was declared lost.
+    pub reason: String,
+    /// From the primary's last sign of life to the decision, µs.
+    pub detect_us: u64,
+    /// Taking the fence, µs.
+    pub fence_us: u64,
+    /// Building the machine from the replica, µs.
+    pub restore_us: u64,
+    /// When the machine was ready to resume, ms since the standby started (the
+    /// clock of `received_at_ms`).
+    pub at_ms: u64,
 }
 
 /// This host's CPU as KVM offers it to guests, for the Hello check.
@@ -299,6 +331,8 @@ pub struct Standby {
     cpu: GuestCpu,
     started: Instant,
     metrics: Option<BufWriter<File>>,
+    telemetry: Option<crate::telemetry::Telemetry>,
+    endpoint: Option<crate::telemetry::MetricsEndpoint>,
 }
 
 /// Why a session ended.
@@ -328,6 +362,15 @@ struct Replica {
 impl Standby {
     /// Checks this host (KVM, its CPU) and starts listening.
     pub fn new(config: StandbyConfig) -> Result<Standby, StandbyError> {
+        let (telemetry, endpoint) = match &config.metrics_addr {
+            Some(addr) => {
+                let t = crate::telemetry::Telemetry::new(crate::telemetry::Role::Standby);
+                let e = crate::telemetry::MetricsEndpoint::serve(addr, t.clone())?;
+                eprintln!("mirrorvm: metrics on http://{}/metrics", e.local_addr());
+                (Some(t), Some(e))
+            }
+            None => (None, None),
+        };
         let cpu = host_cpu(&config.kvm_device)?;
         let listener = config
             .transport
@@ -345,6 +388,8 @@ impl Standby {
             cpu,
             started: Instant::now(),
             metrics,
+            telemetry,
+            endpoint,
         })
     }
 
@@ -437,7 +482,12 @@ impl Standby {
             let Some((hello, r, w, closer)) = self.greet(conn) else {
                 continue;
             };
-            match self.session(&peer, hello, r, w, closer)? {
+            let end = self.session(&peer, hello, r, w, closer)?;
+            if let Some(t) = &self.telemetry {
+                // Whatever comes next, this session's replica protects nothing.
+                t.set_unprotected();
+            }
+            match end {
                 (SessionEnd::Shutdown(Shutdown::Abandoned), _) => {
                     eprintln!(
                         "mirrorvm: standby: the primary at {peer} gave up on this standby and runs on without it; waiting for a primary"
@@ -785,6 +835,13 @@ impl Standby {
     }
 
     fn write_metrics(&mut self, m: &AppliedMetrics) -> Result<(), StandbyError> {
+        if let Some(t) = &self.telemetry {
+            t.record_applied(m);
+        }
+        self.write_line(m)
+    }
+
+    fn write_line(&mut self, m: &impl serde::Serialize) -> Result<(), StandbyError> {
         if let Some(w) = &mut self.metrics {
             serde_json::to_writer(&mut *w, m)
                 .map_err(|e| StandbyError::Metrics(std::io::Error::other(e)))?;
@@ -888,7 +945,7 @@ impl Standby {
     }
 
     fn take_over(
-        &self,
+        &mut self,
         reason: String,
         replica: Replica,
         disks: Vec<Disk>,
@@ -983,11 +1040,28 @@ impl Standby {
             end = Some(c.offset + c.bytes.len() as u64);
         }
         let _ = end;
+        if let Some(t) = &self.telemetry {
+            t.record_failover();
+        }
+        let line = FailoverMetrics {
+            failover: true,
+            epoch,
+            reason: report.reason.clone(),
+            detect_us: us(report.detect),
+            fence_us: us(report.fence),
+            restore_us: us(report.restore),
+            at_ms: us(self.started.elapsed()) / 1000,
+        };
+        if let Err(e) = self.write_line(&line) {
+            // The guest must resume whatever the metrics file says.
+            tracing::warn!("{}", devices::ErrorChain(&e));
+        }
         Ok(Takeover {
             machine,
             report,
             decided,
             _fence: held,
+            endpoint: self.endpoint.take(),
         })
     }
 }
