@@ -54,6 +54,21 @@ enum Command {
     /// verdict from both hosts' consoles and the guest's own checks; exits 0 only if
     /// it holds (docs/demo.md).
     Demo(DemoArgs),
+
+    /// Draw a run from its --metrics file as an SVG picture: pause over time with
+    /// its steps stacked, dirty pages, bytes per checkpoint, ack lag, failover
+    /// markers and a pause histogram (a standby's file: pages, bytes, apply times).
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The JSON-lines file written by --metrics (of run, restore or standby).
+    metrics: PathBuf,
+
+    /// Where to write the SVG picture.
+    #[arg(short, long, value_name = "SVG")]
+    output: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -390,6 +405,17 @@ fn disk(cmd: DiskCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn report(args: &ReportArgs) -> anyhow::Result<()> {
+    let s = vmm::report::write_report(&args.metrics, &args.output)?;
+    println!(
+        "report: {} checkpoint(s) and {} marker(s) drawn into {}",
+        s.checkpoints,
+        s.markers,
+        args.output.display()
+    );
+    Ok(())
+}
+
 fn demo(args: DemoArgs) -> ExitCode {
     let mirrorvm = match std::env::current_exe() {
         Ok(p) => p,
@@ -436,6 +462,15 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore(args),
         Command::Standby(args) => standby(args),
         Command::Demo(args) => return demo(args),
+        Command::Report(args) => {
+            return match report(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mirrorvm: error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Disk(cmd) => {
             return match disk(cmd) {
                 Ok(()) => ExitCode::SUCCESS,

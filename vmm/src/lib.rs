@@ -25,6 +25,7 @@ pub mod netlab;
 pub mod output;
 pub mod progress;
 pub mod replication;
+pub mod report;
 pub mod run_end;
 pub mod telemetry;
 pub mod terminal;
