@@ -23,6 +23,16 @@ pub use endpoint::{EndpointError, MetricsEndpoint};
 use crate::epoch::EpochMetrics;
 use crate::replication::standby::AppliedMetrics;
 
+/// Makes the registry of a process in `role` and serves it on `addr`, saying where
+/// on stderr (`mirrorvm: metrics on http://ADDR/metrics`: with port 0, the port
+/// chosen). The endpoint serves until dropped.
+pub fn start(addr: &str, role: Role) -> Result<(Telemetry, MetricsEndpoint), EndpointError> {
+    let t = Telemetry::new(role);
+    let e = MetricsEndpoint::serve(addr, t.clone())?;
+    eprintln!("mirrorvm: metrics on http://{}/metrics", e.local_addr());
+    Ok((t, e))
+}
+
 /// The role this process plays, as `mirrorvm_role{role=…}` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

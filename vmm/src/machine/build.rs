@@ -309,16 +309,12 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
     let gate = OutputGate::new(serial_out, epoch.is_some());
     // The metrics endpoint listens before anything else is reached, so a bad
     // address costs nothing.
-    let (telemetry, metrics_endpoint) = match epoch.as_ref().and_then(|e| e.metrics_addr.as_deref())
-    {
-        Some(addr) => {
-            let t = crate::telemetry::Telemetry::new(crate::telemetry::Role::Primary);
-            let e = crate::telemetry::MetricsEndpoint::serve(addr, t.clone())?;
-            eprintln!("mirrorvm: metrics on http://{}/metrics", e.local_addr());
-            (Some(t), Some(e))
-        }
-        None => (None, None),
-    };
+    let (telemetry, metrics_endpoint) = epoch
+        .as_ref()
+        .and_then(|e| e.metrics_addr.as_deref())
+        .map(|addr| crate::telemetry::start(addr, crate::telemetry::Role::Primary))
+        .transpose()?
+        .unzip();
     // The sink is opened (a directory locked, a standby reached) before the VM exists.
     let checkpointing = match &epoch {
         Some(config) => Some(Checkpointing {

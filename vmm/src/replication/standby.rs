@@ -362,15 +362,12 @@ struct Replica {
 impl Standby {
     /// Checks this host (KVM, its CPU) and starts listening.
     pub fn new(config: StandbyConfig) -> Result<Standby, StandbyError> {
-        let (telemetry, endpoint) = match &config.metrics_addr {
-            Some(addr) => {
-                let t = crate::telemetry::Telemetry::new(crate::telemetry::Role::Standby);
-                let e = crate::telemetry::MetricsEndpoint::serve(addr, t.clone())?;
-                eprintln!("mirrorvm: metrics on http://{}/metrics", e.local_addr());
-                (Some(t), Some(e))
-            }
-            None => (None, None),
-        };
+        let (telemetry, endpoint) = config
+            .metrics_addr
+            .as_deref()
+            .map(|addr| crate::telemetry::start(addr, crate::telemetry::Role::Standby))
+            .transpose()?
+            .unzip();
         let cpu = host_cpu(&config.kvm_device)?;
         let listener = config
             .transport

@@ -250,10 +250,67 @@ const GREY: RGBColor = RGBColor(127, 127, 127);
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// How the y axis of a chart is labelled.
+#[derive(Clone, Copy)]
+enum YLabels {
+    /// As many decimals as the scale needs.
+    Scale,
+    /// Whole numbers, at most this many labels.
+    Counts(usize),
+}
+
+/// A chart of one panel, its axes drawn: `title` above, `x` and `y` described and
+/// labelled with as many decimals as their scales need.
+fn chart<'a, 'b>(
+    area: &'a Area<'b>,
+    title: &str,
+    (x, x_desc): (std::ops::Range<f64>, &str),
+    (y, y_desc): (std::ops::Range<f64>, &str),
+    y_labels: YLabels,
+) -> Result<Chart<'a, 'b>, ReportError> {
+    let (y_fmt, y_labels) = match y_labels {
+        YLabels::Scale => (label(y.end), 10),
+        YLabels::Counts(n) => (label(100.0), n),
+    };
+    let x_fmt = label(x.end - x.start);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 18))
+        .margin(8)
+        .x_label_area_size(36)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x, y)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .y_labels(y_labels)
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&y_fmt)
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(draw_err)?;
+    Ok(chart)
+}
+
+/// The legend, in the upper right corner.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>) -> Result<(), ReportError> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .label_font((FONT, 13))
+        .draw()
+        .map_err(draw_err)
+}
+
 /// Draws the markers as vertical lines over a chart's whole height, each labelled
 /// at its foot on its left (the caption says more).
-fn draw_markers<'a>(
-    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+fn draw_markers<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
     axis: &Axis,
     top: f64,
 ) -> Result<(), ReportError> {
@@ -295,23 +352,7 @@ fn time_panel(
     let top = y_max.unwrap_or_else(|| series.iter().map(top_of).fold(0.0, f64::max));
     let y = span(0.0, top);
     let y_top = y.end;
-    let (x_fmt, y_fmt) = (label(x.end - x.start), label(y_top));
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, (FONT, 18))
-        .margin(8)
-        .x_label_area_size(36)
-        .y_label_area_size(80)
-        .build_cartesian_2d(x, y)
-        .map_err(draw_err)?;
-    chart
-        .configure_mesh()
-        .x_desc(axis.desc)
-        .y_desc(unit)
-        .x_label_formatter(&x_fmt)
-        .y_label_formatter(&y_fmt)
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(draw_err)?;
+    let mut chart = chart(area, title, (x, axis.desc), (y, unit), YLabels::Scale)?;
     for s in series {
         let keep = thin(&axis.xs, |i| s.values[i]);
         let points: Vec<(f64, f64)> = keep.iter().map(|i| (axis.xs[*i], s.values[*i])).collect();
@@ -336,14 +377,7 @@ fn time_panel(
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
     }
     draw_markers(&mut chart, axis, y_top)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .label_font((FONT, 13))
-        .draw()
-        .map_err(draw_err)?;
+    legend(&mut chart)?;
     Ok(())
 }
 
@@ -380,24 +414,13 @@ fn histogram_panel(
     let bars = if counts[BINS] > 0 { BINS + 1 } else { BINS };
     // A little room on the right, so a p99 at the last bar's edge stays visible.
     let x_end = width * f(bars as u64) * 1.03;
-    let (x_fmt, y_fmt) = (label(x_end), label(f(most).max(100.0)));
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, (FONT, 18))
-        .margin(8)
-        .x_label_area_size(36)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..x_end, span(0.0, f(most)))
-        .map_err(draw_err)?;
-    chart
-        .configure_mesh()
-        .x_desc(unit)
-        .y_desc("checkpoints")
-        .y_labels(usize::try_from(most + 1).unwrap_or(10).clamp(2, 10))
-        .x_label_formatter(&x_fmt)
-        .y_label_formatter(&y_fmt)
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(draw_err)?;
+    let mut chart = chart(
+        area,
+        title,
+        (0.0..x_end, unit),
+        (span(0.0, f(most)), "checkpoints"),
+        YLabels::Counts(usize::try_from(most + 1).unwrap_or(10).clamp(2, 10)),
+    )?;
     chart
         .draw_series(counts.iter().take(bars).enumerate().map(|(i, c)| {
             let x0 = width * f(i as u64);
@@ -419,19 +442,12 @@ fn histogram_panel(
                 color.stroke_width(2),
             )))
             .map_err(draw_err)?
-            .label(format!("{name} {v:.0} {unit}"))
+            .label(format!("{name} {} {unit}", label(v)(&v)))
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .label_font((FONT, 13))
-        .draw()
-        .map_err(draw_err)?;
+    legend(&mut chart)?;
     Ok(())
 }
 
@@ -529,11 +545,26 @@ fn draw_primary(run: &Run, rows: &[Area<'_>]) -> Result<(String, String), Report
         .map(|(_, p)| *p)
         .fold(0.0, f64::max);
     let steady_max = steady.iter().copied().fold(0.0, f64::max);
-    let y_max = (full_max > steady_max && !steady.is_empty()).then_some(steady_max);
+    let off_scale = full_max > 2.0 * steady_max && !steady.is_empty();
+    let shown_max = if off_scale {
+        steady_max
+    } else {
+        steady_max.max(full_max)
+    };
+    // Milliseconds once pauses reach 10 ms: fewer digits to read.
+    let (t_unit, t_div) = if shown_max >= 10_000.0 {
+        ("ms", 1000.0)
+    } else {
+        ("µs", 1.0)
+    };
+    let scaled = |v: Vec<f64>| v.into_iter().map(|x| x / t_div).collect::<Vec<_>>();
+    let (kick, harvest, copy, save) = (scaled(kick), scaled(harvest), scaled(copy), scaled(save));
+    let pause = scaled(pause);
+    let y_max = off_scale.then_some(steady_max / t_div);
     time_panel(
         &rows[0],
         "Pause per checkpoint, steps stacked",
-        "µs",
+        t_unit,
         &axis,
         &[
             Series {
@@ -622,10 +653,11 @@ fn draw_primary(run: &Run, rows: &[Area<'_>]) -> Result<(String, String), Report
         false,
         None,
     )?;
-    histogram_panel(&rows[4], "Pause histogram", "µs", &pause)?;
+    histogram_panel(&rows[4], "Pause histogram", t_unit, &pause)?;
     let retries: u64 = c.iter().map(|m| m.retries).sum();
+    let d = usize::from(t_div > 1.0);
     let mut caption = format!(
-        "{} checkpoints (epochs {}–{}); pause p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs; {} retries",
+        "{} checkpoints (epochs {}–{}); pause p50 {:.d$} {t_unit}, p99 {:.d$} {t_unit}, max {:.d$} {t_unit}; {} retries",
         c.len(),
         epochs.first().copied().unwrap_or(0),
         epochs.last().copied().unwrap_or(0),
@@ -636,7 +668,8 @@ fn draw_primary(run: &Run, rows: &[Area<'_>]) -> Result<(String, String), Report
     );
     if y_max.is_some() {
         caption.push_str(&format!(
-            "; the pre-copy's completing checkpoint ({full_max:.0} µs) is off the pause scale"
+            "; the pre-copy's completing checkpoint ({:.d$} {t_unit}) is off the pause scale",
+            full_max / t_div
         ));
     }
     for m in &run.markers {
