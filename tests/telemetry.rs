@@ -455,3 +455,43 @@ fn the_pre_copy_shows_a_bar_on_a_terminal() {
         "a plain line on a terminal: {shown}"
     );
 }
+
+#[test]
+fn metrics_addresses_that_cannot_serve_are_one_error_line() {
+    let dir = tempdir();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = held.local_addr().unwrap().to_string();
+    let ck = dir.path().join("ck");
+    let ck = ck.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["run", "--metrics-addr", "127.0.0.1:0"],
+            "--metrics-addr needs --checkpoint-dir or --peer",
+        ),
+        (
+            vec![
+                "run",
+                "--checkpoint-dir",
+                ck,
+                "--metrics-addr",
+                "not an address",
+            ],
+            "cannot serve metrics on not an address",
+        ),
+        (
+            vec!["run", "--checkpoint-dir", ck, "--metrics-addr", &busy],
+            "cannot serve metrics on 127.0.0.1:",
+        ),
+    ] {
+        let mut c = mirrorvm();
+        c.args(&args).args(["--serial", "off"]);
+        let o = run_with_timeout(c, Duration::from_secs(60));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}: {}", show(&o));
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("mirrorvm: error: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}
