@@ -116,6 +116,8 @@ fn checkpointed_run(dir: &Path, mem: &str, extra: &[&str]) -> Running {
     .arg(dir.join("m.jsonl"))
     .arg("--serial")
     .arg(format!("file={}", dir.join("console.txt").display()))
+    // The engine says how long the pre-copy took.
+    .env("MIRRORVM_LOG", "vmm::epoch=info")
     .args(extra);
     Running::spawn(c)
 }
@@ -135,8 +137,8 @@ fn the_prometheus_endpoint_shows_what_the_metrics_file_says() {
     }
     let _one = one_at_a_time();
     let dir = tempdir();
-    // 128 MiB: the debug build's pre-copy takes seconds, so plain progress lines show.
-    let mut r = checkpointed_run(dir.path(), "128M", &["--metrics-addr", "127.0.0.1:0"]);
+    // 512 MiB: the debug build's pre-copy takes seconds, so plain progress lines show.
+    let mut r = checkpointed_run(dir.path(), "512M", &["--metrics-addr", "127.0.0.1:0"]);
     let addr = metrics_addr(&r);
     let before = wait_lines(&dir.path().join("m.jsonl"), 5, &r);
     let (body, s) = scrape(&addr);
@@ -197,11 +199,26 @@ fn the_prometheus_endpoint_shows_what_the_metrics_file_says() {
         "did not stop"
     );
     let err = r.stderr();
-    // Not a terminal: the pre-copy's progress is plain lines.
+    // Not a terminal: the pre-copy's progress is plain lines, one a second, and no
+    // bar redrawn in place.
+    assert!(!err.contains('\r'), "{err:?}");
+    let precopy_ms: u64 = err
+        .lines()
+        .find_map(|l| {
+            l.split(" bytes in ")
+                .nth(1)?
+                .strip_suffix(" ms")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no pre-copy time:\n{err}"));
+    let plain = err
+        .lines()
+        .filter(|l| l.starts_with("mirrorvm: pre-copy to ") && l.contains(" of 512 MiB, "))
+        .count() as u64;
     assert!(
-        err.lines()
-            .any(|l| l.starts_with("mirrorvm: pre-copy to ") && l.contains(" of 128 MiB, ")),
-        "{err}"
+        plain + 1 >= precopy_ms / 1000 && plain <= precopy_ms / 1000 + 1,
+        "{plain} plain lines for a pre-copy of {precopy_ms} ms:\n{err}"
     );
     // One source: the registry's figures are the file's first n lines'.
     let all = read_metrics(&dir.path().join("m.jsonl")).expect("metrics");
@@ -437,7 +454,7 @@ fn the_pre_copy_shows_a_bar_on_a_terminal() {
     let _one = one_at_a_time();
     let dir = tempdir();
     let shell = format!(
-        "{} run --memory 128M --cmdline 'counter limit=30 interval_ms=100' --serial off --checkpoint-dir {}",
+        "{} run --memory 512M --cmdline 'counter limit=30 interval_ms=100' --serial off --checkpoint-dir {}",
         env!("CARGO_BIN_EXE_mirrorvm"),
         dir.path().join("ck").display()
     );
@@ -448,10 +465,10 @@ fn the_pre_copy_shows_a_bar_on_a_terminal() {
     assert!(o.status.success(), "{}", show(&o));
     // indicatif's bar (sizes with decimals, redrawn in place), not the plain lines.
     assert!(shown.contains("mirrorvm: pre-copy to "), "{shown}");
-    assert!(shown.contains(" of 128.00 MiB, "), "{shown}");
+    assert!(shown.contains(" of 512.00 MiB, "), "{shown}");
     assert!(shown.contains('\r') || shown.contains("\x1b["), "{shown:?}");
     assert!(
-        !shown.contains(" of 128 MiB, "),
+        !shown.contains(" of 512 MiB, "),
         "a plain line on a terminal: {shown}"
     );
 }
