@@ -55,6 +55,28 @@ fn scrape(addr: &str) -> (String, Scrape) {
     (body.to_string(), parsed)
 }
 
+/// A scrape in which the histograms named in `families` had all taken in as many
+/// checkpoints as `mirrorvm_checkpoints_total` says: the registry takes in a record
+/// one family after another (the counter last), so a scrape can fall between two of
+/// them. Tries again (the next checkpoint is tens of milliseconds away) until so.
+fn settled_scrape(addr: &str, families: &[&str]) -> (String, Scrape) {
+    for _ in 0..50 {
+        let (body, s) = scrape(addr);
+        let n = value(&s, "mirrorvm_checkpoints_total", &[]);
+        let settled = s.samples.iter().all(|x| match &x.value {
+            Value::Histogram(b) if families.contains(&x.metric.as_str()) => {
+                b.last().map(|c| c.count) == Some(n)
+            }
+            _ => true,
+        });
+        if settled {
+            return (body, s);
+        }
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    panic!("no scrape of {addr} in which every one of {families:?} counts every checkpoint");
+}
+
 /// A counter, gauge or untyped sample's value (`prometheus-parse` reads OpenMetrics
 /// counters, whose samples end in `_total`, as untyped).
 fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
@@ -141,7 +163,18 @@ fn the_prometheus_endpoint_shows_what_the_metrics_file_says() {
     let mut r = checkpointed_run(dir.path(), "512M", &["--metrics-addr", "127.0.0.1:0"]);
     let addr = metrics_addr(&r);
     let before = wait_lines(&dir.path().join("m.jsonl"), 5, &r);
-    let (body, s) = scrape(&addr);
+    let (body, s) = settled_scrape(
+        &addr,
+        &[
+            "mirrorvm_checkpoint_pause_seconds",
+            "mirrorvm_checkpoint_pause_step_seconds",
+            "mirrorvm_checkpoint_dirty_pages",
+            "mirrorvm_checkpoint_bytes",
+            "mirrorvm_checkpoint_region_bytes",
+            "mirrorvm_checkpoint_export_seconds",
+            "mirrorvm_checkpoint_ack_seconds",
+        ],
+    );
     every_family_parsed(&body, &s);
 
     let n = value(&s, "mirrorvm_checkpoints_total", &[]);
@@ -224,7 +257,11 @@ fn the_prometheus_endpoint_shows_what_the_metrics_file_says() {
     let all = read_metrics(&dir.path().join("m.jsonl")).expect("metrics");
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let first = &all[..n as usize];
-    assert_eq!(first.last().map(|m| m.epoch as f64), Some(last));
+    // (The gauge is read after the counter: a checkpoint completing meanwhile may
+    // have moved it on.)
+    let nth = first.last().map_or(0.0, |m| m.epoch as f64);
+    let next = all.get(first.len()).map_or(nth, |m| m.epoch as f64);
+    assert!((nth..=next).contains(&last), "{last} not in {nth}..={next}");
     let file_pause: u64 = first.iter().map(|m| m.pause_us).sum();
     assert!(
         (pause_sum - file_pause as f64 / 1e6).abs() < 1e-6,
@@ -377,7 +414,13 @@ fn a_mirrored_pair_shows_both_roles_and_the_failover() {
     let p_addr = metrics_addr(pair.primary.as_ref().unwrap());
     pair.expect_applied(5, Duration::from_secs(120));
 
-    let (body, s) = scrape(&s_addr);
+    let (body, s) = settled_scrape(
+        &s_addr,
+        &[
+            "mirrorvm_checkpoint_apply_seconds",
+            "mirrorvm_checkpoint_bytes",
+        ],
+    );
     every_family_parsed(&body, &s);
     let applied = value(&s, "mirrorvm_checkpoints_total", &[]);
     assert!(applied >= 5.0, "{applied}");
