@@ -58,6 +58,21 @@ enum Command {
     /// verdict from both hosts' consoles and the guest's own checks; exits 0 only if
     /// it holds (docs/demo.md).
     Demo(DemoArgs),
+
+    /// Draw a run from its --metrics file as an SVG picture: pause over time with
+    /// its steps stacked, dirty pages, bytes per checkpoint, ack lag, failover
+    /// markers and a pause histogram (a standby's file: pages, bytes, apply times).
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The JSON-lines file written by --metrics (of run, restore or standby).
+    metrics: PathBuf,
+
+    /// Where to write the SVG picture.
+    #[arg(short, long, value_name = "SVG")]
+    output: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -186,6 +201,11 @@ struct EpochArgs {
     /// Per-epoch metrics as JSON lines (needs --checkpoint-dir or --peer).
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
+
+    /// Serve the same figures for Prometheus at http://ADDR/metrics (HOST:PORT;
+    /// port 0 picks one, shown on stderr). Needs --checkpoint-dir or --peer.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
 }
 
 /// The HTTP API on a Unix socket.
@@ -254,6 +274,11 @@ impl EpochArgs {
                 if self.metrics.is_some() {
                     return Err(usage("--metrics needs --checkpoint-dir or --peer".into()));
                 }
+                if self.metrics_addr.is_some() {
+                    return Err(usage(
+                        "--metrics-addr needs --checkpoint-dir or --peer".into(),
+                    ));
+                }
                 return Ok(None);
             }
         };
@@ -261,6 +286,7 @@ impl EpochArgs {
             epoch: Duration::from_millis(self.epoch_ms),
             sink,
             metrics: self.metrics,
+            metrics_addr: self.metrics_addr,
         }))
     }
 }
@@ -286,9 +312,14 @@ struct StandbyArgs {
     #[arg(long, value_name = "PATH")]
     witness: Option<PathBuf>,
 
-    /// One JSON line per applied checkpoint.
+    /// One JSON line per applied checkpoint, and one for a takeover.
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
+
+    /// Serve the standby's figures for Prometheus at http://ADDR/metrics (HOST:PORT;
+    /// port 0 picks one, shown on stderr); after a takeover, the new primary's.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
 
     #[command(flatten)]
     liveness: LivenessArgs,
@@ -430,6 +461,7 @@ fn standby(args: StandbyArgs) -> anyhow::Result<RunEnd> {
         witness: args.witness,
         liveness,
         metrics: args.metrics,
+        metrics_addr: args.metrics_addr,
         transport: Transport::PlainTcp,
     };
     let mut standby = Standby::new(config)?;
@@ -488,6 +520,17 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<ExitCode> {
     let why = json["error"].as_str().unwrap_or(&r.body);
     eprintln!("mirrorvm: error: {why} (HTTP {})", r.status);
     Ok(ExitCode::from(1))
+}
+
+fn report(args: &ReportArgs) -> anyhow::Result<()> {
+    let s = vmm::report::write_report(&args.metrics, &args.output)?;
+    println!(
+        "report: {} checkpoint(s) and {} marker(s) drawn into {}",
+        s.checkpoints,
+        s.markers,
+        args.output.display()
+    );
+    Ok(())
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
@@ -553,6 +596,15 @@ fn main() -> ExitCode {
                 eprintln!("mirrorvm: error: {e:#}");
                 ExitCode::from(1)
             })
+        }
+        Command::Report(args) => {
+            return match report(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mirrorvm: error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Disk(cmd) => {
             return match disk(cmd) {

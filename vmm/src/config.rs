@@ -174,6 +174,8 @@ pub struct EpochConfig {
     pub sink: SinkConfig,
     /// Per-epoch metrics as JSON lines.
     pub metrics: Option<PathBuf>,
+    /// Serve the same figures for Prometheus at `http://ADDR/metrics`.
+    pub metrics_addr: Option<String>,
 }
 
 /// The KVM device node used unless the configuration names another.

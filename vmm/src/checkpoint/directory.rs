@@ -305,6 +305,8 @@ impl DirectorySink {
         let mut buf = vec![0u8; 1 << 20];
         let mut off = 0u64;
         let mut written = 0u64;
+        let mut progress =
+            crate::progress::Progress::new(format!("pre-copy to {}", self.dir.display()), total);
         for r in mem.iter() {
             let mut done = 0u64;
             while done < r.len() {
@@ -322,9 +324,11 @@ impl DirectorySink {
                     written += n as u64;
                 }
                 done += n as u64;
+                progress.add(n as u64);
             }
             off += r.len();
         }
+        progress.finish();
         f.sync_all().map_err(io("cannot sync", &tmp))?;
         fs::rename(&tmp, &img).map_err(io("cannot rename", &tmp))?;
         write_atomic(&self.dir, MEMORY_EPOCH, format!("{epoch}\n").as_bytes())?;

@@ -61,6 +61,7 @@ impl EpochEngine {
             self.parts.vcpus.resume();
         }
         let pause = t0.elapsed();
+        let resumed = Instant::now();
         let Captured {
             pages,
             state,
@@ -86,6 +87,7 @@ impl EpochEngine {
             dirty_pages: pages.len() as u64,
             region_bytes,
             epoch_us: epoch_len.map_or(0, us),
+            at_ms: self.ms_since_start(),
             ..Default::default()
         };
         if full {
@@ -112,6 +114,7 @@ impl EpochEngine {
         });
         self.last_cut = Some((epoch, m.pause_us));
         self.in_flight = Some(m);
+        self.cut_at = Some(resumed);
         self.need_full = false;
         self.next_epoch += 1;
         self.phase = Phase::Exporting { epoch };

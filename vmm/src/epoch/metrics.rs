@@ -27,7 +27,8 @@ pub struct EpochMetrics {
     pub bytes: u64,
     /// Bytes in the disk regions frozen at the cut.
     pub region_bytes: u64,
-    /// Time from handing the checkpoint to the exporter until the sink had it, µs.
+    /// Time from handing the checkpoint to the exporter until the sink had it, µs
+    /// (its last attempt).
     pub export_us: u64,
     /// How long the epoch lasted: from the previous cut's pause to this one's, µs (0
     /// for the first cut of a run). Longer than `--epoch-ms` when cuts were
@@ -35,6 +36,18 @@ pub struct EpochMetrics {
     /// all of it, so this is what to divide by for a dirty rate.
     #[serde(default)]
     pub epoch_us: u64,
+    /// When the cut ended its pause, ms since checkpointing started in this process
+    /// (0 in files written before it existed).
+    #[serde(default)]
+    pub at_ms: u64,
+    /// From the end of the pause until the checkpoint was complete (durable in the
+    /// directory, or acknowledged by the standby), retries included, µs: how long
+    /// its console output was held.
+    #[serde(default)]
+    pub ack_us: u64,
+    /// Export attempts that failed and were retried before it completed.
+    #[serde(default)]
+    pub retries: u64,
     /// Set on the one line written when the sink was lost: the run goes on
     /// unprotected after checkpoint `epoch` (the last complete one; 0 if none).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -57,6 +57,7 @@ use devices::ErrorChain;
 use crate::checkpoint::Manifest;
 use crate::dirty::{StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
+use crate::telemetry::Telemetry;
 
 pub use error::{Cause, CutError, EpochError, PauseError};
 pub use event_loop::EpochLoop;
@@ -172,6 +173,14 @@ pub struct EpochEngine {
     local_retire_pending: bool,
     need_full: bool,
     metrics: Option<Box<dyn Write + Send>>,
+    /// The Prometheus registry, fed from the same records as `metrics`.
+    telemetry: Option<Telemetry>,
+    /// When the engine was made: the origin of `EpochMetrics::at_ms`.
+    started: Instant,
+    /// When the checkpoint in flight ended its pause.
+    cut_at: Option<Instant>,
+    /// When the newest complete checkpoint ended its pause.
+    complete_cut_at: Option<Instant>,
     /// Most pre-copy rounds after the first full pass (0: cut right after it).
     max_rounds: u32,
     /// Rounds sent in the pre-copy under way, the size of the last, and whether the
@@ -262,6 +271,10 @@ impl EpochEngine {
             local_retire_pending: false,
             need_full: true,
             metrics,
+            telemetry: None,
+            started: Instant::now(),
+            cut_at: None,
+            complete_cut_at: None,
             max_rounds: 0,
             rounds: Rounds::default(),
             last_cut: None,
@@ -277,6 +290,12 @@ impl EpochEngine {
     /// only what is left. 0 (the default) cuts right after the full pass.
     pub fn set_precopy_rounds(&mut self, max: u32) {
         self.max_rounds = max;
+    }
+
+    /// Feeds `telemetry` (the `--metrics-addr` registry) from every record the
+    /// engine writes to its metrics file, and from its retries and lag.
+    pub fn set_telemetry(&mut self, telemetry: Telemetry) {
+        self.telemetry = Some(telemetry);
     }
 
     /// Where the engine is.
@@ -425,6 +444,9 @@ impl EpochEngine {
 
     /// The epoch timer fired.
     pub fn on_tick(&mut self) -> Result<(), EpochError> {
+        if let Some(t) = &self.telemetry {
+            t.set_lag(self.complete_cut_at.unwrap_or(self.started).elapsed());
+        }
         match self.phase {
             Phase::Idle => self.cut(true),
             #[cfg(test)]
@@ -486,6 +508,9 @@ impl EpochEngine {
         match e {
             ExportEvent::Begun => Ok(()),
             ExportEvent::BaseWritten { epoch, bytes, us } => {
+                if let Some(t) = &self.telemetry {
+                    t.record_base(bytes);
+                }
                 tracing::info!(
                     "pre-copy of guest memory (base {epoch}): {bytes} bytes in {} ms",
                     us / 1000
@@ -515,6 +540,12 @@ impl EpochEngine {
                 Ok(())
             }
             ExportEvent::Retrying { epoch, error } => {
+                if let Some(t) = &self.telemetry {
+                    t.record_retry();
+                }
+                if let Some(m) = self.in_flight.as_mut().filter(|m| m.epoch == epoch) {
+                    m.retries += 1;
+                }
                 tracing::warn!(
                     "checkpoint {epoch}: export failed, retrying: {}",
                     ErrorChain(&*error)
@@ -535,6 +566,9 @@ impl EpochEngine {
                     ErrorChain(&*error)
                 );
                 self.on_fenced();
+                if let Some(t) = &self.telemetry {
+                    t.set_unprotected();
+                }
                 Ok(())
             }
             ExportEvent::Failed { epoch, what, error } => {
@@ -562,6 +596,10 @@ impl EpochEngine {
         let mut m = self.in_flight.take().unwrap_or_default();
         m.bytes = bytes;
         m.export_us = us;
+        if let Some(at) = self.cut_at.take() {
+            m.ack_us = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.complete_cut_at = Some(at);
+        }
         self.last_complete = Some(epoch);
         if self.phase == Phase::Fenced {
             return Ok(());
@@ -673,6 +711,7 @@ impl EpochEngine {
         };
         let line = EpochMetrics {
             epoch: self.last_complete.unwrap_or(0),
+            at_ms: self.ms_since_start(),
             unprotected: true,
             ..Default::default()
         };
@@ -702,7 +741,16 @@ impl EpochEngine {
         Ok(())
     }
 
+    /// Milliseconds since the engine was made (`EpochMetrics::at_ms`).
+    fn ms_since_start(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records one line: in the Prometheus registry, then in the metrics file.
     fn log_metrics(&mut self, m: &EpochMetrics) -> Result<(), EpochError> {
+        if let Some(t) = &self.telemetry {
+            t.record_checkpoint(m);
+        }
         if let Some(w) = &mut self.metrics {
             m.write_line(w).map_err(EpochError::Metrics)?;
         }

@@ -307,10 +307,19 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
     // Output commit: with checkpoints, console output waits for its checkpoint.
     let (serial_out, attach_stdin) = serial_output(&serial_cfg)?;
     let gate = OutputGate::new(serial_out, epoch.is_some());
+    // The metrics endpoint listens before anything else is reached, so a bad
+    // address costs nothing.
+    let (telemetry, metrics_endpoint) = epoch
+        .as_ref()
+        .and_then(|e| e.metrics_addr.as_deref())
+        .map(|addr| crate::telemetry::start(addr, crate::telemetry::Role::Primary))
+        .transpose()?
+        .unzip();
     // The sink is opened (a directory locked, a standby reached) before the VM exists.
     let checkpointing = match &epoch {
         Some(config) => Some(Checkpointing {
             config: config.clone(),
+            telemetry,
             sink: open_sink(&config.sink, &gate)?,
             first_epoch,
             cut_request: Arc::new(
@@ -524,6 +533,7 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
         cmdline,
         memory_size,
         checkpointing,
+        metrics_endpoint,
         on_running: None,
         api: None,
         taken_over: false,

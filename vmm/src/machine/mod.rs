@@ -141,6 +141,9 @@ pub enum VmmError {
     /// The checkpoint directory could not be opened as a sink.
     #[error(transparent)]
     Sink(#[from] crate::checkpoint::directory::DirectoryError),
+    /// The Prometheus endpoint cannot be served.
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::EndpointError),
     /// The epoch engine failed.
     #[error(transparent)]
     Epoch(#[from] crate::epoch::EpochError),
@@ -243,6 +246,8 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// Checkpointing, as configured: the sink is opened when the machine is built.
 struct Checkpointing {
     config: EpochConfig,
+    /// The registry the engine feeds (`--metrics-addr`).
+    telemetry: Option<crate::telemetry::Telemetry>,
     sink: Box<dyn CheckpointSink>,
     first_epoch: u64,
     cut_request: Arc<EventFd>,
@@ -265,6 +270,8 @@ pub struct Machine {
     cmdline: String,
     memory_size: u64,
     checkpointing: Option<Checkpointing>,
+    /// The Prometheus endpoint, served while the machine lives.
+    metrics_endpoint: Option<crate::telemetry::MetricsEndpoint>,
     on_running: Option<Box<dyn FnOnce() + Send>>,
     /// Where the API's requests come in, if it serves one.
     api: Option<crate::api::Endpoint>,
@@ -303,6 +310,12 @@ impl Machine {
     /// resume with it).
     pub fn on_running(&mut self, f: Box<dyn FnOnce() + Send>) {
         self.on_running = Some(f);
+    }
+
+    /// Keeps `endpoint` serving while this machine runs (a standby that takes over
+    /// hands over the endpoint it served as a standby).
+    pub fn keep_metrics_endpoint(&mut self, endpoint: crate::telemetry::MetricsEndpoint) {
+        self.metrics_endpoint = Some(endpoint);
     }
 
     /// Shows console bytes the guest wrote before this machine existed (a standby

@@ -150,6 +150,9 @@ impl Machine {
         // A standby's initial copy crosses a network while the guest runs: iterate
         // it, so the first cut carries little. A local directory is written fast
         // enough that one pass suffices.
+        if let Some(t) = cp.telemetry {
+            engine.set_telemetry(t);
+        }
         if matches!(cp.config.sink, crate::config::SinkConfig::Peer(_)) {
             engine.set_precopy_rounds(crate::epoch::PRECOPY_MAX_ROUNDS);
         }

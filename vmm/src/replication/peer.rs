@@ -40,6 +40,7 @@ use crate::checkpoint::sink::{CheckpointSink, SinkEnd, SinkError, StorageMode};
 use crate::checkpoint::{Checkpoint, Manifest};
 use crate::dirty::{StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
+use crate::progress::Progress;
 
 /// How long the primary keeps trying to reach its standby at start.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
@@ -487,7 +488,7 @@ impl PeerSink {
         let addr = self.config.addr.clone();
         let total_disk: u64 = manifest.disks.iter().map(|d| d.size).sum();
         let total = mem.iter().map(|r| r.len()).sum::<u64>() + total_disk;
-        let mut progress = Progress::new(&self.config.addr, total);
+        let mut progress = Progress::new(format!("initial copy to {}", self.config.addr), total);
         let s = self.session()?;
         let start_bytes = s.sent.load(Ordering::Relaxed);
         // From now on the lag deadline watches the copy's progress.
@@ -572,10 +573,17 @@ impl PeerSink {
             }
         }
         let s = self.session()?;
-        s.w.flush()
-            .map_err(|source| PeerError::Frames { addr, source })?;
+        s.w.flush().map_err(|source| PeerError::Frames {
+            addr: addr.clone(),
+            source,
+        })?;
         *devices::bus::lock_recover(&s.copy_progress) = None;
-        progress.done();
+        let took = progress.finish();
+        tracing::info!(
+            "initial copy to {addr}: {} MiB in {:.2} s",
+            total >> 20,
+            took.as_secs_f64()
+        );
         Ok(s.sent.load(Ordering::Relaxed) - start_bytes)
     }
 
@@ -678,60 +686,6 @@ fn read_acks(
     };
     *devices::bus::lock_recover(&back.closed) = Some(why);
     let _ = wake.try_send(());
-}
-
-/// The initial copy's progress line on stderr: bytes, rate, estimate.
-struct Progress {
-    addr: String,
-    total: u64,
-    done: u64,
-    start: Instant,
-    last: Instant,
-}
-
-impl Progress {
-    fn new(addr: &str, total: u64) -> Progress {
-        let now = Instant::now();
-        Progress {
-            addr: addr.to_string(),
-            total,
-            done: 0,
-            start: now,
-            last: now,
-        }
-    }
-
-    fn line(&self) -> String {
-        let secs = self.start.elapsed().as_secs_f64().max(1e-6);
-        let rate = self.done as f64 / secs;
-        let left = (self.total.saturating_sub(self.done)) as f64 / rate.max(1.0);
-        format!(
-            "mirrorvm: initial copy to {}: {} of {} MiB, {:.0} MiB/s, about {:.1} s left",
-            self.addr,
-            self.done >> 20,
-            self.total >> 20,
-            rate / f64::from(1u32 << 20),
-            left
-        )
-    }
-
-    fn add(&mut self, n: u64) {
-        self.done += n;
-        if self.last.elapsed() >= Duration::from_secs(1) {
-            self.last = Instant::now();
-            eprintln!("{}", self.line());
-        }
-    }
-
-    fn done(&self) {
-        let secs = self.start.elapsed().as_secs_f64();
-        tracing::info!(
-            "initial copy to {}: {} MiB in {:.2} s",
-            self.addr,
-            self.total >> 20,
-            secs
-        );
-    }
 }
 
 impl CheckpointSink for PeerSink {

@@ -77,8 +77,10 @@ pub struct StandbyConfig {
     pub witness: Option<PathBuf>,
     /// Heartbeats and deadlines.
     pub liveness: LivenessConfig,
-    /// One JSON line per applied checkpoint.
+    /// One JSON line per applied checkpoint, and one for a takeover.
     pub metrics: Option<PathBuf>,
+    /// Serve the same figures for Prometheus at `http://ADDR/metrics`.
+    pub metrics_addr: Option<String>,
     /// How hosts talk.
     pub transport: Transport,
 }
@@ -122,6 +124,9 @@ pub enum StandbyError {
     /// The metrics file cannot be written.
     #[error("cannot write the metrics file")]
     Metrics(#[source] std::io::Error),
+    /// The Prometheus endpoint cannot be served.
+    #[error(transparent)]
+    Endpoint(#[from] crate::telemetry::EndpointError),
     /// A thread cannot be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
@@ -209,6 +214,8 @@ pub struct Takeover {
     pub decided: Instant,
     /// The fence, held while this host runs the guest.
     _fence: Option<super::fence::Fence>,
+    /// The Prometheus endpoint, served on while this host runs the guest.
+    endpoint: Option<crate::telemetry::MetricsEndpoint>,
 }
 
 impl Takeover {
@@ -220,7 +227,11 @@ impl Takeover {
             report,
             decided,
             _fence,
+            endpoint,
         } = self;
+        if let Some(e) = endpoint {
+            machine.keep_metrics_endpoint(e);
+        }
         let ready = Instant::now();
         machine.on_running(Box::new(move || {
             let resume = ready.elapsed();
@@ -250,6 +261,27 @@ pub struct AppliedMetrics {
     pub apply_us: u64,
     /// When it was acknowledged, ms since the standby started.
     pub received_at_ms: u64,
+}
+
+/// The JSON line a standby writes to `--metrics` when it takes over (before the
+/// guest resumes), so a run's figures show where the failover fell.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailoverMetrics {
+    /// Always true: tells this line from the checkpoint lines.
+    pub failover: bool,
+    /// The checkpoint resumed.
+    pub epoch: u64,
+    /// Why the primary was declared lost.
+    pub reason: String,
+    /// From the primary's last sign of life to the decision, µs.
+    pub detect_us: u64,
+    /// Taking the fence, µs.
+    pub fence_us: u64,
+    /// Building the machine from the replica, µs.
+    pub restore_us: u64,
+    /// When the machine was ready to resume, ms since the standby started (the
+    /// clock of `received_at_ms`).
+    pub at_ms: u64,
 }
 
 /// This host's CPU as KVM offers it to guests, for the Hello check.
@@ -304,6 +336,8 @@ pub struct Standby {
     info: Arc<std::sync::Mutex<VmInfo>>,
     /// The API, handed to the machine if this host takes over.
     api: Option<Endpoint>,
+    telemetry: Option<crate::telemetry::Telemetry>,
+    endpoint: Option<crate::telemetry::MetricsEndpoint>,
 }
 
 /// Why a session ended.
@@ -333,6 +367,12 @@ struct Replica {
 impl Standby {
     /// Checks this host (KVM, its CPU) and starts listening.
     pub fn new(config: StandbyConfig) -> Result<Standby, StandbyError> {
+        let (telemetry, endpoint) = config
+            .metrics_addr
+            .as_deref()
+            .map(|addr| crate::telemetry::start(addr, crate::telemetry::Role::Standby))
+            .transpose()?
+            .unzip();
         let cpu = host_cpu(&config.kvm_device)?;
         let listener = config
             .transport
@@ -352,6 +392,8 @@ impl Standby {
             metrics,
             info: Arc::new(std::sync::Mutex::new(StandbyBackend::initial_info())),
             api: None,
+            telemetry,
+            endpoint,
         })
     }
 
@@ -459,6 +501,10 @@ impl Standby {
                 continue;
             };
             let ended = self.session(&peer, hello, r, w, closer)?;
+            if let Some(t) = &self.telemetry {
+                // Whatever comes next, this session's replica protects nothing.
+                t.set_unprotected();
+            }
             if !matches!(ended.0, SessionEnd::Lost(_)) {
                 self.status(|i| *i = StandbyBackend::initial_info());
             }
@@ -825,6 +871,13 @@ impl Standby {
     }
 
     fn write_metrics(&mut self, m: &AppliedMetrics) -> Result<(), StandbyError> {
+        if let Some(t) = &self.telemetry {
+            t.record_applied(m);
+        }
+        self.write_line(m)
+    }
+
+    fn write_line(&mut self, m: &impl serde::Serialize) -> Result<(), StandbyError> {
         if let Some(w) = &mut self.metrics {
             serde_json::to_writer(&mut *w, m)
                 .map_err(|e| StandbyError::Metrics(std::io::Error::other(e)))?;
@@ -929,7 +982,7 @@ impl Standby {
     }
 
     fn take_over(
-        &self,
+        &mut self,
         reason: String,
         replica: Replica,
         disks: Vec<Disk>,
@@ -1028,11 +1081,28 @@ impl Standby {
             end = Some(c.offset + c.bytes.len() as u64);
         }
         let _ = end;
+        if let Some(t) = &self.telemetry {
+            t.record_failover();
+        }
+        let line = FailoverMetrics {
+            failover: true,
+            epoch,
+            reason: report.reason.clone(),
+            detect_us: us(report.detect),
+            fence_us: us(report.fence),
+            restore_us: us(report.restore),
+            at_ms: us(self.started.elapsed()) / 1000,
+        };
+        if let Err(e) = self.write_line(&line) {
+            // The guest must resume whatever the metrics file says.
+            tracing::warn!("{}", devices::ErrorChain(&e));
+        }
         Ok(Takeover {
             machine,
             report,
             decided,
             _fence: held,
+            endpoint: self.endpoint.take(),
         })
     }
 }
