@@ -119,12 +119,12 @@ fn manifest(memory: u64, disks: &[(&Path, u64)]) -> Manifest {
             .iter()
             .map(|(path, size)| DiskManifest {
                 config: DiskConfig {
-                    path: path.to_path_buf(),
-                    readonly: false,
                     checkpoint: true,
+                    ..DiskConfig::new(*path)
                 },
                 size: *size,
                 journal_id: None,
+                region_size: None,
             })
             .collect(),
         cpu: Default::default(),

@@ -61,6 +61,9 @@ pub enum DiskError {
     /// The image is empty.
     #[error("disk image {0} is empty")]
     Empty(PathBuf),
+    /// A region size was given for a disk without a checkpoint journal.
+    #[error("disk {0}: region-size sizes the checkpoint journal, which only a disk with checkpoint=on has")]
+    RegionSizeWithoutJournal(PathBuf),
     /// More disks than interrupt lines.
     #[error("{0} disks requested; at most {max} fit the interrupt lines", max = crate::layout::MAX_GSI - crate::layout::VIRTIO_FIRST_GSI + 1)]
     TooMany(usize),
@@ -204,6 +207,9 @@ pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
     if size % 512 != 0 {
         return Err(DiskError::NotSectorAligned { path, size });
     }
+    if !cfg.checkpoint && cfg.region_size.is_some() {
+        return Err(DiskError::RegionSizeWithoutJournal(path));
+    }
     if !cfg.checkpoint {
         // On `file`'s open file description: it stays held while `file`, moved into
         // the RawFile backend by `attach`, is open (not tied to any guard value).
@@ -215,17 +221,21 @@ pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
         devices::lock::lock_file(&file, &path, "disk image", kind)?;
     }
     let store = if cfg.checkpoint {
-        let (store, report) =
-            Store::open_path(&path, &StoreConfig::default(), to.into()).map_err(|source| {
-                match source {
-                    // The lock error names the image and its holder already.
-                    devices::store::Error::Locked(e) => DiskError::Locked(e),
-                    source => DiskError::Store {
-                        path: path.clone(),
-                        source,
-                    },
-                }
-            })?;
+        let (store, report) = Store::open_path(
+            &path,
+            &StoreConfig::for_disk(size, cfg.region_size),
+            to.into(),
+        )
+        .map_err(|source| {
+            match source {
+                // The lock error names the image and its holder already.
+                devices::store::Error::Locked(e) => DiskError::Locked(e),
+                source => DiskError::Store {
+                    path: path.clone(),
+                    source,
+                },
+            }
+        })?;
         if !report.redone.is_empty() || !report.dropped.is_empty() || report.discarded_active > 0 {
             tracing::warn!(
                 "disk {}: recovered its journal to epoch {} (redone {:?}, dropped {:?}, {} unacknowledged region(s) discarded)",
