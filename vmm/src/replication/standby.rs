@@ -3,7 +3,7 @@
 //! journals), acknowledge it, and take over when the primary dies.
 //!
 //! ```text
-//!   listening ── Hello (checked: version, memory, disks and their sizes, CPU) ──▶ refused ─┐
+//!   listening ── Hello (checked: version, memory, disks, their sizes and region sizes, CPU) ──▶ refused ─┐
 //!       ▲                                                                                   │
 //!       │ bad frame: session dropped,                                      (keep listening) ◀┘
 //!       │ no takeover                 Accept
