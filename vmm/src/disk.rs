@@ -298,6 +298,7 @@ pub fn attach(
     let path = disk.path;
     let backend: Box<dyn DiskBackend> = match &disk.store {
         Some(store) => Box::new(CheckpointedDisk {
+            max_write: max_request_len(store.lock().file_header().region_capacity),
             store: store.clone(),
             size: disk.size,
             mode: mode.clone(),
@@ -383,6 +384,17 @@ pub struct CheckpointedDisk {
     store: Arc<SharedStore>,
     size: u64,
     mode: StoreMode,
+    max_write: u64,
+}
+
+/// The largest write request an empty region of `capacity` bytes takes whole: the
+/// device hands a request to the store in records of at most `BOUNCE_LEN` bytes,
+/// each with its header, so `k = ⌈capacity / BOUNCE_LEN⌉` records' headers are set
+/// aside (a request that fits has fewer records than that), rounded down to sectors.
+fn max_request_len(capacity: u64) -> u64 {
+    let bounce = devices::virtio::block::BOUNCE_LEN as u64;
+    let headers = capacity.div_ceil(bounce) * devices::store::record_footprint(0);
+    capacity.saturating_sub(headers) / 512 * 512
 }
 
 fn store_io(e: devices::store::Error) -> std::io::Error {
@@ -452,6 +464,10 @@ impl DiskBackend for CheckpointedDisk {
     fn len(&self) -> u64 {
         self.size
     }
+
+    fn max_write_len(&self) -> u64 {
+        self.max_write
+    }
 }
 
 /// Retires everything a checkpointed disk holds into its base image (clean
@@ -459,4 +475,34 @@ impl DiskBackend for CheckpointedDisk {
 pub fn commit_all(store: &mut Store) -> Result<(), devices::store::Error> {
     let next = store.status().last_epoch + 1;
     store.commit_local(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request of `max_request_len(capacity)` bytes, cut into the device's records,
+    /// fits an empty region; the limit is within a sector and the set-aside headers
+    /// of the best possible.
+    #[test]
+    fn the_largest_request_fits_an_empty_region() {
+        let bounce = devices::virtio::block::BOUNCE_LEN as u64;
+        let footprint = |len: u64| len + len.div_ceil(bounce) * 32;
+        for cap in [
+            2 << 20,
+            (2 << 20) + 4096,
+            3 << 20,
+            4 << 20,
+            (4 << 20) + 8192,
+            64 << 20,
+            1 << 30,
+        ] {
+            let max = max_request_len(cap);
+            assert_eq!(max % 512, 0);
+            assert!(footprint(max) <= cap, "{cap}: {max}");
+            assert!(max + 512 + cap.div_ceil(bounce) * 32 > cap, "{cap}: {max}");
+        }
+        // Linux's default largest request fits the smallest region.
+        assert!(max_request_len(devices::store::sizing::MIN_REGION_SIZE) >= 1280 << 10);
+    }
 }
