@@ -522,28 +522,17 @@ fn a_standby_takes_the_primarys_region_size_and_fails_over_with_it() {
         return;
     }
     let _one = one_at_a_time();
-    let images = tempdir();
-    let (a, b) = (images.path().join("a.img"), images.path().join("b.img"));
-    make_image(&a, 16 << 20);
-    make_image(&b, 16 << 20);
     let o = PairOpts {
         cmdline: "disk records=1024 rounds=6".into(),
+        disk: 16 << 20,
+        primary_disk_opts: ",region-size=2M".into(),
         // Long epochs: the cuts come from full regions.
-        primary_args: vec![
-            "--epoch-ms".into(),
-            "1000".into(),
-            "--disk".into(),
-            format!("path={},checkpoint=on,region-size=2M", a.display()),
-        ],
-        standby_args: vec![
-            "--disk".into(),
-            format!("path={},checkpoint=on", b.display()),
-        ],
+        primary_args: vec!["--epoch-ms".into(), "1000".into()],
         ..Default::default()
     };
     let mut pair = Pair::start(&o);
     pair.expect_applied(4, Duration::from_secs(90));
-    let journal = std::fs::metadata(images.path().join("b.img.mvj")).map(|m| m.len());
+    let journal = std::fs::metadata(pair.path("b.img.mvj")).map(|m| m.len());
     let perr = pair.kill_primary();
     assert_eq!(
         journal.ok(),
@@ -577,20 +566,11 @@ fn a_standby_with_smaller_regions_than_the_primary_refuses_it() {
         return;
     }
     let _one = one_at_a_time();
-    let images = tempdir();
-    let (a, b) = (images.path().join("a.img"), images.path().join("b.img"));
-    make_image(&a, 16 << 20);
-    make_image(&b, 16 << 20);
     let o = PairOpts {
         cmdline: "counter interval_ms=50".into(),
-        primary_args: vec![
-            "--disk".into(),
-            format!("path={},checkpoint=on,region-size=4M", a.display()),
-        ],
-        standby_args: vec![
-            "--disk".into(),
-            format!("path={},checkpoint=on,region-size=2M", b.display()),
-        ],
+        disk: 16 << 20,
+        primary_disk_opts: ",region-size=4M".into(),
+        standby_disk_opts: ",region-size=2M".into(),
         ..Default::default()
     };
     let mut pair = Pair::start(&o);
