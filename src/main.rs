@@ -300,8 +300,9 @@ struct StandbyArgs {
     /// This host's copy of each of the primary's disks, in the primary's order:
     /// path=FILE[,checkpoint=on], the same size as the primary's. The initial copy
     /// overwrites it; until the first checkpoint completes the copy it is marked
-    /// incomplete (FILE.incomplete) and never used.
-    #[arg(long, value_name = "path=FILE[,checkpoint=on]")]
+    /// incomplete (FILE.incomplete) and never used. region-size=S sizes its journal's
+    /// regions (at least the primary's) [default: the primary's].
+    #[arg(long, value_name = "path=FILE[,checkpoint=on][,region-size=S]")]
     disk: Vec<DiskConfig>,
 
     /// Serial console once this host runs the guest: tty, file=PATH, or off.
@@ -365,10 +366,16 @@ struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_size)]
     memory: u64,
 
-    /// A virtio-blk disk: path=FILE[,readonly=on][,checkpoint=on]. With checkpoint=on the
-    /// guest's writes go into checkpoint regions of FILE.mvj and reach FILE when their
-    /// checkpoint is retired. Repeat for more disks (vda, vdb, …).
-    #[arg(long, value_name = "path=FILE[,readonly=on][,checkpoint=on]")]
+    /// A virtio-blk disk: path=FILE[,readonly=on][,checkpoint=on][,region-size=S]. With
+    /// checkpoint=on the guest's writes go into checkpoint regions of FILE.mvj and reach
+    /// FILE when their checkpoint is retired. region-size=S (e.g. 8M, 64MiB; 2 MiB to
+    /// 1 GiB in 4 KiB steps) sizes each of the journal's two regions when it is created
+    /// [default: a quarter of the disk, 2 MiB to 64 MiB]. Repeat for more disks (vda,
+    /// vdb, …).
+    #[arg(
+        long,
+        value_name = "path=FILE[,readonly=on][,checkpoint=on][,region-size=S]"
+    )]
     disk: Vec<DiskConfig>,
 
     /// Serial console: tty (stdout, with stdin as input), file=PATH, or off.

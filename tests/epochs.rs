@@ -512,10 +512,13 @@ fn a_full_disk_region_ends_the_epoch_early() {
         return;
     }
     // Epochs of a minute, but the guest writes 16 MiB per round: every cut after
-    // the first comes from the region passing its high-water mark (48 MiB of 64).
+    // the first comes from the region passing its high-water mark (12 MiB of the
+    // default 16 MiB region of a 64 MiB disk).
     let dir = tempdir();
     let img = dir.path().join("disk.img");
     make_image(&img, 64 << 20);
+    let region = devices::store::sizing::default_region_size(64 << 20);
+    assert_eq!(region, 16 << 20);
     let ck = dir.path().join("ck");
     let metrics = dir.path().join("metrics.jsonl");
     let disk = format!("path={},checkpoint=on", img.display());
@@ -540,11 +543,11 @@ fn a_full_disk_region_ends_the_epoch_early() {
     );
     for m in &got[1..3] {
         assert!(
-            m.region_bytes >= 48 << 20,
+            m.region_bytes >= region / 4 * 3,
             "an early cut before the high-water mark: {m:?}"
         );
         assert!(
-            m.region_bytes <= 64 << 20,
+            m.region_bytes <= region,
             "a region past its capacity: {m:?}"
         );
         // The metrics say how long each epoch lasted: far less than the minute.

@@ -119,12 +119,12 @@ fn manifest(memory: u64, disks: &[(&Path, u64)]) -> Manifest {
             .iter()
             .map(|(path, size)| DiskManifest {
                 config: DiskConfig {
-                    path: path.to_path_buf(),
-                    readonly: false,
                     checkpoint: true,
+                    ..DiskConfig::new(*path)
                 },
                 size: *size,
                 journal_id: None,
+                region_size: None,
             })
             .collect(),
         cpu: Default::default(),
@@ -615,8 +615,13 @@ fn a_standby_refuses_a_foreign_or_mismatched_primary_with_the_right_reason() {
     let payload = frame(0, 0, &hello(good.clone()))[HEADER_LEN..].to_vec();
     let mut s = sb.connect();
     let peer = s.local_addr().expect("local address").to_string();
-    s.write_all(&raw_frame(2, FrameType::Hello.code(), 0, &payload))
-        .expect("send a version 2 hello");
+    s.write_all(&raw_frame(
+        VERSION + 1,
+        FrameType::Hello.code(),
+        0,
+        &payload,
+    ))
+    .expect("send a hello of a newer version");
     match FrameReader::new(&s).read_frame() {
         Ok(Some(Frame {
             body:
@@ -629,17 +634,23 @@ fn a_standby_refuses_a_foreign_or_mismatched_primary_with_the_right_reason() {
             detail.contains(&format!("protocol version {VERSION}")),
             "the version refusal says: {detail}"
         ),
-        other => panic!("a version 2 header got {other:?}\n{}", sb.run.stderr_now()),
+        other => panic!(
+            "a newer version's header got {other:?}\n{}",
+            sb.run.stderr_now()
+        ),
     }
-    assert_closed_silently(&mut s, "a version 2 header");
+    assert_closed_silently(&mut s, "a newer version's header");
     sb.line(&[
         "ignored a connection from",
         &peer,
-        "protocol version 2; this mirrorvm speaks version 1",
+        &format!(
+            "protocol version {}; this mirrorvm speaks version {VERSION}",
+            VERSION + 1
+        ),
     ]);
-    sb.assert_serving("a version 2 header");
+    sb.assert_serving("a newer version's header");
 
-    // A version 1 header whose Hello claims another version.
+    // A header of this version whose Hello claims another version.
     let mut h = Hello {
         protocol_version: 7,
         manifest: good.clone(),
@@ -649,7 +660,7 @@ fn a_standby_refuses_a_foreign_or_mismatched_primary_with_the_right_reason() {
         "a Hello of version 7",
         &frame(0, 0, &Body::Hello(h.clone())),
         RefuseReason::Version,
-        "protocol version 7 is not this standby's 1",
+        &format!("protocol version 7 is not this standby's {VERSION}"),
     );
     h.protocol_version = VERSION;
 

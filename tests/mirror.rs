@@ -511,3 +511,101 @@ fn a_killed_standby_leaves_the_primary_running_unprotected() {
     let c = counters(pair.primary_console().lines());
     assert!(c.windows(2).all(|w| w[1] == w[0] + 1), "{c:?}");
 }
+
+/// The standby's journal takes the primary's region size (from the Hello) when its
+/// `--disk` names none: a primary with small 2 MiB regions, whose `disk` guest fills
+/// them, is killed mid-run and the standby finishes the guest's rounds, its checks
+/// passing.
+#[test]
+fn a_standby_takes_the_primarys_region_size_and_fails_over_with_it() {
+    if skip_without_kvm!() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let o = PairOpts {
+        cmdline: "disk records=1024 rounds=6".into(),
+        disk: 16 << 20,
+        primary_disk_opts: ",region-size=2M".into(),
+        // Long epochs: the cuts come from full regions.
+        primary_args: vec!["--epoch-ms".into(), "1000".into()],
+        ..Default::default()
+    };
+    let mut pair = Pair::start(&o);
+    pair.expect_applied(4, Duration::from_secs(90));
+    let journal = std::fs::metadata(pair.path("b.img.mvj")).map(|m| m.len());
+    let perr = pair.kill_primary();
+    assert_eq!(
+        journal.ok(),
+        Some(4096 + 2 * (4096 + (2 << 20))),
+        "the standby's journal does not have the primary's 2 MiB regions"
+    );
+    let (s, serr) = pair.standby_exit(Duration::from_secs(120));
+    let console = pair.standby_console();
+    assert_eq!(
+        s.and_then(|s| s.code()),
+        Some(0),
+        "{serr}\nstandby console:\n{console}\nprimary:\n{perr}"
+    );
+    assert!(serr.contains("failover: primary lost"), "{serr}");
+    assert!(console.contains("1024 records verified"), "{console}");
+    // The primary's regions filled: cuts came from full regions.
+    let m = read_metrics(&pair.path("a.jsonl")).unwrap();
+    assert!(m.iter().all(|c| c.region_bytes <= 2 << 20), "{m:?}");
+    assert!(
+        m.iter().filter(|c| c.region_bytes >= 3 << 19).count() >= 2,
+        "no cut on a full region: {m:?}"
+    );
+}
+
+/// A standby told to use smaller regions than the primary's refuses it in the
+/// Hello: one line on each side naming the disk and both sizes, and the primary
+/// runs on unprotected.
+#[test]
+fn a_standby_with_smaller_regions_than_the_primary_refuses_it() {
+    if skip_without_kvm!() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let o = PairOpts {
+        cmdline: "counter interval_ms=50".into(),
+        disk: 16 << 20,
+        primary_disk_opts: ",region-size=4M".into(),
+        standby_disk_opts: ",region-size=2M".into(),
+        ..Default::default()
+    };
+    let mut pair = Pair::start(&o);
+    let needle = "has region-size 2 MiB here but 4 MiB on the primary";
+    let refused = pair
+        .standby
+        .as_ref()
+        .map(|s| {
+            s.wait_stderr(Duration::from_secs(60), |e| e.contains(needle))
+                .is_some()
+        })
+        .unwrap_or(false);
+    let said = pair
+        .primary
+        .as_ref()
+        .map(|p| {
+            p.wait_stderr(Duration::from_secs(30), |e| e.contains(needle))
+                .is_some()
+        })
+        .unwrap_or(false);
+    // The primary runs on: its guest keeps counting.
+    std::thread::sleep(Duration::from_millis(300));
+    let running = pair.primary.as_mut().is_some_and(|p| p.exited().is_none());
+    let counted = counters(pair.primary_console().lines()).len();
+    let perr = pair.kill_primary();
+    let serr = pair.kill_standby();
+    assert!(refused && said, "primary:\n{perr}\nstandby:\n{serr}");
+    assert!(running, "the primary stopped:\n{perr}");
+    assert!(counted > 0, "the primary's guest did not run:\n{perr}");
+    let line = |text: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(line(&serr), 1, "{serr}");
+    assert_eq!(line(&perr), 1, "{perr}");
+    assert!(
+        serr.contains("give region-size=4MiB or more here"),
+        "{serr}"
+    );
+    assert!(!serr.contains("panicked") && !perr.contains("panicked"));
+}

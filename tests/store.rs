@@ -273,3 +273,128 @@ fn verify_names_the_record_with_a_flipped_byte_and_exits_non_zero() {
         &format!("slot 0 (epoch 1): record 0 at journal offset {rec0} is bad"),
     );
 }
+
+/// `region-size=2M` (the minimum): the `disk` guest's 4 KiB records fill a region
+/// every few hundred writes, so with 1 s epochs every cut but the timer's comes from
+/// a full region. The journal is 2 × 2 MiB, `disk inspect` says so, a run killed in
+/// the middle restores (the journal's own size is used) and finishes its rounds with
+/// every check passing, and asking for another size on that journal is refused.
+#[test]
+fn a_small_region_size_fills_cuts_and_restores() {
+    if skip_without_kvm!() {
+        return;
+    }
+    let dir = tempdir();
+    let img = dir.path().join("disk.img");
+    make_image(&img, 16 << 20);
+    let ck = dir.path().join("ck");
+    let metrics = dir.path().join("m.jsonl");
+    let mut c = mirrorvm();
+    c.args(["run", "--cmdline", "disk records=1024 rounds=8"])
+        .args(["--epoch-ms", "1000", "--serial", "off", "--checkpoint-dir"])
+        .arg(&ck)
+        .arg("--metrics")
+        .arg(&metrics)
+        .arg("--disk")
+        .arg(format!(
+            "path={},checkpoint=on,region-size=2M",
+            img.display()
+        ));
+    let r = Running::spawn(c);
+    let reached = wait_checkpoint(&ck, 5, Duration::from_secs(60));
+    let err = r.kill9().join("\n");
+    assert!(
+        reached,
+        "checkpoint 5 did not complete; epoch reached: {:?}\n{err}",
+        memory_epoch(&ck)
+    );
+    let region = 2u64 << 20;
+    let journal_len = std::fs::metadata(dir.path().join("disk.img.mvj"))
+        .unwrap()
+        .len();
+    assert_eq!(journal_len, 4096 + 2 * (4096 + region));
+    let m = read_metrics(&metrics).unwrap();
+    assert!(m.iter().all(|c| c.region_bytes <= region), "{m:?}");
+    // Cut at the high-water mark (3/4) or on a deferred write, not by the 1 s timer.
+    let full = m
+        .iter()
+        .filter(|c| c.region_bytes >= region / 4 * 3)
+        .count();
+    assert!(full >= 3, "only {full} cuts on a full region: {m:?}");
+
+    let o = disk_cmd(&["inspect"], &img);
+    assert!(o.status.success(), "{}", show(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains(
+            "disk 16 MiB (16777216 bytes); region size 2 MiB (2097152 bytes); 2 region slots"
+        ) && text.contains("journal 4108 KiB (4206592 bytes, 0.25 × the disk)"),
+        "{text}"
+    );
+
+    // Another size on this journal: refused, one line, nothing run.
+    let mut c = mirrorvm();
+    c.args(["run", "--cmdline", "hello", "--serial", "off", "--disk"])
+        .arg(format!(
+            "path={},checkpoint=on,region-size=4M",
+            img.display()
+        ));
+    let o = run_with_timeout(c, T);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("its journal has regions of 2 MiB but region-size asks for 4 MiB"),
+        "{stderr}"
+    );
+
+    // Restore: the guest goes on from its checkpoint, regions still fill, and it
+    // ends its rounds with every record verified.
+    let metrics2 = dir.path().join("m2.jsonl");
+    let mut c = mirrorvm();
+    c.args(["restore", "--from"])
+        .arg(&ck)
+        .args(["--epoch-ms", "1000", "--checkpoint-dir"])
+        .arg(dir.path().join("ck2"))
+        .arg("--metrics")
+        .arg(&metrics2);
+    let o = run_with_timeout(c, Duration::from_secs(120));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("disk: 1024 records verified"), "{out}");
+    let m2 = read_metrics(&metrics2).unwrap();
+    assert!(
+        m2.iter()
+            .filter(|c| c.region_bytes >= region / 4 * 3)
+            .count()
+            >= 1,
+        "no cut on a full region after the restore: {m2:?}"
+    );
+}
+
+/// Bad region sizes are refused before anything runs, saying why (in clap's usage
+/// error, like any bad option value), and no journal is created.
+#[test]
+fn bad_region_sizes_are_refused_before_anything_runs() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.img");
+    make_image(&img, 1 << 20);
+    for (value, says) in [
+        ("1M", "region-size 1 MiB is below the minimum 2 MiB"),
+        ("2G", "region-size 2 GiB is above the maximum 1 GiB"),
+        ("3000001", "not a multiple of 4 KiB"),
+        ("big", "invalid size 'big'"),
+    ] {
+        let mut c = mirrorvm();
+        c.args(["run", "--disk"]).arg(format!(
+            "path={},checkpoint=on,region-size={value}",
+            img.display()
+        ));
+        let o = run_with_timeout(c, T);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{value}: {}", show(&o));
+        assert!(stderr.contains(says), "{value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{value}: {stderr}");
+    }
+    assert!(!dir.path().join("disk.img.mvj").exists());
+}

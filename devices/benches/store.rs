@@ -70,6 +70,7 @@ fn open_store_with(path: &Path, preallocate: bool) -> Store {
     let cfg = StoreConfig {
         slot_count: 2,
         region_capacity: CAPACITY,
+        insist_on_capacity: false,
         high_water: None,
         created_epoch: 0,
         preallocate,

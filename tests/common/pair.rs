@@ -17,6 +17,10 @@ pub struct PairOpts {
     pub memory: String,
     /// Disk size in bytes (0: no disk).
     pub disk: u64,
+    /// More `--disk` options for the primary's disk (e.g. `,region-size=2M`).
+    pub primary_disk_opts: String,
+    /// More `--disk` options for the standby's disk.
+    pub standby_disk_opts: String,
     /// Use a witness file.
     pub witness: bool,
     /// More options for the primary.
@@ -41,6 +45,8 @@ impl Default for PairOpts {
             cpus: 1,
             memory: "64M".into(),
             disk: 0,
+            primary_disk_opts: String::new(),
+            standby_disk_opts: String::new(),
             witness: false,
             primary_args: Vec::new(),
             standby_args: Vec::new(),
@@ -131,8 +137,9 @@ impl Pair {
             .arg(self.path("b.jsonl"));
         if o.disk > 0 {
             s.arg("--disk").arg(format!(
-                "path={},checkpoint=on",
-                self.path("b.img").display()
+                "path={},checkpoint=on{}",
+                self.path("b.img").display(),
+                o.standby_disk_opts
             ));
         }
         if o.witness {
@@ -153,8 +160,9 @@ impl Pair {
             .arg(self.path("a.jsonl"));
         if o.disk > 0 {
             p.arg("--disk").arg(format!(
-                "path={},checkpoint=on",
-                self.path("a.img").display()
+                "path={},checkpoint=on{}",
+                self.path("a.img").display(),
+                o.primary_disk_opts
             ));
         }
         if o.witness {

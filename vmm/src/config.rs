@@ -11,7 +11,7 @@ use std::time::Duration;
 pub enum ConfigError {
     /// A size could not be parsed.
     #[error(
-        "invalid size '{0}': expected a number with an optional K, M, G or T suffix (e.g. 256M)"
+        "invalid size '{0}': expected a number with an optional K, M, G or T suffix, or KiB, MiB, GiB, TiB (e.g. 256M, 64MiB)"
     )]
     Size(String),
     /// A disk option list could not be parsed.
@@ -30,10 +30,22 @@ pub enum ConfigError {
     Cpus(u32),
 }
 
-/// Parses a size such as `256M`, `1G`, `4096` (bytes) or `512K`.
+/// Parses a size such as `256M`, `1G`, `4096` (bytes), `512K` or `64MiB`: binary
+/// units, case-insensitive, `KiB` the same as `K`.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     let err = || ConfigError::Size(s.to_string());
     let t = s.trim();
+    // `KiB` is `K`: drop the `iB` after a unit letter.
+    let t = match t.len().checked_sub(3) {
+        Some(i)
+            if t.is_char_boundary(i)
+                && t.as_bytes()[i].is_ascii_alphabetic()
+                && t[i + 1..].eq_ignore_ascii_case("ib") =>
+        {
+            &t[..=i]
+        }
+        _ => t,
+    };
     let (digits, shift) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let shift = match c.to_ascii_uppercase() {
@@ -71,6 +83,24 @@ pub struct DiskConfig {
     /// Guest writes go into checkpoint regions of a journal beside the image
     /// (`IMAGE.mvj`) and reach the image only when their checkpoint is retired.
     pub checkpoint: bool,
+    /// `region-size=`: bytes each checkpoint region of a new journal holds (checked
+    /// against `devices::store::sizing`). `None`: the default rule for a new journal,
+    /// the journal's own size for an existing one. Absent from manifests written
+    /// before it existed.
+    #[serde(default)]
+    pub region_size: Option<u64>,
+}
+
+impl DiskConfig {
+    /// A disk at `path` with every option at its default.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            readonly: false,
+            checkpoint: false,
+            region_size: None,
+        }
+    }
 }
 
 fn parse_on_off(key: &str, v: &str, value: &str) -> Result<bool, ConfigError> {
@@ -91,6 +121,11 @@ impl FromStr for DiskConfig {
         let mut path = None;
         let mut readonly = false;
         let mut checkpoint = false;
+        let mut region_size = None;
+        let disk_err = |reason: String| ConfigError::Disk {
+            value: value.to_string(),
+            reason,
+        };
         for item in value.split(',') {
             let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Disk {
                 value: value.to_string(),
@@ -100,13 +135,16 @@ impl FromStr for DiskConfig {
                 "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
                 "readonly" => readonly = parse_on_off(k, v, value)?,
                 "checkpoint" => checkpoint = parse_on_off(k, v, value)?,
+                "region-size" => {
+                    let bytes = parse_size(v).map_err(|e| disk_err(e.to_string()))?;
+                    let bytes = devices::store::sizing::check_region_size(bytes)
+                        .map_err(|e| disk_err(e.to_string()))?;
+                    region_size = Some(bytes);
+                }
                 _ => {
-                    return Err(ConfigError::Disk {
-                        value: value.to_string(),
-                        reason: format!(
-                            "unknown or empty option '{k}' (known: path, readonly, checkpoint)"
-                        ),
-                    })
+                    return Err(disk_err(format!(
+                        "unknown or empty option '{k}' (known: path, readonly, checkpoint, region-size)"
+                    )))
                 }
             }
         }
@@ -120,10 +158,16 @@ impl FromStr for DiskConfig {
                 reason: "a read-only disk has no writes to checkpoint: use readonly=on or checkpoint=on, not both".into(),
             });
         }
+        if region_size.is_some() && readonly {
+            return Err(disk_err(
+                "region-size sizes the checkpoint journal of a writable disk: a read-only disk has none".into(),
+            ));
+        }
         Ok(DiskConfig {
             path,
             readonly,
             checkpoint,
+            region_size,
         })
     }
 }
@@ -259,6 +303,61 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("-1M").is_err());
         assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("64mib"), Ok(64 << 20));
+        assert_eq!(parse_size("4KiB"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("64iB").is_err());
+        assert!(parse_size("iB").is_err());
+        assert!(parse_size("64 MiB").is_err());
+        assert!(parse_size("64MB").is_err());
+        assert!(parse_size("64Mi").is_err());
+        assert!(parse_size("é").is_err());
+    }
+
+    #[test]
+    fn region_sizes() {
+        let rs = |v: &str| {
+            format!("path=x,checkpoint=on,region-size={v}")
+                .parse::<DiskConfig>()
+                .map(|d| d.region_size)
+        };
+        assert_eq!(rs("4M"), Ok(Some(4 << 20)));
+        assert_eq!(rs("64MiB"), Ok(Some(64 << 20)));
+        assert_eq!(rs("1G"), Ok(Some(1 << 30)));
+        assert_eq!(rs("2052K"), Ok(Some(2052 << 10)));
+        assert_eq!(rs(&(3u64 << 20).to_string()), Ok(Some(3 << 20)));
+        assert_eq!(
+            "path=x,checkpoint=on"
+                .parse::<DiskConfig>()
+                .map(|d| d.region_size),
+            Ok(None)
+        );
+        let err = |v: &str| rs(v).unwrap_err().to_string();
+        let e = err("1M");
+        assert!(
+            e.starts_with("invalid --disk 'path=x,checkpoint=on,region-size=1M': region-size 1 MiB is below the minimum 2 MiB"),
+            "{e}"
+        );
+        let e = err("2G");
+        assert!(
+            e.contains("region-size 2 GiB is above the maximum 1 GiB"),
+            "{e}"
+        );
+        let e = err("3000001");
+        assert!(e.contains("not a multiple of 4 KiB"), "{e}");
+        let e = err("lots");
+        assert!(e.contains("invalid size 'lots'"), "{e}");
+        let e = err("");
+        assert!(e.contains("invalid size ''"), "{e}");
+        for e in [err("1M"), err("2G"), err("lots")] {
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        let e = "path=x,readonly=on,region-size=4M"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a read-only disk has none"), "{e}");
     }
 
     #[test]
@@ -267,9 +366,8 @@ mod tests {
         assert_eq!(
             d,
             DiskConfig {
-                path: "/tmp/a.img".into(),
                 readonly: true,
-                checkpoint: false,
+                ..DiskConfig::new("/tmp/a.img")
             }
         );
         assert!(

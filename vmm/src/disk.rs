@@ -61,6 +61,9 @@ pub enum DiskError {
     /// The image is empty.
     #[error("disk image {0} is empty")]
     Empty(PathBuf),
+    /// A region size was given for a disk without a checkpoint journal.
+    #[error("disk {0}: region-size sizes the checkpoint journal, which only a disk with checkpoint=on has")]
+    RegionSizeWithoutJournal(PathBuf),
     /// More disks than interrupt lines.
     #[error("{0} disks requested; at most {max} fit the interrupt lines", max = crate::layout::MAX_GSI - crate::layout::VIRTIO_FIRST_GSI + 1)]
     TooMany(usize),
@@ -204,6 +207,9 @@ pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
     if size % 512 != 0 {
         return Err(DiskError::NotSectorAligned { path, size });
     }
+    if !cfg.checkpoint && cfg.region_size.is_some() {
+        return Err(DiskError::RegionSizeWithoutJournal(path));
+    }
     if !cfg.checkpoint {
         // On `file`'s open file description: it stays held while `file`, moved into
         // the RawFile backend by `attach`, is open (not tied to any guard value).
@@ -215,17 +221,21 @@ pub fn open(cfg: &DiskConfig, to: Option<u64>) -> Result<OpenDisk, DiskError> {
         devices::lock::lock_file(&file, &path, "disk image", kind)?;
     }
     let store = if cfg.checkpoint {
-        let (store, report) =
-            Store::open_path(&path, &StoreConfig::default(), to.into()).map_err(|source| {
-                match source {
-                    // The lock error names the image and its holder already.
-                    devices::store::Error::Locked(e) => DiskError::Locked(e),
-                    source => DiskError::Store {
-                        path: path.clone(),
-                        source,
-                    },
-                }
-            })?;
+        let (store, report) = Store::open_path(
+            &path,
+            &StoreConfig::for_disk(size, cfg.region_size),
+            to.into(),
+        )
+        .map_err(|source| {
+            match source {
+                // The lock error names the image and its holder already.
+                devices::store::Error::Locked(e) => DiskError::Locked(e),
+                source => DiskError::Store {
+                    path: path.clone(),
+                    source,
+                },
+            }
+        })?;
         if !report.redone.is_empty() || !report.dropped.is_empty() || report.discarded_active > 0 {
             tracing::warn!(
                 "disk {}: recovered its journal to epoch {} (redone {:?}, dropped {:?}, {} unacknowledged region(s) discarded)",
@@ -288,6 +298,7 @@ pub fn attach(
     let path = disk.path;
     let backend: Box<dyn DiskBackend> = match &disk.store {
         Some(store) => Box::new(CheckpointedDisk {
+            max_write: max_request_len(store.lock().file_header().region_capacity),
             store: store.clone(),
             size: disk.size,
             mode: mode.clone(),
@@ -373,6 +384,17 @@ pub struct CheckpointedDisk {
     store: Arc<SharedStore>,
     size: u64,
     mode: StoreMode,
+    max_write: u64,
+}
+
+/// The largest write request an empty region of `capacity` bytes takes whole: the
+/// device hands a request to the store in records of at most `BOUNCE_LEN` bytes,
+/// each with its header, so `k = ⌈capacity / BOUNCE_LEN⌉` records' headers are set
+/// aside (a request that fits has fewer records than that), rounded down to sectors.
+fn max_request_len(capacity: u64) -> u64 {
+    let bounce = devices::virtio::block::BOUNCE_LEN as u64;
+    let headers = capacity.div_ceil(bounce) * devices::store::record_footprint(0);
+    capacity.saturating_sub(headers) / 512 * 512
 }
 
 fn store_io(e: devices::store::Error) -> std::io::Error {
@@ -442,6 +464,10 @@ impl DiskBackend for CheckpointedDisk {
     fn len(&self) -> u64 {
         self.size
     }
+
+    fn max_write_len(&self) -> u64 {
+        self.max_write
+    }
 }
 
 /// Retires everything a checkpointed disk holds into its base image (clean
@@ -449,4 +475,34 @@ impl DiskBackend for CheckpointedDisk {
 pub fn commit_all(store: &mut Store) -> Result<(), devices::store::Error> {
     let next = store.status().last_epoch + 1;
     store.commit_local(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request of `max_request_len(capacity)` bytes, cut into the device's records,
+    /// fits an empty region; the limit is within a sector and the set-aside headers
+    /// of the best possible.
+    #[test]
+    fn the_largest_request_fits_an_empty_region() {
+        let bounce = devices::virtio::block::BOUNCE_LEN as u64;
+        let footprint = |len: u64| len + len.div_ceil(bounce) * 32;
+        for cap in [
+            2 << 20,
+            (2 << 20) + 4096,
+            3 << 20,
+            4 << 20,
+            (4 << 20) + 8192,
+            64 << 20,
+            1 << 30,
+        ] {
+            let max = max_request_len(cap);
+            assert_eq!(max % 512, 0);
+            assert!(footprint(max) <= cap, "{cap}: {max}");
+            assert!(max + 512 + cap.div_ceil(bounce) * 32 > cap, "{cap}: {max}");
+        }
+        // Linux's default largest request fits the smallest region.
+        assert!(max_request_len(devices::store::sizing::MIN_REGION_SIZE) >= 1280 << 10);
+    }
 }

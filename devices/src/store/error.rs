@@ -90,6 +90,14 @@ pub enum Error {
         /// Size of the base image.
         actual: u64,
     },
+    /// the journal's regions have another size than the one the user asked for
+    #[error("its journal has regions of {} but region-size asks for {}: a journal keeps the region size it was created with. Leave region-size out to use the journal's, or let a run end cleanly (or run `mirrorvm disk recover`) so the image alone holds the disk, then remove the journal (IMAGE.mvj) to have it created anew", super::sizing::Bytes(*.found), super::sizing::Bytes(*.requested))]
+    RegionSizeMismatch {
+        /// Region size of the existing journal.
+        found: u64,
+        /// Region size asked for.
+        requested: u64,
+    },
     /// the base image's size is not a whole number of 512-byte sectors
     #[error("the base image is {0} bytes, not a multiple of 512")]
     BaseNotSectorSized(u64),

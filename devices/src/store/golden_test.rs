@@ -172,6 +172,7 @@ fn scenario() -> (Vec<u8>, Vec<u8>) {
     let cfg = StoreConfig {
         slot_count: 2,
         region_capacity: 4096,
+        insist_on_capacity: false,
         high_water: None,
         created_epoch: 0,
         preallocate: false,

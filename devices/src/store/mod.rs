@@ -45,6 +45,7 @@ mod extent;
 pub mod format;
 mod io;
 mod journal;
+pub mod sizing;
 mod tools;
 
 #[cfg(test)]
@@ -86,6 +87,11 @@ pub struct StoreConfig {
     pub slot_count: u32,
     /// Bytes of records (headers included) each region holds, in a new journal.
     pub region_capacity: u64,
+    /// The user named `region_capacity`: an existing journal whose regions have
+    /// another size is refused ([`Error::RegionSizeMismatch`]) before anything is
+    /// recovered. Otherwise an existing journal keeps its own size, whatever
+    /// `region_capacity` says.
+    pub insist_on_capacity: bool,
     /// Bytes of the active region past which writes report that the epoch should end
     /// early; `None` means three quarters of the capacity.
     pub high_water: Option<u64>,
@@ -102,11 +108,26 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            slot_count: 2,
-            region_capacity: 64 << 20,
+            slot_count: sizing::DEFAULT_SLOTS,
+            region_capacity: sizing::DEFAULT_REGION_CAP,
+            insist_on_capacity: false,
             high_water: None,
             created_epoch: 0,
             preallocate: true,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The configuration of a disk of `disk_len` bytes: regions of `region_size`
+    /// bytes if the user named a size (an existing journal must then have it), else
+    /// [`sizing::default_region_size`] for a new journal and the journal's own size
+    /// for an existing one.
+    pub fn for_disk(disk_len: u64, region_size: Option<u64>) -> Self {
+        StoreConfig {
+            region_capacity: region_size.unwrap_or_else(|| sizing::default_region_size(disk_len)),
+            insist_on_capacity: region_size.is_some(),
+            ..StoreConfig::default()
         }
     }
 }
@@ -379,6 +400,12 @@ impl<F: StoreFile> Store<F> {
             return Err(Error::BaseSizeMismatch {
                 expected: header.base_len,
                 actual: base_len,
+            });
+        }
+        if config.insist_on_capacity && header.region_capacity != config.region_capacity {
+            return Err(Error::RegionSizeMismatch {
+                found: header.region_capacity,
+                requested: config.region_capacity,
             });
         }
         let high_water = config

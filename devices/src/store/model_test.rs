@@ -21,7 +21,10 @@ use super::fault::{apply, is_crash, CrashMode, FaultFile, FaultWorld};
 use super::tests::{cfg, pattern, SECTORS};
 use super::*;
 
-const CAPACITY: u64 = 12 << 10;
+/// Region sizes a case may draw: from a region that takes two of the largest writes
+/// (8 sectors) to one that takes a dozen, so deferred writes and early cuts come at
+/// different points of a history.
+const CAPACITIES: [u64; 3] = [8 << 10, 12 << 10, 20 << 10];
 
 static CRASHES: AtomicU64 = AtomicU64::new(0);
 static ARMED_CRASHES: AtomicU64 = AtomicU64::new(0);
@@ -109,6 +112,7 @@ struct Model {
     last_epoch: u64,
     used: u64,
     slots: u32,
+    capacity: u64,
     tag: u64,
 }
 
@@ -123,12 +127,12 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(slots: u32, seed: u64) -> Harness {
+    fn new(slots: u32, capacity: u64, seed: u64) -> Harness {
         let world = FaultWorld::new();
         let img = vec![0u8; (SECTORS * SECTOR_SIZE) as usize];
         let base = world.file(img.clone());
         let journal = world.file(Vec::new());
-        let config = cfg(slots, CAPACITY);
+        let config = cfg(slots, capacity);
         let (store, _) = Store::open(
             base.clone(),
             journal.clone(),
@@ -152,6 +156,7 @@ impl Harness {
                 last_epoch: 0,
                 used: 0,
                 slots,
+                capacity,
                 tag: 1,
             },
             rng: seed | 1,
@@ -183,7 +188,7 @@ impl Harness {
                 let data = pattern(m.tag, sector, sectors);
                 m.tag += 1;
                 let need = record_footprint(data.len() as u64);
-                let full = m.used + need > CAPACITY;
+                let full = m.used + need > m.capacity;
                 let r = self.store.write(sector, &data).map(|o| match o {
                     WriteOutcome::Written { .. } => {
                         assert!(!full, "a write that cannot fit was accepted");
@@ -543,8 +548,8 @@ impl Harness {
     }
 }
 
-fn run_case(slots: u32, seed: u64, ops: &[Op]) {
-    let mut h = Harness::new(slots, seed);
+fn run_case(slots: u32, capacity: u64, seed: u64, ops: &[Op]) {
+    let mut h = Harness::new(slots, capacity, seed);
     for op in ops {
         h.step(op);
     }
@@ -566,10 +571,15 @@ fn model_based_crash_test() {
         failure_persistence: None,
         ..Config::default()
     });
-    let strategy = (2u32..=3, any::<u64>(), prop::collection::vec(op(), 1..160));
+    let strategy = (
+        2u32..=3,
+        prop::sample::select(&CAPACITIES[..]),
+        any::<u64>(),
+        prop::collection::vec(op(), 1..160),
+    );
     let t = std::time::Instant::now();
-    let result = runner.run(&strategy, |(slots, seed, ops)| {
-        run_case(slots, seed, &ops);
+    let result = runner.run(&strategy, |(slots, capacity, seed, ops)| {
+        run_case(slots, capacity, seed, &ops);
         Ok(())
     });
     if let Err(e) = result {

@@ -14,6 +14,7 @@ pub(super) fn cfg(slots: u32, capacity: u64) -> StoreConfig {
     StoreConfig {
         slot_count: slots,
         region_capacity: capacity,
+        insist_on_capacity: false,
         high_water: None,
         created_epoch: 0,
         preallocate: false,
@@ -1041,4 +1042,123 @@ fn import_refuses_what_it_cannot_hold_and_changes_nothing() {
         standby.import(&small),
         Err(Error::EpochNotIncreasing { epoch: 3, last: 3 })
     ));
+}
+
+/// A 16 MiB disk with no region size named gets 4 MiB regions: a journal of about
+/// half the disk, not the 128 MiB every journal had before.
+#[test]
+fn a_16_mib_disk_gets_a_small_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("small.img");
+    let disk_len = 16u64 << 20;
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(disk_len)
+        .unwrap();
+    let config = StoreConfig::for_disk(disk_len, None);
+    assert!(!config.insist_on_capacity);
+    let (s, rep) = Store::open_path(&image, &config, RecoverTo::LastAcknowledged).unwrap();
+    assert!(rep.created);
+    assert_eq!(s.file_header().region_capacity, 4 << 20);
+    assert_eq!(s.status().capacity, 4 << 20);
+    assert_eq!(s.status().slot_count, 2);
+    drop(s);
+    let journal_len = std::fs::metadata(journal_path(&image)).unwrap().len();
+    assert_eq!(journal_len, 4096 + 2 * (4096 + (4 << 20)));
+    assert!(journal_len * 2 < disk_len + (64 << 10), "{journal_len}");
+    // `disk inspect` shows the figures.
+    let text = inspect(&image).unwrap().to_string();
+    assert!(
+        text.contains(
+            "disk 16 MiB (16777216 bytes); region size 4 MiB (4194304 bytes); 2 region slots"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("journal 8204 KiB (8400896 bytes, 0.50 × the disk), 8204 KiB allocated"),
+        "{text}"
+    );
+}
+
+/// A region size the user names must match an existing journal's: another one is
+/// refused before recovery touches anything; with none named, the journal's own
+/// size is used whatever the default rule would give today.
+#[test]
+fn an_existing_journal_keeps_its_region_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let (mut s, _) = Store::open_path(
+        &image,
+        &StoreConfig::for_disk(1 << 20, Some(3 << 20)),
+        RecoverTo::LastAcknowledged,
+    )
+    .unwrap();
+    written(s.write(8, &pattern(8, 8, 8)).unwrap());
+    s.start_checkpoint(1).unwrap();
+    s.acknowledge(1).unwrap();
+    drop(s);
+    let journal_before = std::fs::read(journal_path(&image)).unwrap();
+    let base_before = std::fs::read(&image).unwrap();
+    let err = Store::open_path(
+        &image,
+        &StoreConfig::for_disk(1 << 20, Some(2 << 20)),
+        RecoverTo::LastAcknowledged,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RegionSizeMismatch {
+                found: 0x30_0000,
+                requested: 0x20_0000
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("regions of 3 MiB but region-size asks for 2 MiB"),
+        "{msg}"
+    );
+    // Refused before recovery: neither file changed (checkpoint 1 not yet redone).
+    assert_eq!(std::fs::read(journal_path(&image)).unwrap(), journal_before);
+    assert_eq!(std::fs::read(&image).unwrap(), base_before);
+    // The same size, or none: the journal's.
+    for asked in [Some(3 << 20), None] {
+        let (s, rep) = Store::open_path(
+            &image,
+            &StoreConfig::for_disk(1 << 20, asked),
+            RecoverTo::LastAcknowledged,
+        )
+        .unwrap();
+        assert!(!rep.created);
+        assert_eq!(s.status().capacity, 3 << 20);
+    }
+}
+
+proptest::proptest! {
+    /// Whatever a primary's region holds, its export fits a standby region of the
+    /// same size: overlaps only shrink it (an extent split by a later write costs a
+    /// record header, but the write replaced at least a sector). A standby whose
+    /// regions are at least the primary's therefore never refuses a region.
+    #[test]
+    fn an_export_fits_a_region_of_the_same_size(
+        capacity in proptest::sample::select(vec![8192u64, 12288, 20480]),
+        writes in proptest::collection::vec((0..SECTORS, 1..=8u64), 1..200),
+    ) {
+        let (_prig, mut primary) = Rig::new(cfg(2, capacity));
+        let (_srig, mut standby) = Rig::new(cfg(2, capacity));
+        for (i, (sector, n)) in writes.into_iter().enumerate() {
+            let sector = sector.min(SECTORS - n);
+            if primary.write(sector, &pattern(i as u64, sector, n)).unwrap() == WriteOutcome::Deferred {
+                break;
+            }
+        }
+        primary.start_checkpoint(1).unwrap();
+        let ex = primary.export(1).unwrap();
+        let meta = standby.import(&ex).unwrap();
+        proptest::prop_assert!(meta.used_bytes <= ex.meta.used_bytes);
+        proptest::prop_assert_eq!(read_all(&standby), read_all(&primary));
+    }
 }

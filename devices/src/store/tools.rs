@@ -8,6 +8,7 @@ use super::error::{Error, FileRole, IoContext, Result};
 use super::format::{FileHeader, SlotHeader, SlotState, FILE_HEADER_LEN, SECTOR_SIZE};
 use super::io::{MemFile, StoreFile};
 use super::journal::{read_file_header, read_slot, scan_records, scan_sealed, Scan};
+use super::sizing::Bytes;
 use super::{journal_path, RecoverTo, RecoveryReport, Store, StoreConfig};
 
 /// One slot as found in the journal.
@@ -42,6 +43,11 @@ pub struct Inspection {
     pub last_acknowledged: u64,
     /// The slots.
     pub slots: Vec<SlotReport>,
+    /// The journal file's length in bytes.
+    pub journal_len: u64,
+    /// Bytes of the journal file the file system has allocated (blocks), when known:
+    /// less than its length when it was created sparse.
+    pub journal_allocated: Option<u64>,
 }
 
 impl fmt::Display for Inspection {
@@ -49,9 +55,31 @@ impl fmt::Display for Inspection {
         let h = &self.header;
         writeln!(
             f,
-            "journal format v{}, {} slots of {} bytes, base image {} bytes, created at epoch {}",
-            h.version, h.slot_count, h.region_capacity, h.base_len, h.created_epoch
+            "journal format v{}, created at epoch {}",
+            h.version, h.created_epoch
         )?;
+        writeln!(
+            f,
+            "disk {} ({} bytes); region size {} ({} bytes); {} region slots",
+            Bytes(h.base_len),
+            h.base_len,
+            Bytes(h.region_capacity),
+            h.region_capacity,
+            h.slot_count
+        )?;
+        // Lossy only past 2^53 bytes, for a ratio shown to two places.
+        #[allow(clippy::cast_precision_loss)]
+        let ratio = self.journal_len as f64 / h.base_len.max(1) as f64;
+        write!(
+            f,
+            "journal {} ({} bytes, {ratio:.2} × the disk)",
+            Bytes(self.journal_len),
+            self.journal_len
+        )?;
+        match self.journal_allocated {
+            Some(a) => writeln!(f, ", {} allocated", Bytes(a))?,
+            None => writeln!(f)?,
+        }
         writeln!(
             f,
             "base image at epoch {}, last acknowledged epoch {}",
@@ -180,6 +208,8 @@ pub fn inspect_files<F: StoreFile + ?Sized>(
         base_epoch,
         last_acknowledged,
         slots,
+        journal_len: journal.len().ctx(FileRole::Journal, "reading the length")?,
+        journal_allocated: None,
     })
 }
 
@@ -217,7 +247,12 @@ fn open_journal_ro(image: &Path) -> Result<(std::fs::File, Option<u64>)> {
 /// `mirrorvm disk inspect`: what the journal of the image at `image` holds.
 pub fn inspect(image: &Path) -> Result<Inspection> {
     let (j, base_len) = open_journal_ro(image)?;
-    inspect_files(&j, base_len)
+    let mut ins = inspect_files(&j, base_len)?;
+    ins.journal_allocated = j
+        .metadata()
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512));
+    Ok(ins)
 }
 
 /// `mirrorvm disk verify`: checks every checksum; `Err` carries the first bad record.
@@ -274,6 +309,7 @@ pub fn fuzz_journal(data: &[u8]) {
     let cfg = StoreConfig {
         slot_count: 2,
         region_capacity: 4096,
+        insist_on_capacity: false,
         high_water: None,
         created_epoch: 0,
         preallocate: false,

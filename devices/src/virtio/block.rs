@@ -78,6 +78,13 @@ pub trait DiskBackend: Send {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&mut self) -> io::Result<()>;
+    /// The largest write request, in bytes, the backend can ever complete. The device
+    /// fails a larger one with IOERR at once, as a disk fails a transfer beyond its
+    /// limit: a backend that defers what does not fit now (the checkpoint store, whose
+    /// region takes a request whole) would otherwise defer it for ever.
+    fn max_write_len(&self) -> u64 {
+        u64::MAX
+    }
     /// The disk's size in bytes.
     fn len(&self) -> u64;
     /// Whether the disk has no bytes at all.
@@ -220,6 +227,9 @@ enum RequestError {
     /// write to a read-only disk
     #[error("write to a read-only disk")]
     ReadOnly,
+    /// a write larger than the backend can ever take
+    #[error("a write of {len} bytes is larger than the disk can ever take at once ({max} bytes)")]
+    TooLarge { len: u64, max: u64 },
     /// guest memory access failed
     #[error("guest memory access failed")]
     Memory(#[source] vm_memory::GuestMemoryError),
@@ -475,6 +485,13 @@ impl DiskIo {
                     return Err(RequestError::ReadOnly);
                 }
                 let offset = self.check_range(sector, data_in_len)?;
+                let max = self.disk.max_write_len();
+                if data_in_len > max {
+                    return Err(RequestError::TooLarge {
+                        len: data_in_len,
+                        max,
+                    });
+                }
                 self.guest_to_disk(mem, &data_in, offset)?;
                 Ok(STATUS_OK)
             }

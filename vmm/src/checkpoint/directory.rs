@@ -598,12 +598,12 @@ mod tests {
             cmdline: "x".into(),
             disks: vec![DiskManifest {
                 config: DiskConfig {
-                    path: "/nonexistent".into(),
                     readonly: true,
-                    checkpoint: false,
+                    ..DiskConfig::new("/nonexistent")
                 },
                 size: 4096,
                 journal_id: None,
+                region_size: None,
             }],
             cpu: Default::default(),
         }

@@ -354,12 +354,13 @@ pub fn decode_state(version: u32, bytes: &[u8]) -> Result<StateSection, FormatEr
             .enumerate()
             .map(|(i, d)| DiskManifest {
                 config: DiskConfig {
-                    path: d.path,
                     readonly: d.readonly,
                     checkpoint: d.checkpoint,
+                    ..DiskConfig::new(d.path)
                 },
                 size: 0,
                 journal_id: c.journal_ids.get(i).copied().flatten(),
+                region_size: None,
             })
             .collect();
         return Ok(StateSection {

@@ -41,6 +41,11 @@ pub struct DiskManifest {
     /// so a swapped or recreated journal is refused instead of being recovered to
     /// the wrong history.
     pub journal_id: Option<u64>,
+    /// The region size of a checkpointed disk's journal (bytes of records per
+    /// region), read from the journal itself: a standby sizes its own journal's
+    /// regions from it. Absent from manifests written before it existed.
+    #[serde(default)]
+    pub region_size: Option<u64>,
 }
 
 /// The one-time facts of a checkpoint stream: what a restore needs to rebuild the

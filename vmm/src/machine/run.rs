@@ -61,9 +61,15 @@ impl Machine {
                         path: d.path.clone(),
                         readonly: d.readonly,
                         checkpoint: d.store.is_some(),
+                        // The journal exists: reopening it uses its own size.
+                        region_size: None,
                     },
                     size: d.size,
                     journal_id: d.store.as_ref().map(|s| s.lock().file_header().journal_id),
+                    region_size: d
+                        .store
+                        .as_ref()
+                        .map(|s| s.lock().file_header().region_capacity),
                 })
                 .collect(),
             cpu: self.guest_cpu(),

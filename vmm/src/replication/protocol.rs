@@ -31,7 +31,7 @@ use crate::dirty::{StagedPages, PAGE_SIZE};
 /// Magic at the start of every frame.
 pub const MAGIC: [u8; 4] = *b"MVRP";
 /// The protocol version this code speaks (and the only one it reads).
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 40;
 /// Default bound on any payload: a reader refuses longer frames before allocating.
@@ -2203,12 +2203,12 @@ fn fuzz_check_complete(c: &Checkpoint, hello: &Hello, limits: &AssemblerLimits, 
 fn fuzz_hello() -> Hello {
     let disk = |n: &str| crate::checkpoint::DiskManifest {
         config: crate::config::DiskConfig {
-            path: n.into(),
-            readonly: false,
             checkpoint: true,
+            ..crate::config::DiskConfig::new(n)
         },
         size: 1 << 20,
         journal_id: Some(7),
+        region_size: Some(2 << 20),
     };
     Hello {
         protocol_version: VERSION,
@@ -2552,10 +2552,10 @@ mod tests {
         ));
 
         let mut b = good.clone();
-        b[4..6].copy_from_slice(&2u16.to_le_bytes());
+        b[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
         let e = read_all(&b).unwrap_err();
-        assert!(matches!(e, FrameError::Version { got: 2 }));
-        assert!(e.to_string().contains("version 2"));
+        assert!(matches!(e, FrameError::Version { got } if got == VERSION + 1));
+        assert!(e.to_string().contains(&format!("version {}", VERSION + 1)));
 
         let mut b = good.clone();
         b[6..8].copy_from_slice(&99u16.to_le_bytes());

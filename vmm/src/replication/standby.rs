@@ -3,7 +3,7 @@
 //! journals), acknowledge it, and take over when the primary dies.
 //!
 //! ```text
-//!   listening ── Hello (checked: version, memory, disks and their sizes, CPU) ──▶ refused ─┐
+//!   listening ── Hello (checked: version, memory, disks, their sizes and region sizes, CPU) ──▶ refused ─┐
 //!       ▲                                                                                   │
 //!       │ bad frame: session dropped,                                      (keep listening) ◀┘
 //!       │ no takeover                 Accept
@@ -57,6 +57,7 @@ use crate::config::{DiskConfig, SerialConfig};
 use crate::cpuid::GuestCpu;
 use crate::memory::GuestMemory;
 use crate::{Machine, RunEnd, VmmError};
+use devices::store::sizing::Bytes;
 
 /// How long a connecting primary may take to send its Hello, and to open its
 /// liveness connection after the HelloAck.
@@ -484,6 +485,23 @@ impl Standby {
                     ),
                 ));
             }
+            // Every region the primary sends must fit one of this journal's: an
+            // export never takes more than the region it came from, so a region at
+            // least as large always does.
+            if let (Some(here), Some(there)) = (ours.region_size, theirs.region_size) {
+                if here < there {
+                    return Err((
+                        RefuseReason::Machine,
+                        format!(
+                            "disk {i} ({}) has region-size {} here but {} on the primary: a checkpoint region of the primary might not fit; give region-size={} or more here, or leave it out to take the primary's",
+                            ours.path.display(),
+                            Bytes(here),
+                            Bytes(there),
+                            Bytes(there).to_string().replace(' ', ""),
+                        ),
+                    ));
+                }
+            }
         }
         if let Err(why) = m.cpu.check_runs_on(&self.cpu) {
             return Err((RefuseReason::Machine, why));
@@ -614,10 +632,12 @@ impl Standby {
     }
 
     /// Opens this host's disks for the initial copy: each marked incomplete (durably)
-    /// before anything is written, its old journal removed, its image zeroed.
-    fn prepare_disks(&self) -> Result<Vec<Disk>, StandbyError> {
+    /// before anything is written, its old journal removed, its image zeroed. Each
+    /// journal will have the region size named here, else the primary's (from
+    /// `theirs`, the Hello's disks), else the default for its size.
+    fn prepare_disks(&self, theirs: &[DiskManifest]) -> Result<Vec<Disk>, StandbyError> {
         let mut out = Vec::new();
-        for d in &self.config.disks {
+        for (i, d) in self.config.disks.iter().enumerate() {
             let err = |source| StandbyError::Disk {
                 path: d.path.clone(),
                 source,
@@ -637,9 +657,14 @@ impl Standby {
             // The copy sends only what is not zero: start from zeros.
             file.set_len(0).map_err(err)?;
             file.set_len(size).map_err(err)?;
+            let region_size = d
+                .region_size
+                .or_else(|| theirs.get(i).and_then(|t| t.region_size))
+                .unwrap_or_else(|| devices::store::sizing::default_region_size(size));
             out.push(Disk {
                 config: DiskConfig {
                     checkpoint: true,
+                    region_size: Some(region_size),
                     ..d.clone()
                 },
                 size,
@@ -717,7 +742,7 @@ impl Standby {
         )
         .map_err(|e| StandbyError::Thread("liveness", e))?;
 
-        let mut disks = self.prepare_disks()?;
+        let mut disks = self.prepare_disks(&hello.manifest.disks)?;
         let mut replica = self.empty_replica(&hello)?;
         let limits = AssemblerLimits::for_manifest(&hello.manifest);
         let mut asm = CheckpointAssembler::new(&hello, limits);
@@ -1035,10 +1060,12 @@ impl Standby {
         let mut ours = Vec::new();
         for d in disks {
             let journal_id = d.store.as_ref().map(|s| s.file_header().journal_id);
+            let region_size = d.store.as_ref().map(|s| s.file_header().region_capacity);
             ours.push(DiskManifest {
                 config: d.config.clone(),
                 size: d.size,
                 journal_id,
+                region_size,
             });
         }
         manifest.disks = ours;
@@ -1114,7 +1141,7 @@ fn open_stores(disks: &mut [Disk], epoch: u64) -> Result<(), StandbyError> {
     for d in disks.iter_mut().filter(|d| d.store.is_none()) {
         let cfg = devices::store::StoreConfig {
             created_epoch: epoch,
-            ..Default::default()
+            ..devices::store::StoreConfig::for_disk(d.size, d.config.region_size)
         };
         let (store, _) = devices::store::Store::open_path(
             &d.config.path,

@@ -44,6 +44,8 @@ pub(super) struct MemDisk {
     pub misaligned: Arc<AtomicUsize>,
     /// Sizes of the writes, in order.
     pub write_sizes: Arc<Mutex<Vec<usize>>>,
+    /// The largest write request it takes (0: no limit).
+    pub max_write: Arc<AtomicUsize>,
 }
 
 impl MemDisk {
@@ -99,6 +101,12 @@ impl DiskBackend for MemDisk {
     }
     fn len(&self) -> u64 {
         self.inner.lock().unwrap().data.len() as u64
+    }
+    fn max_write_len(&self) -> u64 {
+        match self.max_write.load(Ordering::SeqCst) {
+            0 => u64::MAX,
+            n => n as u64,
+        }
     }
 }
 
@@ -777,6 +785,32 @@ fn deferred_write_is_resubmitted_after_a_kick() {
     assert_eq!(drv.pop_used(), Some((0, 1)));
     assert_eq!(drv.status_byte(DATA - 16), OK);
     assert_eq!(drv.disk.inner.lock().unwrap().data[512], 9);
+}
+
+/// A write larger than the backend can ever take fails at once (IOERR) without
+/// touching the disk and without deferring the queue; one that fits goes through.
+#[test]
+fn a_write_larger_than_the_backend_takes_fails_instead_of_waiting() {
+    let mut drv = Driver::new(64 * 512, false, 16);
+    drv.disk.max_write.store(4 * 512, Ordering::SeqCst);
+    drv.mem
+        .write_slice(&[7; 8 * 512], GuestAddress(DATA))
+        .unwrap();
+    let ops = drv.disk.ops.load(Ordering::SeqCst);
+    let (status, len) = drv.request(VIRTIO_BLK_T_OUT, 2, &[D(DATA, 8 * 512, R, 0)]);
+    assert_eq!((status, len), (IOERR, 1));
+    assert_eq!(
+        drv.disk.ops.load(Ordering::SeqCst),
+        ops,
+        "the disk was touched"
+    );
+    assert!(!drv.block.lock().unwrap().state().deferred);
+    let (status, _) = drv.request(VIRTIO_BLK_T_OUT, 2, &[D(DATA, 4 * 512, R, 0)]);
+    assert_eq!(status, OK);
+    assert_eq!(drv.disk.inner.lock().unwrap().data[2 * 512], 7);
+    // Reads of any size are not limited.
+    let (status, _) = drv.request(VIRTIO_BLK_T_IN, 0, &[D(DATA, 8 * 512, WR, 0)]);
+    assert_eq!(status, OK);
 }
 
 #[test]
