@@ -15,7 +15,7 @@ mod stats;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Sample {
@@ -23,20 +23,38 @@ struct Sample {
     exit: Duration,
 }
 
-fn one_run(args: &[&str]) -> Option<Sample> {
+/// Spawns mirrorvm with `args` and waits for its first serial byte: the child, its
+/// stdout, when it started, and how long the byte took.
+fn until_first_byte(args: &[&std::ffi::OsStr]) -> Option<(Child, ChildStdout, Instant, Duration)> {
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mirrorvm"))
-        .args(["run", "--memory", "128M"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let mut out = child.stdout.take()?;
+    let Some(mut out) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    };
     let mut byte = [0u8; 1];
-    out.read_exact(&mut byte).ok()?;
-    let first_byte = start.elapsed();
+    if out.read_exact(&mut byte).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    Some((child, out, start, start.elapsed()))
+}
+
+fn one_run(args: &[&str]) -> Option<Sample> {
+    let all: Vec<&std::ffi::OsStr> = ["run", "--memory", "128M"]
+        .iter()
+        .chain(args)
+        .map(std::ffi::OsStr::new)
+        .collect();
+    let (mut child, mut out, start, first_byte) = until_first_byte(&all)?;
     let mut rest = Vec::new();
     out.read_to_end(&mut rest).ok()?;
     let status = child.wait().ok()?;
@@ -54,23 +72,11 @@ fn ms(v: &[Duration], p: f64) -> String {
 /// serial byte; the restored process is then killed, which leaves `dir` as it was
 /// (a restore without `--checkpoint-dir` writes nothing there).
 fn one_restore(dir: &Path) -> Option<Duration> {
-    let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mirrorvm"))
-        .arg("restore")
-        .arg("--from")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let mut out = child.stdout.take()?;
-    let mut byte = [0u8; 1];
-    let got = out.read_exact(&mut byte).is_ok();
-    let first_byte = start.elapsed();
+    let args = ["restore".as_ref(), "--from".as_ref(), dir.as_os_str()];
+    let (mut child, _out, _, first_byte) = until_first_byte(&args)?;
     let _ = child.kill();
     let _ = child.wait();
-    got.then_some(first_byte)
+    Some(first_byte)
 }
 
 /// A checkpoint directory of a 256 MiB `counter interval_ms=1` guest, killed with
