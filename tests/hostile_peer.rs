@@ -1095,7 +1095,11 @@ fn start_primary(
 }
 
 fn shown(serial: &Path) -> Vec<u64> {
-    counters(std::fs::read_to_string(serial).unwrap_or_default().lines())
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    // Only whole lines: the VMM may be writing the last one right now ("counter 29"
+    // of "counter 297" would read as a skip).
+    let whole = text.rfind('\n').map_or("", |i| &text[..i]);
+    counters(whole.lines())
 }
 
 /// Waits for the primary's one line saying it runs unprotected; returns it.
