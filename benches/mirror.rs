@@ -516,10 +516,17 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> R<Vec<T>> {
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
     let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).map_err(|e| format!("{}: {e}: {l}", path.display())))
-        .collect()
+    let bad = |l: &str, e: serde_json::Error| format!("{}: {e}: {l}", path.display());
+    let mut out = Vec::new();
+    for l in complete.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).map_err(|e| bad(l, e))?;
+        // A standby that took over ends its file with a record of another kind.
+        if v.get("failover").is_some() {
+            continue;
+        }
+        out.push(serde_json::from_value(v).map_err(|e| bad(l, e))?);
+    }
+    Ok(out)
 }
 
 fn pct<T: Copy + PartialOrd>(v: &[T], p: f64) -> Option<T> {
