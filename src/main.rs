@@ -182,7 +182,13 @@ struct EpochArgs {
     /// standby --listen ADDR`): after an initial copy, one checkpoint per epoch, each
     /// acknowledged before its console output is shown and its disk writes reach the
     /// images. Every writable disk needs checkpoint=on. Plaintext TCP: use a private link.
-    #[arg(long, value_name = "ADDR", conflicts_with = "checkpoint_dir")]
+    /// `,max-rate=R` caps the initial copy at R bytes per second (e.g. 100M; at least
+    /// 1M); checkpoints are never held back.
+    #[arg(
+        long,
+        value_name = "ADDR[,max-rate=R]",
+        conflicts_with = "checkpoint_dir"
+    )]
     peer: Option<String>,
 
     /// The witness file holding the fence (a lock both hosts reach on a local file
@@ -264,12 +270,17 @@ impl EpochArgs {
     fn config(self) -> anyhow::Result<Option<EpochConfig>> {
         let sink = match (self.checkpoint_dir, self.peer) {
             (Some(dir), _) => SinkConfig::Directory(dir),
-            (None, Some(addr)) => SinkConfig::Peer(PeerConfig {
-                addr,
-                witness: self.witness,
-                liveness: self.liveness.config()?,
-                transport: Transport::PlainTcp,
-            }),
+            (None, Some(spec)) => {
+                let (addr, max_rate) =
+                    vmm::replication::peer::parse_peer(&spec).map_err(|e| usage(e.to_string()))?;
+                SinkConfig::Peer(PeerConfig {
+                    addr,
+                    witness: self.witness,
+                    liveness: self.liveness.config()?,
+                    transport: Transport::PlainTcp,
+                    max_rate,
+                })
+            }
             (None, None) => {
                 if self.metrics.is_some() {
                     return Err(usage("--metrics needs --checkpoint-dir or --peer".into()));

@@ -298,6 +298,25 @@ fn usage_errors_exit_64_and_help_exits_0() {
         let (code, out) = status(args);
         assert_eq!(code, Some(64), "{args:?}:\n{out}");
     }
+    // A bad --peer spec is one line naming what is wrong.
+    for (spec, says) in [
+        ("127.0.0.1:1,max-rate=10K", "below the least"),
+        ("127.0.0.1:1,max-rate=fast", "invalid size 'fast'"),
+        ("127.0.0.1:1,speed=3", "unknown --peer option 'speed=3'"),
+        (",max-rate=10M", "needs an address"),
+    ] {
+        let mut c = mirrorvm();
+        c.args(["run", "--peer", spec]);
+        let o = run_with_timeout(c, T);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(64), "{spec}:\n{}", show(&o));
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{spec}: not one line:\n{err}"
+        );
+        assert!(err.contains(says), "{spec}: {err}");
+    }
     for args in [
         &["--help"][..],
         &["--version"],

@@ -17,6 +17,8 @@ pub struct PairOpts {
     pub memory: String,
     /// Disk size in bytes (0: no disk).
     pub disk: u64,
+    /// Fill the primary's disk with non-zero bytes (the initial copy skips zeros).
+    pub disk_filled: bool,
     /// More `--disk` options for the primary's disk (e.g. `,region-size=2M`).
     pub primary_disk_opts: String,
     /// More `--disk` options for the standby's disk.
@@ -45,6 +47,7 @@ impl Default for PairOpts {
             cpus: 1,
             memory: "64M".into(),
             disk: 0,
+            disk_filled: false,
             primary_disk_opts: String::new(),
             standby_disk_opts: String::new(),
             witness: false,
@@ -119,6 +122,10 @@ impl Pair {
                 super::make_ext4(&pair.path("a.img"), o.disk);
             } else {
                 make_image(&pair.path("a.img"), o.disk);
+                if o.disk_filled {
+                    let fill: Vec<u8> = (0..o.disk).map(|i| (i % 251) as u8 | 1).collect();
+                    std::fs::write(pair.path("a.img"), fill).expect("fill the primary's disk");
+                }
             }
             make_image(&pair.path("b.img"), o.disk);
         }

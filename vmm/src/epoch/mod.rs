@@ -425,6 +425,18 @@ impl EpochEngine {
             last: Some(n),
             finishing: n <= PRECOPY_SMALL || !shrinking || self.rounds.sent + 1 >= self.max_rounds,
         };
+        if self.rounds.finishing && n > PRECOPY_SMALL {
+            // The copy cannot catch up with the guest: say so once, and stop trying.
+            eprintln!(
+                "mirrorvm: the pre-copy is not converging ({n} pages written during round {}, {}): the first checkpoint copies what is left in one pause",
+                self.rounds.sent,
+                if shrinking {
+                    "the last round allowed"
+                } else {
+                    "not fewer than in the round before"
+                }
+            );
+        }
         tracing::info!(
             "pre-copy round {}: {n} pages written during the last round{}",
             self.rounds.sent,

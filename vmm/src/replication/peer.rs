@@ -64,6 +64,55 @@ pub struct PeerConfig {
     pub liveness: LivenessConfig,
     /// How to reach it.
     pub transport: Transport,
+    /// The most bytes per second the initial copy may send (`max-rate=`), so a
+    /// copy leaves room on a shared link; checkpoints are never held back.
+    pub max_rate: Option<u64>,
+}
+
+/// The least `max-rate` accepted: one 4 MiB frame must go out well within the
+/// copy's stall deadline.
+pub const MIN_RATE: u64 = 1 << 20;
+
+/// A `--peer` value that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerSpecError {
+    /// No address before the options.
+    #[error("--peer needs an address: HOST:PORT[,max-rate=R]")]
+    NoAddress,
+    /// An option mirrorvm does not know.
+    #[error(
+        "unknown --peer option '{0}': the one option is max-rate=R (bytes per second, e.g. 100M)"
+    )]
+    Unknown(String),
+    /// A rate that does not parse.
+    #[error("--peer max-rate: {0}")]
+    Rate(crate::config::ConfigError),
+    /// A rate below the least accepted.
+    #[error("--peer max-rate={0} is below the least accepted, 1M (1 MiB/s)")]
+    RateTooLow(String),
+}
+
+/// Splits `HOST:PORT[,max-rate=R]` into the address and the rate, bytes/s (R takes
+/// K, M, G suffixes as sizes do: 100M is 100 MiB/s).
+pub fn parse_peer(spec: &str) -> Result<(String, Option<u64>), PeerSpecError> {
+    let mut parts = spec.split(',');
+    let addr = parts
+        .next()
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .ok_or(PeerSpecError::NoAddress)?;
+    let mut rate = None;
+    for opt in parts {
+        let Some(v) = opt.trim().strip_prefix("max-rate=") else {
+            return Err(PeerSpecError::Unknown(opt.to_string()));
+        };
+        let r = crate::config::parse_size(v).map_err(PeerSpecError::Rate)?;
+        if r < MIN_RATE {
+            return Err(PeerSpecError::RateTooLow(v.to_string()));
+        }
+        rate = Some(r);
+    }
+    Ok((addr.to_string(), rate))
 }
 
 /// Failures of the peer sink.
@@ -155,16 +204,54 @@ fn ack_deadline(back: &Back, max_lag: Duration) -> (Duration, &'static str) {
     }
 }
 
-/// A byte counter in front of a writer.
+/// A rate the bytes written must keep to, counted from `base` bytes at `since`.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    rate: u64,
+    since: Instant,
+    base: u64,
+}
+
+impl Pace {
+    /// How long to wait, with `total` bytes written at `elapsed`, to be back at the
+    /// rate.
+    fn wait(&self, total: u64, elapsed: Duration) -> Duration {
+        let due = Duration::from_secs_f64(
+            total.saturating_sub(self.base) as f64 / self.rate.max(1) as f64,
+        );
+        due.saturating_sub(elapsed)
+    }
+
+    /// The most bytes one write may take: a tenth of a second's worth, so the pace
+    /// is smooth and the stall deadline sees progress.
+    fn slice(&self) -> usize {
+        crate::arch::to_usize((self.rate / 10).max(64 << 10))
+    }
+}
+
+/// A byte counter in front of a writer, which also paces it while a [`Pace`] is
+/// set (the initial copy under `max-rate`).
 struct Counting<W> {
     inner: W,
     count: Arc<AtomicU64>,
+    pace: Arc<Mutex<Option<Pace>>>,
 }
 
 impl<W: Write> Write for Counting<W> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let pace = *devices::bus::lock_recover(&self.pace);
+        let b = match &pace {
+            Some(p) => &b[..b.len().min(p.slice())],
+            None => b,
+        };
         let n = self.inner.write(b)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        let total = self.count.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if let Some(p) = pace {
+            let wait = p.wait(total, p.since.elapsed());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -193,7 +280,21 @@ struct Session {
     unacked_since: Arc<Mutex<Option<Instant>>>,
     /// While the initial copy is sent: the bytes sent at its last progress, and when.
     copy_progress: Arc<Mutex<Option<(u64, Instant)>>>,
+    /// The pace of the data connection while the initial copy is sent under
+    /// `max-rate`.
+    pace: Arc<Mutex<Option<Pace>>>,
     liveness: Option<Liveness>,
+}
+
+impl Session {
+    /// Paces what follows to `rate` bytes/s (`None`: no pace).
+    fn pace(&self, rate: Option<u64>) {
+        *devices::bus::lock_recover(&self.pace) = rate.map(|rate| Pace {
+            rate,
+            since: Instant::now(),
+            base: self.sent.load(Ordering::Relaxed),
+        });
+    }
 }
 
 impl Session {
@@ -326,12 +427,14 @@ impl PeerSink {
             source,
         })?;
         let sent = Arc::new(AtomicU64::new(0));
+        let pace = Arc::new(Mutex::new(None));
         let mut fw = FrameWriter::new(
             BufWriter::with_capacity(
                 1 << 20,
                 Counting {
                     inner: w,
                     count: sent.clone(),
+                    pace: pace.clone(),
                 },
             ),
             self.generation,
@@ -467,6 +570,7 @@ impl PeerSink {
             verdict,
             unacked_since,
             copy_progress,
+            pace,
             liveness: Some(liveness),
         })
     }
@@ -489,10 +593,12 @@ impl PeerSink {
         let total_disk: u64 = manifest.disks.iter().map(|d| d.size).sum();
         let total = mem.iter().map(|r| r.len()).sum::<u64>() + total_disk;
         let mut progress = Progress::new(format!("initial copy to {}", self.config.addr), total);
+        let rate = self.config.max_rate;
         let s = self.session()?;
         let start_bytes = s.sent.load(Ordering::Relaxed);
         // From now on the lag deadline watches the copy's progress.
         *devices::bus::lock_recover(&s.copy_progress) = Some((start_bytes, Instant::now()));
+        s.pace(rate);
         let batch = MAX_BATCH_PAGES as usize;
         let mut pages = StagedPages {
             addrs: Vec::with_capacity(batch),
@@ -577,6 +683,7 @@ impl PeerSink {
             addr: addr.clone(),
             source,
         })?;
+        s.pace(None);
         *devices::bus::lock_recover(&s.copy_progress) = None;
         let took = progress.finish();
         tracing::info!(
@@ -722,16 +829,20 @@ impl CheckpointSink for PeerSink {
 
     fn write_base_pages(&mut self, pages: &StagedPages, epoch: u64) -> Result<u64, SinkError> {
         let addr = self.config.addr.clone();
+        let rate = self.config.max_rate;
         let r = match self.session() {
             Ok(s) => {
                 let before = s.sent.load(Ordering::Relaxed);
-                // The stall deadline watches a round as it watches the first pass.
+                // The stall deadline watches a round as it watches the first pass,
+                // and the rate holds for it too.
                 *devices::bus::lock_recover(&s.copy_progress) = Some((before, Instant::now()));
+                s.pace(rate);
                 let r =
                     s.w.write_base(epoch, pages)
                         .and_then(|()| s.w.flush())
                         .map(|()| s.sent.load(Ordering::Relaxed) - before)
                         .map_err(|source| PeerError::Frames { addr, source });
+                s.pace(None);
                 *devices::bus::lock_recover(&s.copy_progress) = None;
                 r
             }
@@ -789,5 +900,53 @@ impl CheckpointSink for PeerSink {
                 source: e,
             }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_spec_is_an_address_and_an_optional_rate() {
+        assert_eq!(parse_peer("b:7000").unwrap(), ("b:7000".to_string(), None));
+        assert_eq!(
+            parse_peer("10.0.0.2:7000,max-rate=100M").unwrap(),
+            ("10.0.0.2:7000".to_string(), Some(100 << 20))
+        );
+        assert!(matches!(parse_peer(""), Err(PeerSpecError::NoAddress)));
+        assert!(matches!(
+            parse_peer("b:1,max-rate=512K"),
+            Err(PeerSpecError::RateTooLow(_))
+        ));
+        assert!(matches!(
+            parse_peer("b:1,max-rate=x"),
+            Err(PeerSpecError::Rate(_))
+        ));
+        assert!(matches!(
+            parse_peer("b:1,rate=1G"),
+            Err(PeerSpecError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn a_pace_waits_exactly_as_long_as_the_rate_needs() {
+        let p = Pace {
+            rate: 1 << 20,
+            since: Instant::now(),
+            base: 1000,
+        };
+        // 2 MiB after the base at 1 MiB/s is due at 2 s.
+        let total = 1000 + (2 << 20);
+        assert_eq!(
+            p.wait(total, Duration::from_millis(500)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(p.wait(total, Duration::from_secs(3)), Duration::ZERO);
+        assert_eq!(p.wait(0, Duration::ZERO), Duration::ZERO);
+        // A write takes at most a tenth of a second's worth, never under 64 KiB.
+        assert_eq!(p.slice(), (1 << 20) / 10);
+        let slow = Pace { rate: 1, ..p };
+        assert_eq!(slow.slice(), 64 << 10);
     }
 }
