@@ -640,3 +640,44 @@ fn max_rate_holds_the_initial_copy_to_its_rate() {
     let at_copy = pair.applied();
     pair.expect_applied(at_copy + 20, Duration::from_secs(20));
 }
+
+/// A pre-copy that cannot catch up with the guest says so once and completes in the
+/// first checkpoint: a 4 MiB region rewritten all the time, copied at 1 MiB/s, is
+/// written whole again during every round.
+#[test]
+fn a_pre_copy_that_cannot_converge_says_so_and_completes() {
+    if skip_without_kvm!() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let addr = format!("127.0.0.1:{}", common::pair::free_port());
+    let o = PairOpts {
+        cmdline: "dirty pages_per_ms=200 mb=4 verify=1".into(),
+        listen: Some(addr.clone()),
+        peer: Some(format!("{addr},max-rate=1M")),
+        ..Default::default()
+    };
+    let mut pair = Pair::start(&o);
+    let said = pair.primary.as_ref().and_then(|p| {
+        p.wait_stderr(Duration::from_secs(120), |l| {
+            l.contains("the pre-copy is not converging")
+        })
+    });
+    assert!(
+        said.is_some(),
+        "no word of the copy not converging:\n{}",
+        pair.dump()
+    );
+    // And the copy completes all the same, and mirroring goes on.
+    pair.expect_applied(5, Duration::from_secs(120));
+    let err = pair
+        .primary
+        .as_ref()
+        .map(|p| p.stderr_now())
+        .unwrap_or_default();
+    assert_eq!(
+        err.matches("the pre-copy is not converging").count(),
+        1,
+        "said more than once:\n{err}"
+    );
+}
