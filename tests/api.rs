@@ -556,3 +556,51 @@ fn a_paused_primary_is_not_taken_over_and_a_takeover_answers_on_the_same_socket(
         "no checkpoint sink",
     );
 }
+
+/// Before the guest runs, the API answers, but only `vmm.ping`: a primary still
+/// reaching its standby (nobody listens at the address, so it gives up after its
+/// connect deadline) has no machine yet, and every `vm.*` request gets 503.
+#[test]
+fn before_the_guest_runs_vm_requests_are_503_and_ping_answers() {
+    if skip_without_kvm!() {
+        return;
+    }
+    let dir = tempdir();
+    let sock = dir.path().join("api.sock");
+    let nobody = format!("127.0.0.1:{}", common::pair::free_port());
+    let mut run = counter(dir.path(), &["--peer", &nobody]);
+    let end = Instant::now() + T;
+    while request(&sock, "GET", "/api/v1/vmm.ping", None, T)
+        .map(|r| r.status)
+        .ok()
+        != Some(200)
+    {
+        assert!(
+            Instant::now() < end,
+            "the API never answered a ping:\n{}",
+            run.stderr_now()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (method, path) in [
+        ("GET", "/api/v1/vm.info"),
+        ("PUT", "/api/v1/vm.pause"),
+        ("PUT", "/api/v1/vm.checkpoint"),
+    ] {
+        let r = call(&sock, method, path, None);
+        assert_eq!(
+            r.status, 503,
+            "{method} {path} before the guest runs: {r:?}"
+        );
+        assert!(r.json()["error"].is_string(), "{r:?}");
+    }
+    // It gives up on the standby it cannot reach, in one line, and removes its socket.
+    let status = run.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        run.stderr_now()
+    );
+    assert!(!sock.exists(), "the socket file outlived its process");
+}
