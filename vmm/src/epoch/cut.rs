@@ -2,12 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{CutError, EpochEngine, EpochError, EpochMetrics, Job, PauseError, Phase};
+use super::{us, CutError, EpochEngine, EpochError, EpochMetrics, Job, PauseError, Phase};
 use crate::checkpoint::{encode_state, Checkpoint, Console};
-
-fn us(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
 
 impl EpochEngine {
     /// Cuts checkpoint `next_epoch`; with `resume` false the vCPUs stay parked (the
@@ -51,7 +47,6 @@ impl EpochEngine {
             }
         }
         let t_kick = t0.elapsed();
-        let epoch_len = self.last_cut_at.replace(t0).map(|t| t0.duration_since(t));
         let staged = self.capture(epoch);
         // Resume whatever happened (the guest must not stay paused), unless this is
         // the run's final checkpoint and it succeeded.
@@ -61,7 +56,6 @@ impl EpochEngine {
             self.parts.vcpus.resume();
         }
         let pause = t0.elapsed();
-        let resumed = Instant::now();
         let Captured {
             pages,
             state,
@@ -86,7 +80,7 @@ impl EpochEngine {
             save_us: us(t_save),
             dirty_pages: pages.len() as u64,
             region_bytes,
-            epoch_us: epoch_len.map_or(0, us),
+            epoch_us: self.last_cut.map_or(0, |c| us(t0.duration_since(c.began))),
             at_ms: self.ms_since_start(),
             ..Default::default()
         };
@@ -112,9 +106,12 @@ impl EpochEngine {
             },
             sealed: false,
         });
-        self.last_cut = Some((epoch, m.pause_us));
+        self.last_cut = Some(super::LastCut {
+            epoch,
+            began: t0,
+            pause,
+        });
         self.in_flight = Some(m);
-        self.cut_at = Some(resumed);
         self.need_full = false;
         self.next_epoch += 1;
         self.phase = Phase::Exporting { epoch };

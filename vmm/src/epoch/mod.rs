@@ -166,9 +166,6 @@ pub struct EpochEngine {
     next_epoch: u64,
     spare: StagedPages,
     in_flight: Option<EpochMetrics>,
-    /// When the last cut's pause began: each cut's metrics say how long its epoch
-    /// lasted.
-    last_cut_at: Option<std::time::Instant>,
     last_complete: Option<u64>,
     local_retire_pending: bool,
     need_full: bool,
@@ -177,8 +174,6 @@ pub struct EpochEngine {
     telemetry: Option<Telemetry>,
     /// When the engine was made: the origin of `EpochMetrics::at_ms`.
     started: Instant,
-    /// When the checkpoint in flight ended its pause.
-    cut_at: Option<Instant>,
     /// When the newest complete checkpoint ended its pause.
     complete_cut_at: Option<Instant>,
     /// Most pre-copy rounds after the first full pass (0: cut right after it).
@@ -186,12 +181,26 @@ pub struct EpochEngine {
     /// Rounds sent in the pre-copy under way, the size of the last, and whether the
     /// round in flight is the last one.
     rounds: Rounds,
-    /// The last cut of this run and its pause, µs.
-    last_cut: Option<(u64, u64)>,
+    /// The last cut of this run: the status reports it, the next cut's metrics
+    /// measure its epoch from it, and its completion its ack lag.
+    last_cut: Option<LastCut>,
     /// Who waits for a checkpoint to be complete (`on_complete`).
     waiters: Vec<(u64, CompletionWaiter)>,
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
+}
+
+/// `d` in whole microseconds, as the metrics count.
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A cut: its checkpoint, when its pause began, and how long it lasted.
+#[derive(Debug, Clone, Copy)]
+struct LastCut {
+    epoch: u64,
+    began: Instant,
+    pause: Duration,
 }
 
 /// Where an iterative pre-copy stands.
@@ -266,14 +275,12 @@ impl EpochEngine {
             next_epoch: first_epoch,
             spare: StagedPages::default(),
             in_flight: None,
-            last_cut_at: None,
             last_complete: None,
             local_retire_pending: false,
             need_full: true,
             metrics,
             telemetry: None,
             started: Instant::now(),
-            cut_at: None,
             complete_cut_at: None,
             max_rounds: 0,
             rounds: Rounds::default(),
@@ -312,9 +319,9 @@ impl EpochEngine {
     pub fn status(&self) -> EngineStatus {
         EngineStatus {
             phase: self.phase,
-            last_cut: self.last_cut.map(|(e, _)| e),
+            last_cut: self.last_cut.map(|c| c.epoch),
             last_complete: self.last_complete,
-            last_pause_us: self.last_cut.map(|(_, p)| p),
+            last_pause_us: self.last_cut.map(|c| us(c.pause)),
             in_flight_bytes: self.in_flight.as_ref().map_or(0, |m| {
                 m.dirty_pages
                     .saturating_mul(PAGE_SIZE as u64)
@@ -608,9 +615,10 @@ impl EpochEngine {
         let mut m = self.in_flight.take().unwrap_or_default();
         m.bytes = bytes;
         m.export_us = us;
-        if let Some(at) = self.cut_at.take() {
-            m.ack_us = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
-            self.complete_cut_at = Some(at);
+        if let Some(c) = self.last_cut.filter(|c| c.epoch == epoch) {
+            let resumed = c.began + c.pause;
+            m.ack_us = self::us(resumed.elapsed());
+            self.complete_cut_at = Some(resumed);
         }
         self.last_complete = Some(epoch);
         if self.phase == Phase::Fenced {
