@@ -295,9 +295,7 @@ impl Session {
             base: self.sent.load(Ordering::Relaxed),
         });
     }
-}
 
-impl Session {
     /// Ends the session in order (after a Shutdown frame).
     fn close(&mut self) {
         if let Some(mut l) = self.liveness.take() {
