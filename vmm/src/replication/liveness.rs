@@ -285,8 +285,8 @@ impl Liveness {
                     // host). Give the reader its turn rather than call the peer dead,
                     // within a bound, so a reader that never catches up still ends
                     // in a verdict.
-                    let heard_unread = silent <= 4 * config.dead_after && closer.has_unread();
-                    if silent > config.dead_after && !heard_unread {
+                    let heard_unread = || silent <= 4 * config.dead_after && closer.has_unread();
+                    if silent > config.dead_after && !heard_unread() {
                         verdict.declare(format!("silent for {} ms", silent.as_millis()));
                     }
                     if let Some(why) = extra() {
