@@ -611,6 +611,7 @@ fn stream_path(net: &Net, mib: u64, count: u64) -> R<StreamRun> {
         protocol_version: VERSION,
         manifest: manifest.clone(),
         storage: WireStorage::Replicated,
+        lineage: 1,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let ip = net.ip(Host::B);

@@ -191,11 +191,19 @@ struct EpochArgs {
     )]
     peer: Option<String>,
 
+    /// Accept a standby that dials this primary (`mirrorvm standby --join ADDR`) on
+    /// ADDR (HOST:PORT) whenever the guest runs unprotected: from the start without
+    /// --peer, or after losing the --peer standby. The pair re-forms while the guest
+    /// runs; a standby that holds a replica or disks of this guest is sent only what
+    /// differs.
+    #[arg(long, value_name = "ADDR", conflicts_with = "checkpoint_dir")]
+    listen: Option<String>,
+
     /// The witness file holding the fence (a lock both hosts reach on a local file
     /// system): a standby takes over only once it holds it, so a primary that is alive
     /// but cut off never runs alongside it. Without it a network partition can leave
     /// two guests running.
-    #[arg(long, value_name = "PATH", requires = "peer")]
+    #[arg(long, value_name = "PATH")]
     witness: Option<PathBuf>,
 
     #[command(flatten)]
@@ -268,9 +276,15 @@ impl LivenessArgs {
 
 impl EpochArgs {
     fn config(self) -> anyhow::Result<Option<EpochConfig>> {
-        let sink = match (self.checkpoint_dir, self.peer) {
-            (Some(dir), _) => SinkConfig::Directory(dir),
-            (None, Some(spec)) => {
+        if self.witness.is_some() && self.peer.is_none() && self.listen.is_none() {
+            return Err(usage(
+                "--witness needs --peer or --listen (it fences a primary against its standby)"
+                    .into(),
+            ));
+        }
+        let sink = match (self.checkpoint_dir, self.peer, self.listen) {
+            (Some(dir), _, _) => SinkConfig::Directory(dir),
+            (None, Some(spec), listen) => {
                 let (addr, max_rate) =
                     vmm::replication::peer::parse_peer(&spec).map_err(|e| usage(e.to_string()))?;
                 SinkConfig::Peer(PeerConfig {
@@ -279,15 +293,26 @@ impl EpochArgs {
                     liveness: self.liveness.config()?,
                     transport: Transport::PlainTcp,
                     max_rate,
+                    listen,
                 })
             }
-            (None, None) => {
+            (None, None, Some(listen)) => SinkConfig::Await(PeerConfig {
+                addr: listen.clone(),
+                witness: self.witness,
+                liveness: self.liveness.config()?,
+                transport: Transport::PlainTcp,
+                max_rate: None,
+                listen: Some(listen),
+            }),
+            (None, None, None) => {
                 if self.metrics.is_some() {
-                    return Err(usage("--metrics needs --checkpoint-dir or --peer".into()));
+                    return Err(usage(
+                        "--metrics needs --checkpoint-dir, --peer or --listen".into(),
+                    ));
                 }
                 if self.metrics_addr.is_some() {
                     return Err(usage(
-                        "--metrics-addr needs --checkpoint-dir or --peer".into(),
+                        "--metrics-addr needs --checkpoint-dir, --peer or --listen".into(),
                     ));
                 }
                 return Ok(None);
@@ -304,9 +329,19 @@ impl EpochArgs {
 
 #[derive(Args, Debug)]
 struct StandbyArgs {
-    /// Listen for the primary on ADDR (HOST:PORT).
+    /// Listen for the primary on ADDR (HOST:PORT): a primary started with --peer ADDR
+    /// dials it. After a takeover, the new primary accepts a standby that dials it
+    /// (--join) here.
+    #[arg(long, value_name = "ADDR", required_unless_present = "join")]
+    listen: Option<String>,
+
+    /// Dial the running primary at ADDR (its `run --listen ADDR`, or the --listen of a
+    /// standby that took over) instead of waiting for it: how a host that was away
+    /// rejoins. Only the disk chunks (and, with a replica kept from an earlier
+    /// session, the pages) that differ are copied. Dialed again after a session that
+    /// ends without a takeover.
     #[arg(long, value_name = "ADDR")]
-    listen: String,
+    join: Option<String>,
 
     /// This host's copy of each of the primary's disks, in the primary's order:
     /// path=FILE[,checkpoint=on], the same size as the primary's. The initial copy
@@ -473,6 +508,7 @@ fn standby(args: StandbyArgs) -> anyhow::Result<RunEnd> {
     let api = start_api(args.api.api_socket)?;
     let config = StandbyConfig {
         listen: args.listen,
+        join: args.join,
         disks: args.disk,
         serial: args.serial,
         kvm_device: kvm_device(),

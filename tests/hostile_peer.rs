@@ -136,6 +136,7 @@ fn hello(manifest: Manifest) -> Body {
         protocol_version: VERSION,
         manifest,
         storage: WireStorage::Replicated,
+        lineage: 1,
     })
 }
 
@@ -655,6 +656,7 @@ fn a_standby_refuses_a_foreign_or_mismatched_primary_with_the_right_reason() {
         protocol_version: 7,
         manifest: good.clone(),
         storage: WireStorage::Replicated,
+        lineage: 1,
     };
     sb.refused(
         "a Hello of version 7",

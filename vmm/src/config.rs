@@ -207,6 +207,9 @@ pub enum SinkConfig {
     Directory(PathBuf),
     /// A standby host (`--peer`): `docs/protocol.md`.
     Peer(crate::replication::peer::PeerConfig),
+    /// No standby yet: run unprotected until one dials in on `listen` of this
+    /// configuration (`run --listen` without `--peer`, or a standby that took over).
+    Await(crate::replication::peer::PeerConfig),
 }
 
 /// Epoch settings: how often to cut, where checkpoints go, where metrics go.
@@ -221,6 +224,10 @@ pub struct EpochConfig {
     /// Serve the same figures for Prometheus at `http://ADDR/metrics`.
     pub metrics_addr: Option<String>,
 }
+
+/// The epoch length when none is given (`--epoch-ms`), and a new primary's after a
+/// takeover.
+pub const DEFAULT_EPOCH: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// The KVM device node used unless the configuration names another.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";

@@ -47,6 +47,24 @@ impl DirtySet {
             .sum()
     }
 
+    /// Adds the pages of `other` to this set (a region this set lacks is added).
+    pub fn union(&mut self, other: &DirtySet) {
+        for (start, words) in &other.regions {
+            match self.regions.iter_mut().find(|(s, _)| s == start) {
+                Some((_, mine)) => {
+                    if mine.len() < words.len() {
+                        mine.resize(words.len(), 0);
+                    }
+                    for (m, w) in mine.iter_mut().zip(words) {
+                        *m |= *w;
+                    }
+                }
+                None => self.regions.push((*start, words.clone())),
+            }
+        }
+        self.regions.sort_by_key(|(s, _)| *s);
+    }
+
     /// Guest-physical addresses of the dirty pages, ascending.
     pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
         self.regions.iter().flat_map(|(start, words)| {
@@ -164,6 +182,27 @@ mod tests {
         let pages: Vec<u64> = set.pages().collect();
         assert_eq!(pages, vec![0, 3 * 4096, (1 << 32) + 63 * 4096]);
         assert_eq!(set.count(), 3);
+    }
+
+    #[test]
+    fn a_union_holds_the_pages_of_both_sets() {
+        let mut a = DirtySet {
+            regions: vec![(1 << 32, vec![1]), (0, vec![0b01])],
+        };
+        a.regions.sort_by_key(|(s, _)| *s);
+        let b = DirtySet {
+            regions: vec![(0, vec![0b10, 1]), (1 << 40, vec![4])],
+        };
+        a.union(&b);
+        let pages: Vec<u64> = a.pages().collect();
+        assert_eq!(
+            pages,
+            vec![0, 4096, 64 * 4096, 1 << 32, (1 << 40) + 2 * 4096]
+        );
+        // A union with itself adds nothing.
+        let before = a.clone();
+        a.union(&before);
+        assert_eq!(a, before);
     }
 
     #[test]

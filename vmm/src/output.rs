@@ -108,6 +108,12 @@ impl OutputGate {
         s.held_bytes = 0;
     }
 
+    /// Holds output again from now on (after [`open`](Self::open)): a standby joined,
+    /// and the next checkpoint must be complete before its output is seen.
+    pub fn hold(&self) {
+        self.state().held = true;
+    }
+
     /// Console bytes held now (written, not yet released).
     pub fn held_bytes(&self) -> usize {
         self.state().held_bytes

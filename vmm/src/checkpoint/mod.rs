@@ -27,7 +27,50 @@ use crate::memory::GuestMemory;
 use crate::vcpu::VcpuState;
 use crate::vm_state::VmState;
 
-pub use sink::{CheckpointSink, SinkError, StorageMode};
+pub use sink::{BaseDelta, CheckpointSink, SinkError, StorageMode};
+
+/// The name of a replica: the checkpoint it holds, in the lineage that cut it. A
+/// lineage is a random number drawn whenever a host starts cutting checkpoints of a
+/// guest from some point (a boot, a restore, a takeover): two hosts that resumed the
+/// same checkpoint cut different lineages from there, so equal names mean equal
+/// memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReplicaId {
+    /// The lineage that cut the checkpoint.
+    pub lineage: u64,
+    /// The checkpoint.
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for ReplicaId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "checkpoint {} of lineage {:016x}",
+            self.epoch, self.lineage
+        )
+    }
+}
+
+/// A new lineage number (see [`ReplicaId`]): random, never 0.
+pub fn new_lineage() -> u64 {
+    let mut b = [0u8; 8];
+    // getrandom(2) without flags blocks only before the kernel's pool is seeded.
+    // SAFETY: `b` is a valid, writable 8-byte buffer that outlives the call; the
+    // kernel writes at most `b.len()` bytes into it.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let v = u64::from_le_bytes(b);
+    if n == 8 && v != 0 {
+        return v;
+    }
+    // Without getrandom: the time and the process id, still unique per start.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    #[allow(clippy::cast_possible_truncation)]
+    let t = t as u64;
+    (t ^ (u64::from(std::process::id()) << 32)) | 1
+}
 pub use source::{CheckpointSource, Restored, SourceError};
 
 /// One disk of a [`Manifest`].

@@ -20,8 +20,8 @@
 //! manifest in its hello, the base as the initial copy, each checkpoint as frames,
 //! and returns from [`CheckpointSink::write`] once the standby acknowledged it.
 
-use super::{Checkpoint, Manifest};
-use crate::dirty::StagedPages;
+use super::{Checkpoint, Manifest, ReplicaId};
+use crate::dirty::{DirtySet, StagedPages};
 use crate::memory::GuestMemory;
 
 /// How disk regions travel in checkpoints.
@@ -81,6 +81,34 @@ pub enum SinkEnd {
     },
 }
 
+/// What the primary knows of the pages changed since a checkpoint a standby might
+/// still hold: a pre-copy to a standby holding one of the replicas it `covers` needs
+/// to send only `pages` (re-protection without a full copy of memory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseDelta {
+    /// The last checkpoint complete at a sink (or the one this guest was resumed
+    /// from): `pages` holds every page written since.
+    pub complete: ReplicaId,
+    /// This host's lineage, and the newest checkpoint it cut (`complete.epoch` or
+    /// later; a replica of a checkpoint cut after `complete` differs from the guest only
+    /// in pages that `pages` holds too).
+    pub lineage: u64,
+    /// The newest checkpoint cut in `lineage`, if any.
+    pub newest: Option<u64>,
+    /// Every page written since `complete`.
+    pub pages: DirtySet,
+}
+
+impl BaseDelta {
+    /// Whether a replica named `id` differs from the guest only in `pages`.
+    pub fn covers(&self, id: &ReplicaId) -> bool {
+        *id == self.complete
+            || (id.lineage == self.lineage
+                && self.newest.is_some_and(|n| id.epoch <= n)
+                && (self.complete.lineage != self.lineage || id.epoch > self.complete.epoch))
+    }
+}
+
 /// A destination for checkpoints. Each method returns once what it wrote is durable
 /// there (a directory: synced; a peer: applied and acknowledged).
 pub trait CheckpointSink: Send {
@@ -92,6 +120,20 @@ pub trait CheckpointSink: Send {
     /// checkpoint `epoch + 1` completes. Until then the base alone is not restorable.
     /// Returns the bytes written.
     fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, SinkError>;
+    /// Pre-copy to a sink that may hold a replica already: as [`write_base`], but
+    /// when the sink holds a replica `delta` covers, only `delta.pages` need to go.
+    /// Sinks that never hold a replica keep this default.
+    ///
+    /// [`write_base`]: CheckpointSink::write_base
+    fn write_base_over(
+        &mut self,
+        mem: &GuestMemory,
+        epoch: u64,
+        delta: Option<&BaseDelta>,
+    ) -> Result<u64, SinkError> {
+        let _ = delta;
+        self.write_base(mem, epoch)
+    }
     /// A later pre-copy round: `pages`, read again while the guest runs because it
     /// wrote them during the previous round, replace their copies in the base of
     /// `epoch`. Returns the bytes written.

@@ -57,6 +57,7 @@ impl EpochEngine {
         }
         let pause = t0.elapsed();
         let Captured {
+            set,
             pages,
             state,
             region_bytes,
@@ -65,6 +66,10 @@ impl EpochEngine {
             t_copy,
             t_save,
         } = staged.map_err(|source| EpochError::Cut { epoch, source })?;
+        // What changed since the last complete checkpoint, for a standby that may
+        // rejoin with its replica (outside the pause).
+        self.pending.union(&set);
+        self.pending.union(&std::mem::take(&mut self.since_cut));
         // Encoding needs no pause.
         let state = encode_state(&state).map_err(|e| EpochError::Cut {
             epoch,
@@ -153,6 +158,7 @@ impl EpochEngine {
         let region_bytes = self.parts.disks.start_checkpoint(epoch)?;
         let console = self.parts.output.seal(epoch);
         Ok(Captured {
+            set,
             pages,
             state,
             region_bytes,
@@ -166,6 +172,7 @@ impl EpochEngine {
 
 /// What the steps inside the pause produced.
 struct Captured {
+    set: crate::dirty::DirtySet,
     pages: crate::dirty::StagedPages,
     state: crate::checkpoint::MachineState,
     region_bytes: u64,

@@ -15,7 +15,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Cause, DiskCommit, EpochError};
-use crate::checkpoint::sink::{CheckpointSink, SinkError};
+use crate::checkpoint::sink::{BaseDelta, CheckpointSink, SinkError};
 use crate::checkpoint::{Checkpoint, Manifest};
 use crate::dirty::StagedPages;
 use crate::memory::GuestMemory;
@@ -36,6 +36,8 @@ pub enum Job {
         epoch: u64,
         /// Live guest memory.
         mem: GuestMemory,
+        /// The pages written since a checkpoint the sink may hold a replica of.
+        delta: Option<BaseDelta>,
     },
     /// A later pre-copy round: the pages of `set`, read again from `mem` while the
     /// guest runs, replace their copies in the base of `epoch`.
@@ -58,6 +60,9 @@ pub enum Job {
     Retire(u64),
     /// No sink any more: retire every frozen region locally.
     RetireAll,
+    /// A new sink (a standby that joined an unprotected primary) replaces the lost
+    /// one.
+    Attach(Box<dyn CheckpointSink>),
 }
 
 impl Job {
@@ -65,7 +70,7 @@ impl Job {
         match self {
             Job::Base { epoch, .. } | Job::BaseRound { epoch, .. } | Job::Retire(epoch) => *epoch,
             Job::Checkpoint { checkpoint, .. } => checkpoint.epoch,
-            Job::Begin(_) | Job::RetireAll => 0,
+            Job::Begin(_) | Job::RetireAll | Job::Attach(_) => 0,
         }
     }
 }
@@ -102,6 +107,8 @@ pub enum ExportEvent {
     },
     /// Every frozen region is retired locally.
     RetiredAll,
+    /// A new sink is in place.
+    Attached,
     /// An attempt failed and will be retried.
     Retrying {
         /// The checkpoint (0 for the manifest).
@@ -189,14 +196,16 @@ impl ExportWorker {
                 Ok(()) => Attempt::Done(ExportEvent::Begun),
                 Err(e) => sink_err(e),
             },
-            Job::Base { epoch, mem } => match self.sink.write_base(mem, *epoch) {
-                Ok(bytes) => Attempt::Done(ExportEvent::BaseWritten {
-                    epoch: *epoch,
-                    bytes,
-                    us: us(),
-                }),
-                Err(e) => sink_err(e),
-            },
+            Job::Base { epoch, mem, delta } => {
+                match self.sink.write_base_over(mem, *epoch, delta.as_ref()) {
+                    Ok(bytes) => Attempt::Done(ExportEvent::BaseWritten {
+                        epoch: *epoch,
+                        bytes,
+                        us: us(),
+                    }),
+                    Err(e) => sink_err(e),
+                }
+            }
             Job::BaseRound { epoch, mem, set } => {
                 let mut pages = StagedPages::default();
                 if let Err(e) = pages.copy_from(mem, set) {
@@ -251,6 +260,11 @@ impl ExportWorker {
                     error,
                 }),
             },
+            Job::Attach(sink) => {
+                // The job cannot run twice: a placeholder stays behind in it.
+                self.sink = std::mem::replace(sink, Box::new(NoSink));
+                Attempt::Done(ExportEvent::Attached)
+            }
             Job::RetireAll => match self.disks.retire_all() {
                 Ok(()) => Attempt::Done(ExportEvent::RetiredAll),
                 Err(error) => Attempt::Done(ExportEvent::Failed {
@@ -260,6 +274,36 @@ impl ExportWorker {
                 }),
             },
         }
+    }
+}
+
+/// The sink of a primary that has none yet (it waits for a standby to join): every
+/// write reports it lost, so the engine runs unprotected; the end records nothing.
+pub struct NoSink;
+
+/// Why [`NoSink`] takes nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("no standby is attached")]
+pub struct NoStandby;
+
+impl CheckpointSink for NoSink {
+    fn storage(&self) -> crate::checkpoint::StorageMode {
+        crate::checkpoint::StorageMode::Replicated
+    }
+    fn begin(&mut self, _: &Manifest) -> Result<(), SinkError> {
+        Err(SinkError::Lost(Box::new(NoStandby)))
+    }
+    fn write_base(&mut self, _: &GuestMemory, _: u64) -> Result<u64, SinkError> {
+        Err(SinkError::Lost(Box::new(NoStandby)))
+    }
+    fn write_base_pages(&mut self, _: &StagedPages, _: u64) -> Result<u64, SinkError> {
+        Err(SinkError::Lost(Box::new(NoStandby)))
+    }
+    fn write(&mut self, _: &Checkpoint) -> Result<u64, SinkError> {
+        Err(SinkError::Lost(Box::new(NoStandby)))
+    }
+    fn end(&mut self, _: &crate::checkpoint::sink::SinkEnd) -> Result<(), SinkError> {
+        Ok(())
     }
 }
 

@@ -54,14 +54,15 @@ use std::time::{Duration, Instant};
 
 use devices::ErrorChain;
 
-use crate::checkpoint::Manifest;
-use crate::dirty::{StagedPages, PAGE_SIZE};
+use crate::checkpoint::sink::BaseDelta;
+use crate::checkpoint::{CheckpointSink, Manifest, ReplicaId};
+use crate::dirty::{DirtySet, StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
 use crate::telemetry::Telemetry;
 
 pub use error::{Cause, CutError, EpochError, PauseError};
 pub use event_loop::EpochLoop;
-pub use exporter::{ExportEvent, ExportQueue, Job, LostDuring};
+pub use exporter::{ExportEvent, ExportQueue, Job, LostDuring, NoSink};
 pub use metrics::EpochMetrics;
 pub use parts::{DirtyLog, DiskCommit, DiskCut, Output, Parts, StateCapture, Vcpus};
 
@@ -186,6 +187,20 @@ pub struct EpochEngine {
     last_cut: Option<LastCut>,
     /// Who waits for a checkpoint to be complete (`on_complete`).
     waiters: Vec<(u64, CompletionWaiter)>,
+    /// The manifest the sink began with: a standby that joins later gets it too.
+    manifest: Option<Manifest>,
+    /// This engine's lineage: its checkpoints are named `(lineage, epoch)`.
+    lineage: u64,
+    /// The newest checkpoint a sink completed (or the one the guest resumed from),
+    /// by name: the point `pending` and `since_cut` count changes from.
+    complete_id: Option<ReplicaId>,
+    /// Pages written after `complete_id` up to the newest cut.
+    pending: DirtySet,
+    /// Pages harvested after the newest cut (pre-copy passes and rounds).
+    since_cut: DirtySet,
+    /// A standby that joined while regions were retiring locally: attached once
+    /// they are.
+    joining: Option<Box<dyn CheckpointSink>>,
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
 }
@@ -286,6 +301,12 @@ impl EpochEngine {
             rounds: Rounds::default(),
             last_cut: None,
             waiters: Vec::new(),
+            manifest: None,
+            lineage: 0,
+            complete_id: None,
+            pending: DirtySet::default(),
+            since_cut: DirtySet::default(),
+            joining: None,
             #[cfg(test)]
             sabotage: Sabotage::default(),
         }
@@ -303,6 +324,12 @@ impl EpochEngine {
     /// engine writes to its metrics file, and from its retries and lag.
     pub fn set_telemetry(&mut self, telemetry: Telemetry) {
         self.telemetry = Some(telemetry);
+    }
+
+    /// Names this engine's checkpoints `(lineage, epoch)` ([`ReplicaId`]), so a
+    /// standby that rejoins with a replica of one of them gets only what changed.
+    pub fn set_lineage(&mut self, lineage: u64) {
+        self.lineage = lineage;
     }
 
     /// Where the engine is.
@@ -385,22 +412,92 @@ impl EpochEngine {
     /// here on the dirty logs record every write while the exporter copies all of
     /// memory as the guest runs; the first cut copies only what changed since.
     pub fn start(&mut self, manifest: Manifest) -> Result<(), EpochError> {
+        self.manifest = Some(manifest.clone());
         self.exporter.submit(Job::Begin(manifest));
         self.start_precopy()
     }
 
+    /// Starts without a sink (a primary waiting for a standby to join, or a standby
+    /// that took over): unprotected, output flowing, disk writes retired locally at
+    /// every tick, the dirty logs recording every write from here on. `resumed_from`
+    /// names the checkpoint the guest was resumed from, if it was: a standby that
+    /// joins holding that replica gets only the pages written since.
+    pub fn start_unprotected(&mut self, manifest: Manifest, resumed_from: Option<ReplicaId>) {
+        self.manifest = Some(manifest);
+        self.complete_id = resumed_from;
+        self.phase = Phase::Unprotected { since: None };
+        self.parts.output.release_all();
+        if let Some(t) = &self.telemetry {
+            t.set_unprotected();
+        }
+    }
+
+    /// A standby joined: while unprotected, the sink is replaced by `sink` and a
+    /// pre-copy to it begins (once the local retire under way, if any, is done); it
+    /// is sent only what changed if it holds a replica this engine can name.
+    /// Otherwise (protected already, or ending) `sink` is handed back: the caller
+    /// drops it, which closes its connections.
+    #[allow(clippy::type_complexity)]
+    pub fn attach(
+        &mut self,
+        sink: Box<dyn CheckpointSink>,
+    ) -> Result<Result<(), Box<dyn CheckpointSink>>, EpochError> {
+        if !matches!(self.phase, Phase::Unprotected { .. })
+            || self.manifest.is_none()
+            || self.joining.is_some()
+        {
+            return Ok(Err(sink));
+        }
+        self.joining = Some(sink);
+        self.attach_joining()?;
+        Ok(Ok(()))
+    }
+
+    /// Attaches the standby that joined, unless a local retire is still under way
+    /// (the pre-copy reads the base images it writes).
+    fn attach_joining(&mut self) -> Result<(), EpochError> {
+        if self.local_retire_pending || !matches!(self.phase, Phase::Unprotected { .. }) {
+            return Ok(());
+        }
+        let (Some(sink), Some(manifest)) = (self.joining.take(), self.manifest.clone()) else {
+            return Ok(());
+        };
+        self.exporter.submit(Job::Attach(sink));
+        self.exporter.submit(Job::Begin(manifest));
+        // Output is held again from here: the first checkpoint releases it.
+        self.parts.output.hold();
+        self.start_precopy()
+    }
+
+    /// The pages written since a checkpoint a standby may hold, if this engine can
+    /// name one.
+    fn delta(&self) -> Option<BaseDelta> {
+        let complete = self.complete_id?;
+        let mut pages = self.pending.clone();
+        pages.union(&self.since_cut);
+        Some(BaseDelta {
+            complete,
+            lineage: self.lineage,
+            newest: self.last_cut.map(|c| c.epoch),
+            pages,
+        })
+    }
+
     fn start_precopy(&mut self) -> Result<(), EpochError> {
         let first = self.next_epoch;
-        self.parts
+        let set = self
+            .parts
             .dirty
             .harvest()
             .map_err(|source| EpochError::Cut {
                 epoch: first,
                 source,
             })?;
+        self.since_cut.union(&set);
         self.exporter.submit(Job::Base {
             epoch: first.saturating_sub(1),
             mem: self.mem.clone(),
+            delta: self.delta(),
         });
         self.phase = Phase::PreCopy { first };
         self.in_flight = None;
@@ -453,6 +550,7 @@ impl EpochEngine {
                 ""
             }
         );
+        self.since_cut.union(&set);
         self.exporter.submit(Job::BaseRound {
             epoch: first.saturating_sub(1),
             mem: self.mem.clone(),
@@ -525,7 +623,7 @@ impl EpochEngine {
 
     fn handle(&mut self, e: ExportEvent) -> Result<(), EpochError> {
         match e {
-            ExportEvent::Begun => Ok(()),
+            ExportEvent::Begun | ExportEvent::Attached => Ok(()),
             ExportEvent::BaseWritten { epoch, bytes, us } => {
                 if let Some(t) = &self.telemetry {
                     t.record_base(bytes);
@@ -556,7 +654,7 @@ impl EpochEngine {
             ExportEvent::Retired { epoch } => self.retired(epoch),
             ExportEvent::RetiredAll => {
                 self.local_retire_pending = false;
-                Ok(())
+                self.attach_joining()
             }
             ExportEvent::Retrying { epoch, error } => {
                 if let Some(t) = &self.telemetry {
@@ -621,6 +719,12 @@ impl EpochEngine {
             self.complete_cut_at = Some(resumed);
         }
         self.last_complete = Some(epoch);
+        // A replica of `epoch` now exists: changes count from it.
+        self.complete_id = Some(ReplicaId {
+            lineage: self.lineage,
+            epoch,
+        });
+        self.pending = DirtySet::default();
         if self.phase == Phase::Fenced {
             return Ok(());
         }
@@ -662,7 +766,7 @@ impl EpochEngine {
             }
             Phase::Unprotected { .. } => {
                 self.local_retire_pending = false;
-                Ok(())
+                self.attach_joining()
             }
             _ => Ok(()),
         }
@@ -689,6 +793,7 @@ impl EpochEngine {
                 self.exporter.submit(Job::Base {
                     epoch,
                     mem: self.mem.clone(),
+                    delta: self.delta(),
                 });
                 return Ok(());
             }
@@ -747,7 +852,7 @@ impl EpochEngine {
     /// Unprotected: swap the disks' regions and retire them at once, so writes keep
     /// flowing into the base images. No pause: nothing needs to match memory.
     fn local_swap(&mut self) -> Result<(), EpochError> {
-        if self.local_retire_pending {
+        if self.local_retire_pending || self.joining.is_some() {
             return Ok(());
         }
         let epoch = self.next_epoch;

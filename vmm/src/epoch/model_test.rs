@@ -236,6 +236,7 @@ impl Output for FakeOutput {
             ));
         }
     }
+    fn hold(&mut self) {}
     fn release_all(&mut self) {
         let mut s = w(&self.0);
         if s.fenced {

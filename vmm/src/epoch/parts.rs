@@ -49,6 +49,8 @@ pub trait Output: Send {
     fn release(&mut self, epoch: u64);
     /// Release everything held and stop holding (unprotected, or a clean end).
     fn release_all(&mut self);
+    /// Hold output again from now on (a standby joined an unprotected primary).
+    fn hold(&mut self);
 }
 
 /// The disks' side of a checkpoint after the cut, on the exporter thread.

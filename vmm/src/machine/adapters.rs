@@ -214,4 +214,8 @@ impl Output for Gate {
     fn release_all(&mut self) {
         self.0.open();
     }
+
+    fn hold(&mut self) {
+        self.0.hold();
+    }
 }

@@ -90,7 +90,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
-fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+pub(super) fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
     move |source| VmmError::Os { what, source }
 }
 
@@ -157,15 +157,65 @@ fn check_journals(manifest: &Manifest) -> Result<(), VmmError> {
 }
 
 /// Opens the sink a configuration names: the one place a sink is chosen. `gate` is
-/// the console's output gate (a peer tells its standby what it released).
-fn open_sink(config: &SinkConfig, gate: &OutputGate) -> Result<Box<dyn CheckpointSink>, VmmError> {
+/// the console's output gate (a peer tells its standby what it released). Returns
+/// the sink and the fence it holds (a standby that joins later shares it).
+#[allow(clippy::type_complexity)]
+fn open_sink(
+    config: &SinkConfig,
+    gate: &OutputGate,
+    lineage: u64,
+) -> Result<
+    (
+        Box<dyn CheckpointSink>,
+        Option<crate::replication::peer::SharedFence>,
+    ),
+    VmmError,
+> {
+    use crate::replication::peer::{open_fence, PeerSink};
     Ok(match config {
-        SinkConfig::Directory(dir) => Box::new(DirectorySink::open(dir)?),
-        SinkConfig::Peer(peer) => Box::new(
-            crate::replication::peer::PeerSink::open(peer, gate.released_epoch())
-                .map_err(VmmError::Peer)?,
+        SinkConfig::Directory(dir) => (Box::new(DirectorySink::open(dir)?), None),
+        SinkConfig::Peer(peer) => {
+            let sink =
+                PeerSink::open(peer, gate.released_epoch(), lineage).map_err(VmmError::Peer)?;
+            let fence = sink.fence();
+            (Box::new(sink), fence)
+        }
+        SinkConfig::Await(peer) => (
+            Box::new(crate::epoch::NoSink),
+            open_fence(peer).map_err(VmmError::Peer)?,
         ),
     })
+}
+
+/// Opens where standbys dial in (`--listen`), before the VM exists: a bad address
+/// costs nothing.
+#[allow(clippy::type_complexity)]
+fn open_joins(
+    config: &SinkConfig,
+) -> Result<
+    Option<(
+        crate::replication::join::JoinListener,
+        crate::replication::peer::PeerConfig,
+    )>,
+    VmmError,
+> {
+    let (SinkConfig::Peer(p) | SinkConfig::Await(p)) = config else {
+        return Ok(None);
+    };
+    let Some(addr) = &p.listen else {
+        return Ok(None);
+    };
+    let l = crate::replication::join::JoinListener::listen(&p.transport, addr).map_err(|e| {
+        VmmError::Peer(crate::replication::peer::PeerError::Listen {
+            addr: addr.clone(),
+            source: e,
+        })
+    })?;
+    eprintln!(
+        "mirrorvm: accepting standbys (standby --join) on {}",
+        l.local_addr()
+    );
+    Ok(Some((l, p.clone())))
 }
 
 impl Machine {
@@ -317,15 +367,24 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
         .unzip();
     // The sink is opened (a directory locked, a standby reached) before the VM exists.
     let checkpointing = match &epoch {
-        Some(config) => Some(Checkpointing {
-            config: config.clone(),
-            telemetry,
-            sink: open_sink(&config.sink, &gate)?,
-            first_epoch,
-            cut_request: Arc::new(
-                EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("the cut-request eventfd"))?,
-            ),
-        }),
+        Some(config) => {
+            let lineage = crate::checkpoint::new_lineage();
+            let joins = open_joins(&config.sink)?;
+            let (sink, fence) = open_sink(&config.sink, &gate, lineage)?;
+            Some(Checkpointing {
+                config: config.clone(),
+                telemetry,
+                sink,
+                first_epoch,
+                cut_request: Arc::new(
+                    EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("the cut-request eventfd"))?,
+                ),
+                lineage,
+                resumed_from: None,
+                fence,
+                joins,
+            })
+        }
         None => None,
     };
     let store_mode = match &checkpointing {

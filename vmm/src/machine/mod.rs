@@ -12,6 +12,7 @@ mod adapters;
 mod api;
 mod build;
 mod control;
+mod joins;
 mod run;
 
 use std::sync::{Arc, Mutex};
@@ -251,6 +252,17 @@ struct Checkpointing {
     sink: Box<dyn CheckpointSink>,
     first_epoch: u64,
     cut_request: Arc<EventFd>,
+    /// This run's lineage: its checkpoints are named `(lineage, epoch)`.
+    lineage: u64,
+    /// The checkpoint the guest was resumed from by a takeover, by name.
+    resumed_from: Option<crate::checkpoint::ReplicaId>,
+    /// The fence, shared by every standby session of this run.
+    fence: Option<crate::replication::peer::SharedFence>,
+    /// Where standbys dial in, and the settings of their sessions.
+    joins: Option<(
+        crate::replication::join::JoinListener,
+        crate::replication::peer::PeerConfig,
+    )>,
 }
 
 /// A built VM, ready to run.
@@ -280,6 +292,31 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// Makes a machine built to wait for a standby (a [`SinkConfig::Await`] sink)
+    /// accept standbys that dial it on `listener` (`standby --join`), with sessions
+    /// set up as `session` says, under `fence`. `resumed_from` names the checkpoint
+    /// the guest was resumed from: a standby holding that replica gets only the
+    /// pages written since. A standby that took over calls this before it runs.
+    ///
+    /// [`SinkConfig::Await`]: crate::config::SinkConfig::Await
+    pub fn accept_standbys(
+        &mut self,
+        listener: crate::replication::join::JoinListener,
+        session: crate::replication::peer::PeerConfig,
+        fence: Option<crate::replication::peer::SharedFence>,
+        resumed_from: crate::checkpoint::ReplicaId,
+    ) {
+        if let Some(cp) = &mut self.checkpointing {
+            eprintln!(
+                "mirrorvm: accepting standbys (standby --join) on {}",
+                listener.local_addr()
+            );
+            cp.joins = Some((listener, session));
+            cp.fence = fence;
+            cp.resumed_from = Some(resumed_from);
+        }
+    }
+
     /// The command line the guest was given (with the devices appended).
     pub fn cmdline(&self) -> &str {
         &self.cmdline

@@ -153,16 +153,24 @@ impl Machine {
             cp.first_epoch,
             metrics,
         );
+        engine.set_lineage(cp.lineage);
         // A standby's initial copy crosses a network while the guest runs: iterate
         // it, so the first cut carries little. A local directory is written fast
         // enough that one pass suffices.
         if let Some(t) = cp.telemetry {
             engine.set_telemetry(t);
         }
-        if matches!(cp.config.sink, crate::config::SinkConfig::Peer(_)) {
+        if matches!(
+            cp.config.sink,
+            crate::config::SinkConfig::Peer(_) | crate::config::SinkConfig::Await(_)
+        ) {
             engine.set_precopy_rounds(crate::epoch::PRECOPY_MAX_ROUNDS);
         }
-        engine.start(manifest)?;
+        if let crate::config::SinkConfig::Await(_) = cp.config.sink {
+            engine.start_unprotected(manifest, cp.resumed_from);
+        } else {
+            engine.start(manifest)?;
+        }
         let cut_request = cp
             .cut_request
             .try_clone()
@@ -177,6 +185,17 @@ impl Machine {
         )?;
         let lp = Arc::new(Mutex::new(lp));
         self.events.add_subscriber(lp.clone());
+        if let Some((listener, session)) = cp.joins {
+            let joins = super::joins::Joins::start(
+                listener,
+                session,
+                cp.fence,
+                self.gate.released_epoch(),
+                cp.lineage,
+                lp.clone(),
+            )?;
+            self.events.add_subscriber(Arc::new(Mutex::new(joins)));
+        }
         Ok(Some(lp))
     }
 
@@ -210,6 +229,7 @@ impl Machine {
             None => SinkKind::None,
             Some(crate::config::SinkConfig::Directory(_)) => SinkKind::Directory,
             Some(crate::config::SinkConfig::Peer(p)) => SinkKind::Peer(p.addr.clone()),
+            Some(crate::config::SinkConfig::Await(_)) => SinkKind::None,
         };
         let paused = Arc::new(AtomicBool::new(false));
         let engine = self.start_engine(&controls, &paused)?;

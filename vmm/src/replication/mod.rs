@@ -8,8 +8,14 @@
 //! - [`standby`]: the standby's side: the initial copy, applying checkpoints to its
 //!   replica, and failover.
 //! - [`fence`]: the witness-file fence against two running guests (`docs/fencing.md`).
+//! - [`digest`]: the strong hashes of disk chunks that let a returning host receive
+//!   only what differs (failback without a full copy).
+//! - [`join`]: a primary's listening side, where standbys that dial it (`--join`)
+//!   are paired into sessions.
 
+pub mod digest;
 pub mod fence;
+pub mod join;
 pub mod liveness;
 pub mod peer;
 pub mod protocol;

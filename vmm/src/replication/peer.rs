@@ -30,13 +30,14 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::fence::{Fence, FenceError, Witness};
+use super::join::Joined;
 use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
 use super::protocol::{
-    Body, DiskChunk, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Shutdown, WireStorage,
-    MAX_BATCH_PAGES, MAX_DISK_BASE_CHUNK, VERSION,
+    Body, CopyPlan, DiskChunk, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Holdings,
+    Shutdown, WireStorage, MAX_BATCH_PAGES, MAX_DISK_BASE_CHUNK, VERSION,
 };
-use super::transport::{Closer, Transport, TransportError};
-use crate::checkpoint::sink::{CheckpointSink, SinkEnd, SinkError, StorageMode};
+use super::transport::{Closer, Connection, Transport, TransportError};
+use crate::checkpoint::sink::{BaseDelta, CheckpointSink, SinkEnd, SinkError, StorageMode};
 use crate::checkpoint::{Checkpoint, Manifest};
 use crate::dirty::{StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
@@ -48,6 +49,13 @@ pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 pub const SHUTDOWN_CONFIRM: Duration = Duration::from_secs(2);
 /// How long a standby may take to answer the Hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a standby may take to send its Holdings after accepting: it hashes
+/// every disk first (about a second per GiB here).
+pub const HOLDINGS_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The fence, shared by every sink of one primary (a standby that joins later uses
+/// the same), so dropping a lost sink never lets the witness lock go.
+pub type SharedFence = Arc<Mutex<Fence>>;
 /// The least time the initial copy may go without the standby taking a byte before
 /// the standby is lost (the lag deadline if that is longer): a standby pauses
 /// legitimately while it creates its journals at the start of the copy.
@@ -67,6 +75,9 @@ pub struct PeerConfig {
     /// The most bytes per second the initial copy may send (`max-rate=`), so a
     /// copy leaves room on a shared link; checkpoints are never held back.
     pub max_rate: Option<u64>,
+    /// Where standbys that dial this primary (`standby --join`) are accepted, once
+    /// it runs unprotected (`--listen`).
+    pub listen: Option<String>,
 }
 
 /// The least `max-rate` accepted: one 4 MiB frame must go out well within the
@@ -122,6 +133,15 @@ pub enum PeerError {
     #[error("cannot reach the standby at {addr}")]
     Connect {
         /// Its address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: TransportError,
+    },
+    /// The address where standbys dial in cannot be listened on.
+    #[error("cannot accept standbys on {addr}")]
+    Listen {
+        /// The address.
         addr: String,
         /// Cause.
         #[source]
@@ -284,6 +304,8 @@ struct Session {
     /// `max-rate`.
     pace: Arc<Mutex<Option<Pace>>>,
     liveness: Option<Liveness>,
+    /// What the standby holds: its replica's name and its disks' digests.
+    holdings: Holdings,
 }
 
 impl Session {
@@ -317,11 +339,14 @@ impl Session {
 /// The checkpoint sink that mirrors to a standby host.
 pub struct PeerSink {
     config: PeerConfig,
-    fence: Option<Fence>,
+    fence: Option<SharedFence>,
     generation: u64,
     released: Arc<AtomicU64>,
-    /// The data connection, connected at open, until the Hello.
-    pending: Option<super::transport::Connection>,
+    /// This primary's lineage, sent in the Hello.
+    lineage: u64,
+    /// The data connection, connected at open, until the Hello; and the liveness
+    /// connection if the standby opened it (`--join`).
+    pending: Option<(Connection, Option<Connection>)>,
     session: Option<Session>,
     /// The highest epoch sent (a base's or a checkpoint's).
     highest_sent: u64,
@@ -335,12 +360,13 @@ impl PeerSink {
     /// Takes the witness (if configured) and connects to the standby, trying for up
     /// to [`CONNECT_PATIENCE`]. `released` is the last epoch whose console output
     /// this host released, sent in heartbeats.
-    pub fn open(config: &PeerConfig, released: Arc<AtomicU64>) -> Result<PeerSink, PeerError> {
-        let fence = match &config.witness {
-            Some(p) => Some(Witness::new(p).open().map_err(PeerError::Fence)?),
-            None => None,
-        };
-        let generation = fence.as_ref().map_or(0, Fence::generation);
+    pub fn open(
+        config: &PeerConfig,
+        released: Arc<AtomicU64>,
+        lineage: u64,
+    ) -> Result<PeerSink, PeerError> {
+        let fence = open_fence(config)?;
+        let generation = fence_generation(fence.as_ref());
         let end = Instant::now() + CONNECT_PATIENCE;
         let conn = loop {
             match config
@@ -364,12 +390,46 @@ impl PeerSink {
             fence,
             generation,
             released,
-            pending: Some(conn),
+            lineage,
+            pending: Some((conn, None)),
             session: None,
             highest_sent: 0,
             last_acked: None,
             manifest: None,
         })
+    }
+
+    /// A sink over a standby that dialed this primary (`--join`): `config` holds the
+    /// session settings (its `addr` names the standby, for messages), `fence` the
+    /// primary's fence if it has one.
+    pub fn joined(
+        config: &PeerConfig,
+        fence: Option<SharedFence>,
+        released: Arc<AtomicU64>,
+        lineage: u64,
+        joined: Joined,
+    ) -> PeerSink {
+        let generation = fence_generation(fence.as_ref());
+        PeerSink {
+            config: PeerConfig {
+                addr: joined.peer.clone(),
+                ..config.clone()
+            },
+            fence,
+            generation,
+            released,
+            lineage,
+            pending: Some((joined.data, Some(joined.live))),
+            session: None,
+            highest_sent: 0,
+            last_acked: None,
+            manifest: None,
+        }
+    }
+
+    /// The fence this sink holds, to share with sinks of standbys that join later.
+    pub fn fence(&self) -> Option<SharedFence> {
+        self.fence.clone()
     }
 
     /// The fence generation this primary stamps its frames with.
@@ -401,8 +461,8 @@ impl PeerSink {
         }
         self.pending = None;
         let since = self.highest_sent.saturating_add(1);
-        if let Some(f) = &mut self.fence {
-            if let Err(e) = f.record_unprotected_since(since) {
+        if let Some(f) = &self.fence {
+            if let Err(e) = devices::bus::lock_recover(f).record_unprotected_since(since) {
                 return SinkError::Fenced(Box::new(e));
             }
         }
@@ -411,7 +471,7 @@ impl PeerSink {
 
     fn handshake(&mut self, manifest: &Manifest) -> Result<Session, PeerError> {
         let addr = self.config.addr.clone();
-        let conn = self.pending.take().ok_or_else(|| PeerError::NoHelloAck {
+        let (conn, joined_live) = self.pending.take().ok_or_else(|| PeerError::NoHelloAck {
             addr: addr.clone(),
             what: "the session already began".into(),
         })?;
@@ -443,6 +503,7 @@ impl PeerSink {
                 protocol_version: VERSION,
                 manifest: manifest.clone(),
                 storage: WireStorage::Replicated,
+                lineage: self.lineage,
             }),
         )
         .and_then(|()| fw.flush())
@@ -471,6 +532,46 @@ impl PeerSink {
                 })
             }
         }
+        // What the standby holds comes next, once it hashed its disks.
+        closer
+            .set_read_timeout(Some(HOLDINGS_DEADLINE))
+            .map_err(|source| PeerError::Connect {
+                addr: addr.clone(),
+                source: TransportError::Setup {
+                    peer: addr.clone(),
+                    source,
+                },
+            })?;
+        let holdings = match fr.read_frame().map_err(|e| self.frames_err(e))? {
+            Some(super::protocol::Frame {
+                body: Body::Holdings(h),
+                ..
+            }) => h,
+            Some(f) => {
+                return Err(PeerError::NoHelloAck {
+                    addr,
+                    what: format!("a {} frame instead of its Holdings", f.body.frame_type()),
+                })
+            }
+            None => {
+                return Err(PeerError::NoHelloAck {
+                    addr,
+                    what: "the connection closed before its Holdings".into(),
+                })
+            }
+        };
+        let shapes_fit = holdings.disks.len() == manifest.disks.len()
+            && holdings
+                .disks
+                .iter()
+                .zip(&manifest.disks)
+                .all(|(d, m)| super::digest::fits(d, m.size));
+        if !shapes_fit {
+            return Err(PeerError::NoHelloAck {
+                addr,
+                what: "Holdings whose disk digests do not match the disks of the Hello".into(),
+            });
+        }
         // From here on reads block without a bound: liveness watches the standby.
         closer
             .set_read_timeout(None)
@@ -495,14 +596,17 @@ impl PeerSink {
                 .spawn(move || read_acks(inner, pulse, &back, tx))
                 .map_err(|e| PeerError::Thread("acknowledgement reader", e))?;
         }
-        let live = self
-            .config
-            .transport
-            .connect(&addr, Duration::from_secs(2))
-            .map_err(|source| PeerError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
+        let live = match joined_live {
+            Some(live) => live,
+            None => self
+                .config
+                .transport
+                .connect(&addr, Duration::from_secs(2))
+                .map_err(|source| PeerError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?,
+        };
         let unacked_since: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
         let copy_progress: Arc<Mutex<Option<(u64, Instant)>>> = Arc::new(Mutex::new(None));
         let max_lag = self.config.liveness.max_lag;
@@ -570,6 +674,7 @@ impl PeerSink {
             copy_progress,
             pace,
             liveness: Some(liveness),
+            holdings,
         })
     }
 
@@ -586,17 +691,85 @@ impl PeerSink {
         mem: &GuestMemory,
         epoch: u64,
         manifest: &Manifest,
+        delta: Option<&BaseDelta>,
     ) -> Result<u64, PeerError> {
         let addr = self.config.addr.clone();
         let total_disk: u64 = manifest.disks.iter().map(|d| d.size).sum();
-        let total = mem.iter().map(|r| r.len()).sum::<u64>() + total_disk;
-        let mut progress = Progress::new(format!("initial copy to {}", self.config.addr), total);
         let rate = self.config.max_rate;
         let s = self.session()?;
+        // Memory: only what changed since the replica the standby holds, if this
+        // host can name it; else every page that is not zero (the standby starts
+        // from zeros).
+        let kept = s
+            .holdings
+            .replica
+            .filter(|id| delta.is_some_and(|d| d.covers(id)));
+        let only = kept.and(delta.map(|d| &d.pages));
+        let mem_total = match only {
+            Some(set) => set.count() as u64 * PAGE_SIZE as u64,
+            None => mem.iter().map(|r| r.len()).sum::<u64>(),
+        };
+        let total = mem_total + total_disk;
+        let mut progress = Progress::new(format!("initial copy to {addr}"), total);
         let start_bytes = s.sent.load(Ordering::Relaxed);
         // From now on the lag deadline watches the copy's progress.
         *devices::bus::lock_recover(&s.copy_progress) = Some((start_bytes, Instant::now()));
         s.pace(rate);
+        s.w.write(epoch, &Body::CopyPlan(CopyPlan { memory: kept }))
+            .map_err(|source| PeerError::Frames {
+                addr: addr.clone(),
+                source,
+            })?;
+        match (kept, only) {
+            (Some(id), Some(set)) => {
+                tracing::info!(
+                    "initial copy to {addr}: the standby holds {id}: {} changed pages",
+                    set.count()
+                );
+                self.send_changed_pages(mem, epoch, set, &mut progress)?;
+            }
+            _ => self.send_all_pages(mem, epoch, &mut progress)?,
+        }
+        let digests = self.session()?.holdings.disks.clone();
+        let mut resent = 0u64;
+        for (i, (d, theirs)) in manifest.disks.iter().zip(&digests).enumerate() {
+            resent += self.send_disk(i, d, theirs, epoch, &mut progress)?;
+        }
+        let s = self.session()?;
+        s.w.flush().map_err(|source| PeerError::Frames {
+            addr: addr.clone(),
+            source,
+        })?;
+        s.pace(None);
+        *devices::bus::lock_recover(&s.copy_progress) = None;
+        let took = progress.finish();
+        let sent = s.sent.load(Ordering::Relaxed) - start_bytes;
+        eprintln!(
+            "mirrorvm: initial copy to {addr}: {sent} bytes sent for {total} bytes of {} and disks ({resent} bytes of disk chunks that differed) in {:.2} s",
+            if kept.is_some() { "changed memory" } else { "memory" },
+            took.as_secs_f64()
+        );
+        Ok(sent)
+    }
+
+    /// Notes progress of the copy (bytes skipped count too: the stall deadline
+    /// watches it).
+    fn copy_progressed(&mut self, progress: &mut Progress, n: u64) -> Result<(), PeerError> {
+        let s = self.session()?;
+        let now = s.sent.load(Ordering::Relaxed);
+        *devices::bus::lock_recover(&s.copy_progress) = Some((now, Instant::now()));
+        progress.add(n);
+        Ok(())
+    }
+
+    /// Every page of `mem` that is not zero, as Base frames.
+    fn send_all_pages(
+        &mut self,
+        mem: &GuestMemory,
+        epoch: u64,
+        progress: &mut Progress,
+    ) -> Result<(), PeerError> {
+        let addr = self.config.addr.clone();
         let batch = MAX_BATCH_PAGES as usize;
         let mut pages = StagedPages {
             addrs: Vec::with_capacity(batch),
@@ -631,65 +804,125 @@ impl PeerSink {
                             source,
                         })?;
                 }
-                // Skipped pages are progress too (the stall deadline watches it).
-                let now = s.sent.load(Ordering::Relaxed);
-                *devices::bus::lock_recover(&s.copy_progress) = Some((now, Instant::now()));
                 gpa += n * PAGE_SIZE as u64;
-                progress.add(n * PAGE_SIZE as u64);
+                self.copy_progressed(progress, n * PAGE_SIZE as u64)?;
             }
         }
-        let mut buf = vec![0u8; MAX_DISK_BASE_CHUNK as usize];
-        for (i, d) in manifest.disks.iter().enumerate() {
-            let path = &d.config.path;
-            let mut f = std::fs::File::open(path).map_err(|source| PeerError::ReadDisk {
-                path: path.clone(),
-                source,
-            })?;
-            let mut offset = 0u64;
-            while offset < d.size {
-                let want = crate::arch::to_usize((d.size - offset).min(buf.len() as u64));
-                f.read_exact(&mut buf[..want])
-                    .map_err(|source| PeerError::ReadDisk {
-                        path: path.clone(),
-                        source,
-                    })?;
-                // The standby's copy starts as zeros: only the rest travels.
-                if !is_zero(&buf[..want]) {
-                    let chunk = DiskChunk {
-                        disk: u32::try_from(i).unwrap_or(u32::MAX),
-                        offset,
-                        data: buf[..want].to_vec(),
-                    };
-                    let s = self.session()?;
-                    s.w.write(epoch, &Body::DiskBase(chunk)).map_err(|source| {
-                        PeerError::Frames {
-                            addr: addr.clone(),
-                            source,
-                        }
-                    })?;
-                }
-                offset += want as u64;
-                progress.add(want as u64);
-                // Skipped zeros are progress too (the stall deadline watches it).
-                let s = self.session()?;
-                let now = s.sent.load(Ordering::Relaxed);
-                *devices::bus::lock_recover(&s.copy_progress) = Some((now, Instant::now()));
+        Ok(())
+    }
+
+    /// The pages of `set` (zero or not: the standby's replica holds older contents),
+    /// as Base frames.
+    fn send_changed_pages(
+        &mut self,
+        mem: &GuestMemory,
+        epoch: u64,
+        set: &crate::dirty::DirtySet,
+        progress: &mut Progress,
+    ) -> Result<(), PeerError> {
+        let addr = self.config.addr.clone();
+        let all: Vec<u64> = set.pages().collect();
+        let mut pages = StagedPages::default();
+        for chunk in all.chunks(MAX_BATCH_PAGES as usize) {
+            pages.addrs.clear();
+            pages.data.clear();
+            pages.data.resize(chunk.len() * PAGE_SIZE, 0);
+            for (i, gpa) in chunk.iter().enumerate() {
+                mem.read_slice(
+                    &mut pages.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+                    GuestAddress(*gpa),
+                )
+                .map_err(|_| PeerError::ReadMemory(*gpa))?;
+                pages.addrs.push(*gpa);
             }
+            let s = self.session()?;
+            s.w.write_base(epoch, &pages)
+                .map_err(|source| PeerError::Frames {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            self.copy_progressed(progress, (chunk.len() * PAGE_SIZE) as u64)?;
         }
-        let s = self.session()?;
-        s.w.flush().map_err(|source| PeerError::Frames {
-            addr: addr.clone(),
+        Ok(())
+    }
+
+    /// Disk `index`'s base image: every chunk whose hash differs from the standby's
+    /// digest `theirs`, adjacent ones joined into DiskBase frames of at most 4 MiB.
+    /// Returns the bytes of disk data sent.
+    fn send_disk(
+        &mut self,
+        index: usize,
+        d: &crate::checkpoint::DiskManifest,
+        theirs: &super::protocol::Digest,
+        epoch: u64,
+        progress: &mut Progress,
+    ) -> Result<u64, PeerError> {
+        use std::os::unix::fs::FileExt;
+        let addr = self.config.addr.clone();
+        let path = &d.config.path;
+        let read_err = |source| PeerError::ReadDisk {
+            path: path.clone(),
             source,
-        })?;
-        s.pace(None);
-        *devices::bus::lock_recover(&s.copy_progress) = None;
-        let took = progress.finish();
-        tracing::info!(
-            "initial copy to {addr}: {} MiB in {:.2} s",
-            total >> 20,
-            took.as_secs_f64()
-        );
-        Ok(s.sent.load(Ordering::Relaxed) - start_bytes)
+        };
+        let f = std::fs::File::open(path).map_err(read_err)?;
+        let chunk = theirs.chunk;
+        let max_run = u64::from(MAX_DISK_BASE_CHUNK).max(chunk);
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_at = 0u64;
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; crate::arch::to_usize(chunk)];
+        let disk = u32::try_from(index).unwrap_or(u32::MAX);
+        let mut offset = 0u64;
+        for h in &theirs.hashes {
+            let n = crate::arch::to_usize((d.size - offset).min(chunk));
+            f.read_exact_at(&mut buf[..n], offset).map_err(read_err)?;
+            let differs = super::digest::hash(&buf[..n]) != *h;
+            // A run ends at a chunk that is equal, or when it is as long as a frame.
+            if !run.is_empty() && (!differs || run.len() as u64 + n as u64 > max_run) {
+                sent += run.len() as u64;
+                self.send_disk_run(disk, run_at, &mut run, epoch, &addr)?;
+            }
+            if differs {
+                if run.is_empty() {
+                    run_at = offset;
+                }
+                run.extend_from_slice(&buf[..n]);
+            }
+            offset += n as u64;
+            self.copy_progressed(progress, n as u64)?;
+        }
+        if !run.is_empty() {
+            sent += run.len() as u64;
+            self.send_disk_run(disk, run_at, &mut run, epoch, &addr)?;
+        }
+        Ok(sent)
+    }
+
+    fn send_disk_run(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        run: &mut Vec<u8>,
+        epoch: u64,
+        addr: &str,
+    ) -> Result<(), PeerError> {
+        // Chunks are whole sectors (the disk's size is), and a run is at most one
+        // frame's worth.
+        for (i, part) in run.chunks(MAX_DISK_BASE_CHUNK as usize).enumerate() {
+            let c = DiskChunk {
+                disk,
+                offset: offset + (i * MAX_DISK_BASE_CHUNK as usize) as u64,
+                data: part.to_vec(),
+            };
+            let s = self.session()?;
+            s.w.write(epoch, &Body::DiskBase(c))
+                .map_err(|source| PeerError::Frames {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+        }
+        run.clear();
+        Ok(())
     }
 
     fn send_checkpoint(&mut self, c: &Checkpoint) -> Result<u64, PeerError> {
@@ -756,6 +989,20 @@ impl PeerSink {
     }
 }
 
+/// Takes the witness named in `config`, if any.
+pub fn open_fence(config: &PeerConfig) -> Result<Option<SharedFence>, PeerError> {
+    match &config.witness {
+        Some(p) => Ok(Some(Arc::new(Mutex::new(
+            Witness::new(p).open().map_err(PeerError::Fence)?,
+        )))),
+        None => Ok(None),
+    }
+}
+
+fn fence_generation(fence: Option<&SharedFence>) -> u64 {
+    fence.map_or(0, |f| devices::bus::lock_recover(f).generation())
+}
+
 /// Reads the standby's side of the data connection: Acks (any frame is a sign of
 /// life); anything else ends the session.
 fn read_acks(
@@ -810,6 +1057,15 @@ impl CheckpointSink for PeerSink {
     }
 
     fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, SinkError> {
+        self.write_base_over(mem, epoch, None)
+    }
+
+    fn write_base_over(
+        &mut self,
+        mem: &GuestMemory,
+        epoch: u64,
+        delta: Option<&BaseDelta>,
+    ) -> Result<u64, SinkError> {
         let Some(manifest) = &self.manifest else {
             let e = PeerError::Dead {
                 addr: self.config.addr.clone(),
@@ -819,7 +1075,7 @@ impl CheckpointSink for PeerSink {
         };
         let manifest = manifest.clone();
         self.highest_sent = self.highest_sent.max(epoch);
-        match self.send_base(mem, epoch, &manifest) {
+        match self.send_base(mem, epoch, &manifest, delta) {
             Ok(b) => Ok(b),
             Err(e) => Err(self.lose(e)),
         }
@@ -887,8 +1143,9 @@ impl CheckpointSink for PeerSink {
         s.close();
         self.session = None;
         if !confirmed {
-            if let Some(f) = &mut self.fence {
-                f.record_unprotected_since(self.highest_sent.saturating_add(1))
+            if let Some(f) = &self.fence {
+                devices::bus::lock_recover(f)
+                    .record_unprotected_since(self.highest_sent.saturating_add(1))
                     .map_err(|e| SinkError::Fenced(Box::new(e)))?;
             }
         }

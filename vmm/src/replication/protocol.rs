@@ -31,7 +31,7 @@ use crate::dirty::{StagedPages, PAGE_SIZE};
 /// Magic at the start of every frame.
 pub const MAGIC: [u8; 4] = *b"MVRP";
 /// The protocol version this code speaks (and the only one it reads).
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 40;
 /// Default bound on any payload: a reader refuses longer frames before allocating.
@@ -171,11 +171,21 @@ pub enum FrameType {
     Shutdown = 11,
     /// Primary → standby: part of one disk's base image, during the initial copy.
     DiskBase = 12,
+    /// Standby → primary: the first frame of a connection a standby opened to its
+    /// primary (`standby --join`): which connection of the session it is ([`Join`]).
+    Join = 13,
+    /// Standby → primary, right after `HelloAck::Accept`: what the standby already
+    /// holds (its replica's name, a strong hash of every chunk of every disk), so the
+    /// initial copy sends only what differs ([`Holdings`]).
+    Holdings = 14,
+    /// Primary → standby, first frame of an initial copy: whether the copy builds on
+    /// the replica the standby holds or starts from zeros ([`CopyPlan`]).
+    CopyPlan = 15,
 }
 
 impl FrameType {
     /// Every frame type, in code order.
-    pub const ALL: [FrameType; 12] = [
+    pub const ALL: [FrameType; 15] = [
         FrameType::Hello,
         FrameType::HelloAck,
         FrameType::Base,
@@ -188,6 +198,9 @@ impl FrameType {
         FrameType::Heartbeat,
         FrameType::Shutdown,
         FrameType::DiskBase,
+        FrameType::Join,
+        FrameType::Holdings,
+        FrameType::CopyPlan,
     ];
 
     /// The type with wire code `code`, if any.
@@ -204,7 +217,12 @@ impl FrameType {
     /// overall bound).
     pub fn max_payload(self) -> u32 {
         match self {
-            FrameType::Hello | FrameType::HelloAck | FrameType::Shutdown => MAX_CONTROL_PAYLOAD,
+            FrameType::Hello
+            | FrameType::HelloAck
+            | FrameType::Shutdown
+            | FrameType::Join
+            | FrameType::CopyPlan => MAX_CONTROL_PAYLOAD,
+            FrameType::Holdings => MAX_PAYLOAD,
             FrameType::Base | FrameType::Pages => {
                 len_u32(PAGES_HEAD_LEN + MAX_BATCH_PAGES as usize * (8 + PAGE_SIZE))
             }
@@ -262,6 +280,81 @@ pub struct Hello {
     pub manifest: Manifest,
     /// How disk regions travel.
     pub storage: WireStorage,
+    /// The primary's lineage: the checkpoints it cuts are named `(lineage, epoch)`
+    /// ([`ReplicaId`]), so a standby that later offers its replica can be told apart
+    /// from one of another host's history.
+    pub lineage: u64,
+}
+
+pub use crate::checkpoint::ReplicaId;
+
+/// Which connection of a session a joining standby opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinRole {
+    /// The data connection: Hello, the copy, checkpoints, Acks.
+    Data,
+    /// The liveness connection: heartbeats.
+    Liveness,
+}
+
+/// The first frame of a connection a standby dialed (`standby --join`): the primary
+/// pairs a session's two connections by `token`, which the standby draws at random.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Join {
+    /// Which connection this is.
+    pub role: JoinRole,
+    /// The session's token, the same on both connections.
+    pub token: u64,
+}
+
+/// Bytes of one [`Digest`] hash: BLAKE3's 256 bits. A guest that controls what it
+/// writes cannot make two different chunks hash alike (unlike a CRC).
+pub const DIGEST_LEN: usize = 32;
+
+/// The most chunks one disk's digest may have (8 MiB of hashes): larger disks get
+/// larger chunks ([`digest_chunk`]).
+pub const MAX_DIGEST_CHUNKS: u64 = 256 << 10;
+
+/// The smallest digest chunk: 64 KiB.
+pub const MIN_DIGEST_CHUNK: u64 = 64 << 10;
+
+/// The chunk size both sides use for a disk of `size` bytes: 64 KiB, doubled until
+/// the disk has at most [`MAX_DIGEST_CHUNKS`] chunks.
+pub fn digest_chunk(size: u64) -> u64 {
+    let mut chunk = MIN_DIGEST_CHUNK;
+    while size.div_ceil(chunk) > MAX_DIGEST_CHUNKS {
+        chunk *= 2;
+    }
+    chunk
+}
+
+/// One disk's content as a standby holds it: a BLAKE3 hash of each `chunk`-byte
+/// piece, in order (the last piece may be shorter).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    /// Bytes per chunk ([`digest_chunk`] of the disk's size).
+    pub chunk: u64,
+    /// One hash per chunk.
+    pub hashes: Vec<[u8; DIGEST_LEN]>,
+}
+
+/// What a standby holds when a session begins: the replica in its memory (if any,
+/// and which), and each disk's digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holdings {
+    /// The replica this standby's memory holds, from an earlier session.
+    pub replica: Option<ReplicaId>,
+    /// One digest per disk of the Hello, in order.
+    pub disks: Vec<Digest>,
+}
+
+/// How an initial copy builds the standby's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyPlan {
+    /// `Some(id)`: the standby keeps its replica, which must be `id`; only the pages
+    /// changed since travel. `None`: the replica starts as zeros; the copy sends
+    /// every page that is not zero.
+    pub memory: Option<ReplicaId>,
 }
 
 /// Why a standby refuses a primary.
@@ -391,6 +484,12 @@ pub enum Body {
     Shutdown(Shutdown),
     /// See [`FrameType::DiskBase`].
     DiskBase(DiskChunk),
+    /// See [`FrameType::Join`].
+    Join(Join),
+    /// See [`FrameType::Holdings`].
+    Holdings(Holdings),
+    /// See [`FrameType::CopyPlan`].
+    CopyPlan(CopyPlan),
 }
 
 impl Body {
@@ -409,6 +508,9 @@ impl Body {
             Body::Heartbeat => FrameType::Heartbeat,
             Body::Shutdown(_) => FrameType::Shutdown,
             Body::DiskBase(_) => FrameType::DiskBase,
+            Body::Join(_) => FrameType::Join,
+            Body::Holdings(_) => FrameType::Holdings,
+            Body::CopyPlan(_) => FrameType::CopyPlan,
         }
     }
 }
@@ -703,6 +805,9 @@ fn encode_body(buf: &mut Vec<u8>, body: &Body) -> Result<(), FrameError> {
         Body::Hello(h) => postcard_into(buf, ty, h),
         Body::HelloAck(a) => postcard_into(buf, ty, a),
         Body::Shutdown(s) => postcard_into(buf, ty, s),
+        Body::Join(j) => postcard_into(buf, ty, j),
+        Body::Holdings(h) => postcard_into(buf, ty, h),
+        Body::CopyPlan(c) => postcard_into(buf, ty, c),
         Body::Base(p) | Body::Pages(p) => encode_pages(buf, ty, &p.addrs, &p.data),
         Body::State(s) => {
             buf.extend_from_slice(s);
@@ -1401,6 +1506,9 @@ fn decode_body(ty: FrameType, payload: &[u8]) -> Result<Body, Malformed> {
         FrameType::Hello => Body::Hello(pc(payload)?),
         FrameType::HelloAck => Body::HelloAck(pc(payload)?),
         FrameType::Shutdown => Body::Shutdown(pc(payload)?),
+        FrameType::Join => Body::Join(pc(payload)?),
+        FrameType::Holdings => Body::Holdings(pc(payload)?),
+        FrameType::CopyPlan => Body::CopyPlan(pc(payload)?),
         FrameType::Base => Body::Base(decode_pages(payload)?),
         FrameType::Pages => Body::Pages(decode_pages(payload)?),
         FrameType::State => Body::State(payload.to_vec()),
@@ -1671,6 +1779,14 @@ pub enum Staged {
         /// Where the bytes go.
         chunk: DiskChunk,
     },
+    /// An initial copy at `epoch` begins: keep the replica named in `plan` or start
+    /// from zeros, before any of its Base frames is written.
+    Plan {
+        /// The copy's epoch.
+        epoch: u64,
+        /// How memory is copied.
+        plan: CopyPlan,
+    },
     /// A checkpoint arrived whole: apply it, then acknowledge it.
     Complete(Box<Complete>),
     /// The primary ended the run in order (between checkpoints): no failover.
@@ -1796,11 +1912,16 @@ impl CheckpointAssembler {
         let ty = body.frame_type();
         match body {
             Body::Heartbeat => Ok(Staged::Nothing),
-            Body::Hello(_) | Body::HelloAck(_) | Body::Ack => Err(AssembleError::Unexpected {
-                ty,
-                during: self.during(),
-            }),
+            Body::Hello(_) | Body::HelloAck(_) | Body::Ack | Body::Join(_) | Body::Holdings(_) => {
+                Err(AssembleError::Unexpected {
+                    ty,
+                    during: self.during(),
+                })
+            }
             Body::Shutdown(s) if self.partial.is_none() => Ok(Staged::Shutdown(s)),
+            Body::CopyPlan(plan) => self
+                .base(FrameType::CopyPlan, epoch)
+                .map(|epoch| Staged::Plan { epoch, plan }),
             Body::Shutdown(_) => Err(AssembleError::Unexpected {
                 ty,
                 during: self.during(),
@@ -2220,6 +2341,7 @@ fn fuzz_hello() -> Hello {
             cpu: Default::default(),
         },
         storage: WireStorage::Replicated,
+        lineage: 0x5eed,
     }
 }
 
@@ -2382,6 +2504,27 @@ mod tests {
                 offset: 4096,
                 data: vec![9; 1024],
             }),
+            Body::Join(Join {
+                role: JoinRole::Liveness,
+                token: 0xfeed,
+            }),
+            Body::Holdings(Holdings {
+                replica: Some(ReplicaId {
+                    lineage: 3,
+                    epoch: 77,
+                }),
+                disks: vec![Digest {
+                    chunk: MIN_DIGEST_CHUNK,
+                    hashes: vec![[5; DIGEST_LEN], [6; DIGEST_LEN]],
+                }],
+            }),
+            Body::CopyPlan(CopyPlan {
+                memory: Some(ReplicaId {
+                    lineage: 3,
+                    epoch: 77,
+                }),
+            }),
+            Body::CopyPlan(CopyPlan { memory: None }),
         ]
     }
 

@@ -41,10 +41,14 @@ use std::time::{Duration, Instant};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
 use super::fence::{Attempt, FenceError, FenceWait, Witness};
+use super::join::JoinListener;
+use super::join::{dial, DialError};
 use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
+use super::peer::PeerConfig;
 use super::protocol::{
-    AssembleError, AssemblerLimits, Body, CheckpointAssembler, Complete, FrameError, FrameReader,
-    FrameWriter, Hello, HelloAck, RefuseReason, Shutdown, Staged, WireStorage, VERSION,
+    AssembleError, AssemblerLimits, Body, CheckpointAssembler, Complete, CopyPlan, Digest,
+    FrameError, FrameReader, FrameWriter, Hello, HelloAck, Holdings, JoinRole, RefuseReason,
+    ReplicaId, Shutdown, Staged, WireStorage, VERSION,
 };
 use super::transport::{Closer, Connection, Listener, Transport, TransportError};
 use crate::api::{Endpoint, StandbyBackend, VmInfo};
@@ -53,7 +57,7 @@ use crate::checkpoint::{
     apply_pages, check_batches, decode_state, Console, ContentError, DiskManifest, Manifest,
     RegionContent, Restored,
 };
-use crate::config::{DiskConfig, SerialConfig};
+use crate::config::{DiskConfig, EpochConfig, SerialConfig, SinkConfig};
 use crate::cpuid::GuestCpu;
 use crate::memory::GuestMemory;
 use crate::{Machine, RunEnd, VmmError};
@@ -66,8 +70,14 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// What a standby needs.
 #[derive(Debug, Clone)]
 pub struct StandbyConfig {
-    /// Where to listen for a primary, `HOST:PORT`.
-    pub listen: String,
+    /// Where to listen for a primary that dials this standby (`--peer`), `HOST:PORT`;
+    /// after a takeover, where standbys that dial the new primary (`--join`) are
+    /// accepted.
+    pub listen: Option<String>,
+    /// The primary to dial (`--join`), `HOST:PORT`: after a failover nobody dials the
+    /// new primary, so a returning host dials it. Dialed again after every session
+    /// that ends without a takeover.
+    pub join: Option<String>,
     /// This host's copies of the primary's disks, in the primary's attach order.
     pub disks: Vec<DiskConfig>,
     /// Where the console goes once this host runs the guest.
@@ -110,6 +120,9 @@ pub enum StandbyError {
         #[source]
         source: std::io::Error,
     },
+    /// Neither `--listen` nor `--join` was given.
+    #[error("a standby needs --listen ADDR (a primary dials it), --join ADDR (it dials the primary), or both")]
+    NoAddress,
     /// A disk's journal cannot be created or used.
     #[error("cannot use the journal of disk image {path}")]
     Store {
@@ -214,7 +227,7 @@ pub struct Takeover {
     /// When the primary was declared lost.
     pub decided: Instant,
     /// The fence, held while this host runs the guest.
-    _fence: Option<super::fence::Fence>,
+    _fence: Option<super::peer::SharedFence>,
     /// The Prometheus endpoint, served on while this host runs the guest.
     endpoint: Option<crate::telemetry::MetricsEndpoint>,
 }
@@ -329,7 +342,10 @@ impl Disk {
 /// The standby: construct with [`Standby::new`], then [`Standby::serve`].
 pub struct Standby {
     config: StandbyConfig,
-    listener: Listener,
+    listener: Option<Listener>,
+    /// The replica of the last session that ended without a takeover: offered to
+    /// the next primary, which then sends only what changed since.
+    kept: Option<Replica>,
     cpu: GuestCpu,
     started: Instant,
     metrics: Option<BufWriter<File>>,
@@ -339,6 +355,16 @@ pub struct Standby {
     api: Option<Endpoint>,
     telemetry: Option<crate::telemetry::Telemetry>,
     endpoint: Option<crate::telemetry::MetricsEndpoint>,
+}
+
+/// A session's connections once its Hello was accepted.
+struct Greeted {
+    hello: Hello,
+    fr: FrameReader<BufReader<Box<dyn Read + Send>>>,
+    fw: FrameWriter<BufWriter<Box<dyn Write + Send>>>,
+    closer: Closer,
+    /// The liveness connection, if this standby dialed it.
+    live: Option<Connection>,
 }
 
 /// Why a session ended.
@@ -355,6 +381,8 @@ enum SessionEnd {
 /// The replica as the session leaves it.
 struct Replica {
     manifest: Manifest,
+    /// The lineage of the primary whose checkpoints it holds.
+    lineage: u64,
     memory: GuestMemory,
     /// The last applied checkpoint and its state.
     applied: Option<(u64, Vec<u8>)>,
@@ -375,9 +403,14 @@ impl Standby {
             .transpose()?
             .unzip();
         let cpu = host_cpu(&config.kvm_device)?;
+        if config.listen.is_none() && config.join.is_none() {
+            return Err(StandbyError::NoAddress);
+        }
         let listener = config
-            .transport
-            .listen(&config.listen)
+            .listen
+            .as_deref()
+            .map(|addr| config.transport.listen(addr))
+            .transpose()
             .map_err(StandbyError::Transport)?;
         let metrics = match &config.metrics {
             Some(p) => Some(BufWriter::new(
@@ -388,6 +421,7 @@ impl Standby {
         Ok(Standby {
             config,
             listener,
+            kept: None,
             cpu,
             started: Instant::now(),
             metrics,
@@ -412,23 +446,57 @@ impl Standby {
         f(&mut devices::bus::lock_recover(&self.info));
     }
 
-    /// The address it listens on.
-    pub fn local_addr(&self) -> String {
-        self.listener.local_addr()
+    /// The address it listens on, if it listens.
+    pub fn local_addr(&self) -> Option<String> {
+        self.listener.as_ref().map(Listener::local_addr)
+    }
+
+    /// The next session's connections: the data connection, and the liveness
+    /// connection when this standby dials (`--join`; a primary that dials opens it
+    /// after the Holdings). Dialing retries every second until the primary answers.
+    fn next_connection(&mut self) -> Result<(Connection, Option<Connection>), StandbyError> {
+        let Some(addr) = self.config.join.clone() else {
+            let Some(l) = &self.listener else {
+                return Err(StandbyError::NoAddress);
+            };
+            return Ok((l.accept().map_err(StandbyError::Transport)?, None));
+        };
+        let t = self.config.transport;
+        let mut said = false;
+        loop {
+            let token = crate::checkpoint::new_lineage();
+            let r =
+                dial(&t, &addr, JoinRole::Data, token, Duration::from_secs(2)).and_then(|data| {
+                    dial(&t, &addr, JoinRole::Liveness, token, Duration::from_secs(2))
+                        .map(|live| (data, Some(live)))
+                });
+            match r {
+                Ok(pair) => return Ok(pair),
+                Err(e) => {
+                    if !said {
+                        eprintln!(
+                            "mirrorvm: standby: waiting for the primary at {addr} ({}); trying every second",
+                            devices::ErrorChain(&e)
+                        );
+                        said = true;
+                    }
+                    if let DialError::Send(_) = e {
+                        tracing::info!("the primary at {addr} closed the connection");
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
     }
 
     /// Checks a Hello against this host: the reason and a sentence if it must be
     /// refused.
     fn check_hello(&self, hello: &Hello) -> Result<(), (RefuseReason, String)> {
-        if hello.protocol_version != VERSION {
-            return Err((
-                RefuseReason::Version,
-                format!(
-                    "protocol version {} is not this standby's {VERSION}",
-                    hello.protocol_version
-                ),
-            ));
-        }
+        check_hello_version(hello)?;
+        self.check_machine(hello)
+    }
+
+    fn check_machine(&self, hello: &Hello) -> Result<(), (RefuseReason, String)> {
         if hello.storage != WireStorage::Replicated {
             return Err((
                 RefuseReason::Storage,
@@ -511,14 +579,50 @@ impl Standby {
 
     /// Serves primaries until one ends in order or dies after its initial copy.
     pub fn serve(mut self) -> Result<StandbyEnd, StandbyError> {
-        eprintln!("mirrorvm: standby: listening on {}", self.local_addr());
+        if let Some(a) = self.local_addr() {
+            eprintln!("mirrorvm: standby: listening on {a}");
+        }
+        if let Some(a) = &self.config.join {
+            eprintln!("mirrorvm: standby: joining the primary at {a}");
+        }
         loop {
-            let conn = self.listener.accept().map_err(StandbyError::Transport)?;
+            let (conn, live) = self.next_connection()?;
             let peer = conn.peer().to_string();
-            let Some((hello, r, w, closer)) = self.greet(conn) else {
+            let Some((hello, r, mut w, closer)) = self.greet(conn) else {
+                if self.config.join.is_some() {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
                 continue;
             };
-            let ended = self.session(&peer, hello, r, w, closer)?;
+            // What this host holds goes to the primary, which then sends only what
+            // differs: the replica kept from an earlier session, and a digest of each
+            // disk (once its unacknowledged tail is dropped).
+            let (disks, digests) = self.prepare_disks(&hello.manifest.disks)?;
+            let holdings = Holdings {
+                replica: self
+                    .kept
+                    .as_ref()
+                    .filter(|k| k.manifest.memory == hello.manifest.memory)
+                    .and_then(Replica::id),
+                disks: digests,
+            };
+            if let Some(id) = holdings.replica {
+                tracing::info!("offering the replica of {id} to the primary at {peer}");
+            }
+            if w.write(0, &Body::Holdings(holdings))
+                .and_then(|()| w.flush())
+                .is_err()
+            {
+                continue;
+            }
+            let greeted = Greeted {
+                hello,
+                fr: r,
+                fw: w,
+                closer,
+                live,
+            };
+            let ended = self.session(&peer, greeted, disks)?;
             if let Some(t) = &self.telemetry {
                 // Whatever comes next, this session's replica protects nothing.
                 t.set_unprotected();
@@ -527,7 +631,8 @@ impl Standby {
                 self.status(|i| *i = StandbyBackend::initial_info());
             }
             match ended {
-                (SessionEnd::Shutdown(Shutdown::Abandoned), _) => {
+                (SessionEnd::Shutdown(Shutdown::Abandoned), (replica, ..)) => {
+                    self.keep(replica);
                     eprintln!(
                         "mirrorvm: standby: the primary at {peer} gave up on this standby and runs on without it; waiting for a primary"
                     );
@@ -545,7 +650,8 @@ impl Standby {
                     );
                     return Ok(StandbyEnd::PrimaryEnded { how, exit_status });
                 }
-                (SessionEnd::Broken(why), _) => {
+                (SessionEnd::Broken(why), (replica, ..)) => {
+                    self.keep(replica);
                     eprintln!(
                         "mirrorvm: standby: dropped the primary at {peer}: {why}; waiting for a primary"
                     );
@@ -556,6 +662,13 @@ impl Standby {
                         .map(|t| StandbyEnd::TookOver(Box::new(t)));
                 }
             }
+        }
+    }
+
+    /// Keeps a replica that holds a whole checkpoint, for the next session.
+    fn keep(&mut self, replica: Replica) {
+        if replica.applied.is_some() {
+            self.kept = Some(replica);
         }
     }
 
@@ -631,32 +744,59 @@ impl Standby {
         Some((hello, fr, fw, closer))
     }
 
-    /// Opens this host's disks for the initial copy: each marked incomplete (durably)
-    /// before anything is written, its old journal removed, its image zeroed. Each
-    /// journal will have the region size named here, else the primary's (from
-    /// `theirs`, the Hello's disks), else the default for its size.
-    fn prepare_disks(&self, theirs: &[DiskManifest]) -> Result<Vec<Disk>, StandbyError> {
+    /// Readies this host's disks for the initial copy, and hashes them for the
+    /// primary: each is marked incomplete (durably) before anything changes; its
+    /// journal is recovered to its last acknowledged checkpoint (what this host
+    /// wrote after that, the unacknowledged tail, is dropped: the primary never had
+    /// it) and removed; then every chunk is hashed. The copy then rewrites only the
+    /// chunks whose hash differs from the primary's. Each new journal will have the
+    /// region size named here, else the primary's (from `theirs`, the Hello's
+    /// disks), else the default for its size.
+    fn prepare_disks(
+        &self,
+        theirs: &[DiskManifest],
+    ) -> Result<(Vec<Disk>, Vec<Digest>), StandbyError> {
         let mut out = Vec::new();
+        let mut digests = Vec::new();
         for (i, d) in self.config.disks.iter().enumerate() {
             let err = |source| StandbyError::Disk {
                 path: d.path.clone(),
                 source,
             };
             crate::disk::mark_incomplete(&d.path).map_err(err)?;
+            let journal = devices::store::journal_path(&d.path);
+            if journal.exists() {
+                let size = std::fs::metadata(&d.path).map_err(err)?.len();
+                let cfg = devices::store::StoreConfig::for_disk(size, d.region_size);
+                match devices::store::Store::open_path(
+                    &d.path,
+                    &cfg,
+                    devices::store::RecoverTo::LastAcknowledged,
+                ) {
+                    Ok((store, report)) => {
+                        tracing::info!("disk {i}: journal recovered to its last acknowledged checkpoint: {report:?}");
+                        drop(store);
+                    }
+                    // Whatever the image holds then, the hashes find what differs.
+                    Err(e) => eprintln!(
+                        "mirrorvm: standby: disk {i} ({}): its journal cannot be recovered ({}); the copy compares the image as it is",
+                        d.path.display(),
+                        devices::ErrorChain(&e)
+                    ),
+                }
+                match std::fs::remove_file(&journal) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(err(e)),
+                }
+            }
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&d.path)
                 .map_err(err)?;
             let size = file.metadata().map_err(err)?.len();
-            match std::fs::remove_file(devices::store::journal_path(&d.path)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(err(e)),
-            }
-            // The copy sends only what is not zero: start from zeros.
-            file.set_len(0).map_err(err)?;
-            file.set_len(size).map_err(err)?;
+            digests.push(super::digest::of_file(&file, size).map_err(err)?);
             let region_size = d
                 .region_size
                 .or_else(|| theirs.get(i).and_then(|t| t.region_size))
@@ -672,18 +812,23 @@ impl Standby {
                 store: None,
             });
         }
-        Ok(out)
+        Ok((out, digests))
     }
 
     #[allow(clippy::type_complexity)]
     fn session(
         &mut self,
         peer: &str,
-        hello: Hello,
-        mut fr: FrameReader<BufReader<Box<dyn Read + Send>>>,
-        mut fw: FrameWriter<BufWriter<Box<dyn Write + Send>>>,
-        closer: Closer,
+        greeted: Greeted,
+        mut disks: Vec<Disk>,
     ) -> Result<(SessionEnd, (Replica, Vec<Disk>, Duration, Instant)), StandbyError> {
+        let Greeted {
+            hello,
+            mut fr,
+            mut fw,
+            closer,
+            live,
+        } = greeted;
         let m = &hello.manifest;
         self.status(|i| {
             *i = VmInfo {
@@ -705,11 +850,15 @@ impl Standby {
         let verdict = Arc::new(Verdict::default());
         let ours = Arc::new(AtomicU64::new(0));
         let released = Arc::new(AtomicU64::new(0));
-        // The primary opens its liveness connection right after the HelloAck.
-        let live = self
-            .listener
-            .accept_within(HANDSHAKE_DEADLINE)
-            .map_err(StandbyError::Transport)?;
+        // A primary that dials opens its liveness connection right after the
+        // Holdings; a standby that dials opened it already.
+        let live = match (live, &self.listener) {
+            (Some(l), _) => Some(l),
+            (None, Some(l)) => l
+                .accept_within(HANDSHAKE_DEADLINE)
+                .map_err(StandbyError::Transport)?,
+            (None, None) => None,
+        };
         let Some(live) = live else {
             return Ok((
                 SessionEnd::Broken("it opened no liveness connection".into()),
@@ -742,13 +891,18 @@ impl Standby {
         )
         .map_err(|e| StandbyError::Thread("liveness", e))?;
 
-        let mut disks = self.prepare_disks(&hello.manifest.disks)?;
-        let mut replica = self.empty_replica(&hello)?;
+        // The kept replica stays until the copy's plan says whether it is built on.
+        let mut replica = match self.kept.take() {
+            Some(k) if k.manifest.memory == hello.manifest.memory => k,
+            _ => self.empty_replica(&hello)?,
+        };
         let limits = AssemblerLimits::for_manifest(&hello.manifest);
         let mut asm = CheckpointAssembler::new(&hello, limits);
         let counted = fr.bytes_read();
         let mut first_bytes = counted.load(Ordering::Relaxed);
         let mut staged_at = None;
+        // Whether this session applied a checkpoint yet.
+        let mut applied_here = false;
         let end = loop {
             let frame = match fr.read_frame() {
                 Ok(Some(f)) => f,
@@ -775,6 +929,23 @@ impl Standby {
             staged_at.get_or_insert_with(Instant::now);
             match asm.push(frame) {
                 Ok(Staged::Nothing) => {}
+                Ok(Staged::Plan { epoch, plan }) => {
+                    if applied_here {
+                        break SessionEnd::Broken(
+                            "a second initial copy in one session is not supported".into(),
+                        );
+                    }
+                    if let Err(why) = self.begin_copy(&mut replica, &hello, plan) {
+                        break SessionEnd::Broken(why);
+                    }
+                    open_stores(&mut disks, epoch)?;
+                    staged_at = None;
+                }
+                Ok(Staged::Base { .. } | Staged::DiskBase { .. }) if !replica.copying => {
+                    break SessionEnd::Broken(
+                        "an initial copy without its plan (CopyPlan) first".into(),
+                    );
+                }
                 Ok(Staged::Base { .. } | Staged::DiskBase { .. }) if replica.applied.is_some() => {
                     // This standby's disks already follow the stream; it takes one
                     // initial copy per session (a primary that lost its standby
@@ -824,6 +995,7 @@ impl Standby {
                             return Err(e);
                         }
                     };
+                    applied_here = true;
                     let acked = fw
                         .write(epoch, &Body::Ack)
                         .and_then(|()| fw.flush())
@@ -885,9 +1057,44 @@ impl Standby {
         Ok((end, (replica, disks, silence, decided)))
     }
 
+    /// An initial copy begins: on the replica this host kept, if `plan` names it
+    /// (only the pages changed since will come), else on zeroed memory. Either way
+    /// the replica is not restorable until the copy's first checkpoint is applied.
+    fn begin_copy(
+        &self,
+        replica: &mut Replica,
+        hello: &Hello,
+        plan: CopyPlan,
+    ) -> Result<(), String> {
+        match plan.memory {
+            Some(id) if replica.id() == Some(id) => {
+                tracing::info!("the copy builds on the replica of {id}");
+            }
+            Some(id) => {
+                return Err(format!(
+                    "the copy builds on a replica of {id}, which this standby does not hold"
+                ))
+            }
+            None if replica.applied.is_some() || replica.copying => {
+                // A kept (or half-copied) replica is not zeros: start over.
+                *replica = self
+                    .empty_replica(hello)
+                    .map_err(|e| format!("{}", devices::ErrorChain(&e)))?;
+            }
+            None => {}
+        }
+        replica.manifest = hello.manifest.clone();
+        replica.lineage = hello.lineage;
+        replica.applied = None;
+        replica.console.clear();
+        replica.copying = true;
+        Ok(())
+    }
+
     fn empty_replica(&self, hello: &Hello) -> Result<Replica, StandbyError> {
         Ok(Replica {
             manifest: hello.manifest.clone(),
+            lineage: hello.lineage,
             memory: crate::memory::create(hello.manifest.memory).map_err(StandbyError::Memory)?,
             applied: None,
             console: Vec::new(),
@@ -1026,7 +1233,7 @@ impl Standby {
         };
         // Fence.
         let t = Instant::now();
-        let mut held = None;
+        let mut held: Option<super::peer::SharedFence> = None;
         match &self.config.witness {
             Some(path) => {
                 let w = Witness::new(path);
@@ -1047,7 +1254,7 @@ impl Standby {
                 let generation = fence.take_over(epoch).map_err(StandbyError::Fence)?;
                 tracing::info!("took the fence: generation {generation}");
                 // This process holds the witness while it runs the guest.
-                held = Some(fence);
+                held = Some(Arc::new(std::sync::Mutex::new(fence)));
             }
             None => eprintln!(
                 "mirrorvm: failover: no --witness: taking over on silence alone (a network partition can leave two guests running)"
@@ -1084,17 +1291,45 @@ impl Standby {
             },
             "the standby's replica",
         );
+        // The new primary runs unprotected, and accepts a standby that dials it on
+        // this host's listening address (re-protection); so it tracks what the guest
+        // writes from the resumed checkpoint on.
+        let session = PeerConfig {
+            addr: self.local_addr().unwrap_or_default(),
+            witness: None,
+            liveness: self.config.liveness,
+            transport: self.config.transport,
+            max_rate: None,
+            listen: None,
+        };
+        let epochs = EpochConfig {
+            epoch: crate::config::DEFAULT_EPOCH,
+            sink: SinkConfig::Await(session.clone()),
+            metrics: None,
+            metrics_addr: None,
+        };
         let mut machine = Machine::from_source(
             &mut source,
             &self.config.serial,
             &self.config.kvm_device,
-            None,
+            Some(epochs),
         )
         .map_err(|e| StandbyError::Restore {
             epoch,
             source: Box::new(e),
         })?;
         machine.taken_over = true;
+        if let Some(l) = self.listener.take() {
+            machine.accept_standbys(
+                JoinListener::from_listener(l),
+                session,
+                held.clone(),
+                ReplicaId {
+                    lineage: replica.lineage,
+                    epoch,
+                },
+            );
+        }
         if let Some(endpoint) = self.api.clone() {
             machine.serve_api(endpoint);
         }
@@ -1132,6 +1367,30 @@ impl Standby {
             endpoint: self.endpoint.take(),
         })
     }
+}
+
+impl Replica {
+    /// Its name, once it holds a whole checkpoint.
+    fn id(&self) -> Option<ReplicaId> {
+        self.applied.as_ref().map(|(epoch, _)| ReplicaId {
+            lineage: self.lineage,
+            epoch: *epoch,
+        })
+    }
+}
+
+/// Refuses a Hello of a protocol version this standby does not speak.
+fn check_hello_version(hello: &Hello) -> Result<(), (RefuseReason, String)> {
+    if hello.protocol_version != VERSION {
+        return Err((
+            RefuseReason::Version,
+            format!(
+                "protocol version {} is not this standby's {VERSION}",
+                hello.protocol_version
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Creates each disk's journal, starting at `epoch` (the initial copy's), if it

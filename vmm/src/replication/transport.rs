@@ -157,6 +157,17 @@ impl Connection {
             })
     }
 
+    /// Reads straight from the connection, unbuffered: a first frame read this way
+    /// takes nothing that follows it.
+    pub fn unbuffered(&self) -> impl Read + '_ {
+        &self.stream
+    }
+
+    /// Writes straight to the connection, unbuffered.
+    pub fn unbuffered_writer(&self) -> impl Write + '_ {
+        &self.stream
+    }
+
     /// The two halves, for a reader thread and a writer, and a handle that closes both.
     pub fn split(self) -> Result<(ReadHalf, WriteHalf, Closer), TransportError> {
         let setup = |source| TransportError::Setup {

@@ -1,0 +1,194 @@
+//! Where a primary accepts standbys that dial it (`mirrorvm run --listen`, and a
+//! standby that took over, on its own `--listen` address): `mirrorvm standby --join`.
+//!
+//! ```text
+//!  standby                                   primary (JoinListener)
+//!  connect ── Join { Data, token } ────────▶ accepted, waits for its pair (10 s)
+//!  connect ── Join { Liveness, token } ────▶ paired by token ─▶ Joined
+//!                                            the epoch engine attaches a PeerSink
+//!                                            over both (or drops them: busy)
+//!  ◀── Hello … as in any session (docs/protocol.md)
+//! ```
+//!
+//! The standby opens both connections, so that a primary behind a firewall that
+//! only lets it be reached needs nothing else; the session that follows is the
+//! same as when the primary dials (`--peer`). A connection whose first frame is not
+//! a Join within [`JOIN_DEADLINE`] is closed with one line on stderr.
+
+use std::time::{Duration, Instant};
+
+use super::protocol::{Body, FrameReader, Join, JoinRole, MAX_CONTROL_PAYLOAD};
+use super::transport::{Connection, Listener, Transport, TransportError};
+
+/// How long a dialing standby may take to send its Join frame.
+pub const JOIN_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a data connection waits for its liveness connection.
+pub const PAIR_DEADLINE: Duration = Duration::from_secs(10);
+/// The most data connections waiting for their pair; the oldest goes first.
+pub const MAX_WAITING: usize = 8;
+
+/// A standby that dialed in: both connections of its session.
+#[derive(Debug)]
+pub struct Joined {
+    /// Its address, for messages.
+    pub peer: String,
+    /// The data connection.
+    pub data: Connection,
+    /// The liveness connection.
+    pub live: Connection,
+}
+
+/// A primary's listening endpoint for standbys.
+#[derive(Debug)]
+pub struct JoinListener {
+    listener: Listener,
+    waiting: Vec<(u64, Connection, Instant)>,
+}
+
+impl JoinListener {
+    /// Listens on `addr` (`HOST:PORT`; port 0 picks one).
+    pub fn listen(transport: &Transport, addr: &str) -> Result<Self, TransportError> {
+        Ok(JoinListener {
+            listener: transport.listen(addr)?,
+            waiting: Vec::new(),
+        })
+    }
+
+    /// Wraps a listener that is already open (a standby's, once it took over).
+    pub fn from_listener(listener: Listener) -> Self {
+        JoinListener {
+            listener,
+            waiting: Vec::new(),
+        }
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> String {
+        self.listener.local_addr()
+    }
+
+    /// Waits for the next standby whose two connections have both arrived.
+    pub fn accept(&mut self) -> Result<Joined, TransportError> {
+        loop {
+            let conn = self.listener.accept()?;
+            self.waiting.retain(|(_, _, t)| t.elapsed() < PAIR_DEADLINE);
+            let peer = conn.peer().to_string();
+            let join = match read_join(&conn) {
+                Ok(j) => j,
+                Err(why) => {
+                    eprintln!("mirrorvm: ignored a connection from {peer}: {why}");
+                    continue;
+                }
+            };
+            match join.role {
+                JoinRole::Data => {
+                    if self.waiting.len() >= MAX_WAITING {
+                        self.waiting.remove(0);
+                    }
+                    self.waiting.push((join.token, conn, Instant::now()));
+                }
+                JoinRole::Liveness => {
+                    let Some(i) = self.waiting.iter().position(|(t, _, _)| *t == join.token) else {
+                        eprintln!(
+                            "mirrorvm: ignored a connection from {peer}: a liveness connection for no waiting session"
+                        );
+                        continue;
+                    };
+                    let (_, data, _) = self.waiting.remove(i);
+                    return Ok(Joined {
+                        peer: data.peer().to_string(),
+                        data,
+                        live: conn,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Reads the Join frame a dialing standby sends first, within [`JOIN_DEADLINE`],
+/// taking nothing after it.
+fn read_join(conn: &Connection) -> Result<Join, String> {
+    conn.set_read_timeout(Some(JOIN_DEADLINE))
+        .map_err(|e| e.to_string())?;
+    let mut fr = FrameReader::with_max_payload(conn.unbuffered(), MAX_CONTROL_PAYLOAD);
+    let r = match fr.read_frame() {
+        Ok(Some(f)) => match f.body {
+            Body::Join(j) => Ok(j),
+            other => Err(format!(
+                "it began with a {} frame, not a Join (a primary listens for standbys that dial it with --join)",
+                other.frame_type()
+            )),
+        },
+        Ok(None) => Err("it closed before its first frame".into()),
+        Err(e) => Err(format!("{}", devices::ErrorChain(&e))),
+    };
+    conn.set_read_timeout(None).map_err(|e| e.to_string())?;
+    r
+}
+
+/// Dials the primary at `addr` for one of a session's connections and sends the
+/// Join frame that names it.
+pub fn dial(
+    transport: &Transport,
+    addr: &str,
+    role: JoinRole,
+    token: u64,
+    timeout: Duration,
+) -> Result<Connection, DialError> {
+    let conn = transport
+        .connect(addr, timeout)
+        .map_err(DialError::Connect)?;
+    let mut w = super::protocol::FrameWriter::new(conn.unbuffered_writer(), 0);
+    w.write(0, &Body::Join(Join { role, token }))
+        .and_then(|()| w.flush())
+        .map_err(DialError::Send)?;
+    drop(w);
+    Ok(conn)
+}
+
+/// Why a standby could not dial its primary.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The primary cannot be reached.
+    #[error("cannot reach the primary")]
+    Connect(#[source] TransportError),
+    /// The Join frame could not be sent.
+    #[error("cannot send the Join frame")]
+    Send(#[source] super::protocol::FrameError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_connections_of_one_token_pair_and_strangers_are_ignored() {
+        let t = Transport::PlainTcp;
+        let mut l = JoinListener::listen(&t, "127.0.0.1:0").unwrap();
+        let addr = l.local_addr();
+        let d = Duration::from_secs(5);
+        let dialer = std::thread::spawn(move || {
+            // A stranger that sends garbage, a data connection of another session
+            // that never pairs, then one whole session.
+            let junk = t.connect(&addr, d).unwrap();
+            std::io::Write::write_all(&mut junk.unbuffered_writer(), b"GET / HTTP/1.0\r\n\r\n")
+                .unwrap();
+            let _lonely = dial(&t, &addr, JoinRole::Data, 7, d).unwrap();
+            let a = dial(&t, &addr, JoinRole::Data, 42, d).unwrap();
+            let b = dial(&t, &addr, JoinRole::Liveness, 42, d).unwrap();
+            // Keep them open until the listener paired them.
+            std::thread::sleep(Duration::from_millis(300));
+            drop((a, b, junk));
+        });
+        let j = l.accept().unwrap();
+        assert!(j.peer.starts_with("127.0.0.1:"));
+        assert_eq!(
+            l.waiting.len(),
+            1,
+            "the unpaired data connection still waits"
+        );
+        assert_eq!(l.waiting[0].0, 7);
+        dialer.join().unwrap();
+    }
+}
