@@ -34,6 +34,7 @@ use vmm::checkpoint::{encode_state, DiskManifest, MachineState, Manifest};
 use vmm::config::DiskConfig;
 use vmm::dirty::StagedPages;
 use vmm::replication::fence::{Attempt, Witness};
+use vmm::replication::protocol::{digest_chunk, CopyPlan, Digest, Holdings, ReplicaId};
 use vmm::replication::protocol::{
     Body, DiskChunk, Frame, FrameError, FrameReader, FrameType, FrameWriter, Hello, HelloAck,
     RefuseReason, RegionChunk, Shutdown, Totals, WireStorage, HEADER_LEN, MAGIC, VERSION,
@@ -362,8 +363,16 @@ impl StandbyProc {
         self.assert_serving(what);
     }
 
-    /// A primary whose Hello was accepted and whose liveness connection heartbeats.
+    /// A primary whose Hello was accepted, whose liveness connection heartbeats,
+    /// and whose initial copy (epoch 5) began with its plan: from zeros.
     fn session(&self, generation: u64) -> FakePrimary {
+        let mut p = self.session_unplanned(generation);
+        p.send(5, &Body::CopyPlan(CopyPlan { memory: None }));
+        p
+    }
+
+    /// As [`session`](Self::session), but no plan sent yet.
+    fn session_unplanned(&self, generation: u64) -> FakePrimary {
         let mut data = self.connect();
         let peer = data.local_addr().expect("local address").to_string();
         data.write_all(&frame(0, generation, &hello(self.good_manifest())))
@@ -378,7 +387,21 @@ impl StandbyProc {
                 self.run.stderr_now()
             ),
         }
-        // As a primary does: the liveness connection right after the HelloAck.
+        // What the standby holds: one digest for its one disk, no replica yet.
+        match FrameReader::new(&data).read_frame() {
+            Ok(Some(Frame {
+                body: Body::Holdings(h),
+                ..
+            })) => {
+                assert_eq!(h.disks.len(), 1, "one digest per disk");
+                assert_eq!(h.disks[0].chunk, digest_chunk(IMAGE_SIZE));
+            }
+            other => panic!(
+                "the standby sent no Holdings after accepting: {other:?}\n{}",
+                self.run.stderr_now()
+            ),
+        }
+        // As a primary does: the liveness connection right after the Holdings.
         let beats = Heartbeats::start(self.connect(), generation);
         FakePrimary {
             data,
@@ -831,6 +854,30 @@ fn a_primary_that_breaks_the_protocol_mid_session_is_dropped_never_failed_over()
         ),
     );
 
+    let mut p = sb.session_unplanned(0);
+    p.send(5, &Body::Base(pages(&[0x1000])));
+    p.expect_dropped(
+        &mut sb,
+        "an initial copy without its plan",
+        "an initial copy without its plan (CopyPlan) first",
+    );
+
+    let mut p = sb.session_unplanned(0);
+    p.send(
+        5,
+        &Body::CopyPlan(CopyPlan {
+            memory: Some(ReplicaId {
+                lineage: 9,
+                epoch: 4,
+            }),
+        }),
+    );
+    p.expect_dropped(
+        &mut sb,
+        "a copy built on a replica the standby does not hold",
+        "the copy builds on a replica of checkpoint 4 of lineage 0000000000000009, which this standby does not hold",
+    );
+
     let mut p = sb.session(0);
     p.send(5, &Body::Base(pages(&[1 << 40])));
     p.expect_dropped(
@@ -948,6 +995,8 @@ fn a_primary_that_breaks_the_protocol_mid_session_is_dropped_never_failed_over()
 struct FakeStandby {
     listener: TcpListener,
     addr: String,
+    /// The sizes of the disks of the last Hello, for the Holdings.
+    disks: Mutex<Vec<u64>>,
 }
 
 impl FakeStandby {
@@ -955,7 +1004,11 @@ impl FakeStandby {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local address").to_string();
-        FakeStandby { listener, addr }
+        FakeStandby {
+            listener,
+            addr,
+            disks: Mutex::new(Vec::new()),
+        }
     }
 
     /// The next connection, within `PATIENCE`.
@@ -995,6 +1048,8 @@ impl FakeStandby {
         };
         assert_eq!(h.protocol_version, VERSION);
         assert_eq!(h.storage, WireStorage::Replicated);
+        *self.disks.lock().unwrap_or_else(|e| e.into_inner()) =
+            h.manifest.disks.iter().map(|d| d.size).collect();
         assert_eq!(h.manifest.memory, MEMORY);
         assert_eq!(h.manifest.cpus, 1);
         assert!(
@@ -1008,6 +1063,47 @@ impl FakeStandby {
     /// the liveness connection the primary opens next.
     fn accept_session(&self, data: &mut TcpStream, then: &[u8], primary: &Running) -> Heartbeats {
         let mut out = frame(0, 0, &Body::HelloAck(HelloAck::Accept));
+        // Holdings as a zeroed standby's: a digest of zero chunks for every disk.
+        let disks = self
+            .disks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|&size| {
+                let chunk = digest_chunk(size);
+                let zero = vmm::replication::digest::hash(&vec![
+                    0u8;
+                    usize::try_from(chunk)
+                        .expect("a chunk fits memory")
+                ]);
+                Digest {
+                    chunk,
+                    hashes: (0..size.div_ceil(chunk))
+                        .map(|i| {
+                            if (i + 1) * chunk <= size {
+                                zero
+                            } else {
+                                vmm::replication::digest::hash(&vec![
+                                    0u8;
+                                    usize::try_from(
+                                        size - i * chunk
+                                    )
+                                    .expect("fits")
+                                ])
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        out.extend_from_slice(&frame(
+            0,
+            0,
+            &Body::Holdings(Holdings {
+                replica: None,
+                disks,
+            }),
+        ));
         out.extend_from_slice(then);
         data.write_all(&out).expect("send the HelloAck");
         Heartbeats::start(self.accept("liveness", primary), 0)

@@ -1049,6 +1049,12 @@ impl Standby {
             }
         }
         let decided = Instant::now();
+        if matches!(end, SessionEnd::Lost(_)) && !applied_here {
+            // A replica kept from an earlier session is older than what that primary
+            // ran on without this standby (it recorded so, with a witness): it is
+            // never resumed. Only a checkpoint of this session is.
+            replica.applied = None;
+        }
         let silence = pulse.silent_for();
         liveness.stop();
         closer.close();
