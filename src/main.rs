@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
@@ -51,6 +52,11 @@ enum Command {
     /// Send a command to a running mirrorvm's API socket (`--api-socket`) and print
     /// its JSON answer (docs/api.md). Exits 0 if it was carried out, 1 if refused.
     Ctl(CtlArgs),
+
+    /// Planned switchover: ask the primary at its API socket to hand the guest to
+    /// its standby (a final checkpoint, the standby resumes it, the old primary
+    /// becomes its standby without a copy). The same as `ctl switchover`.
+    Switchover(SwitchoverArgs),
 
     /// Show mirroring and failover: a primary on host-a mirrors a guest to a standby
     /// on host-b (two network namespaces as root, else loopback), is killed with
@@ -138,6 +144,16 @@ enum CtlCommand {
     /// Stop the run with a final checkpoint (if checkpointing), as SIGTERM does; the
     /// VMM then exits 0.
     Shutdown,
+    /// Hand the guest to the standby (planned switchover); this host becomes its
+    /// standby.
+    Switchover,
+}
+
+#[derive(Args, Debug)]
+struct SwitchoverArgs {
+    /// The primary's API socket (its `--api-socket`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -483,8 +499,68 @@ fn run(mut args: RunArgs) -> anyhow::Result<RunEnd> {
     if let Some(api) = &api {
         machine.serve_api(api.endpoint());
     }
+    let handed = handover_slot(&mut machine);
     tracing::info!(cmdline = machine.cmdline(), "booting");
-    Ok(machine.run()?)
+    let end = machine.run()?;
+    if end != RunEnd::Switchover {
+        return Ok(end);
+    }
+    // Handed over: this host becomes the new primary's standby, keeping the
+    // guest's memory as its replica.
+    let handed = take_handed(&handed)?;
+    let Some(peer) = config.epoch.as_ref().and_then(|e| match &e.sink {
+        SinkConfig::Peer(p) | SinkConfig::Await(p) => Some(p.clone()),
+        SinkConfig::Directory(_) => None,
+    }) else {
+        anyhow::bail!("a switchover needs a standby");
+    };
+    let Some(join) = handed.rejoin.clone() else {
+        eprintln!(
+            "mirrorvm: switchover: the standby runs the guest now; it accepts no standby (no --listen), so this host exits"
+        );
+        return Ok(RunEnd::Switchover);
+    };
+    eprintln!(
+        "mirrorvm: switchover: the standby runs the guest now; this host becomes its standby (joining {join})"
+    );
+    let sc = StandbyConfig {
+        listen: peer.listen.clone(),
+        join: Some(join),
+        disks: config.disks.clone(),
+        serial: config.serial.clone(),
+        kvm_device: config.kvm_device.clone(),
+        witness: peer.witness.clone(),
+        liveness: peer.liveness,
+        metrics: None,
+        metrics_addr: None,
+        transport: peer.transport,
+    };
+    let mut standby = Standby::after_handover(sc.clone(), handed)?;
+    if let Some(api) = &api {
+        standby.serve_api(api.endpoint());
+    }
+    stand_by(standby, sc, api.as_ref())
+}
+
+type HandoverSlot = Arc<Mutex<Option<vmm::HandedOver>>>;
+
+/// Where `machine` leaves what it holds if it hands its guest over (switchover).
+fn handover_slot(machine: &mut Machine) -> HandoverSlot {
+    let handed: HandoverSlot = Arc::new(Mutex::new(None));
+    let slot = handed.clone();
+    machine.on_handover(Box::new(move |h| {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+    }));
+    handed
+}
+
+fn take_handed(slot: &HandoverSlot) -> anyhow::Result<vmm::HandedOver> {
+    slot.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .ok_or_else(|| {
+            anyhow::anyhow!("the switchover did not complete (see above): this host runs no guest")
+        })
 }
 
 fn restore(mut args: RestoreArgs) -> anyhow::Result<RunEnd> {
@@ -518,15 +594,50 @@ fn standby(args: StandbyArgs) -> anyhow::Result<RunEnd> {
         metrics_addr: args.metrics_addr,
         transport: Transport::PlainTcp,
     };
-    let mut standby = Standby::new(config)?;
+    let mut standby = Standby::new(config.clone())?;
     if let Some(api) = &api {
         standby.serve_api(api.endpoint());
     }
-    match standby.serve()? {
-        StandbyEnd::PrimaryEnded { exit_status, .. } => Ok(RunEnd::GuestExit(
-            u8::try_from(exit_status.clamp(0, 255)).unwrap_or(u8::MAX),
-        )),
-        StandbyEnd::TookOver(t) => Ok(t.run()?),
+    stand_by(standby, config, api.as_ref())
+}
+
+/// Serves as a standby until the primary ends in order (its status), or until this
+/// host took over and its guest ended (the guest's). A host that took over and then
+/// hands the guest back (switchover) stands by again, for the host it handed to.
+fn stand_by(
+    mut standby: Standby,
+    mut config: StandbyConfig,
+    api: Option<&vmm::api::ApiServer>,
+) -> anyhow::Result<RunEnd> {
+    loop {
+        let mut t = match standby.serve()? {
+            StandbyEnd::PrimaryEnded { exit_status, .. } => {
+                return Ok(RunEnd::GuestExit(
+                    u8::try_from(exit_status.clamp(0, 255)).unwrap_or(u8::MAX),
+                ))
+            }
+            StandbyEnd::TookOver(t) => t,
+        };
+        let handed = handover_slot(&mut t.machine);
+        let end = t.run()?;
+        if end != RunEnd::Switchover {
+            return Ok(end);
+        }
+        let handed = take_handed(&handed)?;
+        let Some(join) = handed.rejoin.clone() else {
+            eprintln!(
+                "mirrorvm: switchover: the other host runs the guest now; it accepts no standby (no --listen), so this host exits"
+            );
+            return Ok(end);
+        };
+        eprintln!(
+            "mirrorvm: switchover: the other host runs the guest now; this host becomes its standby (joining {join})"
+        );
+        config.join = Some(join);
+        standby = Standby::after_handover(config.clone(), handed)?;
+        if let Some(api) = api {
+            standby.serve_api(api.endpoint());
+        }
     }
 }
 
@@ -564,6 +675,7 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Resume => Api::Resume,
         CtlCommand::Checkpoint { no_wait } => Api::Checkpoint { wait: !no_wait },
         CtlCommand::Shutdown => Api::Shutdown,
+        CtlCommand::Switchover => Api::Switchover,
     };
     let r = vmm::api::ctl(&args.api_socket, req)?;
     if (200..300).contains(&r.status) {
@@ -645,6 +757,16 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore(args),
         Command::Standby(args) => standby(args),
         Command::Demo(args) => return demo(args),
+        Command::Switchover(args) => {
+            let args = CtlArgs {
+                api_socket: args.api_socket,
+                command: CtlCommand::Switchover,
+            };
+            return ctl(&args).unwrap_or_else(|e| {
+                eprintln!("mirrorvm: error: {e:#}");
+                ExitCode::from(1)
+            });
+        }
         Command::Ctl(args) => {
             return ctl(&args).unwrap_or_else(|e| {
                 eprintln!("mirrorvm: error: {e:#}");
@@ -676,7 +798,7 @@ fn main() -> ExitCode {
                 RunEnd::GuestError(msg) => eprintln!("mirrorvm: guest stopped: {msg}"),
                 RunEnd::Signal(s) => eprintln!("mirrorvm: stopped by signal {s}"),
                 RunEnd::Reset => tracing::info!("guest reset the machine"),
-                RunEnd::GuestExit(_) | RunEnd::Quit => {}
+                RunEnd::GuestExit(_) | RunEnd::Quit | RunEnd::Switchover => {}
             }
             ExitCode::from(u8::try_from(end.exit_code().clamp(0, 255)).unwrap_or(u8::MAX))
         }

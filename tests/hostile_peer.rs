@@ -1102,6 +1102,7 @@ impl FakeStandby {
             &Body::Holdings(Holdings {
                 replica: None,
                 disks,
+                listen: None,
             }),
         ));
         out.extend_from_slice(then);

@@ -35,5 +35,5 @@ pub mod vcpu;
 pub mod vm_state;
 
 pub use config::VmConfig;
-pub use machine::{Machine, VmmError};
+pub use machine::{HandedOver, Machine, VmmError};
 pub use run_end::RunEnd;

@@ -15,6 +15,9 @@ pub enum RunEnd {
     Quit,
     /// The guest did something that stops it (internal error, triple fault, …).
     GuestError(String),
+    /// The user handed the guest to the standby (`mirrorvm switchover`): a final
+    /// checkpoint, then the standby resumes it and this host becomes its standby.
+    Switchover,
 }
 
 impl RunEnd {
@@ -23,7 +26,7 @@ impl RunEnd {
     pub fn exit_code(&self) -> i32 {
         match self {
             RunEnd::GuestExit(v) => i32::from(*v),
-            RunEnd::Reset | RunEnd::Quit => 0,
+            RunEnd::Reset | RunEnd::Quit | RunEnd::Switchover => 0,
             RunEnd::Signal(s) => 128 + s,
             RunEnd::GuestError(_) => 2,
         }
@@ -32,7 +35,7 @@ impl RunEnd {
     /// Whether the user stopped the run (a signal, Ctrl-A x) rather than the guest
     /// ending it: a stopped guest is meant to be continued later.
     pub fn is_user_stop(&self) -> bool {
-        matches!(self, RunEnd::Signal(_) | RunEnd::Quit)
+        matches!(self, RunEnd::Signal(_) | RunEnd::Quit | RunEnd::Switchover)
     }
 }
 

@@ -53,17 +53,21 @@ pub enum Command {
     /// End the run as a user stop does: a final checkpoint, then exit 0
     /// (`PUT vm.shutdown`).
     Shutdown,
+    /// Hand the guest to the standby (`PUT vm.switchover`): a final checkpoint, the
+    /// standby resumes it, this host becomes its standby.
+    Switchover,
 }
 
 impl Command {
     /// Every command (`Checkpoint` with its default, waiting).
-    pub const ALL: [Command; 6] = [
+    pub const ALL: [Command; 7] = [
         Command::Ping,
         Command::Info,
         Command::Pause,
         Command::Resume,
         Command::Checkpoint { wait: true },
         Command::Shutdown,
+        Command::Switchover,
     ];
 
     /// Its HTTP method and path: the one table the server routes by and the
@@ -76,6 +80,7 @@ impl Command {
             Command::Resume => ("PUT", "/api/v1/vm.resume"),
             Command::Checkpoint { .. } => ("PUT", "/api/v1/vm.checkpoint"),
             Command::Shutdown => ("PUT", "/api/v1/vm.shutdown"),
+            Command::Switchover => ("PUT", "/api/v1/vm.switchover"),
         }
     }
 }
@@ -282,6 +287,9 @@ impl Backend for StandbyBackend {
             ),
             Command::Shutdown => Err(ApiError::conflict(
                 "this host is a standby: stop it with SIGTERM, or stop the primary's run, which ends the standby too",
+            )),
+            Command::Switchover => Err(ApiError::conflict(
+                "this host is a standby: ask the primary (its API socket) to switch over to it",
             )),
         }
     }

@@ -282,12 +282,16 @@ fn route(rq: &mut Request, endpoint: &Endpoint) -> Result<(u16, serde_json::Valu
             Command::Checkpoint { wait: p.wait }
         }
         Command::Info => cmd,
-        Command::Pause | Command::Resume | Command::Shutdown => {
+        Command::Pause | Command::Resume | Command::Shutdown | Command::Switchover => {
             let NoParams {} = params(&body).map_err(|e| (e, None))?;
             cmd
         }
     };
-    let status = if cmd == Command::Shutdown { 202 } else { 200 };
+    let status = if matches!(cmd, Command::Shutdown | Command::Switchover) {
+        202
+    } else {
+        200
+    };
     endpoint
         .current()
         .handle(cmd)

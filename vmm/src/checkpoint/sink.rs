@@ -79,6 +79,9 @@ pub enum SinkEnd {
         /// The primary's exit status.
         exit_status: i32,
     },
+    /// The user handed the guest to the standby after a final checkpoint
+    /// (switchover): the standby resumes it now.
+    Handover,
 }
 
 /// What the primary knows of the pages changed since a checkpoint a standby might
@@ -142,4 +145,10 @@ pub trait CheckpointSink: Send {
     fn write(&mut self, c: &Checkpoint) -> Result<u64, SinkError>;
     /// The run ended: record how.
     fn end(&mut self, how: &SinkEnd) -> Result<(), SinkError>;
+    /// After a handover ([`SinkEnd::Handover`]): where the host that now runs the
+    /// guest accepts a standby (`--join`), so this one can become it. `None` for
+    /// sinks that run no guest.
+    fn rejoin_addr(&self) -> Option<String> {
+        None
+    }
 }

@@ -4,6 +4,7 @@
 //! | --- | --- | --- | --- | --- |
 //! | no checkpoints at all | – | yes (the gate is open) | yes | – |
 //! | the user stopped it (signal, Ctrl-A x) | yes, vCPUs parked | if the final one landed | no: the disks are at the final checkpoint | stopped |
+//! | the user handed it to the standby (switchover) | yes, vCPUs parked | if the final one landed | no: the disks are at the final checkpoint | handover |
 //! | the guest ended it (exit, reset, error) | no; the one in flight may land | yes | yes: the base images alone hold the disk | finished |
 //! | the run failed (a cut, a disk commit, the event loop) | no | no: it belongs to checkpoints that never completed | no: the journals keep the regions for recovery | – |
 //! | unprotected (the sink is lost) | no | yes | yes, locally | – |
@@ -45,8 +46,12 @@ pub fn plan(why: &RunEnd, loop_ok: bool, phase: Option<Phase>) -> Ending {
             final_checkpoint: true,
             release_output: true,
             retire_disks: false,
-            sink_end: Some(SinkEnd::Stopped {
-                exit_status: why.exit_code(),
+            sink_end: Some(if *why == RunEnd::Switchover {
+                SinkEnd::Handover
+            } else {
+                SinkEnd::Stopped {
+                    exit_status: why.exit_code(),
+                }
             }),
         },
         Some(_) => Ending {

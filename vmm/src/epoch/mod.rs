@@ -337,6 +337,12 @@ impl EpochEngine {
         self.phase
     }
 
+    /// When the pause of the last cut began (for a switchover's downtime: the final
+    /// checkpoint's).
+    pub fn last_cut_began(&self) -> Option<Instant> {
+        self.last_cut.map(|c| c.began)
+    }
+
     /// The last checkpoint the sink completed in this run.
     pub fn last_complete(&self) -> Option<u64> {
         self.last_complete

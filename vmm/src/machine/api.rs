@@ -76,6 +76,7 @@ impl ApiControl {
                 }
             },
             Command::Shutdown => self.stop(),
+            Command::Switchover => self.switchover(),
         };
         p.reply(r);
     }
@@ -144,6 +145,35 @@ impl ApiControl {
         Ok(json!({ "stopping": true, "final_checkpoint": final_checkpoint }))
     }
 
+    /// Hands the guest to the standby: only while a standby holds a complete
+    /// checkpoint (the run then ends as a user stop does, with a handover).
+    fn switchover(&mut self) -> Result<serde_json::Value, ApiError> {
+        self.ending()?;
+        let status = self
+            .engine
+            .as_ref()
+            .map(|e| lock_recover(e).engine().status());
+        let ready = !matches!(self.sink, SinkKind::Directory)
+            && status.is_some_and(|s| {
+                matches!(
+                    s.phase,
+                    Phase::Idle | Phase::Exporting { .. } | Phase::CutPostponed { .. }
+                ) && s.last_complete.is_some()
+            });
+        if !ready {
+            return Err(ApiError::conflict(
+                "no standby holds a complete checkpoint of this guest: nothing to switch over to",
+            ));
+        }
+        if self.paused.load(Ordering::Acquire) {
+            return Err(ApiError::conflict(
+                "the guest is paused: resume it first (the standby resumes it where it was)",
+            ));
+        }
+        self.shutdown.request(RunEnd::Switchover);
+        Ok(json!({ "switchover": true }))
+    }
+
     fn info(&self) -> VmInfo {
         let status = self
             .engine
@@ -154,8 +184,10 @@ impl ApiControl {
             (_, Some(Phase::Failed)) => Role::Failed,
             (_, Some(Phase::Fenced)) => Role::Fenced,
             (_, Some(Phase::Unprotected { .. })) => Role::Unprotected,
-            (SinkKind::Peer(_), _) => Role::Primary,
             (SinkKind::Directory, _) => Role::Checkpointing,
+            (SinkKind::Peer(_), _) => Role::Primary,
+            // Waiting for a standby (--listen) and one has joined.
+            (SinkKind::None, Some(_)) => Role::Primary,
             (SinkKind::None, _) if self.taken_over => Role::Unprotected,
             (SinkKind::None, _) => Role::Standalone,
         };

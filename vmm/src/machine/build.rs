@@ -594,6 +594,8 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
         checkpointing,
         metrics_endpoint,
         on_running: None,
+        on_handover: None,
+        lineage: None,
         api: None,
         taken_over: false,
     })

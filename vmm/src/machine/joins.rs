@@ -3,7 +3,7 @@
 //! to the device loop, where the epoch engine attaches a sink over them if it runs
 //! unprotected, or turns the standby away if it has one.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +20,9 @@ use crate::VmmError;
 
 /// The device loop's side: builds a sink for each standby that joined.
 pub(super) struct Joins {
+    /// Tells the accepting thread to stop (and free the address).
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
     inbox: Receiver<Joined>,
     wake: EventFd,
     session: PeerConfig,
@@ -43,11 +46,14 @@ impl Joins {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("the joins eventfd"))?;
         let ring = wake.try_clone().map_err(os_err("the joins eventfd"))?;
         let (tx, inbox) = mpsc::channel();
-        std::thread::Builder::new()
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
             .name("joins".into())
             .spawn(move || loop {
-                match listener.accept() {
-                    Ok(j) => {
+                match listener.accept_unless(&stopping) {
+                    Ok(None) => return,
+                    Ok(Some(j)) => {
                         if tx.send(j).is_err() {
                             return;
                         }
@@ -64,6 +70,8 @@ impl Joins {
             })
             .map_err(os_err("the joins thread"))?;
         Ok(Joins {
+            stop,
+            thread: Some(thread),
             inbox,
             wake,
             session,
@@ -96,6 +104,17 @@ impl Joins {
                 "mirrorvm: cannot start protecting with the standby at {peer}: {}",
                 devices::ErrorChain(&e)
             ),
+        }
+    }
+}
+
+impl Drop for Joins {
+    /// Stops accepting, and waits until the address is free (at most the time a
+    /// dialing standby has to send its Join).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

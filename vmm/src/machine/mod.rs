@@ -265,6 +265,20 @@ struct Checkpointing {
     )>,
 }
 
+/// What a primary holds after it handed its guest to the standby (switchover): its
+/// memory, exactly the final checkpoint's, so it can become that standby's standby
+/// without a copy.
+pub struct HandedOver {
+    /// Guest memory, parked at the final checkpoint.
+    pub memory: GuestMemory,
+    /// The machine.
+    pub manifest: crate::checkpoint::Manifest,
+    /// The final checkpoint, by name.
+    pub replica: crate::checkpoint::ReplicaId,
+    /// Where the new primary accepts a standby (`--join`).
+    pub rejoin: Option<String>,
+}
+
 /// A built VM, ready to run.
 pub struct Machine {
     // Field order matters for drop: vCPUs and the VM go before the memory they map.
@@ -285,6 +299,10 @@ pub struct Machine {
     /// The Prometheus endpoint, served while the machine lives.
     metrics_endpoint: Option<crate::telemetry::MetricsEndpoint>,
     on_running: Option<Box<dyn FnOnce() + Send>>,
+    /// Told what this host holds once it handed the guest to its standby.
+    on_handover: Option<Box<dyn FnOnce(HandedOver) + Send>>,
+    /// This run's lineage, once checkpointing started.
+    lineage: Option<u64>,
     /// Where the API's requests come in, if it serves one.
     api: Option<crate::api::Endpoint>,
     /// Resumed by a standby that took over from its primary.
@@ -345,6 +363,13 @@ impl Machine {
 
     /// Calls `f` once every vCPU thread is started (a standby taking over times its
     /// resume with it).
+    /// Calls `f` once this primary handed its guest to the standby (switchover),
+    /// with what it holds: the caller can make it that standby's standby.
+    pub fn on_handover(&mut self, f: Box<dyn FnOnce(HandedOver) + Send>) {
+        self.on_handover = Some(f);
+    }
+
+    /// Calls `f` once every vCPU runs.
     pub fn on_running(&mut self, f: Box<dyn FnOnce() + Send>) {
         self.on_running = Some(f);
     }

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::adapters::{Gate, KvmDirtyLog, KvmState, KvmVcpus, Stores};
 use super::api::{ApiControl, SinkKind};
 use super::control::Control;
-use super::{Machine, RunEnd, VmmError, FINAL_CHECKPOINT_DEADLINE, VCPU_STOP_DEADLINE};
+use super::{HandedOver, Machine, RunEnd, VmmError, FINAL_CHECKPOINT_DEADLINE, VCPU_STOP_DEADLINE};
 use crate::checkpoint::{DiskManifest, Manifest};
 use crate::epoch::exporter::{ExportWorker, Exporter};
 use crate::epoch::{ending, EpochEngine, EpochLoop, Parts, Phase};
@@ -154,6 +154,7 @@ impl Machine {
             metrics,
         );
         engine.set_lineage(cp.lineage);
+        self.lineage = Some(cp.lineage);
         // A standby's initial copy crosses a network while the guest runs: iterate
         // it, so the first cut carries little. A local directory is written fast
         // enough that one pass suffices.
@@ -290,12 +291,18 @@ impl Machine {
         let mut plan = ending::plan(&why, loop_result.is_ok(), phase);
         let mut final_result = Ok(());
         let mut sink = None;
+        let mut final_epoch = None;
+        let mut paused_at = None;
         if let Some(e) = &engine {
             let mut lp = lock_recover(e);
             let engine = lp.engine();
             if plan.final_checkpoint {
                 match engine.finish(FINAL_CHECKPOINT_DEADLINE) {
-                    Ok(epoch) => tracing::info!("final checkpoint {epoch} written"),
+                    Ok(epoch) => {
+                        tracing::info!("final checkpoint {epoch} written");
+                        final_epoch = Some(epoch);
+                        paused_at = engine.last_cut_began();
+                    }
                     Err(err) => {
                         plan = ending::after_failed_final();
                         final_result = Err(VmmError::Epoch(err));
@@ -349,6 +356,24 @@ impl Machine {
         // so only then may the rest of the output be shown and the disks settled.
         if let (Some(sink), Some(how)) = (sink.as_mut(), &plan.sink_end) {
             match sink.end(how) {
+                Ok(()) if *how == crate::checkpoint::sink::SinkEnd::Handover => {
+                    if let (Some(t), Some(epoch)) = (paused_at, final_epoch) {
+                        eprintln!(
+                            "mirrorvm: switchover: handed the guest over at checkpoint {epoch}: {:.1} ms from the final pause to the standby's confirmation",
+                            t.elapsed().as_secs_f64() * 1e3
+                        );
+                    }
+                    if let (Some(f), Some(epoch), Some(lineage)) =
+                        (self.on_handover.take(), final_epoch, self.lineage)
+                    {
+                        f(HandedOver {
+                            memory: self.mem.clone(),
+                            manifest: self.manifest(),
+                            replica: crate::checkpoint::ReplicaId { lineage, epoch },
+                            rejoin: sink.rejoin_addr(),
+                        });
+                    }
+                }
                 Ok(()) => {}
                 // The standby may still resume and this host cannot record that it
                 // goes on alone: show and settle nothing more.

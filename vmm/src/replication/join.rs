@@ -69,8 +69,29 @@ impl JoinListener {
 
     /// Waits for the next standby whose two connections have both arrived.
     pub fn accept(&mut self) -> Result<Joined, TransportError> {
+        let never = std::sync::atomic::AtomicBool::new(false);
         loop {
-            let conn = self.listener.accept()?;
+            if let Some(j) = self.accept_unless(&never)? {
+                return Ok(j);
+            }
+        }
+    }
+
+    /// As [`accept`](Self::accept), but gives up (`Ok(None)`) soon after `stop` is
+    /// set, so the address is free again for whoever listens next.
+    pub fn accept_unless(
+        &mut self,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<Option<Joined>, TransportError> {
+        loop {
+            let conn = loop {
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    return Ok(None);
+                }
+                if let Some(c) = self.listener.accept_within(Duration::from_millis(100))? {
+                    break c;
+                }
+            };
             self.waiting.retain(|(_, _, t)| t.elapsed() < PAIR_DEADLINE);
             let peer = conn.peer().to_string();
             let join = match read_join(&conn) {
@@ -95,11 +116,11 @@ impl JoinListener {
                         continue;
                     };
                     let (_, data, _) = self.waiting.remove(i);
-                    return Ok(Joined {
+                    return Ok(Some(Joined {
                         peer: data.peer().to_string(),
                         data,
                         live: conn,
-                    });
+                    }));
                 }
             }
         }

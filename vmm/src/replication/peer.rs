@@ -354,6 +354,12 @@ pub struct PeerSink {
     last_acked: Option<u64>,
     /// The session's manifest (the base copy reads the disks it names).
     manifest: Option<Manifest>,
+    /// Where the standby accepts standbys once it runs the guest (its Holdings'
+    /// `listen`, else the address dialed).
+    rejoin: Option<String>,
+    /// Whether this primary dialed the standby (`--peer`) rather than the standby
+    /// dialing it.
+    pending_was_dialed: bool,
 }
 
 impl PeerSink {
@@ -396,6 +402,8 @@ impl PeerSink {
             highest_sent: 0,
             last_acked: None,
             manifest: None,
+            rejoin: None,
+            pending_was_dialed: true,
         })
     }
 
@@ -424,6 +432,8 @@ impl PeerSink {
             highest_sent: 0,
             last_acked: None,
             manifest: None,
+            rejoin: None,
+            pending_was_dialed: false,
         }
     }
 
@@ -1045,9 +1055,17 @@ impl CheckpointSink for PeerSink {
         StorageMode::Replicated
     }
 
+    fn rejoin_addr(&self) -> Option<String> {
+        self.rejoin.clone()
+    }
+
     fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {
         match self.handshake(manifest) {
             Ok(s) => {
+                self.rejoin = s.holdings.listen.clone().or_else(|| {
+                    // A standby this primary dialed listens where it was dialed.
+                    self.pending_was_dialed.then(|| self.config.addr.clone())
+                });
                 self.session = Some(s);
                 self.manifest = Some(manifest.clone());
                 Ok(())
@@ -1128,7 +1146,9 @@ impl CheckpointSink for PeerSink {
             SinkEnd::Stopped { exit_status } => Shutdown::Stopped {
                 exit_status: *exit_status,
             },
+            SinkEnd::Handover => Shutdown::Handover,
         });
+        let handover = *how == SinkEnd::Handover;
         let epoch = self.highest_sent;
         let r = s.w.write(epoch, &body).and_then(|()| s.w.flush());
         // The standby closes the session once it read the Shutdown. Until it did (or
@@ -1142,7 +1162,16 @@ impl CheckpointSink for PeerSink {
         let confirmed = r.is_ok() && Self::wait_closed(s, SHUTDOWN_CONFIRM);
         s.close();
         self.session = None;
-        if !confirmed {
+        if handover {
+            // The standby takes the fence and the guest now; this host must not
+            // record that it goes on alone (it does not go on at all).
+            if !confirmed {
+                return Err(SinkError::Lost(Box::new(PeerError::Dead {
+                    addr: self.config.addr.clone(),
+                    why: "it did not confirm the handover: it may or may not have resumed the guest; look at it before starting the guest anywhere".into(),
+                })));
+            }
+        } else if !confirmed {
             if let Some(f) = &self.fence {
                 devices::bus::lock_recover(f)
                     .record_unprotected_since(self.highest_sent.saturating_add(1))

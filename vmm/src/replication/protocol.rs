@@ -346,6 +346,10 @@ pub struct Holdings {
     pub replica: Option<ReplicaId>,
     /// One digest per disk of the Hello, in order.
     pub disks: Vec<Digest>,
+    /// Where this standby accepts a standby once it runs the guest (its `--listen`
+    /// address), so a primary that hands it the guest (switchover) can become its
+    /// standby. `None`: it listens nowhere.
+    pub listen: Option<String>,
 }
 
 /// How an initial copy builds the standby's memory.
@@ -408,6 +412,10 @@ pub enum Shutdown {
     /// over. Sent on the liveness connection as the primary closes the session, so a
     /// standby that was only slow or stopped, not dead, finds it when it wakes.
     Abandoned,
+    /// A planned switchover: the primary cut a final checkpoint, the standby
+    /// acknowledged it, and now the standby takes the fence and resumes the guest
+    /// at once. The old primary then dials it as its standby (`Holdings::listen`).
+    Handover,
 }
 
 /// Part of one disk's region in a Region frame. A region too large for one frame
@@ -2517,7 +2525,9 @@ mod tests {
                     chunk: MIN_DIGEST_CHUNK,
                     hashes: vec![[5; DIGEST_LEN], [6; DIGEST_LEN]],
                 }],
+                listen: Some("10.0.0.2:7000".into()),
             }),
+            Body::Shutdown(Shutdown::Handover),
             Body::CopyPlan(CopyPlan {
                 memory: Some(ReplicaId {
                     lineage: 3,

@@ -200,11 +200,23 @@ pub struct FailoverReport {
     pub restore: Duration,
     /// Console bytes shown that the primary had held back.
     pub console_bytes: u64,
+    /// A planned handover (switchover), not a failure.
+    pub handover: bool,
 }
 
 impl std::fmt::Display for FailoverReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        if self.handover {
+            return write!(
+                f,
+                "switchover: took the guest over at checkpoint {}: fence {:.1} ms, apply {:.1} ms, restore {:.1} ms",
+                self.epoch,
+                ms(self.fence),
+                ms(self.apply),
+                ms(self.restore)
+            );
+        }
         write!(
             f,
             "failover: primary lost ({}) at checkpoint {}: detect {:.1} ms, fence {:.1} ms, apply {:.1} ms, restore {:.1} ms",
@@ -432,6 +444,27 @@ impl Standby {
         })
     }
 
+    /// A standby made of a primary that just handed its guest over (switchover): it
+    /// keeps that guest's memory as the replica of the final checkpoint, so the new
+    /// primary sends only the pages written since it resumed, and the disk chunks
+    /// that differ (few: both disks hold the final checkpoint).
+    pub fn after_handover(
+        config: StandbyConfig,
+        handed: crate::HandedOver,
+    ) -> Result<Standby, StandbyError> {
+        let mut s = Standby::new(config)?;
+        s.kept = Some(Replica {
+            manifest: handed.manifest,
+            lineage: handed.replica.lineage,
+            memory: handed.memory,
+            // Only its name is used: a kept replica is never resumed.
+            applied: Some((handed.replica.epoch, Vec::new())),
+            console: Vec::new(),
+            copying: false,
+        });
+        Ok(s)
+    }
+
     /// Answers the API's requests at `endpoint`: its status while it stands by,
     /// then, if it takes over, the resumed machine's.
     pub fn serve_api(&mut self, endpoint: Endpoint) {
@@ -605,6 +638,7 @@ impl Standby {
                     .filter(|k| k.manifest.memory == hello.manifest.memory)
                     .and_then(Replica::id),
                 disks: digests,
+                listen: self.local_addr(),
             };
             if let Some(id) = holdings.replica {
                 tracing::info!("offering the replica of {id} to the primary at {peer}");
@@ -631,6 +665,18 @@ impl Standby {
                 self.status(|i| *i = StandbyBackend::initial_info());
             }
             match ended {
+                (SessionEnd::Shutdown(Shutdown::Handover), (replica, disks, _silence, decided)) => {
+                    return self
+                        .take_over(
+                            "the primary handed the guest over (switchover)".into(),
+                            replica,
+                            disks,
+                            Duration::ZERO,
+                            decided,
+                            true,
+                        )
+                        .map(|t| StandbyEnd::TookOver(Box::new(t)));
+                }
                 (SessionEnd::Shutdown(Shutdown::Abandoned), (replica, ..)) => {
                     self.keep(replica);
                     eprintln!(
@@ -643,7 +689,7 @@ impl Standby {
                         Shutdown::Stopped { exit_status } => {
                             ("stopped by the user".to_string(), exit_status)
                         }
-                        Shutdown::Abandoned => ("abandoned".to_string(), 1),
+                        Shutdown::Abandoned | Shutdown::Handover => ("abandoned".to_string(), 1),
                     };
                     eprintln!(
                         "mirrorvm: standby: the primary ended the run ({how}): exiting with status {exit_status}"
@@ -658,7 +704,7 @@ impl Standby {
                 }
                 (SessionEnd::Lost(why), (replica, disks, pulse_silence, decided)) => {
                     return self
-                        .take_over(why, replica, disks, pulse_silence, decided)
+                        .take_over(why, replica, disks, pulse_silence, decided, false)
                         .map(|t| StandbyEnd::TookOver(Box::new(t)));
                 }
             }
@@ -1029,6 +1075,11 @@ impl Standby {
                     let shown = released.load(Ordering::Relaxed);
                     replica.console.retain(|(e, _)| *e > shown);
                 }
+                Ok(Staged::Shutdown(Shutdown::Handover)) if !applied_here => {
+                    break SessionEnd::Broken(
+                        "a handover before any checkpoint of this session was applied".into(),
+                    )
+                }
                 Ok(Staged::Shutdown(s)) => break SessionEnd::Shutdown(s),
                 Err(e) => break SessionEnd::Broken(assemble_why(&e)),
             }
@@ -1049,7 +1100,11 @@ impl Standby {
             }
         }
         let decided = Instant::now();
-        if matches!(end, SessionEnd::Lost(_)) && !applied_here {
+        if matches!(
+            end,
+            SessionEnd::Lost(_) | SessionEnd::Shutdown(Shutdown::Handover)
+        ) && !applied_here
+        {
             // A replica kept from an earlier session is older than what that primary
             // ran on without this standby (it recorded so, with a witness): it is
             // never resumed. Only a checkpoint of this session is.
@@ -1226,15 +1281,23 @@ impl Standby {
         disks: Vec<Disk>,
         silence: Duration,
         decided: Instant,
+        handover: bool,
     ) -> Result<Takeover, StandbyError> {
         let Some((epoch, state)) = replica.applied else {
             return Err(StandbyError::NothingToResume(reason));
         };
-        eprintln!("mirrorvm: standby: primary lost ({reason}): taking over at checkpoint {epoch}");
+        if handover {
+            eprintln!("mirrorvm: standby: {reason}: taking over at checkpoint {epoch}");
+        } else {
+            eprintln!(
+                "mirrorvm: standby: primary lost ({reason}): taking over at checkpoint {epoch}"
+            );
+        }
         let mut report = FailoverReport {
             reason,
             epoch,
             detect: silence,
+            handover,
             ..Default::default()
         };
         // Fence.
@@ -1262,6 +1325,7 @@ impl Standby {
                 // This process holds the witness while it runs the guest.
                 held = Some(Arc::new(std::sync::Mutex::new(fence)));
             }
+            None if handover => {}
             None => eprintln!(
                 "mirrorvm: failover: no --witness: taking over on silence alone (a network partition can leave two guests running)"
             ),
