@@ -20,6 +20,25 @@ pub enum RunEnd {
     Switchover,
 }
 
+/// Runs `f` with SIGINT and SIGTERM blocked on this thread, so the threads it
+/// starts (and theirs) never take them: a machine reads them from a signalfd while
+/// its own thread blocks them, and a signal the kernel handed to a service thread
+/// that does not block it (the API server, the metrics endpoint) would kill the
+/// process instead of stopping the run with its final checkpoint.
+pub fn without_stop_signals<T>(f: impl FnOnce() -> T) -> T {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGTERM);
+    let mut old = SigSet::empty();
+    let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old)).is_ok();
+    let r = f();
+    if blocked {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    }
+    r
+}
+
 impl RunEnd {
     /// The process exit status that reports this end: the guest's own value for a
     /// debug exit, 0 for a reset or quit, 128+signal for a signal, 2 for a guest error.

@@ -28,7 +28,7 @@ use crate::replication::standby::AppliedMetrics;
 /// chosen). The endpoint serves until dropped.
 pub fn start(addr: &str, role: Role) -> Result<(Telemetry, MetricsEndpoint), EndpointError> {
     let t = Telemetry::new(role);
-    let e = MetricsEndpoint::serve(addr, t.clone())?;
+    let e = crate::run_end::without_stop_signals(|| MetricsEndpoint::serve(addr, t.clone()))?;
     eprintln!("mirrorvm: metrics on http://{}/metrics", e.local_addr());
     Ok((t, e))
 }

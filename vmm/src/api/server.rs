@@ -85,6 +85,10 @@ impl ApiServer {
     /// left by a process that died is replaced; one another process listens on is
     /// refused, as is a path that is not a socket.
     pub fn start(path: &Path) -> Result<ApiServer, ApiServerError> {
+        crate::run_end::without_stop_signals(|| Self::start_here(path))
+    }
+
+    fn start_here(path: &Path) -> Result<ApiServer, ApiServerError> {
         let shown = path.display().to_string();
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -114,6 +114,17 @@ mod tests {
         let u = plan(&stop, true, Some(Phase::Unprotected { since: Some(3) }));
         assert!(u.release_output && u.retire_disks && !u.final_checkpoint);
 
+        let h = plan(&RunEnd::Switchover, true, idle);
+        assert!(h.final_checkpoint && h.release_output && !h.retire_disks);
+        assert_eq!(h.sink_end, Some(SinkEnd::Handover));
+        // Without a standby there is nothing to hand over to: settled locally.
+        let hu = plan(
+            &RunEnd::Switchover,
+            true,
+            Some(Phase::Unprotected { since: None }),
+        );
+        assert!(hu.sink_end.is_none() && hu.retire_disks);
+
         let f = after_failed_final();
         assert!(!f.release_output && !f.retire_disks);
     }

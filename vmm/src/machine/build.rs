@@ -94,14 +94,28 @@ pub(super) fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmEr
     move |source| VmmError::Os { what, source }
 }
 
-fn serial_output(serial: &SerialConfig) -> Result<(Box<dyn Write + Send>, bool), VmmError> {
+/// The console's destination. A booted guest starts its file afresh; a resumed one
+/// (restore, takeover) continues it, so a host that runs the guest again after a
+/// switchover keeps what its console showed before.
+fn serial_output(
+    serial: &SerialConfig,
+    resumed: bool,
+) -> Result<(Box<dyn Write + Send>, bool), VmmError> {
     Ok(match serial {
         SerialConfig::Tty => (Box::new(std::io::stdout()), true),
         SerialConfig::File(p) => (
-            Box::new(File::create(p).map_err(|source| VmmError::SerialFile {
-                path: p.display().to_string(),
-                source,
-            })?),
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(resumed)
+                    .truncate(!resumed)
+                    .open(p)
+                    .map_err(|source| VmmError::SerialFile {
+                        path: p.display().to_string(),
+                        source,
+                    })?,
+            ),
             false,
         ),
         SerialConfig::Off => (Box::new(std::io::sink()), false),
@@ -355,7 +369,8 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
         mut start,
     } = plan;
     // Output commit: with checkpoints, console output waits for its checkpoint.
-    let (serial_out, attach_stdin) = serial_output(&serial_cfg)?;
+    let resumed = matches!(start, Start::Restore { .. });
+    let (serial_out, attach_stdin) = serial_output(&serial_cfg, resumed)?;
     let gate = OutputGate::new(serial_out, epoch.is_some());
     // The metrics endpoint listens before anything else is reached, so a bad
     // address costs nothing.
