@@ -543,15 +543,7 @@ impl PeerSink {
             }
         }
         // What the standby holds comes next, once it hashed its disks.
-        closer
-            .set_read_timeout(Some(HOLDINGS_DEADLINE))
-            .map_err(|source| PeerError::Connect {
-                addr: addr.clone(),
-                source: TransportError::Setup {
-                    peer: addr.clone(),
-                    source,
-                },
-            })?;
+        bound_reads(&closer, Some(HOLDINGS_DEADLINE), &addr)?;
         let holdings = match fr.read_frame().map_err(|e| self.frames_err(e))? {
             Some(super::protocol::Frame {
                 body: Body::Holdings(h),
@@ -583,15 +575,7 @@ impl PeerSink {
             });
         }
         // From here on reads block without a bound: liveness watches the standby.
-        closer
-            .set_read_timeout(None)
-            .map_err(|source| PeerError::Connect {
-                addr: addr.clone(),
-                source: TransportError::Setup {
-                    peer: addr.clone(),
-                    source,
-                },
-            })?;
+        bound_reads(&closer, None, &addr)?;
         let inner = fr.into_inner();
         let closer = Arc::new(closer);
         let pulse = Arc::new(Pulse::default());
@@ -997,6 +981,19 @@ impl PeerSink {
         }
         false
     }
+}
+
+/// Bounds each read of the data connection with the standby at `addr`.
+fn bound_reads(closer: &Closer, t: Option<Duration>, addr: &str) -> Result<(), PeerError> {
+    closer
+        .set_read_timeout(t)
+        .map_err(|source| PeerError::Connect {
+            addr: addr.to_string(),
+            source: TransportError::Setup {
+                peer: addr.to_string(),
+                source,
+            },
+        })
 }
 
 /// Takes the witness named in `config`, if any.
