@@ -550,10 +550,11 @@ fn a_paused_primary_is_not_taken_over_and_a_takeover_answers_on_the_same_socket(
     let s = info(&s_sock);
     assert_eq!(s.state, "running", "{s:?}");
     assert!(!s.protected, "{s:?}");
+    // It runs unprotected until a standby joins it.
     refused(
         &call(&s_sock, "PUT", "/api/v1/vm.checkpoint", None),
         409,
-        "no checkpoint sink",
+        "no standby protects the guest",
     );
 }
 

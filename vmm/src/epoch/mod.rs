@@ -243,7 +243,7 @@ pub enum CutRefused {
     #[error("checkpointing failed in this run: no further checkpoint can be cut")]
     Failed,
     /// The sink is lost.
-    #[error("the checkpoint sink is lost: the guest runs unprotected and no checkpoint is cut")]
+    #[error("no standby protects the guest (it was lost, or none has joined yet): it runs unprotected and no checkpoint is cut")]
     Unprotected,
     /// Another host holds the fence.
     #[error("another host holds the fence: this one cuts no checkpoint")]
