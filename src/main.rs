@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 use vmm::config::{
-    self, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig, VmConfig,
+    self, DirectoryConfig, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig,
+    VmConfig,
 };
 use vmm::machine::RestoreConfig;
 use vmm::replication::liveness::LivenessConfig;
@@ -175,8 +176,10 @@ struct EpochArgs {
     /// guest runs, then one checkpoint is cut per epoch; older ones are folded into
     /// DIR/memory.img. Every writable disk needs checkpoint=on. Stopping mirrorvm
     /// (SIGINT, SIGTERM, Ctrl-A x) cuts a final checkpoint that `restore` resumes.
-    #[arg(long, value_name = "DIR")]
-    checkpoint_dir: Option<PathBuf>,
+    /// Zero pages are stored as bits; `,compress=none` stores the other pages raw
+    /// instead of lz4-compressed (the default, `compress=lz4`).
+    #[arg(long, value_name = "DIR[,compress=lz4|none]")]
+    checkpoint_dir: Option<String>,
 
     /// Mirror the guest to the standby at ADDR (HOST:PORT, started with `mirrorvm
     /// standby --listen ADDR`): after an initial copy, one checkpoint per epoch, each
@@ -269,7 +272,11 @@ impl LivenessArgs {
 impl EpochArgs {
     fn config(self) -> anyhow::Result<Option<EpochConfig>> {
         let sink = match (self.checkpoint_dir, self.peer) {
-            (Some(dir), _) => SinkConfig::Directory(dir),
+            (Some(spec), _) => {
+                let (path, compression) = vmm::checkpoint::directory::parse_dir_spec(&spec)
+                    .map_err(|e| usage(format!("--checkpoint-dir {spec}: {e}")))?;
+                SinkConfig::Directory(DirectoryConfig { path, compression })
+            }
             (None, Some(spec)) => {
                 let (addr, max_rate) =
                     vmm::replication::peer::parse_peer(&spec).map_err(|e| usage(e.to_string()))?;

@@ -160,7 +160,13 @@ fn check_journals(manifest: &Manifest) -> Result<(), VmmError> {
 /// the console's output gate (a peer tells its standby what it released).
 fn open_sink(config: &SinkConfig, gate: &OutputGate) -> Result<Box<dyn CheckpointSink>, VmmError> {
     Ok(match config {
-        SinkConfig::Directory(dir) => Box::new(DirectorySink::open(dir)?),
+        SinkConfig::Directory(d) => Box::new(DirectorySink::open_with(
+            &d.path,
+            crate::checkpoint::directory::DirectoryOptions {
+                compression: d.compression,
+                fold: None,
+            },
+        )?),
         SinkConfig::Peer(peer) => Box::new(
             crate::replication::peer::PeerSink::open(peer, gate.released_epoch())
                 .map_err(VmmError::Peer)?,
