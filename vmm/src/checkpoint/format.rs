@@ -294,6 +294,8 @@ pub struct Decoded {
     pub state: Vec<u8>,
     /// Its pages.
     pub pages: StagedPages,
+    /// How they were stored (version 1 and 2 files: all raw).
+    pub stored: EncodeStats,
 }
 
 fn read_header(r: &mut impl Read, len: u64) -> Result<(Header, [u8; HEADER_LEN]), FormatError> {
@@ -336,7 +338,7 @@ pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, Form
                 batch: batch.len() as u64,
             });
         }
-        batch.to_pages().map_err(FormatError::Pages)?
+        (batch.to_pages().map_err(FormatError::Pages)?, batch.stats())
     } else {
         let (addr_bytes, data) = pages.split_at(crate::arch::to_usize(header.npages) * 8);
         let addrs = addr_bytes
@@ -347,15 +349,26 @@ pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, Form
                 u64::from_le_bytes(b)
             })
             .collect();
-        StagedPages {
-            addrs,
-            data: data.to_vec(),
-        }
+        let stored = EncodeStats {
+            pages: header.npages,
+            raw: header.npages,
+            bytes: section,
+            ..Default::default()
+        };
+        (
+            StagedPages {
+                addrs,
+                data: data.to_vec(),
+            },
+            stored,
+        )
     };
+    let (pages, stored) = pages;
     Ok(Decoded {
         header,
         state,
         pages,
+        stored,
     })
 }
 

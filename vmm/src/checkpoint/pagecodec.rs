@@ -351,6 +351,25 @@ impl<'a> Batch<'a> {
         self.zeros[i / 8] & (1 << (i % 8)) != 0
     }
 
+    /// How the batch's pages are stored (its `bytes` field: the batch's length).
+    pub fn stats(&self) -> EncodeStats {
+        let zero = (0..self.count).filter(|i| self.is_zero(*i)).count() as u64;
+        let raw = self
+            .lengths
+            .chunks_exact(2)
+            .filter(|l| u16::from_le_bytes([l[0], l[1]]) == PAGE_LEN)
+            .count() as u64;
+        let stored = self.lengths.len() as u64 / 2;
+        EncodeStats {
+            pages: self.count as u64,
+            zero,
+            compressed: stored - raw,
+            raw,
+            bytes: (8 + self.addrs.len() + self.zeros.len() + self.lengths.len() + self.data.len())
+                as u64,
+        }
+    }
+
     /// Calls `f(index, address, contents)` for every page, in order, expanding
     /// compressed pages into a page buffer; stops at the first page that does not
     /// expand to exactly one page, or at `f`'s first error.
@@ -464,6 +483,7 @@ mod tests {
         let mut out = Vec::new();
         let s = encode(&p, Compression::Lz4, &mut out);
         assert_eq!((s.pages, s.zero, s.compressed, s.raw), (3, 1, 1, 1));
+        assert_eq!(Batch::parse(&out, 3).unwrap().stats(), s);
         assert!(out.len() < 8 + 24 + 1 + 4 + 2 * PAGE_SIZE, "{}", out.len());
         assert_eq!(out[32], 0b001, "the bitmap marks page 0 only");
         assert_eq!(decode(&out, 3).unwrap(), p);
@@ -604,6 +624,7 @@ mod tests {
             prop_assert_eq!(s.pages, p.addrs.len() as u64);
             prop_assert_eq!(s.zero + s.compressed + s.raw, s.pages);
             prop_assert!(s.bytes <= 8 + s.pages * (8 + 2 + PAGE_SIZE as u64) + s.pages.div_ceil(8));
+            prop_assert_eq!(Batch::parse(&out[3..], s.pages).unwrap().stats(), s);
             let back = decode(&out[3..], p.addrs.len() as u64).unwrap();
             prop_assert_eq!(back, p);
         }
