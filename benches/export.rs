@@ -83,7 +83,7 @@ fn pages(n: usize, content: Content, epoch: u64) -> StagedPages {
         let page = &mut p.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
         match content {
             Content::Sparse => {
-                for w in 0..=(rng.next() % 8) as usize {
+                for w in 0..=usize::try_from(rng.next() % 8).unwrap_or(0) {
                     let at = (w * 61 % 512) * 8;
                     page[at..at + 8].copy_from_slice(&rng.next().to_le_bytes());
                 }
@@ -264,7 +264,7 @@ fn sizes_of_chain(dir: &Path) -> Option<Sizes> {
         let mut off = 0;
         for &(s, l) in &layout {
             if gpa >= s && gpa < s + l {
-                return Some((off + gpa - s) as usize);
+                return usize::try_from(off + gpa - s).ok();
             }
             off += l;
         }

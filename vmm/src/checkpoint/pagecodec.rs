@@ -491,7 +491,7 @@ mod tests {
         let s = encode(&p, Compression::None, &mut out);
         assert_eq!((s.zero, s.compressed, s.raw), (1, 0, 2));
         assert_eq!(s.bytes, 8 + 24 + 1 + 4 + 2 * PAGE_SIZE as u64);
-        let second = &out[out.len() - s.bytes as usize..];
+        let second = &out[out.len() - usize::try_from(s.bytes).unwrap()..];
         assert_eq!(decode(second, 3).unwrap(), p);
         assert_eq!(
             decode(&encoded(&StagedPages::default(), Compression::Lz4), 0).unwrap(),
@@ -567,7 +567,7 @@ mod tests {
         // A raw-length page that is stored compressed cannot be told apart, but one
         // that claims fewer bytes than it expands to is refused: shorten the block.
         let mut b = good.clone();
-        b[33..35].copy_from_slice(&((len - 1) as u16).to_le_bytes());
+        b[33..35].copy_from_slice(&u16::try_from(len - 1).unwrap().to_le_bytes());
         b.remove(37 + len - 1);
         assert!(matches!(e(&b), CodecError::Corrupt { .. }));
     }
