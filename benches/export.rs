@@ -16,9 +16,12 @@
 //!    bench rebuilds from the image and the chain; the local sink does not hold it),
 //!    and the CPU time of encoding and decoding.
 //!
-//!     cargo bench --bench export
-//!     MIRRORVM_BENCH_ROUNDS=15 cargo bench --bench export      # more rounds (default 9)
-//!     MIRRORVM_BENCH_DIR=/dev/shm cargo bench --bench export   # where the sink writes
+//! ```text
+//! cargo bench --bench export
+//! MIRRORVM_BENCH_ROUNDS=15 cargo bench --bench export      # more rounds (default 9)
+//! MIRRORVM_BENCH_SECONDS=8 cargo bench --bench export      # longer guest runs (default 4)
+//! MIRRORVM_BENCH_DIR=/dev/shm cargo bench --bench export   # where the sink writes
+//! ```
 
 #[path = "support/host.rs"]
 mod host;
