@@ -57,6 +57,10 @@ pub enum DirectoryError {
         /// What is wrong with it.
         source: FormatError,
     },
+    /// A page batch's content is corrupt (an lz4 block that does not expand to one
+    /// page).
+    #[error("corrupt page section")]
+    Pages(#[from] super::pagecodec::CodecError),
     /// A checkpoint's content does not fit the machine.
     #[error("{path}")]
     Content {
@@ -508,24 +512,47 @@ impl DirectorySink {
             if *epoch > upto || *epoch <= base {
                 continue;
             }
-            let d = read_checkpoint(path, *epoch, max_pages)?;
-            for (gpa, page) in d
-                .pages
-                .addrs
-                .iter()
-                .zip(d.pages.data.chunks_exact(PAGE_SIZE))
-            {
-                let off = image_offset(&layout, *gpa).ok_or_else(|| DirectoryError::Content {
-                    path: path.clone(),
-                    source: ContentError::PageOutside(*gpa),
-                })?;
-                let idx = crate::arch::to_usize(off / PAGE_SIZE as u64);
-                if seen[idx / 64] & (1 << (idx % 64)) != 0 {
-                    continue;
+            let checked = read_checked(path, *epoch, max_pages)?;
+            let file_err = |source| DirectoryError::File {
+                path: path.clone(),
+                source,
+            };
+            // Marks a page written (true) unless a newer copy already was (false);
+            // an address outside memory is kept, for `write` to refuse.
+            let mut keep = |gpa: u64| match image_offset(&layout, gpa) {
+                Some(off) => {
+                    let idx = crate::arch::to_usize(off / PAGE_SIZE as u64);
+                    let fresh = seen[idx / 64] & (1 << (idx % 64)) == 0;
+                    seen[idx / 64] |= 1 << (idx % 64);
+                    fresh
                 }
-                seen[idx / 64] |= 1 << (idx % 64);
-                f.write_all_at(page, off)
-                    .map_err(io("cannot write", &img))?;
+                None => true,
+            };
+            let write = |gpa: u64, page: &[u8]| {
+                let off = image_offset(&layout, gpa).ok_or_else(|| DirectoryError::Content {
+                    path: path.clone(),
+                    source: ContentError::PageOutside(gpa),
+                })?;
+                f.write_all_at(page, off).map_err(io("cannot write", &img))
+            };
+            match checked.batch(max_pages).map_err(file_err)? {
+                // Only the pages no newer file had are expanded.
+                Some(batch) => {
+                    batch.for_each_where(|_, gpa| keep(gpa), |_, gpa, page| write(gpa, page))?
+                }
+                None => {
+                    let d = checked.decode(max_pages).map_err(file_err)?;
+                    for (gpa, page) in d
+                        .pages
+                        .addrs
+                        .iter()
+                        .zip(d.pages.data.chunks_exact(PAGE_SIZE))
+                    {
+                        if keep(*gpa) {
+                            write(*gpa, page)?;
+                        }
+                    }
+                }
             }
         }
         f.sync_data().map_err(io("cannot sync", &img))?;
@@ -538,27 +565,43 @@ impl DirectorySink {
     }
 }
 
-/// Reads and checks the checkpoint file `path` of epoch `epoch`.
+/// Reads the checkpoint file `path` of epoch `epoch` and checks its sizes, checksums
+/// and epoch; its pages are left encoded.
+fn read_checked(
+    path: &Path,
+    epoch: u64,
+    max_pages: u64,
+) -> Result<format::Checked, DirectoryError> {
+    let mut file = File::open(path).map_err(io("cannot open", path))?;
+    let len = file.metadata().map_err(io("cannot stat", path))?.len();
+    let mut r = std::io::BufReader::with_capacity(1 << 20, &mut file);
+    let c =
+        format::read_checked(&mut r, len, max_pages).map_err(|source| DirectoryError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if c.header.epoch != epoch {
+        return Err(DirectoryError::EpochMismatch {
+            path: path.to_path_buf(),
+            header: c.header.epoch,
+            name: epoch,
+        });
+    }
+    Ok(c)
+}
+
+/// Reads and checks the checkpoint file `path` of epoch `epoch`, pages expanded.
 fn read_checkpoint(
     path: &Path,
     epoch: u64,
     max_pages: u64,
 ) -> Result<format::Decoded, DirectoryError> {
-    let mut file = File::open(path).map_err(io("cannot open", path))?;
-    let len = file.metadata().map_err(io("cannot stat", path))?.len();
-    let mut r = std::io::BufReader::with_capacity(1 << 20, &mut file);
-    let d = format::read(&mut r, len, max_pages).map_err(|source| DirectoryError::File {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if d.header.epoch != epoch {
-        return Err(DirectoryError::EpochMismatch {
+    read_checked(path, epoch, max_pages)?
+        .decode(max_pages)
+        .map_err(|source| DirectoryError::File {
             path: path.to_path_buf(),
-            header: d.header.epoch,
-            name: epoch,
-        });
-    }
-    Ok(d)
+            source,
+        })
 }
 
 impl CheckpointSink for DirectorySink {

@@ -310,9 +310,22 @@ fn read_header(r: &mut impl Read, len: u64) -> Result<(Header, [u8; HEADER_LEN])
     Ok((decode_header(&h)?, h))
 }
 
-/// Reads and checks a whole checkpoint of `len` bytes holding at most `max_pages`
-/// pages: the header and sizes first, then the body and its CRC.
-pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, FormatError> {
+/// A checkpoint file whose sizes and checksums were checked, its pages not yet
+/// decoded: [`Checked::batch`] walks them without expanding all of them,
+/// [`Checked::decode`] expands them all.
+#[derive(Debug)]
+pub struct Checked {
+    /// Its header.
+    pub header: Header,
+    /// The encoded state section.
+    pub state: Vec<u8>,
+    /// The page section as stored.
+    pub pages: Vec<u8>,
+}
+
+/// Reads a whole checkpoint of `len` bytes holding at most `max_pages` pages and
+/// checks the header and sizes first, then the body's CRC.
+pub fn read_checked(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Checked, FormatError> {
     let (header, raw) = read_header(r, len)?;
     check_len(&header, len, max_pages)?;
     // Sizes are now bounded by the input's length.
@@ -330,46 +343,73 @@ pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, Form
     if t[8..16] != END_MAGIC || t[0..4] != crc.to_le_bytes() {
         return Err(FormatError::BodyCrc);
     }
-    let pages = if header.version >= BATCH_VERSION {
-        let batch = pagecodec::Batch::parse(&pages, max_pages).map_err(FormatError::Pages)?;
-        if batch.len() as u64 != header.npages {
-            return Err(FormatError::PageCount {
-                header: header.npages,
-                batch: batch.len() as u64,
-            });
-        }
-        (batch.to_pages().map_err(FormatError::Pages)?, batch.stats())
-    } else {
-        let (addr_bytes, data) = pages.split_at(crate::arch::to_usize(header.npages) * 8);
-        let addrs = addr_bytes
-            .chunks_exact(8)
-            .map(|c| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(c);
-                u64::from_le_bytes(b)
-            })
-            .collect();
-        let stored = EncodeStats {
-            pages: header.npages,
-            raw: header.npages,
-            bytes: section,
-            ..Default::default()
-        };
-        (
-            StagedPages {
-                addrs,
-                data: data.to_vec(),
-            },
-            stored,
-        )
-    };
-    let (pages, stored) = pages;
-    Ok(Decoded {
+    Ok(Checked {
         header,
         state,
         pages,
-        stored,
     })
+}
+
+impl Checked {
+    /// The page batch of a version 3 file (its structure and page count checked);
+    /// `None` for older versions, whose raw pages [`Checked::decode`] reads.
+    pub fn batch(&self, max_pages: u64) -> Result<Option<pagecodec::Batch<'_>>, FormatError> {
+        if self.header.version < BATCH_VERSION {
+            return Ok(None);
+        }
+        let batch = pagecodec::Batch::parse(&self.pages, max_pages).map_err(FormatError::Pages)?;
+        if batch.len() as u64 != self.header.npages {
+            return Err(FormatError::PageCount {
+                header: self.header.npages,
+                batch: batch.len() as u64,
+            });
+        }
+        Ok(Some(batch))
+    }
+
+    /// Expands every page.
+    pub fn decode(self, max_pages: u64) -> Result<Decoded, FormatError> {
+        let (pages, stored) = match self.batch(max_pages)? {
+            Some(batch) => (batch.to_pages().map_err(FormatError::Pages)?, batch.stats()),
+            None => {
+                let n = crate::arch::to_usize(self.header.npages);
+                let (addr_bytes, data) = self.pages.split_at(n * 8);
+                let addrs = addr_bytes
+                    .chunks_exact(8)
+                    .map(|c| {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(c);
+                        u64::from_le_bytes(b)
+                    })
+                    .collect();
+                let stored = EncodeStats {
+                    pages: self.header.npages,
+                    raw: self.header.npages,
+                    bytes: self.pages.len() as u64,
+                    ..Default::default()
+                };
+                (
+                    StagedPages {
+                        addrs,
+                        data: data.to_vec(),
+                    },
+                    stored,
+                )
+            }
+        };
+        Ok(Decoded {
+            header: self.header,
+            state: self.state,
+            pages,
+            stored,
+        })
+    }
+}
+
+/// Reads and checks a whole checkpoint of `len` bytes holding at most `max_pages`
+/// pages: the header and sizes first, then the body and its CRC, then its pages.
+pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, FormatError> {
+    read_checked(r, len, max_pages)?.decode(max_pages)
 }
 
 /// Reads only the header and state section of a checkpoint of `len` bytes (not its
