@@ -153,12 +153,12 @@ impl FoldPolicy {
         max_files: 0,
     };
 
-    /// The default for a guest of `memory` bytes: half its memory in chain bytes
-    /// (at least 16 MiB, at most 1 GiB), or 32 files, whichever comes first. Both
-    /// bound what a restore replays (`docs/checkpoint-format.md`).
+    /// The default for a guest of `memory` bytes: as many chain bytes as the guest
+    /// has memory (at least 16 MiB, at most 4 GiB), or 32 files, whichever comes
+    /// first. Both bound what a restore replays (`docs/checkpoint-format.md`).
     pub fn for_memory(memory: u64) -> FoldPolicy {
         FoldPolicy {
-            max_bytes: (memory / 2).clamp(16 << 20, 1 << 30),
+            max_bytes: memory.clamp(16 << 20, 4 << 30),
             max_files: 32,
         }
     }
