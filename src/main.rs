@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 use vmm::config::{
-    self, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig, VmConfig,
+    self, DirectoryConfig, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig,
+    VmConfig,
 };
 use vmm::machine::RestoreConfig;
 use vmm::replication::liveness::LivenessConfig;
@@ -188,11 +189,15 @@ struct EpochArgs {
     epoch_ms: u64,
 
     /// Checkpoint the guest into DIR (created if missing): memory is pre-copied while the
-    /// guest runs, then one checkpoint is cut per epoch; older ones are folded into
-    /// DIR/memory.img. Every writable disk needs checkpoint=on. Stopping mirrorvm
+    /// guest runs, then one checkpoint is cut per epoch, each page written once, into
+    /// its checkpoint's file; the chain of files is folded into DIR/memory.img once it
+    /// holds as many bytes as the guest's memory, or 32 files. Every writable disk
+    /// needs checkpoint=on. Stopping mirrorvm
     /// (SIGINT, SIGTERM, Ctrl-A x) cuts a final checkpoint that `restore` resumes.
-    #[arg(long, value_name = "DIR")]
-    checkpoint_dir: Option<PathBuf>,
+    /// Zero pages are stored as bits; `,compress=none` stores the other pages raw
+    /// instead of lz4-compressed (the default, `compress=lz4`).
+    #[arg(long, value_name = "DIR[,compress=lz4|none]")]
+    checkpoint_dir: Option<String>,
 
     /// Mirror the guest to the standby at ADDR (HOST:PORT, started with `mirrorvm
     /// standby --listen ADDR`): after an initial copy, one checkpoint per epoch, each
@@ -299,7 +304,11 @@ impl EpochArgs {
             ));
         }
         let sink = match (self.checkpoint_dir, self.peer, self.listen) {
-            (Some(dir), _, _) => SinkConfig::Directory(dir),
+            (Some(spec), _, _) => {
+                let (path, compression) = vmm::checkpoint::directory::parse_dir_spec(&spec)
+                    .map_err(|e| usage(format!("--checkpoint-dir {spec}: {e}")))?;
+                SinkConfig::Directory(DirectoryConfig { path, compression })
+            }
             (None, Some(spec), listen) => {
                 let (addr, max_rate) =
                     vmm::replication::peer::parse_peer(&spec).map_err(|e| usage(e.to_string()))?;

@@ -1,8 +1,9 @@
 //! Epochs and local checkpoint chains: `mirrorvm run --checkpoint-dir` cut at random
 //! moments by kill -9, then `mirrorvm restore --from` continues the guest exactly
 //! where its last complete checkpoint was cut. Also: a page written only by the VMM
-//! is in the dirty set, a corrupted checkpoint directory is refused clearly, and the
-//! Linux kernel restored in the middle of its boot goes on to mount its root.
+//! is in the dirty set, a corrupted checkpoint directory is refused clearly, a chain
+//! of lz4 and zero pages restores, and the Linux kernel restored in the middle of its
+//! boot goes on to mount its root.
 
 mod common;
 
@@ -101,8 +102,8 @@ fn counter_killed_at_random_moments_resumes_from_its_last_checkpoint() {
             "round {round}: line {first} shown twice (last printed before the kill: {last})"
         );
         // How far past: output is released when the sink's write returns, which for
-        // a directory is after the complete checkpoint was also folded into the
-        // memory image and synced. Under heavy I/O (a fresh-clone CI run beside
+        // a directory is after the checkpoint file was synced (and, when the chain
+        // reached its bound, folded into the memory image). Under heavy I/O (a fresh-clone CI run beside
         // kernel builds measured a 4 s gap: 400 lines at 10 ms) those syncs take
         // seconds, so this only catches a restore that lands absurdly far ahead.
         assert!(
@@ -195,6 +196,104 @@ fn a_page_written_only_by_the_vmm_is_in_the_dirty_set() {
     assert_eq!(&staged.data[i * 4096..i * 4096 + 8], &[0xcd; 8]);
     // And the next harvest is empty again: nothing is counted twice, nothing lost.
     assert_eq!(vmm::dirty::harvest(&vm, &mem).unwrap().count(), 0);
+}
+
+#[test]
+fn a_chain_of_compressed_and_zero_pages_restores_and_the_guest_checks_itself() {
+    if skip_without_kvm!() {
+        return;
+    }
+    use vmm::checkpoint::{directory, format, pagecodec::Compression, Checkpoint};
+    const MEMORY: u64 = 64 << 20;
+    // The top page of RAM: neither the test guest's image, its stacks nor the
+    // `dirty` region (16 MiB from the first MiB after the image) reach it.
+    const TOP: u64 = MEMORY - 4096;
+    let dir = tempdir();
+    let ck = dir.path().join("ck");
+    let r = start_checkpointed(
+        &ck,
+        "dirty pages_per_ms=50 mb=16 verify=1",
+        25,
+        &["--memory", "64M"],
+        |l| l.contains("pages dirtied"),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = r.kill9();
+
+    // The chain after the image stores the `dirty` pages (a few words each) as lz4.
+    let chain = directory::list_checkpoints(&ck).unwrap();
+    let base: u64 = std::fs::read_to_string(ck.join("memory.epoch"))
+        .expect("memory.epoch")
+        .trim()
+        .parse()
+        .unwrap();
+    let read = |path: &std::path::Path| {
+        let bytes = std::fs::read(path).unwrap();
+        format::read(&mut bytes.as_slice(), bytes.len() as u64, MEMORY / 4096).unwrap()
+    };
+    let mut compressed = 0;
+    for (e, path) in chain.iter().filter(|(e, _)| *e > base) {
+        let d = read(path);
+        assert_eq!(d.header.version, format::VERSION, "{e}");
+        compressed += d.stored.compressed;
+    }
+    assert!(
+        compressed > 0,
+        "no compressed page in the chain {chain:?} after {base}"
+    );
+    // Give the newest checkpoint zero pages over non-zero data: garbage in the image
+    // at the top of RAM, where the guest never looks, that its replay must clear.
+    let img = ck.join("memory.img");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xa5; 4096], TOP).unwrap();
+    f.sync_all().unwrap();
+    let (_, last) = chain.last().unwrap().clone();
+    let mut d = read(&last);
+    d.pages.addrs.push(TOP);
+    d.pages.data.extend_from_slice(&[0; 4096]);
+    let c = Checkpoint {
+        epoch: d.header.epoch,
+        full: d.header.flags & format::FLAG_FULL != 0,
+        state: d.state,
+        pages: d.pages,
+        ..Default::default()
+    };
+    let mut bytes = Vec::new();
+    let w = format::write(&mut bytes, &c, Compression::Lz4, &mut Vec::new()).unwrap();
+    assert!(w.pages.zero >= 1);
+    std::fs::write(&last, &bytes).unwrap();
+
+    // Restored, the guest finds every page it wrote; its memory, pre-copied into a
+    // new chain, has the zero page where the image had garbage.
+    let ck2 = dir.path().join("ck2");
+    let mut c = mirrorvm();
+    c.args(["restore", "--from"])
+        .arg(&ck)
+        .args(["--epoch-ms", "25", "--checkpoint-dir"])
+        .arg(&ck2);
+    let mut r = Running::spawn(c);
+    let progress = std::cell::Cell::new(0);
+    let ok = r.wait_for(Duration::from_secs(60), |l| {
+        if l.contains("pages dirtied") {
+            progress.set(progress.get() + 1);
+        }
+        l.contains("FAIL") || l.contains("expected") || progress.get() >= 3
+    });
+    let restored_ok = ok && progress.get() >= 3;
+    let has_base = wait_checkpoint(&ck2, 1, Duration::from_secs(30));
+    let lines = r.seen.clone();
+    let err = r.stderr();
+    assert!(
+        restored_ok,
+        "the restored guest failed its check or made no progress:\n{}\n{err}",
+        lines.join("\n")
+    );
+    assert!(has_base, "the restored run wrote no checkpoint:\n{err}");
+    let top = std::fs::read(ck2.join("memory.img")).unwrap();
+    assert!(
+        top[usize::try_from(TOP).unwrap()..].iter().all(|b| *b == 0),
+        "the zero page did not replace the image's page"
+    );
 }
 
 fn first_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {

@@ -391,14 +391,20 @@ impl Drop for Running {
     }
 }
 
-/// The epoch of the newest complete checkpoint in the checkpoint directory `dir`
-/// (its `memory.epoch` file), if any.
+/// The epoch of the newest complete checkpoint in the checkpoint directory `dir`, if
+/// any: the newest `ckpt-N.mvc` of the chain after `memory.epoch` (format 3 folds the
+/// chain into the image only now and then), or `memory.epoch` itself.
 pub fn memory_epoch(dir: &Path) -> Option<u64> {
-    std::fs::read_to_string(dir.join("memory.epoch"))
+    let base: u64 = std::fs::read_to_string(dir.join("memory.epoch"))
         .ok()?
         .trim()
         .parse()
+        .ok()?;
+    let newest = vmm::checkpoint::directory::list_checkpoints(dir)
         .ok()
+        .and_then(|l| l.last().map(|(e, _)| *e))
+        .unwrap_or(0);
+    Some(base.max(newest))
 }
 
 /// Waits until the checkpoint directory `dir` holds a complete checkpoint of epoch

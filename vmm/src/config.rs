@@ -204,12 +204,22 @@ impl FromStr for SerialConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkConfig {
     /// A local directory (`--checkpoint-dir`): `docs/checkpoint-format.md`.
-    Directory(PathBuf),
+    Directory(DirectoryConfig),
     /// A standby host (`--peer`): `docs/protocol.md`.
     Peer(crate::replication::peer::PeerConfig),
     /// No standby yet: run unprotected until one dials in on `listen` of this
     /// configuration (`run --listen` without `--peer`, or a standby that took over).
     Await(crate::replication::peer::PeerConfig),
+}
+
+/// A checkpoint directory and how pages are stored in it
+/// (`--checkpoint-dir DIR[,compress=lz4|none]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryConfig {
+    /// The directory.
+    pub path: PathBuf,
+    /// How pages that are not all zeros are stored (zero pages are always a bit).
+    pub compression: crate::checkpoint::pagecodec::Compression,
 }
 
 /// Epoch settings: how often to cut, where checkpoints go, where metrics go.

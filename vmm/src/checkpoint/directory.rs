@@ -10,6 +10,12 @@
 //! DIR/finished             present when the guest ended its run itself
 //! ```
 //!
+//! Each page of a checkpoint is written once, into its checkpoint file (zero pages as
+//! a bit, the others lz4-compressed unless the sink is told otherwise): the files
+//! after `memory.epoch` form a chain that a restore replays over the image. Only when
+//! the chain grows past a bound ([`FoldPolicy`]) is it folded into `memory.img`, each
+//! page's newest copy once.
+//!
 //! The directory shares the disks' journals (they live beside their images on the
 //! same host), so its checkpoints carry region metadata only
 //! ([`StorageMode::Shared`]): a restore recovers each journal to the checkpoint's
@@ -23,6 +29,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::format::{self, FormatError};
+use super::pagecodec::Compression;
 use super::sink::{CheckpointSink, SinkEnd, SinkError, StorageMode};
 use super::source::{CheckpointSource, Restored, SourceError};
 use super::{apply_pages, Checkpoint, ContentError, Manifest};
@@ -50,6 +57,10 @@ pub enum DirectoryError {
         /// What is wrong with it.
         source: FormatError,
     },
+    /// A page batch's content is corrupt (an lz4 block that does not expand to one
+    /// page).
+    #[error("corrupt page section")]
+    Pages(#[from] super::pagecodec::CodecError),
     /// A checkpoint's content does not fit the machine.
     #[error("{path}")]
     Content {
@@ -121,6 +132,78 @@ pub enum DirectoryError {
     /// Guest memory for the restore could not be created.
     #[error("cannot allocate the restored guest's memory")]
     Memory(#[source] MemoryError),
+}
+
+/// When the chain of checkpoint files after `memory.img` is folded into it. The
+/// fold writes each page's newest copy once and syncs the image; until then a
+/// checkpoint's pages live in its file only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoldPolicy {
+    /// Fold once the chain's files hold this many bytes.
+    pub max_bytes: u64,
+    /// Fold once the chain has this many files.
+    pub max_files: usize,
+}
+
+impl FoldPolicy {
+    /// Fold after every checkpoint (the version 2 behaviour: every page is written
+    /// twice, once in its file and once in the image).
+    pub const EVERY: FoldPolicy = FoldPolicy {
+        max_bytes: 0,
+        max_files: 0,
+    };
+
+    /// The default for a guest of `memory` bytes: as many chain bytes as the guest
+    /// has memory (at least 16 MiB, at most 4 GiB), or 32 files, whichever comes
+    /// first. Both bound what a restore replays (`docs/checkpoint-format.md`).
+    pub fn for_memory(memory: u64) -> FoldPolicy {
+        FoldPolicy {
+            max_bytes: memory.clamp(16 << 20, 4 << 30),
+            max_files: 32,
+        }
+    }
+}
+
+/// How a [`DirectorySink`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DirectoryOptions {
+    /// How pages that are not all zeros are stored.
+    pub compression: Compression,
+    /// When the chain is folded into the image ([`FoldPolicy::for_memory`] of the
+    /// manifest's memory when `None`).
+    pub fold: Option<FoldPolicy>,
+}
+
+/// A `--checkpoint-dir` value that cannot be parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum DirSpecError {
+    /// No directory before the options.
+    #[error("no directory given")]
+    NoDirectory,
+    /// An option other than `compress=`.
+    #[error("unknown option {0:?} (expected compress=lz4 or compress=none)")]
+    Unknown(String),
+    /// A `compress=` value other than lz4 or none.
+    #[error(transparent)]
+    Compression(#[from] super::pagecodec::UnknownCompression),
+}
+
+/// Parses `DIR[,compress=lz4|none]`: the directory is everything before the first
+/// comma.
+pub fn parse_dir_spec(spec: &str) -> Result<(PathBuf, Compression), DirSpecError> {
+    let mut parts = spec.split(',');
+    let dir = parts
+        .next()
+        .filter(|d| !d.is_empty())
+        .ok_or(DirSpecError::NoDirectory)?;
+    let mut compression = Compression::default();
+    for opt in parts {
+        let Some(v) = opt.trim().strip_prefix("compress=") else {
+            return Err(DirSpecError::Unknown(opt.to_string()));
+        };
+        compression = v.parse()?;
+    }
+    Ok((PathBuf::from(dir), compression))
 }
 
 impl From<DirectoryError> for SinkError {
@@ -238,17 +321,38 @@ fn lock(dir: &Path) -> Result<devices::lock::DirLock, DirectoryError> {
 pub struct DirectorySink {
     dir: PathBuf,
     layout: Option<Vec<(u64, u64)>>,
+    options: DirectoryOptions,
+    fold: FoldPolicy,
+    /// The epoch `memory.img` holds (`memory.epoch`), once there is a base.
+    base: Option<u64>,
+    /// Files and bytes of the chain after the base.
+    chain_files: usize,
+    chain_bytes: u64,
+    /// The encoded page batch of the checkpoint being written, kept for reuse.
+    scratch: Vec<u8>,
     _lock: devices::lock::DirLock,
 }
 
 impl DirectorySink {
-    /// A sink writing into `dir` (created if missing, then locked).
+    /// A sink writing into `dir` (created if missing, then locked), with the
+    /// default options (lz4, the default fold policy).
     pub fn open(dir: &Path) -> Result<Self, DirectoryError> {
+        Self::open_with(dir, DirectoryOptions::default())
+    }
+
+    /// A sink writing into `dir` (created if missing, then locked) as `options` say.
+    pub fn open_with(dir: &Path, options: DirectoryOptions) -> Result<Self, DirectoryError> {
         fs::create_dir_all(dir).map_err(io("cannot create checkpoint directory", dir))?;
         let lock = lock(dir)?;
         Ok(DirectorySink {
             dir: dir.to_path_buf(),
             layout: None,
+            options,
+            fold: options.fold.unwrap_or(FoldPolicy::for_memory(0)),
+            base: None,
+            chain_files: 0,
+            chain_bytes: 0,
+            scratch: Vec::new(),
             _lock: lock,
         })
     }
@@ -332,16 +436,19 @@ impl DirectorySink {
         f.sync_all().map_err(io("cannot sync", &tmp))?;
         fs::rename(&tmp, &img).map_err(io("cannot rename", &tmp))?;
         write_atomic(&self.dir, MEMORY_EPOCH, format!("{epoch}\n").as_bytes())?;
+        self.base = Some(epoch);
+        self.chain_files = 0;
+        self.chain_bytes = 0;
         Ok(written)
     }
 
     fn write_base_pages_inner(&mut self, pages: &StagedPages) -> Result<u64, DirectoryError> {
-        self.fold(&self.dir.join(MEMORY_IMAGE), pages)?;
+        self.write_pages_in_place(&self.dir.join(MEMORY_IMAGE), pages)?;
         Ok(pages.data.len() as u64)
     }
 
     /// Writes `pages` into the memory image `img` at their places and syncs it.
-    fn fold(&self, img: &Path, pages: &StagedPages) -> Result<(), DirectoryError> {
+    fn write_pages_in_place(&self, img: &Path, pages: &StagedPages) -> Result<(), DirectoryError> {
         let layout = self.layout()?;
         let f = OpenOptions::new()
             .write(true)
@@ -358,13 +465,13 @@ impl DirectorySink {
     }
 
     fn write_inner(&mut self, c: &Checkpoint) -> Result<u64, DirectoryError> {
-        let img = self.dir.join(MEMORY_IMAGE);
         let name = checkpoint_name(c.epoch);
         let tmp = self.dir.join(format!("{name}.tmp"));
         let dst = self.dir.join(&name);
         let file = File::create(&tmp).map_err(io("cannot create", &tmp))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        let written = format::write(&mut w, c, true).map_err(io("cannot write", &tmp))?;
+        let written = format::write(&mut w, c, self.options.compression, &mut self.scratch)
+            .map_err(io("cannot write", &tmp))?;
         let f = w.into_inner().map_err(|e| DirectoryError::Io {
             what: "cannot write",
             path: tmp.clone(),
@@ -373,12 +480,128 @@ impl DirectorySink {
         f.sync_all().map_err(io("cannot sync", &tmp))?;
         fs::rename(&tmp, &dst).map_err(io("cannot rename", &tmp))?;
         sync_dir(&self.dir)?;
-        // Complete. Fold it into the image so the directory stays bounded.
-        self.fold(&img, &c.pages)?;
-        write_atomic(&self.dir, MEMORY_EPOCH, format!("{}\n", c.epoch).as_bytes())?;
-        self.remove_older(c.epoch)?;
-        Ok(written)
+        // Complete. A retried write of the same epoch replaces its file: count it once.
+        if self.base.is_some_and(|b| c.epoch > b) {
+            self.chain_files += 1;
+            self.chain_bytes += written.bytes;
+        }
+        if self.chain_files > self.fold.max_files || self.chain_bytes > self.fold.max_bytes {
+            self.fold_chain(c.epoch)?;
+        }
+        Ok(written.bytes)
     }
+
+    /// Folds every checkpoint file up to `upto` into `memory.img`: each page's newest
+    /// copy is written once (files are read newest first), the image synced, then
+    /// `memory.epoch` set to `upto` and older files removed. A crash in between
+    /// leaves `memory.epoch` at the old base with every chain file in place, and the
+    /// replay of the chain overwrites whatever the fold had written.
+    fn fold_chain(&mut self, upto: u64) -> Result<(), DirectoryError> {
+        let layout = self.layout()?.to_vec();
+        let total: u64 = layout.iter().map(|(_, l)| l).sum();
+        let max_pages = total / PAGE_SIZE as u64;
+        let base = self.base.unwrap_or(0);
+        let img = self.dir.join(MEMORY_IMAGE);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .map_err(io("cannot open", &img))?;
+        let mut seen = vec![0u64; crate::arch::to_usize(max_pages.div_ceil(64))];
+        let files = list_checkpoints(&self.dir)?;
+        for (epoch, path) in files.iter().rev() {
+            if *epoch > upto || *epoch <= base {
+                continue;
+            }
+            let checked = read_checked(path, *epoch, max_pages)?;
+            let file_err = |source| DirectoryError::File {
+                path: path.clone(),
+                source,
+            };
+            // Marks a page written (true) unless a newer copy already was (false);
+            // an address outside memory is kept, for `write` to refuse.
+            let mut keep = |gpa: u64| match image_offset(&layout, gpa) {
+                Some(off) => {
+                    let idx = crate::arch::to_usize(off / PAGE_SIZE as u64);
+                    let fresh = seen[idx / 64] & (1 << (idx % 64)) == 0;
+                    seen[idx / 64] |= 1 << (idx % 64);
+                    fresh
+                }
+                None => true,
+            };
+            let write = |gpa: u64, page: &[u8]| {
+                let off = image_offset(&layout, gpa).ok_or_else(|| DirectoryError::Content {
+                    path: path.clone(),
+                    source: ContentError::PageOutside(gpa),
+                })?;
+                f.write_all_at(page, off).map_err(io("cannot write", &img))
+            };
+            match checked.batch(max_pages).map_err(file_err)? {
+                // Only the pages no newer file had are expanded.
+                Some(batch) => {
+                    batch.for_each_where(|_, gpa| keep(gpa), |_, gpa, page| write(gpa, page))?
+                }
+                None => {
+                    let d = checked.decode(max_pages).map_err(file_err)?;
+                    for (gpa, page) in d
+                        .pages
+                        .addrs
+                        .iter()
+                        .zip(d.pages.data.chunks_exact(PAGE_SIZE))
+                    {
+                        if keep(*gpa) {
+                            write(*gpa, page)?;
+                        }
+                    }
+                }
+            }
+        }
+        f.sync_data().map_err(io("cannot sync", &img))?;
+        write_atomic(&self.dir, MEMORY_EPOCH, format!("{upto}\n").as_bytes())?;
+        self.base = Some(upto);
+        self.chain_files = 0;
+        self.chain_bytes = 0;
+        self.remove_older(upto)?;
+        Ok(())
+    }
+}
+
+/// Reads the checkpoint file `path` of epoch `epoch` and checks its sizes, checksums
+/// and epoch; its pages are left encoded.
+fn read_checked(
+    path: &Path,
+    epoch: u64,
+    max_pages: u64,
+) -> Result<format::Checked, DirectoryError> {
+    let mut file = File::open(path).map_err(io("cannot open", path))?;
+    let len = file.metadata().map_err(io("cannot stat", path))?.len();
+    let mut r = std::io::BufReader::with_capacity(1 << 20, &mut file);
+    let c =
+        format::read_checked(&mut r, len, max_pages).map_err(|source| DirectoryError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if c.header.epoch != epoch {
+        return Err(DirectoryError::EpochMismatch {
+            path: path.to_path_buf(),
+            header: c.header.epoch,
+            name: epoch,
+        });
+    }
+    Ok(c)
+}
+
+/// Reads and checks the checkpoint file `path` of epoch `epoch`, pages expanded.
+fn read_checkpoint(
+    path: &Path,
+    epoch: u64,
+    max_pages: u64,
+) -> Result<format::Decoded, DirectoryError> {
+    read_checked(path, epoch, max_pages)?
+        .decode(max_pages)
+        .map_err(|source| DirectoryError::File {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 impl CheckpointSink for DirectorySink {
@@ -395,6 +618,13 @@ impl CheckpointSink for DirectorySink {
             .map_err(|source| DirectoryError::Manifest { path, source })?;
         write_atomic(&self.dir, MANIFEST, &json)?;
         self.layout = Some(layout_of(manifest.memory));
+        self.fold = self
+            .options
+            .fold
+            .unwrap_or(FoldPolicy::for_memory(manifest.memory));
+        self.base = None;
+        self.chain_files = 0;
+        self.chain_bytes = 0;
         Ok(())
     }
 
@@ -413,10 +643,11 @@ impl CheckpointSink for DirectorySink {
 
     /// Durability order: the checkpoint file is written under a temporary name,
     /// synced, renamed, and the directory synced: from here on the checkpoint is
-    /// complete. Then its pages are folded into `memory.img`, which is synced,
+    /// complete, its pages written once, in its file. When the chain after the image
+    /// has grown past the [`FoldPolicy`], it is folded into `memory.img` (synced),
     /// `memory.epoch` advanced, and older checkpoint files removed. A crash anywhere
-    /// leaves the previous or this checkpoint restorable: replaying a half-folded
-    /// checkpoint over the image is idempotent.
+    /// leaves the previous or this checkpoint restorable: replaying the chain over a
+    /// half-folded image is idempotent.
     fn write(&mut self, c: &Checkpoint) -> Result<u64, SinkError> {
         Ok(self.write_inner(c)?)
     }
@@ -533,20 +764,7 @@ impl DirectorySource {
                     base,
                 });
             }
-            let mut file = File::open(&path).map_err(io("cannot open", &path))?;
-            let len = file.metadata().map_err(io("cannot stat", &path))?.len();
-            let file_err = |source| DirectoryError::File {
-                path: path.clone(),
-                source,
-            };
-            let d = format::read(&mut file, len, max_pages).map_err(file_err)?;
-            if d.header.epoch != epoch {
-                return Err(DirectoryError::EpochMismatch {
-                    path,
-                    header: d.header.epoch,
-                    name: epoch,
-                });
-            }
+            let d = read_checkpoint(&path, epoch, max_pages)?;
             apply_pages(&mem, &d.pages).map_err(|source| DirectoryError::Content {
                 path: path.clone(),
                 source,
@@ -660,8 +878,9 @@ mod tests {
         assert_eq!(r.state.devices, vec![0x66]);
         assert_eq!(r.memory.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0x66);
         assert_eq!(r.memory.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 7);
-        // Older checkpoint files were folded and removed.
-        assert_eq!(list_checkpoints(&dir).unwrap().len(), 1);
+        // Both files are the chain after the image: nothing was folded yet.
+        assert_eq!(list_checkpoints(&dir).unwrap().len(), 2);
+        assert_eq!(fs::read_to_string(dir.join(MEMORY_EPOCH)).unwrap(), "4\n");
 
         // Marked finished: nothing to resume.
         let mut sink = DirectorySink::open(&dir).unwrap();
@@ -692,7 +911,7 @@ mod tests {
             ..Default::default()
         };
         let mut bytes = Vec::new();
-        format::write(&mut bytes, &c, true).unwrap();
+        format::write(&mut bytes, &c, Compression::Lz4, &mut Vec::new()).unwrap();
         fs::write(dir.join(checkpoint_name(4)), &bytes).unwrap();
         let err = DirectorySource::new(&dir).load_inner().unwrap_err();
         assert!(
@@ -714,6 +933,219 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    /// A page whose bytes depend on its address and the epoch: `words` non-zero
+    /// words (0: a zero page), like the test guest's `dirty` pages.
+    fn stamped(gpa: u64, epoch: u64, words: usize) -> Vec<u8> {
+        let mut p = vec![0u8; PAGE_SIZE];
+        for w in 0..words {
+            let v = (gpa ^ (epoch << 40) ^ w as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            p[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        p
+    }
+
+    /// Writes checkpoints `first..=last` through `sink`; epoch e dirties pages
+    /// `e % 5 .. e % 5 + 8` (so pages repeat across epochs), some of them zero.
+    /// Calls `after` with the epoch and the memory the guest has after each one.
+    fn write_chain(
+        sink: &mut DirectorySink,
+        mem: &GuestMemory,
+        first: u64,
+        last: u64,
+        mut after: impl FnMut(&DirectorySink, u64, Vec<u8>),
+    ) {
+        for e in first..=last {
+            let mut pages = StagedPages::default();
+            for p in (e % 5)..(e % 5) + 8 {
+                let gpa = p * PAGE_SIZE as u64;
+                let words = usize::try_from((p + e) % 4 * 100).unwrap();
+                let page = stamped(gpa, e, words);
+                mem.write_slice(&page, GuestAddress(gpa)).unwrap();
+                pages.addrs.push(gpa);
+                pages.data.extend_from_slice(&page);
+            }
+            sink.write(&Checkpoint {
+                epoch: e,
+                full: e == first,
+                state: state(u8::try_from(e % 256).unwrap()),
+                pages,
+                disks: vec![],
+                console: Default::default(),
+            })
+            .unwrap();
+            let mut img = vec![0u8; 16 * PAGE_SIZE];
+            mem.read_slice(&mut img, GuestAddress(0)).unwrap();
+            after(sink, e, img);
+        }
+    }
+
+    /// Where two images first differ (not the images: too long to print).
+    fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
+        a.iter().zip(b).position(|(x, y)| x != y)
+    }
+
+    fn restored_prefix(dir: &Path) -> (u64, Vec<u8>) {
+        let r = DirectorySource::new(dir).load_inner().unwrap();
+        let mut img = vec![0u8; 16 * PAGE_SIZE];
+        r.memory.read_slice(&mut img, GuestAddress(0)).unwrap();
+        (r.epoch, img)
+    }
+
+    #[test]
+    fn the_chain_is_folded_at_its_bound_and_restores_the_same_memory() {
+        for (compression, fold) in [
+            (
+                Compression::Lz4,
+                FoldPolicy {
+                    max_bytes: u64::MAX,
+                    max_files: 3,
+                },
+            ),
+            (
+                Compression::None,
+                FoldPolicy {
+                    max_bytes: 40_000,
+                    max_files: 100,
+                },
+            ),
+            (Compression::Lz4, FoldPolicy::EVERY),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("ck");
+            let m = manifest();
+            let mem = memory::create(m.memory).unwrap();
+            mem.write_slice(&[9u8; 16], GuestAddress(0x8000)).unwrap();
+            let mut sink = DirectorySink::open_with(
+                &dir,
+                DirectoryOptions {
+                    compression,
+                    fold: Some(fold),
+                },
+            )
+            .unwrap();
+            sink.begin(&m).unwrap();
+            sink.write_base(&mem, 0).unwrap();
+            let mut folds = 0;
+            let mut last_base = 0;
+            write_chain(&mut sink, &mem, 1, 12, |_, e, img| {
+                // After every checkpoint the directory restores exactly it.
+                let (re, rimg) = restored_prefix(&dir);
+                assert_eq!(re, e);
+                assert_eq!(
+                    first_diff(&rimg, &img),
+                    None,
+                    "epoch {e}, {compression} {fold:?}"
+                );
+                let base: u64 = fs::read_to_string(dir.join(MEMORY_EPOCH))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                if base != last_base {
+                    folds += 1;
+                    last_base = base;
+                    assert_eq!(base, e, "a fold brings the image to the newest checkpoint");
+                }
+                let chain = list_checkpoints(&dir).unwrap();
+                assert!(chain.iter().all(|(n, _)| *n >= base));
+                assert!(chain.len() <= fold.max_files + 1, "{chain:?}");
+            });
+            assert!(folds > 0, "{compression} {fold:?}: never folded");
+            if fold == FoldPolicy::EVERY {
+                assert_eq!(folds, 12);
+            } else {
+                assert!(folds < 12, "{compression} {fold:?}: folded every time");
+            }
+        }
+    }
+
+    #[test]
+    fn a_fold_torn_at_any_page_still_restores_the_newest_checkpoint() {
+        // The fold writes pages into memory.img before memory.epoch moves: model a
+        // crash after k of its page writes by copying the directory, applying only the
+        // first k writes of a fold to the copy's image, and restoring the copy.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ck");
+        let m = manifest();
+        let mem = memory::create(m.memory).unwrap();
+        let mut sink = DirectorySink::open_with(
+            &dir,
+            DirectoryOptions {
+                compression: Compression::Lz4,
+                fold: Some(FoldPolicy {
+                    max_bytes: u64::MAX,
+                    max_files: usize::MAX,
+                }),
+            },
+        )
+        .unwrap();
+        sink.begin(&m).unwrap();
+        sink.write_base(&mem, 0).unwrap();
+        let mut want = Vec::new();
+        write_chain(&mut sink, &mem, 1, 6, |_, _, img| want = img);
+        drop(sink);
+        // The pages a fold would write, newest first, each once.
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (e, path) in list_checkpoints(&dir).unwrap().iter().rev() {
+            let d = read_checkpoint(path, *e, 4096).unwrap();
+            for (gpa, p) in d
+                .pages
+                .addrs
+                .iter()
+                .zip(d.pages.data.chunks_exact(PAGE_SIZE))
+            {
+                if !writes.iter().any(|(g, _)| g == gpa) {
+                    writes.push((*gpa, p.to_vec()));
+                }
+            }
+        }
+        for k in 0..=writes.len() {
+            let copy = tmp.path().join(format!("torn{k}"));
+            fs::create_dir(&copy).unwrap();
+            for entry in fs::read_dir(&dir).unwrap() {
+                let entry = entry.unwrap();
+                fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+            }
+            let img = OpenOptions::new()
+                .write(true)
+                .open(copy.join(MEMORY_IMAGE))
+                .unwrap();
+            for (gpa, p) in &writes[..k] {
+                img.write_all_at(p, *gpa).unwrap();
+            }
+            let (re, rimg) = restored_prefix(&copy);
+            assert_eq!(re, 6);
+            assert_eq!(first_diff(&rimg, &want), None, "torn after {k} writes");
+        }
+    }
+
+    #[test]
+    fn dir_specs_parse_and_bad_options_are_named() {
+        assert_eq!(
+            parse_dir_spec("/tmp/ck").unwrap(),
+            (PathBuf::from("/tmp/ck"), Compression::Lz4)
+        );
+        assert_eq!(
+            parse_dir_spec("ck,compress=none").unwrap(),
+            (PathBuf::from("ck"), Compression::None)
+        );
+        assert_eq!(
+            parse_dir_spec("ck,compress=lz4").unwrap().1,
+            Compression::Lz4
+        );
+        assert!(matches!(
+            parse_dir_spec(",compress=lz4"),
+            Err(DirSpecError::NoDirectory)
+        ));
+        let e = parse_dir_spec("ck,compress=zstd").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown compression \"zstd\": expected lz4 or none"
+        );
+        let e = parse_dir_spec("ck,level=3").unwrap_err();
+        assert!(e.to_string().contains("unknown option \"level=3\""), "{e}");
     }
 
     #[test]

@@ -3,21 +3,23 @@
 //!
 //! ```text
 //! header   64 bytes: magic "MVCKPT\0\0", version u32, flags u32, epoch u64,
-//!          state_len u64, npages u64, page_size u32, 16 reserved zero bytes,
-//!          CRC32C u32 of bytes 0..60 (all little-endian)
+//!          state_len u64, npages u64, page_size u32, pages_len u64 (version 3;
+//!          zero before), 8 reserved zero bytes, CRC32C u32 of bytes 0..60
+//!          (all little-endian)
 //! state    state_len bytes: the postcard-encoded machine state
-//! addrs    npages × u64: guest-physical page addresses
-//! data     npages × 4096 bytes
+//! pages    version 3: pages_len bytes, a page batch (`super::pagecodec`: zero
+//!          pages as a bitmap, the others lz4 or raw)
+//!          versions 1 and 2: npages × u64 addresses, then npages × 4096 bytes
 //! trailer  CRC32C u32 of everything before it, 4 zero bytes, "MVCKEND\0"
 //! ```
 //!
 //! The decoder checks magic, version, header CRC, the state bound and the page count
 //! bound, and that the sizes add up to the input's length exactly, before it allocates
-//! anything from the header.
+//! anything from the header; the page batch's own counts are checked by its codec.
 //!
 //! Version 1 files (until the manifest moved out of every checkpoint) carry the
 //! machine's configuration inside the state; they still read (`StateSection::V1`),
-//! as golden bytes in the tests prove.
+//! as golden bytes in the tests prove. Version 2 files (raw pages) still read too.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -25,6 +27,7 @@ use std::path::PathBuf;
 use devices::codec::{Crc32cHeader, FromBytes, Immutable, IntoBytes, KnownLayout, U32, U64};
 use serde::Deserialize;
 
+use super::pagecodec::{self, CodecError, Compression, EncodeStats};
 use super::{Checkpoint, DiskManifest, MachineState, Manifest};
 use crate::config::DiskConfig;
 use crate::dirty::{StagedPages, PAGE_SIZE};
@@ -40,7 +43,9 @@ pub const MAGIC: [u8; 8] = *b"MVCKPT\0\0";
 /// Trailer magic.
 pub const END_MAGIC: [u8; 8] = *b"MVCKEND\0";
 /// Format version this code writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// The first version whose pages are a page batch (`super::pagecodec`).
+pub const BATCH_VERSION: u32 = 3;
 /// Oldest format version this code reads.
 pub const OLDEST_VERSION: u32 = 1;
 /// Header size.
@@ -63,7 +68,8 @@ struct RawHeader {
     state_len: U64,
     npages: U64,
     page_size: U32,
-    reserved: [u8; 16],
+    pages_len: U64,
+    reserved: [u8; 8],
     crc: U32,
 }
 
@@ -85,13 +91,24 @@ pub struct Header {
     pub state_len: u64,
     /// Pages in the file.
     pub npages: u64,
+    /// Bytes of the page batch (version 3 and later; written as zero before, where
+    /// the pages section is `npages × (8 + 4096)` bytes).
+    pub pages_len: u64,
 }
 
 impl Header {
+    /// Bytes of the pages section, if it fits in a u64.
+    pub fn pages_section_len(&self) -> Option<u64> {
+        if self.version >= BATCH_VERSION {
+            Some(self.pages_len)
+        } else {
+            self.npages.checked_mul(8 + PAGE_SIZE as u64)
+        }
+    }
+
     /// The file length these sizes imply, if it fits in a u64.
     pub fn file_len(&self) -> Option<u64> {
-        self.npages
-            .checked_mul(8 + PAGE_SIZE as u64)
+        self.pages_section_len()
             .and_then(|b| b.checked_add(self.state_len))
             .and_then(|b| b.checked_add((HEADER_LEN + TRAILER_LEN) as u64))
     }
@@ -142,6 +159,17 @@ pub enum FormatError {
     /// The machine state could not be decoded.
     #[error("cannot decode the machine state")]
     Decode(#[source] postcard::Error),
+    /// The page batch is malformed.
+    #[error("bad page section")]
+    Pages(#[source] CodecError),
+    /// The page batch holds another number of pages than the header says.
+    #[error("the header says {header} pages, the page section holds {batch}")]
+    PageCount {
+        /// Pages in the header.
+        header: u64,
+        /// Pages in the batch.
+        batch: u64,
+    },
 }
 
 /// Encodes a header.
@@ -154,7 +182,12 @@ pub fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
         state_len: U64::new(h.state_len),
         npages: U64::new(h.npages),
         page_size: U32::new(PAGE_SIZE_U32),
-        reserved: [0; 16],
+        pages_len: U64::new(if h.version >= BATCH_VERSION {
+            h.pages_len
+        } else {
+            0
+        }),
+        reserved: [0; 8],
         crc: U32::new(0),
     };
     raw.seal();
@@ -183,6 +216,7 @@ pub fn decode_header(bytes: &[u8; HEADER_LEN]) -> Result<Header, FormatError> {
         epoch: raw.epoch.get(),
         state_len: raw.state_len.get(),
         npages: raw.npages.get(),
+        pages_len: raw.pages_len.get(),
     };
     if h.state_len > MAX_STATE_LEN {
         return Err(FormatError::StateTooLarge(h.state_len));
@@ -207,35 +241,48 @@ pub fn check_len(h: &Header, len: u64, max_pages: u64) -> Result<(), FormatError
     }
 }
 
-/// Writes checkpoint `c` with its pages (or, `with_pages` false, none: the pages are
-/// elsewhere) to `w`; returns the bytes written.
-pub fn write(w: &mut impl Write, c: &Checkpoint, with_pages: bool) -> std::io::Result<u64> {
-    let npages = if with_pages { c.pages.len() as u64 } else { 0 };
+/// What [`write`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Bytes of the whole file.
+    pub bytes: u64,
+    /// How its pages were stored.
+    pub pages: EncodeStats,
+}
+
+/// Encodes checkpoint `c` (format [`VERSION`]) with its pages stored as
+/// `compression` says, into `w`. `scratch` holds the encoded page batch (its
+/// length goes in the header first); pass the same buffer again to reuse it.
+pub fn write(
+    w: &mut impl Write,
+    c: &Checkpoint,
+    compression: Compression,
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<Written> {
+    scratch.clear();
+    let stats = pagecodec::encode(&c.pages, compression, scratch);
     let h = encode_header(&Header {
         version: VERSION,
         flags: if c.full { FLAG_FULL } else { 0 },
         epoch: c.epoch,
         state_len: c.state.len() as u64,
-        npages,
+        npages: stats.pages,
+        pages_len: scratch.len() as u64,
     });
     let mut crc = crc32c::crc32c(&h);
     w.write_all(&h)?;
     crc = crc32c::crc32c_append(crc, &c.state);
     w.write_all(&c.state)?;
-    let mut n = (HEADER_LEN + c.state.len()) as u64;
-    if with_pages {
-        let addrs: Vec<u8> = c.pages.addrs.iter().flat_map(|a| a.to_le_bytes()).collect();
-        crc = crc32c::crc32c_append(crc, &addrs);
-        w.write_all(&addrs)?;
-        crc = crc32c::crc32c_append(crc, &c.pages.data);
-        w.write_all(&c.pages.data)?;
-        n += (addrs.len() + c.pages.data.len()) as u64;
-    }
+    crc = crc32c::crc32c_append(crc, scratch);
+    w.write_all(scratch)?;
     let mut t = [0u8; TRAILER_LEN];
     t[0..4].copy_from_slice(&crc.to_le_bytes());
     t[8..16].copy_from_slice(&END_MAGIC);
     w.write_all(&t)?;
-    Ok(n + TRAILER_LEN as u64)
+    Ok(Written {
+        bytes: (HEADER_LEN + c.state.len() + scratch.len() + TRAILER_LEN) as u64,
+        pages: stats,
+    })
 }
 
 /// A decoded checkpoint file.
@@ -247,6 +294,8 @@ pub struct Decoded {
     pub state: Vec<u8>,
     /// Its pages.
     pub pages: StagedPages,
+    /// How they were stored (version 1 and 2 files: all raw).
+    pub stored: EncodeStats,
 }
 
 fn read_header(r: &mut impl Read, len: u64) -> Result<(Header, [u8; HEADER_LEN]), FormatError> {
@@ -261,40 +310,106 @@ fn read_header(r: &mut impl Read, len: u64) -> Result<(Header, [u8; HEADER_LEN])
     Ok((decode_header(&h)?, h))
 }
 
-/// Reads and checks a whole checkpoint of `len` bytes holding at most `max_pages`
-/// pages: the header and sizes first, then the body and its CRC.
-pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, FormatError> {
+/// A checkpoint file whose sizes and checksums were checked, its pages not yet
+/// decoded: [`Checked::batch`] walks them without expanding all of them,
+/// [`Checked::decode`] expands them all.
+#[derive(Debug)]
+pub struct Checked {
+    /// Its header.
+    pub header: Header,
+    /// The encoded state section.
+    pub state: Vec<u8>,
+    /// The page section as stored.
+    pub pages: Vec<u8>,
+}
+
+/// Reads a whole checkpoint of `len` bytes holding at most `max_pages` pages and
+/// checks the header and sizes first, then the body's CRC.
+pub fn read_checked(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Checked, FormatError> {
     let (header, raw) = read_header(r, len)?;
     check_len(&header, len, max_pages)?;
     // Sizes are now bounded by the input's length.
     let mut state = vec![0u8; crate::arch::to_usize(header.state_len)];
     r.read_exact(&mut state).map_err(FormatError::Io)?;
-    let mut addr_bytes = vec![0u8; crate::arch::to_usize(header.npages) * 8];
-    r.read_exact(&mut addr_bytes).map_err(FormatError::Io)?;
-    let mut data = vec![0u8; crate::arch::to_usize(header.npages) * PAGE_SIZE];
-    r.read_exact(&mut data).map_err(FormatError::Io)?;
+    // Bounded by the input's length too (check_len).
+    let section = header.pages_section_len().unwrap_or(0);
+    let mut pages = vec![0u8; crate::arch::to_usize(section)];
+    r.read_exact(&mut pages).map_err(FormatError::Io)?;
     let mut t = [0u8; TRAILER_LEN];
     r.read_exact(&mut t).map_err(FormatError::Io)?;
     let mut crc = crc32c::crc32c(&raw);
     crc = crc32c::crc32c_append(crc, &state);
-    crc = crc32c::crc32c_append(crc, &addr_bytes);
-    crc = crc32c::crc32c_append(crc, &data);
+    crc = crc32c::crc32c_append(crc, &pages);
     if t[8..16] != END_MAGIC || t[0..4] != crc.to_le_bytes() {
         return Err(FormatError::BodyCrc);
     }
-    let addrs = addr_bytes
-        .chunks_exact(8)
-        .map(|c| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            u64::from_le_bytes(b)
-        })
-        .collect();
-    Ok(Decoded {
+    Ok(Checked {
         header,
         state,
-        pages: StagedPages { addrs, data },
+        pages,
     })
+}
+
+impl Checked {
+    /// The page batch of a version 3 file (its structure and page count checked);
+    /// `None` for older versions, whose raw pages [`Checked::decode`] reads.
+    pub fn batch(&self, max_pages: u64) -> Result<Option<pagecodec::Batch<'_>>, FormatError> {
+        if self.header.version < BATCH_VERSION {
+            return Ok(None);
+        }
+        let batch = pagecodec::Batch::parse(&self.pages, max_pages).map_err(FormatError::Pages)?;
+        if batch.len() as u64 != self.header.npages {
+            return Err(FormatError::PageCount {
+                header: self.header.npages,
+                batch: batch.len() as u64,
+            });
+        }
+        Ok(Some(batch))
+    }
+
+    /// Expands every page.
+    pub fn decode(self, max_pages: u64) -> Result<Decoded, FormatError> {
+        let (pages, stored) = match self.batch(max_pages)? {
+            Some(batch) => (batch.to_pages().map_err(FormatError::Pages)?, batch.stats()),
+            None => {
+                let n = crate::arch::to_usize(self.header.npages);
+                let (addr_bytes, data) = self.pages.split_at(n * 8);
+                let addrs = addr_bytes
+                    .chunks_exact(8)
+                    .map(|c| {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(c);
+                        u64::from_le_bytes(b)
+                    })
+                    .collect();
+                let stored = EncodeStats {
+                    pages: self.header.npages,
+                    raw: self.header.npages,
+                    bytes: self.pages.len() as u64,
+                    ..Default::default()
+                };
+                (
+                    StagedPages {
+                        addrs,
+                        data: data.to_vec(),
+                    },
+                    stored,
+                )
+            }
+        };
+        Ok(Decoded {
+            header: self.header,
+            state: self.state,
+            pages,
+            stored,
+        })
+    }
+}
+
+/// Reads and checks a whole checkpoint of `len` bytes holding at most `max_pages`
+/// pages: the header and sizes first, then the body and its CRC, then its pages.
+pub fn read(r: &mut impl Read, len: u64, max_pages: u64) -> Result<Decoded, FormatError> {
+    read_checked(r, len, max_pages)?.decode(max_pages)
 }
 
 /// Reads only the header and state section of a checkpoint of `len` bytes (not its
@@ -426,9 +541,72 @@ mod tests {
 
     fn encoded(c: &Checkpoint) -> Vec<u8> {
         let mut out = Vec::new();
-        let n = write(&mut out, c, true).unwrap();
-        assert_eq!(n, out.len() as u64);
+        let n = write(&mut out, c, Compression::Lz4, &mut Vec::new()).unwrap();
+        assert_eq!(n.bytes, out.len() as u64);
+        assert_eq!(n.pages.pages, c.pages.addrs.len() as u64);
         out
+    }
+
+    /// Re-seals the body CRC after an edit, so a test reaches the checks behind it.
+    fn reseal(b: &mut [u8]) {
+        let n = b.len() - TRAILER_LEN;
+        let crc = crc32c::crc32c(&b[..n]);
+        b[n..n + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// A version 2 file, as that code wrote it: raw addresses and pages.
+    fn v2_bytes(c: &Checkpoint) -> Vec<u8> {
+        let mut out = encode_header(&Header {
+            version: 2,
+            flags: 0,
+            epoch: c.epoch,
+            state_len: c.state.len() as u64,
+            npages: c.pages.addrs.len() as u64,
+            pages_len: 0,
+        })
+        .to_vec();
+        out.extend_from_slice(&c.state);
+        for a in &c.pages.addrs {
+            out.extend_from_slice(&a.to_le_bytes());
+        }
+        out.extend_from_slice(&c.pages.data);
+        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&END_MAGIC);
+        reseal(&mut out);
+        out
+    }
+
+    #[test]
+    fn version_2_files_still_read() {
+        let c = sample();
+        let b = v2_bytes(&c);
+        assert_eq!(b.len(), 64 + 7 + 2 * (8 + 4096) + 16);
+        let d = read(&mut b.as_slice(), b.len() as u64, 16).unwrap();
+        assert_eq!(d.header.version, 2);
+        assert_eq!(d.pages, c.pages);
+        assert!(matches!(
+            read(&mut b.as_slice(), b.len() as u64, 1),
+            Err(FormatError::TooManyPages { pages: 2, max: 1 })
+        ));
+    }
+
+    #[test]
+    fn zero_pages_take_no_data_and_repetitive_pages_shrink() {
+        let mut c = sample();
+        c.pages.data[..PAGE_SIZE].fill(0);
+        let b = encoded(&c);
+        // Header, state, count, 2 addresses, bitmap, one length, the compressed
+        // page (i % 251 compresses well), trailer.
+        assert!(b.len() < 64 + 7 + 8 + 16 + 1 + 2 + 400 + 16, "{}", b.len());
+        let d = read(&mut b.as_slice(), b.len() as u64, 16).unwrap();
+        assert_eq!(d.pages, c.pages);
+        let mut raw = Vec::new();
+        let w = write(&mut raw, &c, Compression::None, &mut Vec::new()).unwrap();
+        assert_eq!(w.pages.raw, 1);
+        assert_eq!(w.pages.zero, 1);
+        assert_eq!(w.bytes, (64 + 7 + 8 + 16 + 1 + 2 + 4096 + 16) as u64);
+        let d = read(&mut raw.as_slice(), raw.len() as u64, 16).unwrap();
+        assert_eq!(d.pages, c.pages);
     }
 
     #[test]
@@ -454,6 +632,7 @@ mod tests {
             epoch: 0x0102_0304_0506_0708,
             state_len: 0x10,
             npages: 3,
+            pages_len: 0x1234,
         });
         assert_eq!(&h[0..8], b"MVCKPT\0\0");
         assert_eq!(&h[8..12], &2u32.to_le_bytes());
@@ -462,8 +641,19 @@ mod tests {
         assert_eq!(&h[24..32], &0x10u64.to_le_bytes());
         assert_eq!(&h[32..40], &3u64.to_le_bytes());
         assert_eq!(&h[40..44], &4096u32.to_le_bytes());
+        // Version 2 has no pages_len: reserved, zero.
         assert!(h[44..60].iter().all(|b| *b == 0));
         assert_eq!(&h[60..64], &crc32c::crc32c(&h[..60]).to_le_bytes());
+        let h = encode_header(&Header {
+            version: 3,
+            flags: 0,
+            epoch: 1,
+            state_len: 0x10,
+            npages: 3,
+            pages_len: 0x1234,
+        });
+        assert_eq!(&h[44..52], &0x1234u64.to_le_bytes());
+        assert!(h[52..60].iter().all(|b| *b == 0));
     }
 
     #[test]
@@ -522,6 +712,7 @@ mod tests {
             epoch: 9,
             state_len: 7,
             npages: u64::MAX / 2,
+            pages_len: u64::MAX - 40,
         });
         b[..HEADER_LEN].copy_from_slice(&h);
         assert!(matches!(
@@ -536,6 +727,7 @@ mod tests {
             epoch: 9,
             state_len: MAX_STATE_LEN + 1,
             npages: 0,
+            pages_len: 0,
         });
         b[..HEADER_LEN].copy_from_slice(&h);
         assert!(matches!(check(&b), Err(FormatError::StateTooLarge(_))));
@@ -550,6 +742,37 @@ mod tests {
             Err(FormatError::Size { .. })
         ));
         assert!(matches!(check(&good[..10]), Err(FormatError::Size { .. })));
+
+        // Checksums intact, contents wrong: the header's page count disagrees with
+        // the batch's, or the batch itself is malformed.
+        let hdr = |npages| {
+            let mut h = [0u8; HEADER_LEN];
+            h.copy_from_slice(&good[..HEADER_LEN]);
+            let mut d = decode_header(&h).unwrap();
+            d.npages = npages;
+            encode_header(&d)
+        };
+        let mut b = good.clone();
+        b[..HEADER_LEN].copy_from_slice(&hdr(1));
+        reseal(&mut b);
+        assert!(matches!(
+            check(&b),
+            Err(FormatError::PageCount {
+                header: 1,
+                batch: 2
+            })
+        ));
+        let mut b = good.clone();
+        b[HEADER_LEN + 7 + 8] |= 1; // the first page address, unaligned
+        reseal(&mut b);
+        assert!(matches!(
+            check(&b),
+            Err(FormatError::Pages(CodecError::Unaligned { .. }))
+        ));
+        let mut b = good.clone();
+        b[HEADER_LEN + 7..HEADER_LEN + 15].copy_from_slice(&3u64.to_le_bytes());
+        reseal(&mut b);
+        assert!(matches!(check(&b), Err(FormatError::Pages(_))));
     }
 
     #[test]

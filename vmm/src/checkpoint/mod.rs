@@ -12,9 +12,11 @@
 //! - [`source`]: the [`CheckpointSource`] trait a restore reads from: a directory, or
 //!   a replica whose memory is already in place (a standby taking over).
 //! - [`format`]: the checkpoint file format, pure encode/decode, no file system.
+//! - [`pagecodec`]: a batch of pages as bytes (zero bitmap, lz4), for files and frames.
 
 pub mod directory;
 pub mod format;
+pub mod pagecodec;
 pub mod sink;
 pub mod source;
 

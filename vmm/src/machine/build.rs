@@ -187,7 +187,16 @@ fn open_sink(
 > {
     use crate::replication::peer::{open_fence, PeerSink};
     Ok(match config {
-        SinkConfig::Directory(dir) => (Box::new(DirectorySink::open(dir)?), None),
+        SinkConfig::Directory(d) => (
+            Box::new(DirectorySink::open_with(
+                &d.path,
+                crate::checkpoint::directory::DirectoryOptions {
+                    compression: d.compression,
+                    fold: None,
+                },
+            )?),
+            None,
+        ),
         SinkConfig::Peer(peer) => {
             let sink =
                 PeerSink::open(peer, gate.released_epoch(), lineage).map_err(VmmError::Peer)?;
