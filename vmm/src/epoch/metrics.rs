@@ -36,6 +36,11 @@ pub struct EpochMetrics {
     /// all of it, so this is what to divide by for a dirty rate.
     #[serde(default)]
     pub epoch_us: u64,
+    /// The epoch length in force when this epoch ran, µs: `--epoch-ms`, or what
+    /// `--epoch-ms auto` chose (0 in files written before it existed). The next
+    /// line's value is the length chosen after this checkpoint.
+    #[serde(default)]
+    pub target_us: u64,
     /// When the cut ended its pause, ms since checkpointing started in this process
     /// (0 in files written before it existed).
     #[serde(default)]

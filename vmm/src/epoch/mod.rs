@@ -44,6 +44,7 @@ pub mod ending;
 mod error;
 mod event_loop;
 pub mod exporter;
+pub mod length;
 pub mod metrics;
 #[cfg(test)]
 mod model_test;
@@ -62,6 +63,7 @@ use crate::telemetry::Telemetry;
 pub use error::{Cause, CutError, EpochError, PauseError};
 pub use event_loop::EpochLoop;
 pub use exporter::{ExportEvent, ExportQueue, Job, LostDuring};
+pub use length::{EpochLength, LengthError, Pacer};
 pub use metrics::EpochMetrics;
 pub use parts::{DirtyLog, DiskCommit, DiskCut, Output, Parts, StateCapture, Vcpus};
 
@@ -186,6 +188,10 @@ pub struct EpochEngine {
     last_cut: Option<LastCut>,
     /// Who waits for a checkpoint to be complete (`on_complete`).
     waiters: Vec<(u64, CompletionWaiter)>,
+    /// The epoch length, fixed or chosen from each complete checkpoint (`length.rs`).
+    pacer: Pacer,
+    /// The length changed since the event loop last asked (`take_new_length`).
+    new_length: bool,
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
 }
@@ -286,6 +292,8 @@ impl EpochEngine {
             rounds: Rounds::default(),
             last_cut: None,
             waiters: Vec::new(),
+            pacer: Pacer::new(EpochLength::default()),
+            new_length: false,
             #[cfg(test)]
             sabotage: Sabotage::default(),
         }
@@ -303,6 +311,29 @@ impl EpochEngine {
     /// engine writes to its metrics file, and from its retries and lag.
     pub fn set_telemetry(&mut self, telemetry: Telemetry) {
         self.telemetry = Some(telemetry);
+    }
+
+    /// Sets the epoch length: fixed, or chosen by the engine (`length.rs`).
+    pub fn set_epoch_length(&mut self, setting: EpochLength) {
+        self.pacer = Pacer::new(setting);
+        self.new_length = true;
+    }
+
+    /// The epoch length in force.
+    pub fn epoch_length(&self) -> Duration {
+        self.pacer.current()
+    }
+
+    /// The epoch length, if it changed since the last call; with how long ago the
+    /// last cut's pause began (the next epoch is measured from it).
+    pub fn take_new_length(&mut self) -> Option<(Duration, Option<Duration>)> {
+        if !std::mem::take(&mut self.new_length) {
+            return None;
+        }
+        Some((
+            self.pacer.current(),
+            self.last_cut.map(|c| c.began.elapsed()),
+        ))
     }
 
     /// Where the engine is.
@@ -615,6 +646,17 @@ impl EpochEngine {
         let mut m = self.in_flight.take().unwrap_or_default();
         m.bytes = bytes;
         m.export_us = us;
+        // The length in force for this epoch; then learn from it (auto mode).
+        m.target_us = self::us(self.pacer.current());
+        let sample = length::Sample {
+            epoch: Duration::from_micros(m.epoch_us),
+            pause: Duration::from_micros(m.pause_us),
+            export: Duration::from_micros(us),
+            dirty_pages: m.dirty_pages,
+        };
+        if self.pacer.observe(&sample).is_some() {
+            self.new_length = true;
+        }
         if let Some(c) = self.last_cut.filter(|c| c.epoch == epoch) {
             let resumed = c.began + c.pause;
             m.ack_us = self::us(resumed.elapsed());

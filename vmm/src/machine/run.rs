@@ -159,6 +159,7 @@ impl Machine {
         if let Some(t) = cp.telemetry {
             engine.set_telemetry(t);
         }
+        engine.set_epoch_length(cp.config.epoch);
         if matches!(cp.config.sink, crate::config::SinkConfig::Peer(_)) {
             engine.set_precopy_rounds(crate::epoch::PRECOPY_MAX_ROUNDS);
         }
@@ -170,7 +171,6 @@ impl Machine {
         let s = self.shutdown.clone();
         let lp = EpochLoop::new(
             engine,
-            cp.config.epoch,
             wake,
             Some(cut_request),
             Box::new(move |msg| s.request(RunEnd::GuestError(msg))),
