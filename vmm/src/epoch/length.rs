@@ -16,15 +16,22 @@
 //! - the export of a checkpoint takes at most [`EXPORT_SHARE`] of the epoch, so
 //!   the exporter keeps pace and no cut waits behind it.
 //!
-//! It learns both costs as straight lines over the epoch length — cost ≈ fixed +
-//! slope × length — fitted to the recent checkpoints with exponentially fading
-//! weights (the guest's behaviour changes). The fixed part of the guest's cost is
-//! what lengthening amortises: length ≥ fixed ÷ budget. For the export, the
-//! exporter keeps pace when fixed + slope × length ≤ share × length. A slope can
-//! only be measured across different lengths; until the lengths seen differ enough,
-//! the last slope stands (0 at first: everything is taken as per-cut cost, so the
-//! policy first tries longer epochs and learns from them whether they help). Each
-//! step at most doubles or halves the length, so one odd checkpoint cannot swing it.
+//! The per-cut cost is the pause without its page copy, plus, for every page that
+//! was dirty in the previous checkpoint too (a page the guest rewrites in every
+//! epoch), its copy and its fault: those come once per cut however long the epoch,
+//! so a longer epoch amortises them. A page written once costs its fault whatever
+//! the length, and is left out. (A region walked more slowly than the epoch shows
+//! no overlap; once epochs outgrow the walk, its pages show up in consecutive
+//! checkpoints and count.) The per-cut cost is averaged with exponentially fading
+//! weights, as the guest's behaviour changes.
+//!
+//! The export's time is learnt as a straight line over the epoch length — fixed +
+//! slope × length — fitted to the recent checkpoints with fading weights. The
+//! exporter keeps pace when fixed + slope × length ≤ share × length; if the export
+//! grows as fast as the epoch, no length helps and the shortest is best. A slope
+//! can only be measured across different lengths; until the lengths seen differ
+//! enough, the last slope stands (0 at first). Each step at most doubles or halves
+//! the length, so one odd checkpoint cannot swing it.
 
 use std::time::Duration;
 
@@ -154,6 +161,61 @@ pub struct Sample {
     pub export: Duration,
     /// Pages it carried.
     pub dirty_pages: u64,
+    /// The part of the pause spent copying pages.
+    pub copy: Duration,
+    /// Pages it carried that the previous checkpoint carried too.
+    pub rewritten_pages: u64,
+}
+
+/// `v` in ascending order: itself if it already is (a harvest's usually is).
+fn sorted(v: &[u64]) -> std::borrow::Cow<'_, [u64]> {
+    if v.is_sorted() {
+        std::borrow::Cow::Borrowed(v)
+    } else {
+        let mut c = v.to_vec();
+        c.sort_unstable();
+        std::borrow::Cow::Owned(c)
+    }
+}
+
+/// How many pages two checkpoints have in common (each list without repeats).
+pub fn common_pages(prev: &[u64], now: &[u64]) -> u64 {
+    let (a, b) = (sorted(prev), sorted(now));
+    let (mut i, mut j, mut n) = (0, 0, 0u64);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                n += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    n
+}
+
+/// A value averaged with exponentially fading weights.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fading {
+    w: f64,
+    sum: f64,
+}
+
+impl Fading {
+    fn add(&mut self, v: f64) {
+        self.w = self.w * FADE + 1.0;
+        self.sum = self.sum * FADE + v;
+    }
+
+    fn mean(&self) -> f64 {
+        if self.w == 0.0 {
+            0.0
+        } else {
+            self.sum / self.w
+        }
+    }
 }
 
 /// A straight line y ≈ a + b·x over (x, y) points whose weights fade.
@@ -201,8 +263,9 @@ pub struct Pacer {
     setting: EpochLength,
     current: Duration,
     page_cost_us: f64,
-    /// The guest's cost of a cut, µs: pause + dirty pages × page cost.
-    guest: Fit,
+    /// The guest's per-cut cost, µs: the pause without its copy, plus copy and
+    /// fault of the pages rewritten since the previous checkpoint.
+    guest: Fading,
     /// The export's time, µs.
     export: Fit,
 }
@@ -219,7 +282,7 @@ impl Pacer {
             setting,
             current,
             page_cost_us: DEFAULT_PAGE_COST_US,
-            guest: Fit::default(),
+            guest: Fading::default(),
             export: Fit::default(),
         }
     }
@@ -249,11 +312,19 @@ impl Pacer {
             return None;
         }
         let x = s.epoch.as_secs_f64() * 1e3;
-        let guest_us = s.pause.as_secs_f64() * 1e6 + s.dirty_pages as f64 * self.page_cost_us;
-        self.guest.add(x, guest_us);
+        let rewritten = s.rewritten_pages.min(s.dirty_pages) as f64;
+        let copy_us = s.copy.min(s.pause).as_secs_f64() * 1e6;
+        let hot_share = if s.dirty_pages == 0 {
+            0.0
+        } else {
+            rewritten / s.dirty_pages as f64
+        };
+        let per_cut_us = s.pause.as_secs_f64() * 1e6 - copy_us * (1.0 - hot_share)
+            + rewritten * self.page_cost_us;
+        self.guest.add(per_cut_us);
         self.export.add(x, s.export.as_secs_f64() * 1e6);
         // Shortest length at which the per-cut cost fits the budget (ms).
-        let for_guest = self.guest.fixed() / 1e3 / SLOWDOWN_BUDGET;
+        let for_guest = self.guest.mean() / 1e3 / SLOWDOWN_BUDGET;
         // Shortest length at which the exporter keeps pace; if the export grows as
         // fast as the epoch, no length helps and the shortest is best.
         let share_left = EXPORT_SHARE - self.export.slope / 1e3;
@@ -291,17 +362,20 @@ mod tests {
     }
 
     /// Runs `n` checkpoints of a guest whose cost at length T (ms) is `f(T)`:
-    /// (pause µs, dirty pages, export µs). Returns the lengths chosen.
-    fn drive(p: &mut Pacer, n: usize, f: impl Fn(f64) -> (u64, u64, u64)) -> Vec<u64> {
+    /// (pause µs, dirty pages, export µs, pages also in the previous checkpoint).
+    /// The copy is 1 µs a page. Returns the lengths chosen.
+    fn drive(p: &mut Pacer, n: usize, f: impl Fn(f64) -> (u64, u64, u64, u64)) -> Vec<u64> {
         let mut out = Vec::new();
         for _ in 0..n {
             let t = p.current();
-            let (pause, pages, export) = f(t.as_secs_f64() * 1e3);
+            let (pause, pages, export, rewritten) = f(t.as_secs_f64() * 1e3);
             p.observe(&Sample {
                 epoch: t,
                 pause: Duration::from_micros(pause),
                 export: Duration::from_micros(export),
                 dirty_pages: pages,
+                copy: Duration::from_micros(pages.min(pause)),
+                rewritten_pages: rewritten,
             });
             out.push(p.current().as_millis() as u64);
         }
@@ -349,9 +423,29 @@ mod tests {
     }
 
     #[test]
+    fn common_pages_counts_the_overlap_sorted_or_not() {
+        assert_eq!(common_pages(&[], &[1, 2]), 0);
+        assert_eq!(common_pages(&[1, 2, 3, 9], &[2, 3, 4, 9]), 3);
+        assert_eq!(common_pages(&[9, 1, 3], &[3, 9, 2]), 2);
+    }
+
+    #[test]
+    fn a_walk_slower_than_the_epoch_is_not_a_hot_set() {
+        // 4,000 pages an epoch walking 16,000: no page in two consecutive
+        // checkpoints at 25 ms, so nothing to amortise.
+        let mut p = auto();
+        let chosen = drive(&mut p, 10, |t| {
+            let pages = (160.0 * t) as u64;
+            let rewritten = pages.saturating_sub(16_000).min(16_000);
+            (300 + pages, pages.min(16_000), 5_000, rewritten)
+        });
+        assert!(chosen.iter().all(|&c| c <= 25), "{chosen:?}");
+    }
+
+    #[test]
     fn fixed_never_moves() {
         let mut p = Pacer::new(EpochLength::Fixed(ms(25)));
-        let chosen = drive(&mut p, 20, |_| (5_000, 4_000, 90_000));
+        let chosen = drive(&mut p, 20, |_| (5_000, 4_000, 90_000, 4_000));
         assert!(chosen.iter().all(|&c| c == 25), "{chosen:?}");
     }
 
@@ -359,7 +453,7 @@ mod tests {
     fn an_idle_guest_gets_short_epochs() {
         // 200 µs pause, nothing dirty: 200 µs / 2 % = 10 ms.
         let mut p = auto();
-        let chosen = drive(&mut p, 30, |_| (200, 0, 300));
+        let chosen = drive(&mut p, 30, |_| (200, 0, 300, 0));
         assert_eq!(*chosen.last().unwrap(), 10, "{chosen:?}");
     }
 
@@ -368,22 +462,22 @@ mod tests {
         // 4,000 pages rewritten in every epoch whatever its length: the cost is all
         // per cut, so lengthening pays, up to the bound.
         let mut p = auto();
-        let chosen = drive(&mut p, 30, |_| (4_500, 4_000, 20_000));
+        let chosen = drive(&mut p, 30, |_| (4_500, 4_000, 20_000, 4_000));
         assert_eq!(*chosen.last().unwrap(), 100, "{chosen:?}");
     }
 
     #[test]
     fn pages_written_once_do_not_buy_long_epochs() {
-        // 40 new pages a ms: the page cost grows with the epoch, so a longer one
-        // saves nothing and holds more at risk. The policy may probe upwards, but
-        // must come back down to the shortest length the pause allows.
+        // 40 new pages a ms: the fault cost grows with the epoch, so a longer one
+        // saves nothing and holds more at risk: the shortest length the pause
+        // allows (200 µs without the copy / 2 % = 10 ms).
         let mut p = auto();
-        let chosen = drive(&mut p, 60, |t| {
+        let chosen = drive(&mut p, 30, |t| {
             let pages = (40.0 * t) as u64;
-            (200 + pages, pages, 200 + 2 * pages)
+            (200 + pages, pages, 200 + 2 * pages, 0)
         });
-        let tail = &chosen[40..];
-        assert!(tail.iter().all(|&c| c <= 12), "{chosen:?}");
+        assert!(chosen[3..].iter().all(|&c| c <= 12), "{chosen:?}");
+        assert_eq!(*chosen.last().unwrap(), 10, "{chosen:?}");
     }
 
     #[test]
@@ -391,7 +485,7 @@ mod tests {
         // Export: 30 ms of fixed work per checkpoint (e.g. syncs), little guest
         // cost: needs 30 / 0.5 = 60 ms.
         let mut p = auto();
-        let chosen = drive(&mut p, 40, |_| (200, 1, 30_000));
+        let chosen = drive(&mut p, 40, |_| (200, 1, 30_000, 0));
         let last = *chosen.last().unwrap();
         assert!((58..=62).contains(&last), "{chosen:?}");
     }
@@ -400,10 +494,14 @@ mod tests {
     fn each_step_at_most_doubles_or_halves_and_stays_in_bounds() {
         let mut p = Pacer::new("auto,min=3,max=70".parse().unwrap());
         let mut before = p.current().as_millis() as u64;
-        let costs = [(100, 0, 50), (9_000, 9_000, 100_000), (10, 0, 10)];
+        let costs = [
+            (100, 0, 50, 0),
+            (9_000, 9_000, 100_000, 9_000),
+            (10, 0, 10, 0),
+        ];
         for i in 0..60 {
-            let (pause, pages, export) = costs[(i / 7) % costs.len()];
-            let now = drive(&mut p, 1, |_| (pause, pages, export))[0];
+            let (pause, pages, export, hot) = costs[(i / 7) % costs.len()];
+            let now = drive(&mut p, 1, |_| (pause, pages, export, hot))[0];
             assert!((3..=70).contains(&now), "{now}");
             assert!(
                 now <= before * 2 + 1 && now * 2 + 1 >= before,
@@ -422,6 +520,8 @@ mod tests {
                 pause: ms(50),
                 export: ms(500),
                 dirty_pages: 100_000,
+                copy: ms(40),
+                rewritten_pages: 0,
             }),
             None
         );

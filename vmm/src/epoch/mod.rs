@@ -192,6 +192,8 @@ pub struct EpochEngine {
     pacer: Pacer,
     /// The length changed since the event loop last asked (`take_new_length`).
     new_length: bool,
+    /// The pages of the last checkpoint cut, to count those the next one rewrites.
+    last_pages: Vec<u64>,
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
 }
@@ -294,6 +296,7 @@ impl EpochEngine {
             waiters: Vec::new(),
             pacer: Pacer::new(EpochLength::default()),
             new_length: false,
+            last_pages: Vec::new(),
             #[cfg(test)]
             sabotage: Sabotage::default(),
         }
@@ -653,6 +656,8 @@ impl EpochEngine {
             pause: Duration::from_micros(m.pause_us),
             export: Duration::from_micros(us),
             dirty_pages: m.dirty_pages,
+            copy: Duration::from_micros(m.copy_us),
+            rewritten_pages: m.rewritten_pages,
         };
         if self.pacer.observe(&sample).is_some() {
             self.new_length = true;
