@@ -338,7 +338,9 @@ impl Vcpu {
             if control.pause.load(Ordering::Acquire) {
                 if !pending {
                     // Kicked out of KVM_RUN (EINTR): nothing to complete, park at
-                    // once. This saves one KVM_RUN round per pause.
+                    // once. This saves one KVM_RUN round per pause. (A kick that
+                    // landed after the EINTR left immediate_exit set: clear it.)
+                    self.fd.set_kvm_immediate_exit(0);
                     if control.park(self) {
                         return VcpuStop::Requested;
                     }
