@@ -340,7 +340,9 @@ impl Pacer {
         let hi = max.as_secs_f64() * 1e3;
         // Whole milliseconds: the timer and the metrics read better, and a change
         // under one is noise.
-        let next = Duration::from_millis(step_ms.clamp(lo, hi).round() as u64).clamp(min, max);
+        let next = Duration::try_from_secs_f64(step_ms.clamp(lo, hi).round() / 1e3)
+            .unwrap_or(max)
+            .clamp(min, max);
         if next == self.current {
             return None;
         }
@@ -357,6 +359,10 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn whole_ms(d: Duration) -> u64 {
+        u64::try_from(d.as_millis()).unwrap()
+    }
+
     fn auto() -> Pacer {
         Pacer::new("auto".parse().unwrap())
     }
@@ -364,11 +370,11 @@ mod tests {
     /// Runs `n` checkpoints of a guest whose cost at length T (ms) is `f(T)`:
     /// (pause µs, dirty pages, export µs, pages also in the previous checkpoint).
     /// The copy is 1 µs a page. Returns the lengths chosen.
-    fn drive(p: &mut Pacer, n: usize, f: impl Fn(f64) -> (u64, u64, u64, u64)) -> Vec<u64> {
+    fn drive(p: &mut Pacer, n: usize, f: impl Fn(u64) -> (u64, u64, u64, u64)) -> Vec<u64> {
         let mut out = Vec::new();
         for _ in 0..n {
             let t = p.current();
-            let (pause, pages, export, rewritten) = f(t.as_secs_f64() * 1e3);
+            let (pause, pages, export, rewritten) = f(whole_ms(t));
             p.observe(&Sample {
                 epoch: t,
                 pause: Duration::from_micros(pause),
@@ -377,7 +383,7 @@ mod tests {
                 copy: Duration::from_micros(pages.min(pause)),
                 rewritten_pages: rewritten,
             });
-            out.push(p.current().as_millis() as u64);
+            out.push(whole_ms(p.current()));
         }
         out
     }
@@ -435,7 +441,7 @@ mod tests {
         // checkpoints at 25 ms, so nothing to amortise.
         let mut p = auto();
         let chosen = drive(&mut p, 10, |t| {
-            let pages = (160.0 * t) as u64;
+            let pages = 160 * t;
             let rewritten = pages.saturating_sub(16_000).min(16_000);
             (300 + pages, pages.min(16_000), 5_000, rewritten)
         });
@@ -473,7 +479,7 @@ mod tests {
         // allows (200 µs without the copy / 2 % = 10 ms).
         let mut p = auto();
         let chosen = drive(&mut p, 30, |t| {
-            let pages = (40.0 * t) as u64;
+            let pages = 40 * t;
             (200 + pages, pages, 200 + 2 * pages, 0)
         });
         assert!(chosen[3..].iter().all(|&c| c <= 12), "{chosen:?}");
@@ -493,7 +499,7 @@ mod tests {
     #[test]
     fn each_step_at_most_doubles_or_halves_and_stays_in_bounds() {
         let mut p = Pacer::new("auto,min=3,max=70".parse().unwrap());
-        let mut before = p.current().as_millis() as u64;
+        let mut before = whole_ms(p.current());
         let costs = [
             (100, 0, 50, 0),
             (9_000, 9_000, 100_000, 9_000),
