@@ -11,6 +11,7 @@ use vmm::config::{
     self, DirectoryConfig, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig,
     VmConfig,
 };
+use vmm::epoch::EpochLength;
 use vmm::machine::RestoreConfig;
 use vmm::replication::liveness::LivenessConfig;
 use vmm::replication::peer::PeerConfig;
@@ -184,9 +185,12 @@ enum DiskCommand {
 /// Checkpointing options, shared by `run` and `restore`.
 #[derive(Args, Debug)]
 struct EpochArgs {
-    /// Cut a checkpoint every N milliseconds into --checkpoint-dir.
-    #[arg(long, value_name = "N", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-    epoch_ms: u64,
+    /// Cut a checkpoint every N milliseconds (1..=3600000). `auto` lets mirrorvm choose
+    /// the length from each checkpoint's pause, dirty pages and export time: the
+    /// shortest that keeps the guest's slowdown and the export in budget, between
+    /// min and max milliseconds [auto's default: min=5,max=100].
+    #[arg(long, value_name = "N|auto[,min=N][,max=N]", default_value = "25")]
+    epoch_ms: EpochLength,
 
     /// Checkpoint the guest into DIR (created if missing): memory is pre-copied while the
     /// guest runs, then one checkpoint is cut per epoch, each page written once, into
@@ -344,7 +348,7 @@ impl EpochArgs {
             }
         };
         Ok(Some(EpochConfig {
-            epoch: Duration::from_millis(self.epoch_ms),
+            epoch: self.epoch_ms,
             sink,
             metrics: self.metrics,
             metrics_addr: self.metrics_addr,

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
 
 /// Bad option values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -225,8 +224,8 @@ pub struct DirectoryConfig {
 /// Epoch settings: how often to cut, where checkpoints go, where metrics go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EpochConfig {
-    /// Epoch length.
-    pub epoch: Duration,
+    /// Epoch length: fixed, or chosen by the engine (`--epoch-ms auto`).
+    pub epoch: crate::epoch::EpochLength,
     /// Where checkpoints go.
     pub sink: SinkConfig,
     /// Per-epoch metrics as JSON lines.

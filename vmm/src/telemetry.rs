@@ -104,6 +104,8 @@ struct Families {
     protected: Gauge,
     last_complete: Gauge,
     lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    epoch_target: Gauge<f64, std::sync::atomic::AtomicU64>,
+    epoch_length: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 /// The registry of one mirrorvm process, fed by its engine or its standby. Clone it
@@ -142,6 +144,8 @@ impl Telemetry {
             protected: Gauge::default(),
             last_complete: Gauge::default(),
             lag: Gauge::default(),
+            epoch_target: Gauge::default(),
+            epoch_length: Gauge::default(),
         };
         let mut r = Registry::with_prefix("mirrorvm");
         r.register_with_unit(
@@ -244,6 +248,18 @@ impl Telemetry {
             Unit::Seconds,
             f.lag.clone(),
         );
+        r.register_with_unit(
+            "epoch_target",
+            "The epoch length in force for the newest complete checkpoint: --epoch-ms, or what --epoch-ms auto chose (primary)",
+            Unit::Seconds,
+            f.epoch_target.clone(),
+        );
+        r.register_with_unit(
+            "epoch_length",
+            "How long the newest complete checkpoint's epoch really lasted, from the cut before it (primary)",
+            Unit::Seconds,
+            f.epoch_length.clone(),
+        );
         let t = Telemetry {
             registry: Arc::new(r),
             f: Arc::new(f),
@@ -288,6 +304,10 @@ impl Telemetry {
         f.export.observe(seconds_of_us(m.export_us));
         f.ack.observe(seconds_of_us(m.ack_us));
         f.sent_bytes.inc_by(m.bytes);
+        f.epoch_target.set(seconds_of_us(m.target_us));
+        if m.epoch_us > 0 {
+            f.epoch_length.set(seconds_of_us(m.epoch_us));
+        }
         f.protected.set(1);
         f.last_complete
             .set(i64::try_from(m.epoch).unwrap_or(i64::MAX));
@@ -366,6 +386,8 @@ mod tests {
             bytes: 50_000,
             export_us: 900,
             ack_us: 1000,
+            target_us: 12_000,
+            epoch_us: 12_500,
             ..Default::default()
         });
         t.record_retry();
@@ -377,6 +399,8 @@ mod tests {
         assert_eq!(value(&s, "mirrorvm_last_complete_checkpoint"), Some(7.0));
         assert_eq!(value(&s, "mirrorvm_protected"), Some(1.0));
         assert_eq!(value(&s, "mirrorvm_lag_seconds"), Some(0.025));
+        assert_eq!(value(&s, "mirrorvm_epoch_target_seconds"), Some(0.012));
+        assert_eq!(value(&s, "mirrorvm_epoch_length_seconds"), Some(0.0125));
         assert_eq!(
             value(&s, "mirrorvm_checkpoint_pause_seconds_sum"),
             Some(0.0003)

@@ -12,7 +12,7 @@
 //! caller therefore waits for the thread with a deadline and reports a stuck vCPU
 //! instead of hanging.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -225,6 +225,17 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     msr_list: Arc<Vec<u32>>,
+    /// What a save reads only once: the CPUID table and the TSC frequency, which
+    /// nothing changes once the vCPU has run (KVM refuses a different CPUID then,
+    /// and the VMM sets the TSC frequency only on restore, before the first run).
+    constant: RefCell<Option<Constant>>,
+}
+
+/// The part of a vCPU's state that does not change while it runs.
+#[derive(Clone)]
+struct Constant {
+    cpuid: CpuId,
+    tsc_khz: Option<u32>,
 }
 
 impl Vcpu {
@@ -236,6 +247,7 @@ impl Vcpu {
             pio,
             mmio,
             msr_list: Arc::new(Vec::new()),
+            constant: RefCell::new(None),
         }
     }
 
@@ -314,11 +326,26 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self, control: &VcpuControl) -> VcpuStop {
+        // Whether the last KVM_RUN returned an exit that the next KVM_RUN completes
+        // (KVM finishes a PIO/MMIO instruction at the start of the following
+        // KVM_RUN). After EINTR nothing is pending: KVM completes a pending exit
+        // before it looks at immediate_exit or signals.
+        let mut pending = false;
         loop {
             if control.stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
             if control.pause.load(Ordering::Acquire) {
+                if !pending {
+                    // Kicked out of KVM_RUN (EINTR): nothing to complete, park at
+                    // once. This saves one KVM_RUN round per pause. (A kick that
+                    // landed after the EINTR left immediate_exit set: clear it.)
+                    self.fd.set_kvm_immediate_exit(0);
+                    if control.park(self) {
+                        return VcpuStop::Requested;
+                    }
+                    continue;
+                }
                 // Complete a PIO/MMIO exit still pending in KVM: with immediate_exit
                 // set, KVM_RUN finishes the instruction and returns EINTR without
                 // running guest code, so the registers saved at the cut are whole. A
@@ -350,14 +377,19 @@ impl Vcpu {
                     // and the pauser's deadline still apply).
                     continue;
                 }
+                pending = false;
                 if control.park(self) {
                     return VcpuStop::Requested;
                 }
                 continue;
             }
             let outcome = match self.fd.run() {
-                Ok(exit) => dispatch(&self.pio, &self.mmio, exit).err(),
+                Ok(exit) => {
+                    pending = true;
+                    dispatch(&self.pio, &self.mmio, exit).err()
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    pending = false;
                     self.fd.set_kvm_immediate_exit(0);
                     None
                 }
@@ -508,6 +540,22 @@ impl VcpuControl {
     /// Asks the vCPU to pause and kicks it; see [`VcpuControl::wait_parked`].
     pub fn request_pause(&self) {
         self.pause.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    /// Asks the vCPU to pause, and to save its state as soon as it has parked, and
+    /// kicks it. The thread reports itself parked first and then saves, so the
+    /// caller's work after [`VcpuControl::wait_parked`] (and every other vCPU's
+    /// save) overlaps the save; [`VcpuControl::wait_saved`] collects it. A vCPU
+    /// that is parked already (held by the user) saves at once.
+    pub fn request_pause_and_save(&self) {
+        {
+            let mut p = lock_recover(&self.parking);
+            p.request = Some(Request::Save);
+            p.saved = None;
+            self.pause.store(true, Ordering::Release);
+            self.cv.notify_all();
+        }
         self.kick();
     }
 
@@ -673,6 +721,7 @@ impl Vcpu {
     /// Ordering: none is needed for reading, except that the pending exit was
     /// completed before parking (see `run_loop`).
     pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let constant = self.constant()?;
         let entries: Vec<kvm_msr_entry> = self
             .msr_list
             .iter()
@@ -690,8 +739,8 @@ impl Vcpu {
             });
         }
         Ok(VcpuState {
-            cpuid: self.kvm("KVM_GET_CPUID2", self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES))?,
-            tsc_khz: self.fd.get_tsc_khz().ok(),
+            cpuid: constant.cpuid,
+            tsc_khz: constant.tsc_khz,
             msrs,
             regs: self.kvm("KVM_GET_REGS", self.fd.get_regs())?,
             sregs: self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?,
@@ -702,6 +751,20 @@ impl Vcpu {
             mp_state: self.kvm("KVM_GET_MP_STATE", self.fd.get_mp_state())?,
             vcpu_events: self.kvm("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?,
         })
+    }
+
+    /// The CPUID table and TSC frequency: read from KVM at the first save, then
+    /// from the copy kept (see `Vcpu::constant`).
+    fn constant(&self) -> Result<Constant, VcpuError> {
+        if let Some(c) = self.constant.borrow().as_ref() {
+            return Ok(c.clone());
+        }
+        let c = Constant {
+            cpuid: self.kvm("KVM_GET_CPUID2", self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES))?,
+            tsc_khz: self.fd.get_tsc_khz().ok(),
+        };
+        *self.constant.borrow_mut() = Some(c.clone());
+        Ok(c)
     }
 
     /// Loads a saved state into this (new, never run) vCPU.
@@ -717,6 +780,8 @@ impl Vcpu {
     ///    TSC-deadline mode; IA32_TSC comes first in the list);
     /// 6. vCPU events last, so pending injections are not cleared by the above.
     pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        // The next save reads CPUID and the TSC frequency from KVM again.
+        *self.constant.borrow_mut() = None;
         self.kvm("KVM_SET_CPUID2", self.fd.set_cpuid2(&s.cpuid))?;
         if let Some(khz) = s.tsc_khz {
             if let Err(e) = self.fd.set_tsc_khz(khz) {

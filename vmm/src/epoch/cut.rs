@@ -75,9 +75,18 @@ impl EpochEngine {
             epoch,
             source: CutError::Encode(e),
         })?;
+        // Pages rewritten since the previous checkpoint (the epoch length policy),
+        // counted after the resume. A full checkpoint starts the count afresh.
+        let rewritten_pages = if full {
+            0
+        } else {
+            super::length::common_pages(&self.last_pages, &pages.addrs)
+        };
+        self.last_pages.clone_from(&pages.addrs);
         let m = EpochMetrics {
             epoch,
             full,
+            rewritten_pages,
             pause_us: us(pause),
             kick_us: us(t_kick),
             harvest_us: us(t_harvest),

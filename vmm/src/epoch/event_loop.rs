@@ -21,30 +21,31 @@ const TOKEN_CUT_REQUEST: u32 = 2;
 pub struct EpochLoop {
     engine: EpochEngine,
     timer: TimerFd,
-    period: Duration,
     exporter_evt: EventFd,
     cut_request: Option<EventFd>,
     on_error: Box<dyn Fn(String) + Send>,
 }
 
 impl EpochLoop {
-    /// Wraps a started engine. `exporter_evt` fires when the exporter has events;
-    /// `cut_request` when a disk asks for an early cut; `on_error` ends the run.
+    /// Wraps a started engine; its timer ticks every [`EpochEngine::epoch_length`],
+    /// re-armed whenever the engine changes it. `exporter_evt` fires when the
+    /// exporter has events; `cut_request` when a disk asks for an early cut;
+    /// `on_error` ends the run.
     pub fn new(
-        engine: EpochEngine,
-        period: Duration,
+        mut engine: EpochEngine,
         exporter_evt: EventFd,
         cut_request: Option<EventFd>,
         on_error: Box<dyn Fn(String) + Send>,
     ) -> Result<Self, EpochError> {
         let mut timer = TimerFd::new().map_err(|e| EpochError::Os("timer", e.into()))?;
+        let period = engine.epoch_length();
+        let _ = engine.take_new_length();
         timer
             .reset(period, Some(period))
             .map_err(|e| EpochError::Os("timer", e.into()))?;
         Ok(EpochLoop {
             engine,
             timer,
-            period,
             exporter_evt,
             cut_request,
             on_error,
@@ -70,11 +71,28 @@ impl EpochLoop {
         r
     }
 
-    /// The epoch length.
+    /// The epoch length in force.
     pub fn period(&self) -> Duration {
-        self.period
+        self.engine.epoch_length()
+    }
+
+    /// Re-arms the timer when the engine chose a new epoch length: the next tick
+    /// comes one new length after the last cut began (at once if that is past).
+    fn follow_length(&mut self) -> Result<(), EpochError> {
+        let Some((period, since_cut)) = self.engine.take_new_length() else {
+            return Ok(());
+        };
+        let first = period
+            .saturating_sub(since_cut.unwrap_or_default())
+            .max(MIN_FIRST_TICK);
+        self.timer
+            .reset(first, Some(period))
+            .map_err(|e| EpochError::Os("timer", e.into()))
     }
 }
+
+/// The soonest a re-armed timer fires (a zero first expiry would disarm it).
+const MIN_FIRST_TICK: Duration = Duration::from_micros(100);
 
 impl MutEventSubscriber for EpochLoop {
     fn init(&mut self, ops: &mut EventOps) {
@@ -113,6 +131,7 @@ impl MutEventSubscriber for EpochLoop {
             }
             _ => Ok(()),
         };
+        let r = r.and_then(|()| self.follow_length());
         if let Err(e) = r {
             (self.on_error)(format!("checkpointing failed: {}", ErrorChain(&e)));
         }

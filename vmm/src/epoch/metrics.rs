@@ -36,6 +36,16 @@ pub struct EpochMetrics {
     /// all of it, so this is what to divide by for a dirty rate.
     #[serde(default)]
     pub epoch_us: u64,
+    /// Pages in the checkpoint that the previous checkpoint of this run carried too
+    /// (rewritten in consecutive epochs: what `--epoch-ms auto` counts as a per-cut
+    /// cost).
+    #[serde(default)]
+    pub rewritten_pages: u64,
+    /// The epoch length in force when this epoch ran, µs: `--epoch-ms`, or what
+    /// `--epoch-ms auto` chose (0 in files written before it existed). The next
+    /// line's value is the length chosen after this checkpoint.
+    #[serde(default)]
+    pub target_us: u64,
     /// When the cut ended its pause, ms since checkpointing started in this process
     /// (0 in files written before it existed).
     #[serde(default)]

@@ -44,6 +44,7 @@ pub mod ending;
 mod error;
 mod event_loop;
 pub mod exporter;
+pub mod length;
 pub mod metrics;
 #[cfg(test)]
 mod model_test;
@@ -63,6 +64,7 @@ use crate::telemetry::Telemetry;
 pub use error::{Cause, CutError, EpochError, PauseError};
 pub use event_loop::EpochLoop;
 pub use exporter::{ExportEvent, ExportQueue, Job, LostDuring, NoSink};
+pub use length::{EpochLength, LengthError, Pacer};
 pub use metrics::EpochMetrics;
 pub use parts::{DirtyLog, DiskCommit, DiskCut, Output, Parts, StateCapture, Vcpus};
 
@@ -201,6 +203,12 @@ pub struct EpochEngine {
     /// A standby that joined while regions were retiring locally: attached once
     /// they are.
     joining: Option<Box<dyn CheckpointSink>>,
+    /// The epoch length, fixed or chosen from each complete checkpoint (`length.rs`).
+    pacer: Pacer,
+    /// The length changed since the event loop last asked (`take_new_length`).
+    new_length: bool,
+    /// The pages of the last checkpoint cut, to count those the next one rewrites.
+    last_pages: Vec<u64>,
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
 }
@@ -307,6 +315,9 @@ impl EpochEngine {
             pending: DirtySet::default(),
             since_cut: DirtySet::default(),
             joining: None,
+            pacer: Pacer::new(EpochLength::default()),
+            new_length: false,
+            last_pages: Vec::new(),
             #[cfg(test)]
             sabotage: Sabotage::default(),
         }
@@ -330,6 +341,29 @@ impl EpochEngine {
     /// standby that rejoins with a replica of one of them gets only what changed.
     pub fn set_lineage(&mut self, lineage: u64) {
         self.lineage = lineage;
+    }
+
+    /// Sets the epoch length: fixed, or chosen by the engine (`length.rs`).
+    pub fn set_epoch_length(&mut self, setting: EpochLength) {
+        self.pacer = Pacer::new(setting);
+        self.new_length = true;
+    }
+
+    /// The epoch length in force.
+    pub fn epoch_length(&self) -> Duration {
+        self.pacer.current()
+    }
+
+    /// The epoch length, if it changed since the last call; with how long ago the
+    /// last cut's pause began (the next epoch is measured from it).
+    pub fn take_new_length(&mut self) -> Option<(Duration, Option<Duration>)> {
+        if !std::mem::take(&mut self.new_length) {
+            return None;
+        }
+        Some((
+            self.pacer.current(),
+            self.last_cut.map(|c| c.began.elapsed()),
+        ))
     }
 
     /// Where the engine is.
@@ -719,6 +753,19 @@ impl EpochEngine {
         let mut m = self.in_flight.take().unwrap_or_default();
         m.bytes = bytes;
         m.export_us = us;
+        // The length in force for this epoch; then learn from it (auto mode).
+        m.target_us = self::us(self.pacer.current());
+        let sample = length::Sample {
+            epoch: Duration::from_micros(m.epoch_us),
+            pause: Duration::from_micros(m.pause_us),
+            export: Duration::from_micros(us),
+            dirty_pages: m.dirty_pages,
+            copy: Duration::from_micros(m.copy_us),
+            rewritten_pages: m.rewritten_pages,
+        };
+        if self.pacer.observe(&sample).is_some() {
+            self.new_length = true;
+        }
         if let Some(c) = self.last_cut.filter(|c| c.epoch == epoch) {
             let resumed = c.began + c.pause;
             m.ack_us = self::us(resumed.elapsed());

@@ -21,7 +21,10 @@
 //! 5. a failed cut stops further cuts;
 //! 6. the vCPUs are never left paused outside a cut, and disk regions swap only while
 //!    they are paused (unless unprotected);
-//! 7. a user stop that succeeds leaves the sink holding exactly the guest's memory.
+//! 7. a user stop that succeeds leaves the sink holding exactly the guest's memory;
+//! 8. the epoch length in force, every new length handed to the timer, and every
+//!    metrics line's `target_us` lie within the setting's bounds (fixed or
+//!    `auto,min,max`, drawn at random).
 //!
 //! `each_invariant_can_fail` breaks the engine on purpose seven ways (a lost page,
 //! two checkpoints in flight, an early retire, an early release, a release while
@@ -470,6 +473,61 @@ fn run_model_with_rounds(
     sabotage: Sabotage,
     rounds: u32,
 ) -> Result<(), String> {
+    run_model_paced(steps, end, sabotage, rounds, EpochLength::default()).map(|_| ())
+}
+
+/// A metrics file the test reads back.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The lengths `setting` allows.
+fn allowed(setting: EpochLength) -> (Duration, Duration) {
+    match setting {
+        EpochLength::Fixed(d) => (d, d),
+        EpochLength::Auto { min, max } => (min, max),
+    }
+}
+
+/// Invariant 8: every epoch length the engine runs at, asks its timer for, or
+/// reports in its metrics lies within the setting's bounds (is the fixed length).
+fn check_length(world: &Shared, engine: &mut EpochEngine, setting: EpochLength) {
+    let (lo, hi) = allowed(setting);
+    let mut bad = Vec::new();
+    if !(lo..=hi).contains(&engine.epoch_length()) {
+        bad.push(engine.epoch_length());
+    }
+    if let Some((len, _)) = engine.take_new_length() {
+        if !(lo..=hi).contains(&len) {
+            bad.push(len);
+        }
+    }
+    for len in bad {
+        w(world).violate(format!("epoch length {len:?} outside {lo:?}..={hi:?}"));
+    }
+}
+
+/// [`run_model_with_rounds`] with an epoch length setting; returns the length in
+/// force at the end.
+fn run_model_paced(
+    steps: &[Step],
+    end: End,
+    sabotage: Sabotage,
+    rounds: u32,
+    setting: EpochLength,
+) -> Result<Duration, String> {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), PAGES * PAGE_SIZE)])
         .map_err(|e| e.to_string())?;
     let world: Shared = Arc::new(Mutex::new(World {
@@ -500,9 +558,17 @@ fn run_model_with_rounds(
         disks: Box::new(FakeDisks(world.clone())),
         output: Box::new(FakeOutput(world.clone())),
     };
-    let mut engine = EpochEngine::new(parts, Box::new(exporter.clone()), mem.clone(), 1, None);
+    let lines = Lines::default();
+    let mut engine = EpochEngine::new(
+        parts,
+        Box::new(exporter.clone()),
+        mem.clone(),
+        1,
+        Some(Box::new(lines.clone())),
+    );
     engine.sabotage = sabotage;
     engine.set_precopy_rounds(rounds);
+    engine.set_epoch_length(setting);
     let manifest = Manifest {
         memory: (PAGES * PAGE_SIZE) as u64,
         cpus: 1,
@@ -567,6 +633,7 @@ fn run_model_with_rounds(
         let _ = r;
         check(&world, &engine, &exporter);
         check_answers(&world, &answers);
+        check_length(&world, &mut engine, setting);
     }
     match end {
         End::Crash => {}
@@ -598,9 +665,21 @@ fn run_model_with_rounds(
             }
         }
     }
+    let (lo, hi) = allowed(setting);
+    let text = lines.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for line in String::from_utf8_lossy(&text).lines() {
+        let m: EpochMetrics = serde_json::from_str(line).map_err(|e| e.to_string())?;
+        let target = Duration::from_micros(m.target_us);
+        if !m.unprotected && !(lo..=hi).contains(&target) {
+            return Err(format!(
+                "checkpoint {} reports epoch length {target:?} outside {lo:?}..={hi:?}",
+                m.epoch
+            ));
+        }
+    }
     let v = &w(&world).violations;
     if v.is_empty() {
-        Ok(())
+        Ok(engine.epoch_length())
     } else {
         Err(v.join("; "))
     }
@@ -623,6 +702,17 @@ fn strategy() -> impl Strategy<Value = (Vec<Step>, End)> {
     (proptest::collection::vec(step(), 0..80), end())
 }
 
+/// Fixed lengths, and automatic ones within random bounds.
+fn setting() -> impl Strategy<Value = EpochLength> {
+    prop_oneof![
+        (1u64..200).prop_map(|ms| EpochLength::Fixed(Duration::from_millis(ms))),
+        (1u64..30, 0u64..200).prop_map(|(min, extra)| EpochLength::Auto {
+            min: Duration::from_millis(min),
+            max: Duration::from_millis(min + extra),
+        }),
+    ]
+}
+
 proptest! {
     #![proptest_config(Config { cases: 512, failure_persistence: None, ..Config::default() })]
 
@@ -632,6 +722,39 @@ proptest! {
             prop_assert!(false, "{}", e);
         }
     }
+
+    #[test]
+    fn the_engine_keeps_its_invariants_at_any_epoch_length(
+        (steps, end) in strategy(),
+        setting in setting(),
+    ) {
+        if let Err(e) = run_model_paced(&steps, end, Sabotage::default(), 0, setting) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+}
+
+/// Auto mode's lengths change in the model (its epochs last microseconds, so the
+/// engine shortens them to the lower bound) and every invariant still holds.
+#[test]
+fn auto_mode_moves_the_length_and_keeps_the_invariants() {
+    let setting = EpochLength::Auto {
+        min: Duration::from_millis(2),
+        max: Duration::from_millis(40),
+    };
+    let mut steps = vec![Step::Export, Step::Export, Step::Export];
+    for i in 0..12 {
+        steps.push(Step::Write {
+            page: i % PAGES,
+            value: i as u64 + 1,
+        });
+        steps.push(Step::Tick);
+        steps.push(Step::Export);
+        steps.push(Step::Export);
+        steps.push(Step::Export);
+    }
+    let last = run_model_paced(&steps, End::UserStop, Sabotage::default(), 0, setting).unwrap();
+    assert_eq!(last, Duration::from_millis(2));
 }
 
 #[test]

@@ -35,8 +35,11 @@ pub(super) struct KvmVcpus {
 
 impl Vcpus for KvmVcpus {
     fn pause(&mut self) -> Result<(), PauseError> {
+        // Each vCPU thread saves its own state right after it parks, while this
+        // thread goes on with the harvest and the copy; `KvmState::save` collects
+        // the saves.
         for v in &self.controls {
-            v.request_pause();
+            v.request_pause_and_save();
         }
         for v in &self.controls {
             match v.wait_parked(PARK_DEADLINE) {
@@ -105,10 +108,12 @@ impl StateCapture for KvmState {
                 .collect(),
         };
         let devices = postcard::to_stdvec(&devices).map_err(|e| CutError::Devices(Box::new(e)))?;
-        // Every parked vCPU saves itself on its own thread, all at once.
-        for v in &self.vcpus {
-            v.request_save().map_err(|e| CutError::Vcpu(Box::new(e)))?;
-        }
+        // Every vCPU saved itself on its own thread as it parked (`KvmVcpus::pause`
+        // asked for it), all at once and while this thread harvested and copied.
+        // Saved before the devices drained: an interrupt the drain raised may be
+        // missing from a LAPIC, which is the case every restore covers already
+        // (a device whose interrupt status is set raises it again; an irqfd
+        // injection can always land after the interrupt controllers were saved).
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
             vcpus.push(v.wait_saved().map_err(|e| CutError::Vcpu(Box::new(e)))?);

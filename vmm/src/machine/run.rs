@@ -161,6 +161,7 @@ impl Machine {
         if let Some(t) = cp.telemetry {
             engine.set_telemetry(t);
         }
+        engine.set_epoch_length(cp.config.epoch);
         if matches!(
             cp.config.sink,
             crate::config::SinkConfig::Peer(_) | crate::config::SinkConfig::Await(_)
@@ -179,7 +180,6 @@ impl Machine {
         let s = self.shutdown.clone();
         let lp = EpochLoop::new(
             engine,
-            cp.config.epoch,
             wake,
             Some(cut_request),
             Box::new(move |msg| s.request(RunEnd::GuestError(msg))),

@@ -1373,7 +1373,7 @@ impl Standby {
             listen: None,
         };
         let epochs = EpochConfig {
-            epoch: crate::config::DEFAULT_EPOCH,
+            epoch: crate::epoch::EpochLength::Fixed(crate::config::DEFAULT_EPOCH),
             sink: SinkConfig::Await(session.clone()),
             metrics: None,
             metrics_addr: None,
