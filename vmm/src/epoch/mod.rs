@@ -155,6 +155,8 @@ pub(crate) struct Sabotage {
     pub cut_after_failure: bool,
     /// Leave the vCPUs parked after a cut.
     pub stay_paused: bool,
+    /// Copy the dirty pages and resume the vCPUs before re-protecting them.
+    pub protect_after_resume: bool,
 }
 
 /// The engine. Call its `on_*` methods from the device loop ([`EpochLoop`] does).
