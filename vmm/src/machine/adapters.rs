@@ -106,8 +106,11 @@ impl DirtyLog for KvmDirtyLog {
     }
 
     fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError> {
+        let t = std::time::Instant::now();
         into.copy_from(&self.mem, set)
-            .map_err(|e| CutError::PageCopy(Box::new(e)))
+            .map_err(|e| CutError::PageCopy(Box::new(e)))?;
+        self.hot.observe_copy(into.len(), t.elapsed());
+        Ok(())
     }
 }
 
