@@ -368,6 +368,8 @@ struct RegionHistory {
 #[derive(Debug, Clone)]
 pub struct HotPages {
     config: HotConfig,
+    /// The budget in force ([`HotPages::observe_epoch`]).
+    budget: Duration,
     max_hot: usize,
     hot: usize,
     regions: Vec<RegionHistory>,
@@ -380,6 +382,7 @@ impl HotPages {
         let max_hot = crate::arch::to_usize(budget_ns / config.costs.copy_ns.max(1));
         HotPages {
             config,
+            budget: config.budget,
             max_hot,
             hot: 0,
             regions: pages
@@ -410,6 +413,8 @@ impl HotPages {
 
     /// A cut copied `pages` pages in `took`: the copy cost the budget divides by
     /// follows what cuts really cost (a moving average, 1/4 weight to the newest;
+    /// an observation counts as at most twice the estimate, so one slow cut, such
+    /// as the first into a fresh staging buffer, does not collapse the hot set;
     /// cuts of fewer than 256 pages are too small to time).
     pub fn observe_copy(&mut self, pages: usize, took: Duration) {
         if pages < 256 {
@@ -417,9 +422,28 @@ impl HotPages {
         }
         let per_page = u64::try_from(took.as_nanos() / pages as u128).unwrap_or(u64::MAX);
         let c = &mut self.config.costs.copy_ns;
-        *c = ((*c * 3 + per_page) / 4).max(1);
-        let budget_ns = u64::try_from(self.config.budget.as_nanos()).unwrap_or(u64::MAX);
-        self.max_hot = crate::arch::to_usize(budget_ns / *c);
+        let seen = per_page.min(c.saturating_mul(2));
+        *c = ((*c * 3 + seen) / 4).max(1);
+        self.rebudget();
+    }
+
+    /// The epoch that just ended lasted `epoch` (longer than configured when a slow
+    /// export postponed the cut). The budget is a fifth of it, but never below the
+    /// configured budget nor above four times it: a long epoch gives its faults
+    /// more time to add up, and its pause more time to be amortised over.
+    pub fn observe_epoch(&mut self, epoch: Duration) {
+        self.budget = (epoch / 5).clamp(self.config.budget, self.config.budget * 4);
+        self.rebudget();
+    }
+
+    /// The pause budget in force.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    fn rebudget(&mut self) {
+        let budget_ns = u64::try_from(self.budget.as_nanos()).unwrap_or(u64::MAX);
+        self.max_hot = crate::arch::to_usize(budget_ns / self.config.costs.copy_ns.max(1));
     }
 
     /// Whether a page written `writes` times in the last 8 watched epochs is worth
@@ -773,9 +797,20 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_follows_the_copies_cuts_make() {
+    fn the_budget_follows_the_epochs_and_the_copies_cuts_make() {
         let mut h = policy(1000); // 1 ms at 1 µs a page: 1,000 pages.
         assert_eq!(h.max_hot(), 1000);
+        // A long epoch (a postponed cut): a fifth of it, at most 4× the budget.
+        h.observe_epoch(Duration::from_millis(10));
+        assert_eq!(h.max_hot(), 2000);
+        h.observe_epoch(Duration::from_secs(1));
+        assert_eq!(h.max_hot(), 4000);
+        h.observe_epoch(Duration::from_millis(1));
+        assert_eq!(h.max_hot(), 1000);
+        // One very slow cut counts as twice the estimate at most.
+        h.observe_copy(1000, Duration::from_millis(100));
+        assert_eq!(h.max_hot(), 800);
+        let mut h = policy(1000);
         // Cuts copying at 0.5 µs a page: the estimate moves towards it.
         for _ in 0..40 {
             h.observe_copy(4000, Duration::from_millis(2));

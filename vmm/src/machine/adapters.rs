@@ -65,6 +65,8 @@ pub(super) struct KvmDirtyLog {
     vm: Arc<VmFd>,
     mem: GuestMemory,
     hot: HotPages,
+    /// When the last cut re-protected: the length of the epoch since.
+    last_cut: Option<std::time::Instant>,
 }
 
 impl KvmDirtyLog {
@@ -88,7 +90,12 @@ impl KvmDirtyLog {
             config.budget,
             hot.max_hot()
         );
-        Ok(KvmDirtyLog { vm, mem, hot })
+        Ok(KvmDirtyLog {
+            vm,
+            mem,
+            hot,
+            last_cut: None,
+        })
     }
 }
 
@@ -98,6 +105,12 @@ impl DirtyLog for KvmDirtyLog {
     }
 
     fn protect(&mut self, set: &DirtySet, how: Protect) -> Result<u64, CutError> {
+        if how == Protect::Hot {
+            let now = std::time::Instant::now();
+            if let Some(last) = self.last_cut.replace(now) {
+                self.hot.observe_epoch(now.duration_since(last));
+            }
+        }
         let chosen = self.hot.choose(set, how);
         // KVM_CLEAR_DIRTY_LOG: complete when it returns. The cut copies afterwards,
         // and resumes the vCPUs after the copy (the ordering rule).
