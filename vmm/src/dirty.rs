@@ -19,7 +19,7 @@
 //! [`HotPages`] decides which pages stay writable: a page is *hot* when it was written
 //! often enough in the epochs it was watched (protected) that copying it at every cut
 //! costs less than the fault its next write would take
-//! (`p · fault > (1 − p) · copy`, `p` its observed per-epoch write rate), and the hot
+//! (`p · fault > (1 − p) · (copy + export)`, `p` its observed per-epoch write rate), and the hot
 //! pages' copy fits the pause budget. The costs are [`HostCosts`]: the copy measured
 //! at start-up, the fault measured on the host by the epoch benchmark (configurable;
 //! `docs/dirty-tracking.md` says why and how). A hot page holds a lease of a few
@@ -249,6 +249,9 @@ pub struct HostCosts {
     pub fault_ns: u64,
     /// Copying one page into the staging buffer at a cut, ns.
     pub copy_ns: u64,
+    /// Sending one page to the sink (the exporter, off the pause but competing with
+    /// the guest for the host and delaying the next cut), ns; learnt from exports.
+    pub export_ns: u64,
 }
 
 /// The write-protection fault cost assumed when none is configured, ns: what the
@@ -280,6 +283,7 @@ impl HostCosts {
         HostCosts {
             fault_ns: fault_ns.max(1),
             copy_ns: u64::try_from(per_page).unwrap_or(u64::MAX).max(1),
+            export_ns: 0,
         }
     }
 }
@@ -347,6 +351,8 @@ pub const HOT_LEASE: u8 = 32;
 struct RegionHistory {
     /// Bit i: the page was written in the i-th most recent epoch it was watched.
     hist: Vec<u8>,
+    /// Epochs watched since its first recorded write, at most 8.
+    obs: Vec<u8>,
     /// Epochs left in the page's hot lease; 0 when the page is protected.
     lease: Vec<u8>,
     /// One bit per page with a history or a lease (the pages worth visiting).
@@ -357,9 +363,10 @@ struct RegionHistory {
 ///
 /// A page is watched while protected: at each harvest, whether it was written in
 /// the epoch is shifted into an 8-epoch history. A written page whose history holds
-/// at least two writes, with `p` = writes / 8, becomes hot if
-/// `p · fault > (1 − p) · copy` (a fault per write costs more than a copy at every
-/// cut) and the hot pages' copy stays within the pause budget
+/// at least two writes, with `p` = writes / epochs watched since the first of them
+/// (at most 8), becomes hot if
+/// `p · fault > (1 − p) · (copy + export)` (a fault per write costs more than
+/// copying and sending the page at every checkpoint) and the hot pages' copy stays within the pause budget
 /// (`hot · copy ≤ budget`). A page written once is never hot: no policy avoids the
 /// fault of a first write. A hot page is not re-protected for [`HOT_LEASE`] epochs
 /// (staggered by page, so leases do not all end at once); it is reported dirty and
@@ -389,6 +396,7 @@ impl HotPages {
                 .iter()
                 .map(|&n| RegionHistory {
                     hist: vec![0; n],
+                    obs: vec![0; n],
                     lease: vec![0; n],
                     tracked: vec![0; n.div_ceil(64)],
                 })
@@ -427,6 +435,22 @@ impl HotPages {
         self.rebudget();
     }
 
+    /// A checkpoint of `pages` pages took `took` to export: the cost of sending a
+    /// page follows it (a moving average, 1/4 weight to the newest; exports of
+    /// fewer than 256 pages are dominated by fixed costs and ignored).
+    pub fn observe_export(&mut self, pages: usize, took: Duration) {
+        if pages < 256 {
+            return;
+        }
+        let per_page = u64::try_from(took.as_nanos() / pages as u128).unwrap_or(u64::MAX);
+        let e = &mut self.config.costs.export_ns;
+        *e = if *e == 0 {
+            per_page
+        } else {
+            (e.saturating_mul(3).saturating_add(per_page)) / 4
+        };
+    }
+
     /// The epoch that just ended lasted `epoch` (longer than configured when a slow
     /// export postponed the cut). The budget is a fifth of it, but never below the
     /// configured budget nor above four times it: a long epoch gives its faults
@@ -446,18 +470,18 @@ impl HotPages {
         self.max_hot = crate::arch::to_usize(budget_ns / self.config.costs.copy_ns.max(1));
     }
 
-    /// Whether a page written `writes` times in the last 8 watched epochs is worth
-    /// keeping writable.
-    fn worth_it(&self, writes: u32) -> bool {
-        if writes < 2 {
+    /// Whether a page written in `writes` of the last `obs` epochs it was watched
+    /// is worth keeping writable.
+    fn worth_it(&self, writes: u32, obs: u32) -> bool {
+        if writes < 2 || obs < writes {
             return false;
         }
         let (f, c) = (
             u128::from(self.config.costs.fault_ns),
-            u128::from(self.config.costs.copy_ns),
+            u128::from(self.config.costs.copy_ns) + u128::from(self.config.costs.export_ns),
         );
-        // p · fault > (1 − p) · copy with p = writes / 8.
-        u128::from(writes) * f > u128::from(8 - writes.min(8)) * c
+        // p · fault > (1 − p) · (copy + export) with p = writes / obs.
+        u128::from(writes) * f > u128::from(obs - writes) * c
     }
 
     /// Decides, for `set` just read from the log, which of its pages to re-protect
@@ -504,8 +528,9 @@ impl HotPages {
                         continue;
                     }
                     r.hist[p] = (r.hist[p] << 1) | u8::from(written);
-                    let writes = r.hist[p].count_ones();
-                    if written && self.hot < self.max_hot && self.worth_it(writes) {
+                    r.obs[p] = if r.hist[p] == 0 { 0 } else { (r.obs[p] + 1).min(8) };
+                    let (writes, obs) = (r.hist[p].count_ones(), u32::from(r.obs[p]));
+                    if written && self.hot < self.max_hot && self.worth_it(writes, obs) {
                         let r = &mut self.regions[ri];
                         // Staggered so that leases taken together end apart.
                         r.lease[p] = HOT_LEASE / 2 + (p % usize::from(HOT_LEASE / 2)) as u8;
@@ -680,6 +705,7 @@ mod tests {
                 costs: HostCosts {
                     fault_ns: 20_000,
                     copy_ns: 1_000,
+                    export_ns: 0,
                 },
                 budget: Duration::from_micros(max_hot_us),
             },
@@ -751,8 +777,7 @@ mod tests {
 
     #[test]
     fn rarely_written_pages_stay_protected_when_faults_are_cheap() {
-        // Faults as cheap as copies: a page written in 2 of 8 epochs is not worth a
-        // copy at every cut (2 · 1 < 6 · 1).
+        // Faults as cheap as copies: a page written every third epoch is not worth a
         let mut h = HotPages::new(
             &[256],
             HotConfig {
@@ -760,17 +785,21 @@ mod tests {
                 costs: HostCosts {
                     fault_ns: 1_000,
                     copy_ns: 1_000,
+                    export_ns: 0,
                 },
                 budget: Duration::from_millis(1),
             },
         );
+        // copy at every cut (2 · 1 > 2 · 1 is false: written in 2 of 4 epochs).
         assert_eq!(protected(&h.choose(&set_of(&[7]), Protect::Hot)), vec![7]);
-        assert_eq!(
-            protected(&h.choose(&set_of(&[]), Protect::Hot)),
-            Vec::<usize>::new()
-        );
+        for _ in 0..2 {
+            assert!(protected(&h.choose(&set_of(&[]), Protect::Hot)).is_empty());
+        }
         assert_eq!(protected(&h.choose(&set_of(&[7]), Protect::Hot)), vec![7]);
         assert_eq!(h.hot(), 0);
+        // Written again in the next epoch (3 of 5): now it is (3 > 2).
+        assert!(protected(&h.choose(&set_of(&[7]), Protect::Hot)).is_empty());
+        assert_eq!(h.hot(), 1);
     }
 
     #[test]
@@ -819,6 +848,30 @@ mod tests {
         // Too few pages to time: ignored.
         h.observe_copy(10, Duration::from_secs(1));
         assert!(h.max_hot() >= 1900);
+    }
+
+    #[test]
+    fn a_dear_export_keeps_rarely_written_pages_protected() {
+        // Fault 20 µs, copy 1 µs: a page written every fourth epoch is hot...
+        let every_fourth = |h: &mut HotPages| {
+            h.choose(&set_of(&[5]), Protect::Hot);
+            for _ in 0..3 {
+                h.choose(&set_of(&[]), Protect::Hot);
+            }
+            h.choose(&set_of(&[5]), Protect::Hot);
+        };
+        let mut cheap = policy(100);
+        every_fourth(&mut cheap);
+        assert_eq!(cheap.hot(), 1);
+        // ... but not when sending a page costs 20 µs more: 2 · 20 < 3 · 21.
+        let mut dear = policy(100);
+        dear.observe_export(1000, Duration::from_millis(20));
+        every_fourth(&mut dear);
+        assert_eq!(dear.hot(), 0);
+        // A page written in every epoch stays worth it: 8 · 20 > 0.
+        dear.choose(&set_of(&[9]), Protect::Hot);
+        dear.choose(&set_of(&[9]), Protect::Hot);
+        assert_eq!(dear.hot(), 1);
     }
 
     #[test]

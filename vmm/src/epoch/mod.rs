@@ -610,6 +610,11 @@ impl EpochEngine {
         us: u64,
         pages: StagedPages,
     ) -> Result<(), EpochError> {
+        // What sending a page cost: the hot-page policy weighs it (a hot page is
+        // sent at every checkpoint, written or not).
+        self.parts
+            .dirty
+            .observe_export(pages.len(), Duration::from_micros(us));
         // Keep the staging buffer for the next cut unless it is far too big.
         if pages.data.capacity() <= 4 * pages.data.len().max(64 * PAGE_SIZE) {
             self.spare = pages;

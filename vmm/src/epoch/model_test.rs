@@ -176,6 +176,7 @@ impl FakeDirty {
             costs: HostCosts {
                 fault_ns: 20_000,
                 copy_ns: 1_000,
+                export_ns: 0,
             },
             // Four hot pages at most, of the model's sixteen.
             budget: Duration::from_micros(4),

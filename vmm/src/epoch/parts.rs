@@ -35,6 +35,11 @@ pub trait DirtyLog: Send {
     }
     /// Copies the pages of `set` into `into` (guest quiescent).
     fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError>;
+    /// A checkpoint of `pages` pages took `took` to export (the policy weighs what
+    /// a page costs to send). Nothing by default.
+    fn observe_export(&mut self, pages: usize, took: std::time::Duration) {
+        let _ = (pages, took);
+    }
 }
 
 /// The machine's state at a cut.

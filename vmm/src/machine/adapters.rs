@@ -125,6 +125,10 @@ impl DirtyLog for KvmDirtyLog {
         self.hot.observe_copy(into.len(), t.elapsed());
         Ok(())
     }
+
+    fn observe_export(&mut self, pages: usize, took: std::time::Duration) {
+        self.hot.observe_export(pages, took);
+    }
 }
 
 /// A block device and its transport, as the cut saves them.
