@@ -120,7 +120,7 @@ impl Ring {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 vcpu.as_raw_fd(),
-                (kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET as libc::off_t) * 4096,
+                libc::off_t::from(kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET) * 4096,
             )
         };
         if p == libc::MAP_FAILED {
@@ -140,15 +140,14 @@ impl Ring {
         let mut n = 0;
         loop {
             let i = self.next % RING_ENTRIES;
-            // SAFETY: entry `i` lies inside the mapping (i < RING_ENTRIES); its
-            // flags word is shared with KVM, so it is read and written atomically
-            // with acquire/release ordering, as the dirty-ring protocol asks.
-            let flags = unsafe {
-                &*(self
-                    .base
-                    .add(i * GFN_BYTES)
-                    .cast::<std::sync::atomic::AtomicU32>())
-            };
+            // SAFETY: entry `i` lies inside the mapping (i < RING_ENTRIES), which
+            // lives as long as the VM's vCPU; the pointer stays in bounds.
+            let entry = unsafe { self.base.add(i * GFN_BYTES) };
+            // SAFETY: the entry's first field is its u32 flags word, 4-byte aligned
+            // (the mapping is page-aligned, entries are 16 bytes); it is shared with
+            // KVM, so it is accessed atomically with acquire/release ordering, as
+            // the dirty-ring protocol asks.
+            let flags = unsafe { &*entry.cast::<std::sync::atomic::AtomicU32>() };
             if flags.load(std::sync::atomic::Ordering::Acquire) & GFN_F_DIRTY == 0 {
                 break;
             }
@@ -183,7 +182,7 @@ fn main() {
         eprintln!("*** SKIPPED dirty-ring benchmark: KVM has no dirty ring ***");
         return;
     }
-    let ring_bytes = (RING_ENTRIES * GFN_BYTES).min(ring_max as usize);
+    let ring_bytes = (RING_ENTRIES * GFN_BYTES).min(usize::try_from(ring_max).unwrap_or(0));
     if ring_bytes < RING_ENTRIES * GFN_BYTES {
         fail(&format!(
             "the dirty ring holds at most {ring_max} bytes here"

@@ -528,12 +528,17 @@ impl HotPages {
                         continue;
                     }
                     r.hist[p] = (r.hist[p] << 1) | u8::from(written);
-                    r.obs[p] = if r.hist[p] == 0 { 0 } else { (r.obs[p] + 1).min(8) };
+                    r.obs[p] = if r.hist[p] == 0 {
+                        0
+                    } else {
+                        (r.obs[p] + 1).min(8)
+                    };
                     let (writes, obs) = (r.hist[p].count_ones(), u32::from(r.obs[p]));
                     if written && self.hot < self.max_hot && self.worth_it(writes, obs) {
                         let r = &mut self.regions[ri];
                         // Staggered so that leases taken together end apart.
-                        r.lease[p] = HOT_LEASE / 2 + (p % usize::from(HOT_LEASE / 2)) as u8;
+                        let stagger = p % usize::from(HOT_LEASE / 2);
+                        r.lease[p] = HOT_LEASE / 2 + u8::try_from(stagger).unwrap_or(0);
                         r.tracked[wi] |= 1 << b;
                         self.hot += 1;
                         continue;
@@ -724,7 +729,7 @@ mod tests {
 
     fn protected(set: &DirtySet) -> Vec<usize> {
         set.pages()
-            .map(|a| (a / PAGE_SIZE as u64) as usize)
+            .map(|a| crate::arch::to_usize(a) / PAGE_SIZE)
             .collect()
     }
 
