@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::{us, CutError, EpochEngine, EpochError, EpochMetrics, Job, PauseError, Phase};
 use crate::checkpoint::{encode_state, Checkpoint, Console};
+use crate::dirty::Protect;
 
 impl EpochEngine {
     /// Cuts checkpoint `next_epoch`; with `resume` false the vCPUs stay parked (the
@@ -62,10 +63,21 @@ impl EpochEngine {
             state,
             region_bytes,
             console,
+            hot_pages,
             t_harvest,
             t_copy,
             t_save,
+            #[cfg(test)]
+            deferred,
         } = staged.map_err(|source| EpochError::Cut { epoch, source })?;
+        #[cfg(test)]
+        if let Some(set) = deferred {
+            // The sabotage: re-protect only now, with the vCPUs running again.
+            self.parts
+                .dirty
+                .protect(&set, Protect::Hot)
+                .map_err(|source| EpochError::Cut { epoch, source })?;
+        }
         // What changed since the last complete checkpoint, for a standby that may
         // rejoin with its replica (outside the pause).
         self.pending.union(&set);
@@ -93,6 +105,7 @@ impl EpochEngine {
             copy_us: us(t_copy),
             save_us: us(t_save),
             dirty_pages: pages.len() as u64,
+            hot_pages,
             region_bytes,
             epoch_us: self.last_cut.map_or(0, |c| us(t0.duration_since(c.began))),
             at_ms: self.ms_since_start(),
@@ -138,30 +151,46 @@ impl EpochEngine {
         Ok(())
     }
 
-    /// Steps 2–6, with every vCPU parked and the device loop stopped (the caller is
+    /// Steps 2–7, with every vCPU parked and the device loop stopped (the caller is
     /// the device loop).
     fn capture(&mut self, epoch: u64) -> Result<Captured, CutError> {
         // 2. Devices process pending queue notifications, so none is lost.
         self.parts.state.drain();
-        // 3. Harvest: KVM's log ∪ the VMM's own writes; reading clears both.
+        // 3. Harvest: read KVM's log ∪ the VMM's own writes (reading clears ours,
+        //    not KVM's).
         let t1 = Instant::now();
         #[allow(unused_mut)]
-        let mut set = self.parts.dirty.harvest()?;
+        let mut set = self.parts.dirty.read()?;
         #[cfg(test)]
         if self.sabotage.lose_a_page {
             super::model_test::drop_highest(&mut set);
         }
+        // 4. Re-protect every dirty page but the hot ones. The ordering rule: this
+        //    completes before the pages are copied and before the vCPUs resume, so
+        //    the copy holds every write made before it, and every later write
+        //    faults and is logged (or lands on a hot page, which stays in the log).
+        #[cfg(test)]
+        let deferred = self.sabotage.protect_after_resume.then(|| set.clone());
+        #[cfg(test)]
+        let hot_pages = if deferred.is_some() {
+            0
+        } else {
+            self.parts.dirty.protect(&set, Protect::Hot)?
+        };
+        #[cfg(not(test))]
+        let hot_pages = self.parts.dirty.protect(&set, Protect::Hot)?;
         let t_harvest = t1.elapsed();
-        // 4. Copy the dirty pages to staging: the guest resumes before they travel.
+        // 5. Copy the dirty pages (hot ones included) to staging: the guest resumes
+        //    before they travel.
         let t2 = Instant::now();
         let mut pages = std::mem::take(&mut self.spare);
         self.parts.dirty.copy(&set, &mut pages)?;
         let t_copy = t2.elapsed();
-        // 5. Save devices (their drained work may have raised interrupts), then
+        // 6. Save devices (their drained work may have raised interrupts), then
         //    vCPUs (LAPICs), then the VM (IOAPIC, PICs, PIT, clock).
         let t3 = Instant::now();
         let state = self.parts.state.save()?;
-        // 6. Swap the disks' regions: later writes land in the new ones. Then seal
+        // 7. Swap the disks' regions: later writes land in the new ones. Then seal
         //    the console output of this epoch. Both inside the pause, so no guest
         //    write or output straddles the cut.
         let region_bytes = self.parts.disks.start_checkpoint(epoch)?;
@@ -172,9 +201,12 @@ impl EpochEngine {
             state,
             region_bytes,
             console,
+            hot_pages,
             t_harvest,
             t_copy,
             t_save: t3.elapsed(),
+            #[cfg(test)]
+            deferred,
         })
     }
 }
@@ -186,7 +218,11 @@ struct Captured {
     state: crate::checkpoint::MachineState,
     region_bytes: u64,
     console: Console,
+    hot_pages: u64,
     t_harvest: Duration,
     t_copy: Duration,
     t_save: Duration,
+    /// The sabotage `protect_after_resume`: the set to re-protect after the resume.
+    #[cfg(test)]
+    deferred: Option<crate::dirty::DirtySet>,
 }

@@ -23,6 +23,10 @@ pub struct EpochMetrics {
     pub save_us: u64,
     /// Pages in the checkpoint.
     pub dirty_pages: u64,
+    /// Of those, pages the hot-page policy left writable at this cut (copied at
+    /// every cut until their lease ends; `docs/dirty-tracking.md`).
+    #[serde(default)]
+    pub hot_pages: u64,
     /// Bytes written to the sink.
     pub bytes: u64,
     /// Bytes in the disk regions frozen at the cut.

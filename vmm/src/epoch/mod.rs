@@ -158,6 +158,8 @@ pub(crate) struct Sabotage {
     pub cut_after_failure: bool,
     /// Leave the vCPUs parked after a cut.
     pub stay_paused: bool,
+    /// Copy the dirty pages and resume the vCPUs before re-protecting them.
+    pub protect_after_resume: bool,
 }
 
 /// The engine. Call its `on_*` methods from the device loop ([`EpochLoop`] does).
@@ -746,6 +748,11 @@ impl EpochEngine {
         us: u64,
         pages: StagedPages,
     ) -> Result<(), EpochError> {
+        // What sending a page cost: the hot-page policy weighs it (a hot page is
+        // sent at every checkpoint, written or not).
+        self.parts
+            .dirty
+            .observe_export(pages.len(), Duration::from_micros(us));
         // Keep the staging buffer for the next cut unless it is far too big.
         if pages.data.capacity() <= 4 * pages.data.len().max(64 * PAGE_SIZE) {
             self.spare = pages;

@@ -26,25 +26,37 @@
 //!    metrics line's `target_us` lie within the setting's bounds (fixed or
 //!    `auto,min,max`, drawn at random).
 //!
-//! `each_invariant_can_fail` breaks the engine on purpose seven ways (a lost page,
+//! 8. a page is writable only while KVM's log has it (else its next write is lost).
+//!
+//! The fake dirty log models KVM with manual re-protection: each page is logged or
+//! not, writable or write-protected. A guest write to a protected page "faults": the
+//! page is logged and becomes writable; a write to a writable page changes nothing
+//! in the log. Reading the log changes nothing; re-protecting a page clears its bit
+//! and protects it. The real hot-page policy ([`HotPages`]) picks what to
+//! re-protect, with a budget of a few hot pages. So a write between the copy of a
+//! page and its re-protection is in neither the copy nor the log: lost. The guest
+//! writes while its vCPUs run, including (the `Race` step) in the middle of a
+//! dirty-log operation the engine makes while they run.
+//!
+//! `each_invariant_can_fail` breaks the engine on purpose eight ways (a lost page,
 //! two checkpoints in flight, an early retire, an early release, a release while
-//! fenced, a cut after a failed one, vCPUs left paused) and checks that each is
-//! caught by the invariant it breaks: invariants 1 to 6. Invariant 7 has no sabotage
-//! of its own; a lost page also trips it.
+//! fenced, a cut after a failed one, vCPUs left paused, pages re-protected after the
+//! vCPUs resume) and checks that each is caught by the invariant it breaks:
+//! invariants 1 to 6 (the late re-protection loses a write: invariant 1). Invariants
+//! 7 and 8 have no sabotage of their own; a lost page also trips 7.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestError, TestRunner};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::exporter::{ExportWorker, ManualExporter};
 use super::*;
 use crate::checkpoint::sink::{CheckpointSink, SinkEnd, SinkError};
 use crate::checkpoint::{Checkpoint, DiskRegion, MachineState, Manifest, StorageMode};
-use crate::dirty::{DirtySet, StagedPages, PAGE_SIZE};
+use crate::dirty::{DirtySet, HostCosts, HotConfig, HotPages, Protect, StagedPages, PAGE_SIZE};
 use crate::memory::GuestMemory;
 use crate::vm_state::VmState;
 
@@ -74,6 +86,12 @@ enum SinkMode {
 struct World {
     mem: GuestMemory,
     paused: bool,
+    // The fake KVM dirty log, per page: in the log; writable (not write-protected).
+    logged: Vec<bool>,
+    writable: Vec<bool>,
+    // A guest write that lands during the next dirty-log operation made while the
+    // vCPUs run (or at the end of the step).
+    race: Option<(usize, u64)>,
     // Disks: frozen regions (at most one with two slots), region-full signal.
     frozen: Vec<u64>,
     region_full: bool,
@@ -111,8 +129,31 @@ impl World {
     }
 
     fn dirty(&self, p: usize) -> bool {
-        let r = self.mem.iter().next().expect("one region");
-        r.bitmap().dirty_at(p * PAGE_SIZE)
+        self.logged[p]
+    }
+
+    /// A guest write: a write-protected page faults into the fake KVM, which logs
+    /// it and makes it writable; a writable page is written silently.
+    fn guest_write(&mut self, page: usize, value: u64) -> Result<(), String> {
+        let addr = GuestAddress((page * PAGE_SIZE + 8) as u64);
+        self.mem.write_obj(value, addr).map_err(|e| e.to_string())?;
+        if !self.writable[page] {
+            self.logged[page] = true;
+            self.writable[page] = true;
+        }
+        Ok(())
+    }
+
+    /// The racing write, if one is pending and the vCPUs run.
+    fn land_race(&mut self) {
+        if self.paused {
+            return;
+        }
+        if let Some((page, value)) = self.race.take() {
+            if let Err(e) = self.guest_write(page, value) {
+                self.violate(e);
+            }
+        }
     }
 }
 
@@ -127,21 +168,61 @@ impl Vcpus for FakeVcpus {
     }
 }
 
-struct FakeDirty(Shared);
+struct FakeDirty {
+    world: Shared,
+    hot: HotPages,
+}
+impl FakeDirty {
+    fn new(world: Shared) -> Self {
+        let config = HotConfig {
+            policy: Protect::Hot,
+            costs: HostCosts {
+                fault_ns: 20_000,
+                copy_ns: 1_000,
+                export_ns: 0,
+            },
+            // Four hot pages at most, of the model's sixteen.
+            budget: Duration::from_micros(4),
+        };
+        FakeDirty {
+            world,
+            hot: HotPages::new(&[PAGES], config),
+        }
+    }
+}
 impl DirtyLog for FakeDirty {
-    fn harvest(&mut self) -> Result<DirtySet, CutError> {
-        let mut s = w(&self.0);
+    fn read(&mut self) -> Result<DirtySet, CutError> {
+        let mut s = w(&self.world);
         if s.failed {
             s.violate("a cut harvested the dirty log after a failed cut".into());
         }
+        // The VMM makes no writes of its own here: vm-memory's bitmap is not used.
         let r = s.mem.iter().next().expect("one region");
-        let words = vm_memory::mmap::MmapRegion::bitmap(r).get_and_reset();
+        let _ = vm_memory::mmap::MmapRegion::bitmap(r).get_and_reset();
+        let mut words = vec![0u64; PAGES.div_ceil(64)];
+        for (p, l) in s.logged.iter().enumerate() {
+            if *l {
+                words[p / 64] |= 1 << (p % 64);
+            }
+        }
         Ok(DirtySet {
             regions: vec![(0, words)],
         })
     }
+    fn protect(&mut self, set: &DirtySet, how: Protect) -> Result<u64, CutError> {
+        let chosen = self.hot.choose(set, how);
+        let mut s = w(&self.world);
+        // A vCPU that runs may write while the log is being cleared.
+        s.land_race();
+        for a in chosen.pages() {
+            let p = crate::arch::to_usize(a) / PAGE_SIZE;
+            s.logged[p] = false;
+            s.writable[p] = false;
+        }
+        Ok(self.hot.hot() as u64)
+    }
     fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError> {
-        let mem = w(&self.0).mem.clone();
+        let mem = w(&self.world).mem.clone();
         into.copy_from(&mem, set)
             .map_err(|e| CutError::PageCopy(Box::new(e)))
     }
@@ -353,6 +434,14 @@ enum Step {
         page: usize,
         value: u64,
     },
+    /// A timer tick (`tick`) or an exporter step, with a guest write that lands in
+    /// the middle of the first dirty-log operation the engine makes meanwhile while
+    /// the vCPUs run (else at the end of the step).
+    Race {
+        page: usize,
+        value: u64,
+        tick: bool,
+    },
     Tick,
     RegionFull,
     Export,
@@ -376,6 +465,8 @@ enum End {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         6 => (0..PAGES, any::<u64>()).prop_map(|(page, value)| Step::Write { page, value }),
+        3 => (0..PAGES, any::<u64>(), any::<bool>())
+            .prop_map(|(page, value, tick)| Step::Race { page, value, tick }),
         4 => Just(Step::Tick),
         1 => Just(Step::RegionFull),
         6 => Just(Step::Export),
@@ -435,12 +526,25 @@ fn check(world: &Shared, engine: &EpochEngine, exporter: &SharedExporter) {
     if checkpoints.len() > 1 {
         s.violate(format!("{} checkpoints in flight", checkpoints.len()));
     }
+    if let Some(p) = (0..PAGES).find(|&p| s.writable[p] && !s.logged[p]) {
+        s.violate(format!(
+            "page {p} is writable but not in the dirty log: its next write would be lost"
+        ));
+    }
     if s.failed || s.lost || s.fenced {
         return;
     }
     let base_pending = x.queue.iter().any(|j| matches!(j, Job::Base { .. }));
+    // A pre-copy round still queued copies its pages from memory when it runs:
+    // they were re-protected before it was queued, so it will send what they hold.
+    let round_pending = |p: usize| {
+        x.queue.iter().any(|j| match j {
+            Job::BaseRound { set, .. } => set.pages().any(|a| a == (p * PAGE_SIZE) as u64),
+            _ => false,
+        })
+    };
     for p in 0..PAGES {
-        if s.dirty(p) || base_pending {
+        if s.dirty(p) || base_pending || round_pending(p) {
             continue;
         }
         let now = s.page(p);
@@ -533,6 +637,9 @@ fn run_model_paced(
     let world: Shared = Arc::new(Mutex::new(World {
         mem: mem.clone(),
         paused: false,
+        logged: vec![false; PAGES],
+        writable: vec![false; PAGES],
+        race: None,
         frozen: vec![],
         region_full: false,
         fail_next_save: false,
@@ -553,7 +660,7 @@ fn run_model_paced(
     let exporter = SharedExporter(Arc::new(Mutex::new(ManualExporter::new(worker))));
     let parts = Parts {
         vcpus: Box::new(FakeVcpus(world.clone())),
-        dirty: Box::new(FakeDirty(world.clone())),
+        dirty: Box::new(FakeDirty::new(world.clone())),
         state: Box::new(FakeState(world.clone())),
         disks: Box::new(FakeDisks(world.clone())),
         output: Box::new(FakeOutput(world.clone())),
@@ -581,11 +688,20 @@ fn run_model_paced(
     for st in steps {
         let r = match st {
             Step::Write { page, value } => {
-                if !w(&world).paused {
-                    let addr = GuestAddress((page * PAGE_SIZE + 8) as u64);
-                    mem.write_obj(*value, addr).map_err(|e| e.to_string())?;
+                let mut s = w(&world);
+                if !s.paused {
+                    s.guest_write(*page, *value)?;
                 }
                 Ok(())
+            }
+            Step::Race { page, value, tick } => {
+                w(&world).race = Some((*page, *value));
+                if *tick {
+                    engine.on_tick()
+                } else {
+                    exporter.0.lock().unwrap_or_else(|e| e.into_inner()).step();
+                    engine.on_exporter()
+                }
             }
             Step::Tick => engine.on_tick(),
             Step::RegionFull => {
@@ -628,6 +744,9 @@ fn run_model_paced(
             },
         };
         engine.settle_waiters();
+        // A racing write no operation met lands now, as a plain write.
+        w(&world).land_race();
+        w(&world).race = None;
         // Engine errors end the real run; the model goes on to check that nothing
         // more happens that should not.
         let _ = r;
@@ -776,7 +895,7 @@ fn a_quiet_run_completes_checkpoints_and_a_user_stop_lands_exactly() {
 /// Each sabotage breaks one invariant; the model test must notice.
 #[test]
 fn each_invariant_can_fail() {
-    let cases: [(&str, Sabotage, &str); 7] = [
+    let cases: [(&str, Sabotage, &str); 8] = [
         (
             "lose a page",
             Sabotage {
@@ -832,6 +951,14 @@ fn each_invariant_can_fail() {
                 ..Default::default()
             },
             "left paused",
+        ),
+        (
+            "re-protect after resume",
+            Sabotage {
+                protect_after_resume: true,
+                ..Default::default()
+            },
+            "from memory",
         ),
     ];
     for (name, sabotage, needle) in cases {

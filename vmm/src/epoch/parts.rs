@@ -4,7 +4,7 @@
 
 use super::error::{Cause, CutError, PauseError};
 use crate::checkpoint::{Console, DiskRegion, MachineState, StorageMode};
-use crate::dirty::{DirtySet, StagedPages};
+use crate::dirty::{DirtySet, Protect, StagedPages};
 
 /// The vCPUs, as a cut pauses and resumes them.
 pub trait Vcpus: Send {
@@ -15,11 +15,31 @@ pub trait Vcpus: Send {
 }
 
 /// The pages written since the last harvest (KVM's log ∪ the VMM's own writes).
+///
+/// Ordering rule (`crate::dirty` explains it): a page's re-protection
+/// ([`DirtyLog::protect`]) must be complete before its copy is taken and before the
+/// vCPUs resume. A write between a copy and a later re-protection is lost.
 pub trait DirtyLog: Send {
-    /// Reads and clears the log.
-    fn harvest(&mut self) -> Result<DirtySet, CutError>;
+    /// Reads the log without re-protecting anything: a page stays reported until
+    /// [`DirtyLog::protect`] re-protects it.
+    fn read(&mut self) -> Result<DirtySet, CutError>;
+    /// Re-protects the pages of `set` that `how` picks (all, or all but the hot
+    /// ones), so their next write is logged; returns how many pages stay hot.
+    fn protect(&mut self, set: &DirtySet, how: Protect) -> Result<u64, CutError>;
+    /// Reads the log and re-protects every page it reports (a pre-copy pass, which
+    /// copies afterwards, guest running).
+    fn harvest(&mut self) -> Result<DirtySet, CutError> {
+        let set = self.read()?;
+        self.protect(&set, Protect::All)?;
+        Ok(set)
+    }
     /// Copies the pages of `set` into `into` (guest quiescent).
     fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError>;
+    /// A checkpoint of `pages` pages took `took` to export (the policy weighs what
+    /// a page costs to send). Nothing by default.
+    fn observe_export(&mut self, pages: usize, took: std::time::Duration) {
+        let _ = (pages, took);
+    }
 }
 
 /// The machine's state at a cut.

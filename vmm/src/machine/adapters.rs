@@ -12,10 +12,11 @@ use devices::store::SharedStore;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::MmioTransport;
 use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::DevicesState;
 use crate::checkpoint::{DiskRegion, MachineState, RegionContent, StorageMode};
-use crate::dirty::{self, DirtySet, StagedPages};
+use crate::dirty::{self, DirtySet, HotConfig, HotPages, Protect, StagedPages};
 use crate::epoch::{
     Cause, CutError, DirtyLog, DiskCommit, DiskCut, Output, PauseError, StateCapture, Vcpus,
     PARK_DEADLINE,
@@ -61,20 +62,75 @@ impl Vcpus for KvmVcpus {
     }
 }
 
-/// KVM's dirty log united with vm-memory's bitmap.
+/// KVM's dirty log united with vm-memory's bitmap, with manual re-protection and
+/// the hot-page policy (`crate::dirty`).
 pub(super) struct KvmDirtyLog {
-    pub vm: Arc<VmFd>,
-    pub mem: GuestMemory,
+    vm: Arc<VmFd>,
+    mem: GuestMemory,
+    hot: HotPages,
+    /// When the last cut re-protected: the length of the epoch since.
+    last_cut: Option<std::time::Instant>,
+}
+
+impl KvmDirtyLog {
+    /// Switches on manual dirty-log protection for `vm` and sets up the policy.
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem: GuestMemory,
+        config: HotConfig,
+    ) -> Result<Self, dirty::DirtyError> {
+        dirty::enable_manual_protect(&vm)?;
+        let pages: Vec<usize> = mem
+            .iter()
+            .map(|r| crate::arch::to_usize(r.len()) / dirty::PAGE_SIZE)
+            .collect();
+        let hot = HotPages::new(&pages, config);
+        tracing::info!(
+            "dirty tracking: manual protection, policy {:?}, fault {} ns, copy {} ns a page, pause budget {:?} ({} hot pages at most)",
+            config.policy,
+            config.costs.fault_ns,
+            config.costs.copy_ns,
+            config.budget,
+            hot.max_hot()
+        );
+        Ok(KvmDirtyLog {
+            vm,
+            mem,
+            hot,
+            last_cut: None,
+        })
+    }
 }
 
 impl DirtyLog for KvmDirtyLog {
-    fn harvest(&mut self) -> Result<DirtySet, CutError> {
-        dirty::harvest(&self.vm, &self.mem).map_err(|e| CutError::DirtyLog(Box::new(e)))
+    fn read(&mut self) -> Result<DirtySet, CutError> {
+        dirty::read(&self.vm, &self.mem).map_err(|e| CutError::DirtyLog(Box::new(e)))
+    }
+
+    fn protect(&mut self, set: &DirtySet, how: Protect) -> Result<u64, CutError> {
+        if how == Protect::Hot {
+            let now = std::time::Instant::now();
+            if let Some(last) = self.last_cut.replace(now) {
+                self.hot.observe_epoch(now.duration_since(last));
+            }
+        }
+        let chosen = self.hot.choose(set, how);
+        // KVM_CLEAR_DIRTY_LOG: complete when it returns. The cut copies afterwards,
+        // and resumes the vCPUs after the copy (the ordering rule).
+        dirty::clear(&self.vm, &self.mem, &chosen).map_err(|e| CutError::DirtyLog(Box::new(e)))?;
+        Ok(self.hot.hot() as u64)
     }
 
     fn copy(&mut self, set: &DirtySet, into: &mut StagedPages) -> Result<(), CutError> {
+        let t = std::time::Instant::now();
         into.copy_from(&self.mem, set)
-            .map_err(|e| CutError::PageCopy(Box::new(e)))
+            .map_err(|e| CutError::PageCopy(Box::new(e)))?;
+        self.hot.observe_copy(into.len(), t.elapsed());
+        Ok(())
+    }
+
+    fn observe_export(&mut self, pages: usize, took: std::time::Duration) {
+        self.hot.observe_export(pages, took);
     }
 }
 

@@ -75,6 +75,9 @@ pub enum VmmError {
         /// Cause.
         source: kvm_ioctls::Error,
     },
+    /// Manual dirty-log protection could not be switched on.
+    #[error("cannot set up dirty-page tracking")]
+    DirtyTracking(#[source] crate::dirty::DirtyError),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),

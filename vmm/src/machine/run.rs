@@ -113,10 +113,16 @@ impl Machine {
                 controls: controls.to_vec(),
                 held: held.clone(),
             }),
-            dirty: Box::new(KvmDirtyLog {
-                vm: self.vm.clone(),
-                mem: self.mem.clone(),
-            }),
+            dirty: Box::new(
+                KvmDirtyLog::new(
+                    self.vm.clone(),
+                    self.mem.clone(),
+                    crate::dirty::HotConfig::from_env(
+                        crate::epoch::Pacer::new(cp.config.epoch).current(),
+                    ),
+                )
+                .map_err(VmmError::DirtyTracking)?,
+            ),
             state: Box::new(KvmState {
                 vm: self.vm.clone(),
                 vcpus: controls.to_vec(),
