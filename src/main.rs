@@ -237,12 +237,12 @@ struct EpochArgs {
     #[command(flatten)]
     api: ApiArgs,
 
-    /// Per-epoch metrics as JSON lines (needs --checkpoint-dir or --peer).
+    /// Per-epoch metrics as JSON lines (needs --checkpoint-dir, --peer or --listen).
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
 
     /// Serve the same figures for Prometheus at http://ADDR/metrics (HOST:PORT;
-    /// port 0 picks one, shown on stderr). Needs --checkpoint-dir or --peer.
+    /// port 0 picks one, shown on stderr). Needs --checkpoint-dir, --peer or --listen.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<String>,
 }

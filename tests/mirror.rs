@@ -138,10 +138,14 @@ fn a_primary_killed_during_its_initial_copy_is_not_taken_over() {
         ..Default::default()
     };
     let mut pair = Pair::start(&o);
-    // The copy has started once the standby marked its disk incomplete.
+    // The copy has started once the standby marked its disk incomplete and created
+    // its journal at the copy's epoch (the copy's plan came: the handshake, liveness
+    // connection included, is over).
     let marker = pair.path("b.img.incomplete");
+    let journal = pair.path("b.img.mvj");
     assert!(
-        wait(Duration::from_secs(30), || marker.exists()),
+        wait(Duration::from_secs(30), || marker.exists()
+            && journal.exists()),
         "the initial copy never started"
     );
     let _ = pair.kill_primary();

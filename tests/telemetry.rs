@@ -526,7 +526,7 @@ fn metrics_addresses_that_cannot_serve_are_one_error_line() {
     for (args, want) in [
         (
             vec!["run", "--metrics-addr", "127.0.0.1:0"],
-            "--metrics-addr needs --checkpoint-dir or --peer",
+            "--metrics-addr needs --checkpoint-dir, --peer or --listen",
         ),
         (
             vec![
