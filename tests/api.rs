@@ -342,7 +342,7 @@ fn pause_and_resume_under_a_running_mix_guest() {
         .iter()
         .filter(|m| m.epoch <= paused_at + 1)
         .map(|m| m.hot_pages)
-        .last()
+        .next_back()
         .unwrap_or(0);
     let mut hot = hot_before;
     for m in &during {
