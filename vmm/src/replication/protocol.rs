@@ -2135,6 +2135,7 @@ impl CheckpointAssembler {
         let Some(state) = p.state else {
             return Err(AssembleError::MissingState(epoch));
         };
+        let had_console = p.console.is_some();
         let console = p.console.unwrap_or(ConsoleChunk {
             offset: self.console_next.unwrap_or(0),
             bytes: Vec::new(),
@@ -2177,7 +2178,12 @@ impl CheckpointAssembler {
         }
         self.last = Some(epoch);
         self.need_full = false;
-        self.console_next = Some(console.offset.saturating_add(console.bytes.len() as u64));
+        // Only console bytes that came say where the stream stands: a session that
+        // began mid-stream (a standby that joined a running guest) learns its offset
+        // from the first bytes it receives, whatever the checkpoints before it held.
+        if had_console {
+            self.console_next = Some(console.offset.saturating_add(console.bytes.len() as u64));
+        }
         Ok(Staged::Complete(Box::new(Complete {
             checkpoint: Checkpoint {
                 epoch,
@@ -2884,6 +2890,38 @@ mod tests {
     fn frames_of(epoch: u64) -> Vec<Frame> {
         let (c, console) = checkpoint(epoch);
         read_all(&encode_checkpoint(&c, &console)).unwrap()
+    }
+
+    #[test]
+    fn a_session_joined_mid_stream_takes_the_console_offset_it_first_sees() {
+        // A standby that joined a running guest: its first checkpoints carry no
+        // console bytes, then bytes at the stream's offset (not 0) arrive.
+        let mut a = assembler();
+        for epoch in 1..=2 {
+            let (c, _) = checkpoint(epoch);
+            let frames = read_all(&encode_checkpoint(&c, &ConsoleChunk::default())).unwrap();
+            assemble(&mut a, frames).unwrap();
+        }
+        let (c, _) = checkpoint(3);
+        let late = ConsoleChunk {
+            offset: 830,
+            bytes: b"mix: memory: 7 s".to_vec(),
+        };
+        let done = assemble(&mut a, read_all(&encode_checkpoint(&c, &late)).unwrap()).unwrap();
+        assert_eq!(done[0].checkpoint.console, late);
+        // From then on the stream must continue where those bytes ended.
+        let (c, _) = checkpoint(4);
+        let gap = ConsoleChunk {
+            offset: 900,
+            bytes: b"x".to_vec(),
+        };
+        assert_eq!(
+            assemble(&mut a, read_all(&encode_checkpoint(&c, &gap)).unwrap()).unwrap_err(),
+            AssembleError::ConsoleGap {
+                expected: 846,
+                got: 900
+            }
+        );
     }
 
     #[test]
