@@ -67,10 +67,10 @@ fn killed_primaries_are_continued_by_the_standby() {
             ..Default::default()
         };
         let mut pair = Pair::start(&o);
-        assert!(
-            pair.wait_applied(1, Duration::from_secs(60)),
-            "round {round}: no checkpoint reached the standby"
-        );
+        if !pair.wait_applied(1, Duration::from_secs(60)) {
+            let d = pair.dump();
+            panic!("round {round}: no checkpoint reached the standby:\n{d}");
+        }
         // A random moment: 0 to 1.5 s after the first checkpoint.
         let delay = Duration::from_millis(rng.next() % 1500);
         std::thread::sleep(delay);
