@@ -144,10 +144,10 @@ impl Ring {
             // lives as long as the VM's vCPU; the pointer stays in bounds.
             let entry = unsafe { self.base.add(i * GFN_BYTES) };
             // SAFETY: the entry's first field is its u32 flags word, 4-byte aligned
-            // (the mapping is page-aligned, entries are 16 bytes); it is shared with
-            // KVM, so it is accessed atomically with acquire/release ordering, as
-            // the dirty-ring protocol asks.
+            // (page-aligned mapping, 16-byte entries), inside the live mapping.
             let flags = unsafe { &*entry.cast::<std::sync::atomic::AtomicU32>() };
+            // Shared with KVM: accessed atomically, acquire/release, as the
+            // dirty-ring protocol asks.
             if flags.load(std::sync::atomic::Ordering::Acquire) & GFN_F_DIRTY == 0 {
                 break;
             }

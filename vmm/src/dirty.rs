@@ -239,14 +239,14 @@ pub fn clear(vm: &VmFd, mem: &GuestMemory, set: &DirtySet) -> Result<(), DirtyEr
                     dirty_bitmap: bits.as_mut_ptr().cast(),
                 },
             };
-            // SAFETY: `vm` is a VM fd; `log` is a properly initialised
-            // kvm_clear_dirty_log whose bitmap pointer refers to `bits`, which is
-            // alive for the call and holds ceil(count / 64) words, as many bits as
-            // `num_pages` asks KVM to read (it only reads the bitmap). `first_page`
-            // is a multiple of 64 and `num_pages` is a multiple of 64 or ends at
-            // the slot's end, so KVM reads no bit beyond the buffer.
-            let ret =
-                unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &log) };
+            // `first_page` is a multiple of 64 and `num_pages` is a multiple of 64
+            // or ends at the slot's end, so KVM reads no bit beyond `bits`.
+            let req = KVM_CLEAR_DIRTY_LOG();
+            // `bits` holds ceil(count / 64) words, every bit `num_pages` asks for.
+            let log = &log;
+            // SAFETY: `vm` is a VM fd; `log` is an initialised kvm_clear_dirty_log
+            // whose bitmap points at `bits`, alive for the call; KVM only reads it.
+            let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, req, log) };
             if ret != 0 {
                 return Err(DirtyError::ClearLog {
                     slot,
