@@ -158,7 +158,7 @@ fn export_times(root: &Path, rounds: usize) {
                     .unwrap_or_else(|e| fail(&format!("open {}: {e}", dir.display())));
                 s.begin(&manifest())
                     .unwrap_or_else(|e| fail(&e.to_string()));
-                s.write_base(&mem, 0)
+                s.write_base(&mem, 0, None)
                     .unwrap_or_else(|e| fail(&e.to_string()));
                 s
             })

@@ -631,7 +631,12 @@ impl CheckpointSink for DirectorySink {
     /// Durability order: the old chain is removed first (its checkpoints describe
     /// another image), then `memory.img` is written under a temporary name, synced,
     /// renamed, and `memory.epoch` set to `epoch`.
-    fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, SinkError> {
+    fn write_base(
+        &mut self,
+        mem: &GuestMemory,
+        epoch: u64,
+        _delta: Option<&crate::checkpoint::BaseDelta>,
+    ) -> Result<u64, SinkError> {
         Ok(self.write_base_inner(mem, epoch)?)
     }
 
@@ -858,7 +863,7 @@ mod tests {
                 Err(DirectoryError::Locked { .. })
             ));
             sink.begin(&m).unwrap();
-            sink.write_base(&mem, 4).unwrap();
+            sink.write_base(&mem, 4, None).unwrap();
             for (e, b) in [(5u64, 0x55u8), (6, 0x66)] {
                 sink.write(&Checkpoint {
                     epoch: e,
@@ -902,7 +907,7 @@ mod tests {
         let mem = memory::create(m.memory).unwrap();
         let mut sink = DirectorySink::open(&dir).unwrap();
         sink.begin(&m).unwrap();
-        sink.write_base(&mem, 1).unwrap();
+        sink.write_base(&mem, 1, None).unwrap();
         drop(sink);
         // A checkpoint file after a gap.
         let c = Checkpoint {
@@ -1026,7 +1031,7 @@ mod tests {
             )
             .unwrap();
             sink.begin(&m).unwrap();
-            sink.write_base(&mem, 0).unwrap();
+            sink.write_base(&mem, 0, None).unwrap();
             let mut folds = 0;
             let mut last_base = 0;
             write_chain(&mut sink, &mem, 1, 12, |_, e, img| {
@@ -1082,7 +1087,7 @@ mod tests {
         )
         .unwrap();
         sink.begin(&m).unwrap();
-        sink.write_base(&mem, 0).unwrap();
+        sink.write_base(&mem, 0, None).unwrap();
         let mut want = Vec::new();
         write_chain(&mut sink, &mem, 1, 6, |_, _, img| want = img);
         drop(sink);

@@ -121,22 +121,14 @@ pub trait CheckpointSink: Send {
     fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError>;
     /// Pre-copy: all of `mem`, read while the guest runs, becomes the base that
     /// checkpoint `epoch + 1` completes. Until then the base alone is not restorable.
-    /// Returns the bytes written.
-    fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, SinkError>;
-    /// Pre-copy to a sink that may hold a replica already: as [`write_base`], but
-    /// when the sink holds a replica `delta` covers, only `delta.pages` need to go.
-    /// Sinks that never hold a replica keep this default.
-    ///
-    /// [`write_base`]: CheckpointSink::write_base
-    fn write_base_over(
+    /// A sink that holds a replica `delta` covers (a standby that rejoins) needs only
+    /// `delta.pages`; sinks that never hold one ignore it. Returns the bytes written.
+    fn write_base(
         &mut self,
         mem: &GuestMemory,
         epoch: u64,
         delta: Option<&BaseDelta>,
-    ) -> Result<u64, SinkError> {
-        let _ = delta;
-        self.write_base(mem, epoch)
-    }
+    ) -> Result<u64, SinkError>;
     /// A later pre-copy round: `pages`, read again while the guest runs because it
     /// wrote them during the previous round, replace their copies in the base of
     /// `epoch`. Returns the bytes written.

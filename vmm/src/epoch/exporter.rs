@@ -197,7 +197,7 @@ impl ExportWorker {
                 Err(e) => sink_err(e),
             },
             Job::Base { epoch, mem, delta } => {
-                match self.sink.write_base_over(mem, *epoch, delta.as_ref()) {
+                match self.sink.write_base(mem, *epoch, delta.as_ref()) {
                     Ok(bytes) => Attempt::Done(ExportEvent::BaseWritten {
                         epoch: *epoch,
                         bytes,
@@ -293,7 +293,12 @@ impl CheckpointSink for NoSink {
     fn begin(&mut self, _: &Manifest) -> Result<(), SinkError> {
         Err(SinkError::Lost(Box::new(NoStandby)))
     }
-    fn write_base(&mut self, _: &GuestMemory, _: u64) -> Result<u64, SinkError> {
+    fn write_base(
+        &mut self,
+        _: &GuestMemory,
+        _: u64,
+        _: Option<&BaseDelta>,
+    ) -> Result<u64, SinkError> {
         Err(SinkError::Lost(Box::new(NoStandby)))
     }
     fn write_base_pages(&mut self, _: &StagedPages, _: u64) -> Result<u64, SinkError> {

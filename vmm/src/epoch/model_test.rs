@@ -364,7 +364,12 @@ impl CheckpointSink for FakeSink {
     fn begin(&mut self, _m: &Manifest) -> Result<(), SinkError> {
         self.mode()
     }
-    fn write_base(&mut self, mem: &GuestMemory, _epoch: u64) -> Result<u64, SinkError> {
+    fn write_base(
+        &mut self,
+        mem: &GuestMemory,
+        _epoch: u64,
+        _delta: Option<&crate::checkpoint::BaseDelta>,
+    ) -> Result<u64, SinkError> {
         self.mode()?;
         let mut image = Vec::with_capacity(PAGES);
         for p in 0..PAGES {

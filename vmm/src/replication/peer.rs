@@ -1071,11 +1071,7 @@ impl CheckpointSink for PeerSink {
         }
     }
 
-    fn write_base(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, SinkError> {
-        self.write_base_over(mem, epoch, None)
-    }
-
-    fn write_base_over(
+    fn write_base(
         &mut self,
         mem: &GuestMemory,
         epoch: u64,
