@@ -67,18 +67,9 @@ impl JoinListener {
         self.listener.local_addr()
     }
 
-    /// Waits for the next standby whose two connections have both arrived.
-    pub fn accept(&mut self) -> Result<Joined, TransportError> {
-        let never = std::sync::atomic::AtomicBool::new(false);
-        loop {
-            if let Some(j) = self.accept_unless(&never)? {
-                return Ok(j);
-            }
-        }
-    }
-
-    /// As [`accept`](Self::accept), but gives up (`Ok(None)`) soon after `stop` is
-    /// set, so the address is free again for whoever listens next.
+    /// Waits for the next standby whose two connections have both arrived; gives up
+    /// (`Ok(None)`) soon after `stop` is set, so the address is free again for
+    /// whoever listens next.
     pub fn accept_unless(
         &mut self,
         stop: &std::sync::atomic::AtomicBool,
@@ -202,7 +193,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(300));
             drop((a, b, junk));
         });
-        let j = l.accept().unwrap();
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let j = l.accept_unless(&never).unwrap().unwrap();
         assert!(j.peer.starts_with("127.0.0.1:"));
         assert_eq!(
             l.waiting.len(),

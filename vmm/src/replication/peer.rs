@@ -357,9 +357,6 @@ pub struct PeerSink {
     /// Where the standby accepts standbys once it runs the guest (its Holdings'
     /// `listen`, else the address dialed).
     rejoin: Option<String>,
-    /// Whether this primary dialed the standby (`--peer`) rather than the standby
-    /// dialing it.
-    pending_was_dialed: bool,
 }
 
 impl PeerSink {
@@ -403,7 +400,6 @@ impl PeerSink {
             last_acked: None,
             manifest: None,
             rejoin: None,
-            pending_was_dialed: true,
         })
     }
 
@@ -433,7 +429,6 @@ impl PeerSink {
             last_acked: None,
             manifest: None,
             rejoin: None,
-            pending_was_dialed: false,
         }
     }
 
@@ -590,6 +585,12 @@ impl PeerSink {
                 .spawn(move || read_acks(inner, pulse, &back, tx))
                 .map_err(|e| PeerError::Thread("acknowledgement reader", e))?;
         }
+        // Where the standby takes a standby once it runs the guest (a switchover):
+        // its own word, else, for a standby this primary dialed, where it was dialed.
+        self.rejoin = holdings
+            .listen
+            .clone()
+            .or_else(|| joined_live.is_none().then(|| addr.clone()));
         let live = match joined_live {
             Some(live) => live,
             None => self
@@ -1059,10 +1060,6 @@ impl CheckpointSink for PeerSink {
     fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {
         match self.handshake(manifest) {
             Ok(s) => {
-                self.rejoin = s.holdings.listen.clone().or_else(|| {
-                    // A standby this primary dialed listens where it was dialed.
-                    self.pending_was_dialed.then(|| self.config.addr.clone())
-                });
                 self.session = Some(s);
                 self.manifest = Some(manifest.clone());
                 Ok(())

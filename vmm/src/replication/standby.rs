@@ -525,11 +525,15 @@ impl Standby {
     /// Checks a Hello against this host: the reason and a sentence if it must be
     /// refused.
     fn check_hello(&self, hello: &Hello) -> Result<(), (RefuseReason, String)> {
-        check_hello_version(hello)?;
-        self.check_machine(hello)
-    }
-
-    fn check_machine(&self, hello: &Hello) -> Result<(), (RefuseReason, String)> {
+        if hello.protocol_version != VERSION {
+            return Err((
+                RefuseReason::Version,
+                format!(
+                    "protocol version {} is not this standby's {VERSION}",
+                    hello.protocol_version
+                ),
+            ));
+        }
         if hello.storage != WireStorage::Replicated {
             return Err((
                 RefuseReason::Storage,
@@ -992,25 +996,14 @@ impl Standby {
                         "an initial copy without its plan (CopyPlan) first".into(),
                     );
                 }
-                Ok(Staged::Base { .. } | Staged::DiskBase { .. }) if replica.applied.is_some() => {
-                    // This standby's disks already follow the stream; it takes one
-                    // initial copy per session (a primary that lost its standby
-                    // starts a new session).
-                    break SessionEnd::Broken(
-                        "a second initial copy in one session is not supported".into(),
-                    );
-                }
-                Ok(Staged::Base { pages, epoch }) => {
-                    replica.copying = true;
-                    open_stores(&mut disks, epoch)?;
+                // The plan opened the copy (journals created, memory chosen).
+                Ok(Staged::Base { pages, .. }) => {
                     if let Err(e) = apply_pages(&replica.memory, &pages) {
                         break SessionEnd::Broken(format!("a bad base page: {e}"));
                     }
                     staged_at = None;
                 }
-                Ok(Staged::DiskBase { chunk, epoch }) => {
-                    replica.copying = true;
-                    open_stores(&mut disks, epoch)?;
+                Ok(Staged::DiskBase { chunk, .. }) => {
                     let Some(d) = disks.get(chunk.disk as usize) else {
                         break SessionEnd::Broken(format!("a chunk of disk {}", chunk.disk));
                     };
@@ -1447,20 +1440,6 @@ impl Replica {
             epoch: *epoch,
         })
     }
-}
-
-/// Refuses a Hello of a protocol version this standby does not speak.
-fn check_hello_version(hello: &Hello) -> Result<(), (RefuseReason, String)> {
-    if hello.protocol_version != VERSION {
-        return Err((
-            RefuseReason::Version,
-            format!(
-                "protocol version {} is not this standby's {VERSION}",
-                hello.protocol_version
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Creates each disk's journal, starting at `epoch` (the initial copy's), if it
