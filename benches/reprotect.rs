@@ -21,6 +21,8 @@
 //! A speed goal lives here, not in the tests: the tables say whether it is met
 //! (switchover downtime ≤ 100 ms on loopback).
 
+#[path = "../tests/common/copylines.rs"]
+mod copylines;
 #[path = "support/host.rs"]
 mod host;
 #[path = "support/stats.rs"]
@@ -129,19 +131,6 @@ fn zeroed(p: &Path) {
     f.set_len(DISK).expect("size it");
 }
 
-/// The newest "initial copy to …: S bytes sent" of `err`.
-fn last_copy_bytes(err: &str) -> Option<u64> {
-    err.lines()
-        .rev()
-        .find(|l| l.contains(" bytes sent for "))?
-        .split(": ")
-        .nth(2)?
-        .split(' ')
-        .next()?
-        .parse()
-        .ok()
-}
-
 fn table1(dir: &Path, runs: usize) {
     let a_addr = free_addr();
     filled(&dir.join("a.img"));
@@ -184,7 +173,7 @@ fn table1(dir: &Path, runs: usize) {
         rows.push((
             "full copy",
             (t1 - t0).as_secs_f64(),
-            last_copy_bytes(&a.err()).unwrap_or(0),
+            copylines::copies(&a.err()).last().map_or(0, |c| c.sent),
         ));
         // Given up (stopped past --dead-ms), then back with its replica and disk.
         let lost = a.count("running unprotected");
@@ -206,7 +195,7 @@ fn table1(dir: &Path, runs: usize) {
         rows.push((
             "failback",
             (t1 - t0).as_secs_f64(),
-            last_copy_bytes(&a.err()).unwrap_or(0),
+            copylines::copies(&a.err()).last().map_or(0, |c| c.sent),
         ));
         drop(s);
         // The primary notices at once (the connections close).
@@ -233,33 +222,6 @@ fn table1(dir: &Path, runs: usize) {
             bm as f64 / MIB
         );
     }
-}
-
-/// "… handed the guest over at checkpoint N: X ms from …" plus "… total Y ms".
-fn downtime_ms(old: &str, new: &str) -> Option<f64> {
-    let handed: f64 = old
-        .lines()
-        .rev()
-        .find(|l| l.contains("handed the guest over"))?
-        .rsplit(": ")
-        .next()?
-        .split(" ms")
-        .next()?
-        .trim()
-        .parse()
-        .ok()?;
-    let took: f64 = new
-        .lines()
-        .rev()
-        .find(|l| l.contains("switchover: took the guest over"))?
-        .split("total ")
-        .nth(1)?
-        .split(" ms")
-        .next()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(handed + took)
 }
 
 fn switchover(sock: &Path) -> bool {
@@ -348,7 +310,7 @@ fn table2(dir: &Path, n: usize) {
             );
             break;
         }
-        if let Some(d) = downtime_ms(&old.err(), &new.err()) {
+        if let Some(d) = copylines::downtime_ms(&old.err(), &new.err()) {
             downs.push(d);
         }
         hosts.swap(0, 1);

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use common::copylines::{copies, downtime_ms as downtime};
 use common::pair::{continuity, free_port, lines, mix_seconds, wait};
 use common::*;
 
@@ -97,27 +98,17 @@ fn standby(
     c
 }
 
-/// The primary's "initial copy to …: S bytes sent for T bytes of … (D bytes of disk
-/// chunks that differed)" lines, as (S, T, D, whether memory was a delta).
-fn copies(stderr: &str) -> Vec<(u64, u64, u64, bool)> {
-    stderr
-        .lines()
-        .filter(|l| l.contains("initial copy to ") && l.contains(" bytes sent for "))
-        .filter_map(|l| {
-            let rest = l.split(": ").nth(2)?;
-            let mut w = rest.split_whitespace();
-            let sent = w.next()?.parse().ok()?;
-            let total = rest
-                .split(" bytes sent for ")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()?;
-            let differed = rest.split('(').nth(1)?.split(' ').next()?.parse().ok()?;
-            Some((sent, total, differed, rest.contains("of changed memory")))
-        })
-        .collect()
+/// Waits up to `secs` for a line of `who`'s stderr that contains `pat`; else fails
+/// with `why` and both stderrs (`other`'s under its name).
+fn expect_line(who: &Running, pat: &str, secs: u64, why: &str, other: (&str, &Running)) {
+    assert!(
+        who.wait_stderr(Duration::from_secs(secs), |l| l.contains(pat))
+            .is_some(),
+        "{why}:\n{}\n{}:\n{}",
+        who.stderr_now(),
+        other.0,
+        other.1.stderr_now()
+    );
 }
 
 fn no_failed_checks(consoles: &[(&str, &str)]) {
@@ -212,7 +203,12 @@ fn a_to_b_to_a_fails_back_sending_only_what_differs() {
     let b_err = b.stderr_now();
     let c = copies(&b_err);
     assert_eq!(c.len(), 1, "one initial copy from B to A:\n{b_err}");
-    let (sent, total, differed, _) = c[0];
+    let common::copylines::Copy {
+        sent,
+        total,
+        differed,
+        ..
+    } = c[0];
     // The disk is 32 MiB of non-zero bytes; A's copy differs from B's only where the
     // guest wrote since the failover (a few records) and in what A wrote that B
     // never acknowledged.
@@ -328,11 +324,11 @@ fn a_chunk_changed_behind_a_returning_hosts_back_is_found_and_resent() {
     let c = copies(&a_err);
     assert_eq!(c.len(), 2, "two initial copies:\n{a_err}");
     assert_eq!(
-        c[0].2, DISK,
+        c[0].differed, DISK,
         "the first copy finds every chunk different:\n{a_err}"
     );
     assert_eq!(
-        c[1].2,
+        c[1].differed,
         64 << 10,
         "the second copy resends exactly the changed chunk:\n{a_err}"
     );
@@ -397,7 +393,7 @@ fn a_replica_older_than_unprotected_since_rejoins_as_a_standby_but_never_resumes
     let c = copies(&a.stderr_now());
     assert_eq!(c.len(), 2, "{}", a.stderr_now());
     assert!(
-        c[1].3,
+        c[1].delta,
         "the rejoin copy was not built on B's replica:\n{}",
         a.stderr_now()
     );
@@ -553,38 +549,6 @@ fn switchover(sock: &Path) {
     assert!(o.status.success(), "switchover refused: {}", show(&o));
 }
 
-/// The downtime of the switchover whose lines are in `old` (the host that handed
-/// over: final pause to the standby's confirmation) and `new` (the host that took
-/// over: the handover read to the guest resumed), ms. Their sum bounds it.
-fn downtime(old: &str, new: &str) -> Option<f64> {
-    let num = |l: &str, after: &str| -> Option<f64> {
-        l.split(after)
-            .nth(1)?
-            .split(" ms")
-            .next()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    let handed = old
-        .lines()
-        .rev()
-        .find(|l| l.contains("handed the guest over"))?;
-    let took = new
-        .lines()
-        .rev()
-        .find(|l| l.contains("switchover: took the guest over"))?;
-    let handed_ms: f64 = handed
-        .rsplit(": ")
-        .next()?
-        .split(" ms")
-        .next()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(handed_ms + num(took, "total ")?)
-}
-
 #[test]
 fn switchover_a_to_b_to_a_under_a_two_vcpu_mix_loses_nothing() {
     if skip_without_kvm!() {
@@ -611,27 +575,25 @@ fn switchover_a_to_b_to_a_under_a_two_vcpu_mix_loses_nothing() {
 
     // A → B: B runs the guest, A becomes its standby without a copy of memory.
     switchover(&p("a.sock"));
-    assert!(
-        b.wait_stderr(Duration::from_secs(30), |l| l
-            .contains("switchover: took the guest over"))
-            .is_some(),
-        "B did not take the guest:\n{}\nA:\n{}",
-        b.stderr_now(),
-        a.stderr_now()
+    expect_line(
+        &b,
+        "switchover: took the guest over",
+        30,
+        "B did not take the guest:",
+        ("A", &a),
     );
-    assert!(
-        a.wait_stderr(Duration::from_secs(60), |l| l
-            .contains("initial copy complete"))
-            .is_some(),
-        "A did not become B's standby:\n{}\nB:\n{}",
-        a.stderr_now(),
-        b.stderr_now()
+    expect_line(
+        &a,
+        "initial copy complete",
+        60,
+        "A did not become B's standby:",
+        ("B", &b),
     );
     let first = downtime(&a.stderr_now(), &b.stderr_now()).expect("the first switchover's figures");
     let c = copies(&b.stderr_now());
     assert_eq!(c.len(), 1, "{}", b.stderr_now());
     assert!(
-        c[0].3,
+        c[0].delta,
         "A's memory was copied whole, not built on:\n{}",
         b.stderr_now()
     );
@@ -644,13 +606,12 @@ fn switchover_a_to_b_to_a_under_a_two_vcpu_mix_loses_nothing() {
 
     // B → A.
     switchover(&p("b.sock"));
-    assert!(
-        a.wait_stderr(Duration::from_secs(30), |l| l
-            .contains("switchover: took the guest over"))
-            .is_some(),
-        "A did not take the guest back:\n{}\nB:\n{}",
-        a.stderr_now(),
-        b.stderr_now()
+    expect_line(
+        &a,
+        "switchover: took the guest over",
+        30,
+        "A did not take the guest back:",
+        ("B", &b),
     );
     assert!(
         b.wait_stderr(Duration::from_secs(60), |l| l

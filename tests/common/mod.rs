@@ -427,6 +427,7 @@ pub fn wait_checkpoint(dir: &Path, epoch: u64, timeout: Duration) -> bool {
     false
 }
 
+pub mod copylines;
 mod metrics;
 pub mod pair;
 pub mod proxy;
