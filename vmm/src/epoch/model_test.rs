@@ -858,6 +858,20 @@ proptest! {
     }
 }
 
+/// The base's exports, then `n` epochs of one write, a tick and the exports that
+/// land its checkpoint.
+fn quiet_steps(n: usize) -> Vec<Step> {
+    let mut steps = vec![Step::Export, Step::Export, Step::Export];
+    for i in 0..n {
+        steps.push(Step::Write {
+            page: i % PAGES,
+            value: i as u64 + 1,
+        });
+        steps.extend([Step::Tick, Step::Export, Step::Export, Step::Export]);
+    }
+    steps
+}
+
 /// Auto mode's lengths change in the model (its epochs last microseconds, so the
 /// engine shortens them to the lower bound) and every invariant still holds.
 #[test]
@@ -866,34 +880,14 @@ fn auto_mode_moves_the_length_and_keeps_the_invariants() {
         min: Duration::from_millis(2),
         max: Duration::from_millis(40),
     };
-    let mut steps = vec![Step::Export, Step::Export, Step::Export];
-    for i in 0..12 {
-        steps.push(Step::Write {
-            page: i % PAGES,
-            value: i as u64 + 1,
-        });
-        steps.push(Step::Tick);
-        steps.push(Step::Export);
-        steps.push(Step::Export);
-        steps.push(Step::Export);
-    }
+    let steps = quiet_steps(12);
     let last = run_model_paced(&steps, End::UserStop, Sabotage::default(), 0, setting).unwrap();
     assert_eq!(last, Duration::from_millis(2));
 }
 
 #[test]
 fn a_quiet_run_completes_checkpoints_and_a_user_stop_lands_exactly() {
-    let mut steps = vec![Step::Export, Step::Export, Step::Export];
-    for i in 0..10 {
-        steps.push(Step::Write {
-            page: i % PAGES,
-            value: i as u64 + 1,
-        });
-        steps.push(Step::Tick);
-        steps.push(Step::Export);
-        steps.push(Step::Export);
-        steps.push(Step::Export);
-    }
+    let steps = quiet_steps(10);
     run_model(&steps, End::UserStop, Sabotage::default()).unwrap();
 }
 
