@@ -75,7 +75,7 @@ fn killed_primaries_are_continued_by_the_standby() {
         let delay = Duration::from_millis(rng.next() % 1500);
         std::thread::sleep(delay);
         let applied_before = pair.applied();
-        let _ = pair.kill_primary();
+        let primary_stderr = pair.kill_primary();
         let shown = pair.primary_console();
         // The guest carries on at the standby: three more progress lines of each
         // engine, each of which checked memory or disk records.
@@ -92,7 +92,7 @@ fn killed_primaries_are_continued_by_the_standby() {
         };
         assert!(
             grew,
-            "round {round} (killed {delay:?} after the first checkpoint, {applied_before} applied): the guest did not carry on at the standby.\nstandby stderr:\n{stderr}\nstandby console:\n{after}"
+            "round {round} (killed {delay:?} after the first checkpoint, {applied_before} applied): the guest did not carry on at the standby.\nprimary stderr:\n{primary_stderr}\nstandby stderr:\n{stderr}\nstandby console:\n{after}"
         );
         assert!(
             !after.contains("FAILED") && !shown.contains("FAILED"),
