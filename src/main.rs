@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
+use vmm::checkpoint::pagecodec::Compression;
 use vmm::config::{
     self, DirectoryConfig, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig,
     VmConfig,
@@ -15,6 +16,7 @@ use vmm::epoch::EpochLength;
 use vmm::machine::RestoreConfig;
 use vmm::replication::liveness::LivenessConfig;
 use vmm::replication::peer::PeerConfig;
+use vmm::replication::protocol::{WireConfig, OLDEST_VERSION, VERSION};
 use vmm::replication::standby::{Standby, StandbyConfig, StandbyEnd};
 use vmm::replication::transport::Transport;
 use vmm::{Machine, RunEnd};
@@ -235,6 +237,9 @@ struct EpochArgs {
     liveness: LivenessArgs,
 
     #[command(flatten)]
+    wire: WireArgs,
+
+    #[command(flatten)]
     api: ApiArgs,
 
     /// Per-epoch metrics as JSON lines (needs --checkpoint-dir, --peer or --listen).
@@ -263,6 +268,33 @@ fn start_api(path: Option<PathBuf>) -> anyhow::Result<Option<vmm::api::ApiServer
         Some(p) => Some(vmm::api::ApiServer::start(&p)?),
         None => None,
     })
+}
+
+/// What goes on the wire between a primary and its standby.
+#[derive(Args, Debug)]
+struct WireArgs {
+    /// How pages travel to a standby: lz4 compresses each page that is not zero
+    /// (zero pages always travel as one bit), none sends them as they are. Applies
+    /// in protocol version 4; version 3 sends every page raw.
+    #[arg(long, value_name = "lz4|none", default_value = "lz4")]
+    wire_compression: Compression,
+
+    /// The newest replication protocol version to speak (3 or 4). A primary and
+    /// its standby agree on the newest version both speak by themselves, so a pair
+    /// is upgraded one host at a time; set 3 to keep an upgraded host on the older
+    /// version.
+    #[arg(long, value_name = "N", default_value_t = VERSION,
+          value_parser = clap::value_parser!(u16).range(i64::from(OLDEST_VERSION)..=i64::from(VERSION)))]
+    protocol_version: u16,
+}
+
+impl WireArgs {
+    fn config(&self) -> WireConfig {
+        WireConfig {
+            max_version: self.protocol_version,
+            compression: self.wire_compression,
+        }
+    }
 }
 
 /// Heartbeats and deadlines between a primary and its standby.
@@ -323,6 +355,7 @@ impl EpochArgs {
                     transport: Transport::PlainTcp,
                     max_rate,
                     listen,
+                    wire: self.wire.config(),
                 })
             }
             (None, None, Some(listen)) => SinkConfig::Await(PeerConfig {
@@ -332,6 +365,7 @@ impl EpochArgs {
                 transport: Transport::PlainTcp,
                 max_rate: None,
                 listen: Some(listen),
+                wire: self.wire.config(),
             }),
             (None, None, None) => {
                 if self.metrics.is_some() {
@@ -399,6 +433,9 @@ struct StandbyArgs {
 
     #[command(flatten)]
     liveness: LivenessArgs,
+
+    #[command(flatten)]
+    wire: WireArgs,
 
     #[command(flatten)]
     api: ApiArgs,
@@ -547,6 +584,7 @@ fn run(mut args: RunArgs) -> anyhow::Result<RunEnd> {
         metrics: None,
         metrics_addr: None,
         transport: peer.transport,
+        wire: peer.wire,
     };
     let mut standby = Standby::after_handover(sc.clone(), handed)?;
     if let Some(api) = &api {
@@ -606,6 +644,7 @@ fn standby(args: StandbyArgs) -> anyhow::Result<RunEnd> {
         metrics: args.metrics,
         metrics_addr: args.metrics_addr,
         transport: Transport::PlainTcp,
+        wire: args.wire.config(),
     };
     let mut standby = Standby::new(config.clone())?;
     if let Some(api) = &api {

@@ -37,7 +37,8 @@ use vmm::replication::fence::{Attempt, Witness};
 use vmm::replication::protocol::{digest_chunk, CopyPlan, Digest, Holdings, ReplicaId};
 use vmm::replication::protocol::{
     Body, DiskChunk, Frame, FrameError, FrameReader, FrameType, FrameWriter, Hello, HelloAck,
-    RefuseReason, RegionChunk, Shutdown, Totals, WireStorage, HEADER_LEN, MAGIC, VERSION,
+    RefuseReason, RegionChunk, Shutdown, Totals, WireStorage, HEADER_LEN, MAGIC, OLDEST_VERSION,
+    VERSION,
 };
 
 /// Long enough for anything on a loaded two-core machine; a hang fails, not stalls.
@@ -655,7 +656,7 @@ fn a_standby_refuses_a_foreign_or_mismatched_primary_with_the_right_reason() {
                 }),
             ..
         })) => assert!(
-            detail.contains(&format!("protocol version {VERSION}")),
+            detail.contains(&format!("protocol versions {OLDEST_VERSION} to {VERSION}")),
             "the version refusal says: {detail}"
         ),
         other => panic!(
@@ -668,7 +669,7 @@ fn a_standby_refuses_a_foreign_or_mismatched_primary_with_the_right_reason() {
         "ignored a connection from",
         &peer,
         &format!(
-            "protocol version {}; this mirrorvm speaks version {VERSION}",
+            "protocol version {}; this mirrorvm speaks versions {OLDEST_VERSION} to {VERSION}",
             VERSION + 1
         ),
     ]);
@@ -685,9 +686,20 @@ fn a_standby_refuses_a_foreign_or_mismatched_primary_with_the_right_reason() {
         "a Hello of version 7",
         &frame(0, 0, &Body::Hello(h.clone())),
         RefuseReason::Version,
-        &format!("protocol version 7 is not this standby's {VERSION}"),
+        &format!("a Hello of protocol version 7 in a version {VERSION} frame; this standby speaks versions {OLDEST_VERSION} to {VERSION}"),
     );
+    // An older version's header (which this standby reads) whose Hello claims the
+    // newer version: the two must agree.
     h.protocol_version = VERSION;
+    let mut w = FrameWriter::new(Vec::new(), 0);
+    w.set_version(OLDEST_VERSION);
+    w.write(0, &Body::Hello(h.clone())).expect("encode a hello");
+    sb.refused(
+        "a version 4 Hello in a version 3 frame",
+        &w.into_inner(),
+        RefuseReason::Version,
+        &format!("a Hello of protocol version {VERSION} in a version {OLDEST_VERSION} frame"),
+    );
 
     h.storage = WireStorage::Shared;
     sb.refused(

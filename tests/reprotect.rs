@@ -670,3 +670,196 @@ fn switchover_a_to_b_to_a_under_a_two_vcpu_mix_loses_nothing() {
         "reprotect: switchover A → B downtime ≤ {first:.1} ms, B → A ≤ {second:.1} ms (final pause to confirmation + handover to resume)"
     ));
 }
+
+/// `--protocol-version 3`: this build speaking only version 3, as the host not yet
+/// upgraded does (the frozen version 3 frames of `vmm/src/replication/testdata` pin
+/// that what this build writes in version 3 is what version 3 wrote).
+fn old(mut c: Command) -> Command {
+    c.args(["--protocol-version", "3"]);
+    c
+}
+
+#[test]
+fn a_pair_is_upgraded_one_host_at_a_time_by_switching_over() {
+    if skip_without_kvm!() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let dir = tempdir();
+    let p = |n: &str| dir.path().join(n);
+    make_image(&p("a.img"), DISK);
+    make_image(&p("b.img"), DISK);
+    let (a_addr, b_addr) = (addr(), addr());
+    let session_v3 = "speaks protocol version 3: this session uses it";
+
+    // A, not upgraded yet, runs the guest; B, upgraded, joins it. A ignores B's
+    // newer Join, so B dials again in version 3.
+    let mut pc = old(primary(MIX, &p("a.img"), &p("a.txt"), None, Some(&a_addr)));
+    pc.arg("--api-socket").arg(p("a.sock"));
+    let a = Running::spawn(pc);
+    let b = Running::spawn(standby(
+        &p("b.img"),
+        &p("b.txt"),
+        &p("b.jsonl"),
+        Some(&b_addr),
+        Some(&a_addr),
+    ));
+    assert!(
+        wait(Duration::from_secs(120), || lines(&p("b.jsonl")) >= 5),
+        "B never caught up with the older A:\nB:\n{}\nA:\n{}",
+        b.stderr_now(),
+        a.stderr_now()
+    );
+    let b_err = b.stderr_now();
+    assert!(
+        b_err.contains("dialing again with protocol version 3") && b_err.contains(session_v3),
+        "B did not fall back to version 3 for A:\n{b_err}"
+    );
+
+    // A → B: B, upgraded, runs the guest; A, still old, becomes its standby and
+    // joins in version 3, which B speaks to it.
+    switchover(&p("a.sock"));
+    expect_line(
+        &b,
+        "switchover: took the guest over",
+        30,
+        "B did not take the guest:",
+        ("A", &a),
+    );
+    expect_line(
+        &b,
+        &format!("{session_v3} (pages travel raw)"),
+        60,
+        "the upgraded B did not speak version 3 to the old A:",
+        ("A", &a),
+    );
+    expect_line(
+        &a,
+        "initial copy complete",
+        60,
+        "A did not become B's standby:",
+        ("B", &b),
+    );
+
+    // A is upgraded: stopped, and started again as this build, joining B. The two
+    // now speak version 4.
+    let a_err = a.stderr();
+    assert!(
+        !a_err.contains("FAILED") && !a_err.contains("error"),
+        "the old A:\n{a_err}"
+    );
+    let a2 = Running::spawn(standby(
+        &p("a.img"),
+        &p("a2.txt"),
+        &p("a2.jsonl"),
+        Some(&a_addr),
+        Some(&b_addr),
+    ));
+    assert!(
+        wait(Duration::from_secs(120), || lines(&p("a2.jsonl")) >= 5),
+        "the upgraded A did not rejoin B:\nA2:\n{}\nB:\n{}",
+        a2.stderr_now(),
+        b.stderr_now()
+    );
+    // (A may be turned away once, while B has not yet noticed the old A is gone:
+    // a refusal, which does not make A fall back to version 3.)
+    let b_err = b.stderr_now();
+    let last_join = b_err
+        .rfind("joined: copying to it")
+        .expect("B took a standby");
+    assert!(
+        !b_err[last_join..].contains("protocol version"),
+        "B spoke an older version to the upgraded A:\n{b_err}"
+    );
+    assert_eq!(
+        count(&a2.stderr_now(), "protocol version"),
+        0,
+        "{}",
+        a2.stderr_now()
+    );
+
+    // Both upgraded, the pair protects the guest: B dies, A carries on.
+    let b_err = b.stderr();
+    assert!(
+        a2.wait_stderr(Duration::from_secs(30), |l| l
+            .contains("failover: primary lost"))
+            .is_some(),
+        "A did not take over from B:\n{}\nB:\n{b_err}",
+        a2.stderr_now()
+    );
+    assert!(
+        wait(Duration::from_secs(60), || mix_seconds(
+            &read(&p("a2.txt")),
+            "memory"
+        )
+        .len()
+            >= 3),
+        "the guest did not carry on at A:\n{}\nB:\n{b_err}",
+        a2.stderr_now()
+    );
+    let a2_err = a2.stderr();
+    let (ca, cb, ca2) = (read(&p("a.txt")), read(&p("b.txt")), read(&p("a2.txt")));
+    no_failed_checks(&[("A", &ca), ("B", &cb), ("A upgraded", &ca2)]);
+    assert_continuous(&[&ca, &cb, &ca2]);
+    loud(&format!(
+        "reprotect: upgraded one host at a time (v3 A + v4 B, switchover, A upgraded): {}",
+        a2_err
+            .lines()
+            .find(|l| l.contains("failover: primary lost"))
+            .unwrap_or("")
+    ));
+}
+
+#[test]
+fn a_newer_primary_offers_an_older_standby_the_older_version() {
+    if skip_without_kvm!() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let dir = tempdir();
+    let p = |n: &str| dir.path().join(n);
+    make_image(&p("a.img"), DISK);
+    make_image(&p("b.img"), DISK);
+    let b_addr = addr();
+    let b = Running::spawn(old(standby(
+        &p("b.img"),
+        &p("b.txt"),
+        &p("b.jsonl"),
+        Some(&b_addr),
+        None,
+    )));
+    let a = Running::spawn(primary(MIX, &p("a.img"), &p("a.txt"), Some(&b_addr), None));
+    assert!(
+        wait(Duration::from_secs(90), || lines(&p("b.jsonl")) >= 5),
+        "the older B applied nothing:\nB:\n{}\nA:\n{}",
+        b.stderr_now(),
+        a.stderr_now()
+    );
+    let a_err = a.stderr();
+    assert!(
+        a_err.contains("does not speak protocol version 4")
+            && a_err.contains("speaks protocol version 3: this session uses it (pages travel raw)"),
+        "A did not fall back to version 3:\n{a_err}"
+    );
+    assert!(
+        b.wait_stderr(Duration::from_secs(30), |l| l
+            .contains("failover: primary lost"))
+            .is_some(),
+        "the older B did not take over:\n{}\nA:\n{a_err}",
+        b.stderr_now()
+    );
+    assert!(
+        wait(Duration::from_secs(60), || mix_seconds(
+            &read(&p("b.txt")),
+            "memory"
+        )
+        .len()
+            >= 2),
+        "the guest did not carry on at B:\n{}\nA:\n{a_err}",
+        b.stderr_now()
+    );
+    drop(b.stderr());
+    let (ca, cb) = (read(&p("a.txt")), read(&p("b.txt")));
+    no_failed_checks(&[("A", &ca), ("B", &cb)]);
+    assert_continuous(&[&ca, &cb]);
+}

@@ -81,7 +81,7 @@ pub struct EncodeStats {
 
 /// Why a batch could not be decoded. Each message says what is wrong; none of them
 /// follows a panic or an allocation beyond the input's size and the page bound.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
     /// The input ends before a part the counts require.
     #[error("page batch truncated: {part} needs {needed} bytes at offset {offset}, {len} in all")]
@@ -144,21 +144,32 @@ pub enum CodecError {
 /// addresses as pages; the staging code guarantees it): extra data bytes are
 /// ignored, missing ones end the batch early.
 pub fn encode(pages: &StagedPages, compression: Compression, out: &mut Vec<u8>) -> EncodeStats {
+    encode_slices(&pages.addrs, &pages.data, compression, out)
+}
+
+/// [`encode`] of pages given as their addresses and their data (`data` holds the
+/// pages of `addrs`, in order), so a sender encodes part of a staging buffer without
+/// copying it first.
+pub fn encode_slices(
+    addrs: &[u64],
+    data: &[u8],
+    compression: Compression,
+    out: &mut Vec<u8>,
+) -> EncodeStats {
     let start = out.len();
-    let n = pages.addrs.len().min(pages.data.len() / PAGE_SIZE);
+    let n = addrs.len().min(data.len() / PAGE_SIZE);
     let mut stats = EncodeStats {
         pages: n as u64,
         ..Default::default()
     };
     out.extend_from_slice(&(n as u64).to_le_bytes());
-    for a in &pages.addrs[..n] {
+    for a in &addrs[..n] {
         out.extend_from_slice(&a.to_le_bytes());
     }
     let bitmap_at = out.len();
     out.resize(bitmap_at + n.div_ceil(8), 0);
     let lengths_at = out.len();
-    let nonzero = pages
-        .data
+    let nonzero = data
         .chunks_exact(PAGE_SIZE)
         .take(n)
         .enumerate()
@@ -175,7 +186,7 @@ pub fn encode(pages: &StagedPages, compression: Compression, out: &mut Vec<u8>) 
     out.resize(lengths_at + 2 * nonzero, 0);
     let mut slot = lengths_at;
     let mut block = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)];
-    for (i, page) in pages.data.chunks_exact(PAGE_SIZE).take(n).enumerate() {
+    for (i, page) in data.chunks_exact(PAGE_SIZE).take(n).enumerate() {
         if out[bitmap_at + i / 8] & (1 << (i % 8)) != 0 {
             continue;
         }

@@ -143,4 +143,9 @@ pub trait CheckpointSink: Send {
     fn rejoin_addr(&self) -> Option<String> {
         None
     }
+
+    /// The engine did not take this sink (it has a destination already, or does
+    /// not run unprotected): tell the destination why, if it can hear it, before
+    /// the sink is dropped.
+    fn decline(&mut self, _why: &str) {}
 }

@@ -43,6 +43,7 @@ impl Joins {
         lineage: u64,
         engine: Arc<Mutex<EpochLoop>>,
     ) -> Result<Joins, VmmError> {
+        listener.set_max_version(session.wire.max_version);
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("the joins eventfd"))?;
         let ring = wake.try_clone().map_err(os_err("the joins eventfd"))?;
         let (tx, inbox) = mpsc::channel();
@@ -94,11 +95,10 @@ impl Joins {
         let mut lp = lock_recover(&self.engine);
         match lp.engine().attach(Box::new(sink)) {
             Ok(Ok(())) => eprintln!("mirrorvm: standby {peer} joined: copying to it"),
-            Ok(Err(refused)) => {
-                eprintln!(
-                    "mirrorvm: turned away the standby at {peer}: this primary has a standby, or is not running unprotected"
-                );
-                drop(refused);
+            Ok(Err(mut refused)) => {
+                let why = "this primary has a standby, or is not running unprotected";
+                eprintln!("mirrorvm: turned away the standby at {peer}: {why}");
+                refused.decline(why);
             }
             Err(e) => eprintln!(
                 "mirrorvm: cannot start protecting with the standby at {peer}: {}",

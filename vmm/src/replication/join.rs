@@ -17,7 +17,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::protocol::{Body, FrameReader, Join, JoinRole, MAX_CONTROL_PAYLOAD};
+use super::protocol::{
+    Body, FrameReader, Join, JoinRole, MAX_CONTROL_PAYLOAD, OLDEST_VERSION, VERSION,
+};
 use super::transport::{Connection, Listener, Transport, TransportError};
 
 /// How long a dialing standby may take to send its Join frame.
@@ -36,13 +38,17 @@ pub struct Joined {
     pub data: Connection,
     /// The liveness connection.
     pub live: Connection,
+    /// The protocol version its Join was written in: the newest it speaks.
+    pub version: u16,
 }
 
 /// A primary's listening endpoint for standbys.
 #[derive(Debug)]
 pub struct JoinListener {
     listener: Listener,
-    waiting: Vec<(u64, Connection, Instant)>,
+    waiting: Vec<(u64, Connection, Instant, u16)>,
+    /// The newest protocol version accepted.
+    max_version: u16,
 }
 
 impl JoinListener {
@@ -51,6 +57,7 @@ impl JoinListener {
         Ok(JoinListener {
             listener: transport.listen(addr)?,
             waiting: Vec::new(),
+            max_version: VERSION,
         })
     }
 
@@ -59,7 +66,14 @@ impl JoinListener {
         JoinListener {
             listener,
             waiting: Vec::new(),
+            max_version: VERSION,
         }
+    }
+
+    /// Accepts Joins of protocol versions up to `version` only (a host kept on an
+    /// older version ignores a newer one's Join, as that version's code did).
+    pub fn set_max_version(&mut self, version: u16) {
+        self.max_version = version;
     }
 
     /// The address it listens on.
@@ -83,9 +97,10 @@ impl JoinListener {
                     break c;
                 }
             };
-            self.waiting.retain(|(_, _, t)| t.elapsed() < PAIR_DEADLINE);
+            self.waiting
+                .retain(|(_, _, t, _)| t.elapsed() < PAIR_DEADLINE);
             let peer = conn.peer().to_string();
-            let join = match read_join(&conn) {
+            let (join, version) = match read_join(&conn, self.max_version) {
                 Ok(j) => j,
                 Err(why) => {
                     eprintln!("mirrorvm: ignored a connection from {peer}: {why}");
@@ -97,20 +112,22 @@ impl JoinListener {
                     if self.waiting.len() >= MAX_WAITING {
                         self.waiting.remove(0);
                     }
-                    self.waiting.push((join.token, conn, Instant::now()));
+                    self.waiting
+                        .push((join.token, conn, Instant::now(), version));
                 }
                 JoinRole::Liveness => {
-                    let Some(i) = self.waiting.iter().position(|(t, _, _)| *t == join.token) else {
+                    let Some(i) = self.waiting.iter().position(|(t, ..)| *t == join.token) else {
                         eprintln!(
                             "mirrorvm: ignored a connection from {peer}: a liveness connection for no waiting session"
                         );
                         continue;
                     };
-                    let (_, data, _) = self.waiting.remove(i);
+                    let (_, data, _, data_version) = self.waiting.remove(i);
                     return Ok(Some(Joined {
                         peer: data.peer().to_string(),
                         data,
                         live: conn,
+                        version: data_version.min(version),
                     }));
                 }
             }
@@ -119,14 +136,16 @@ impl JoinListener {
 }
 
 /// Reads the Join frame a dialing standby sends first, within [`JOIN_DEADLINE`],
-/// taking nothing after it.
-fn read_join(conn: &Connection) -> Result<Join, String> {
+/// taking nothing after it; with the version it was written in (of those up to
+/// `max_version`).
+fn read_join(conn: &Connection, max_version: u16) -> Result<(Join, u16), String> {
     conn.set_read_timeout(Some(JOIN_DEADLINE))
         .map_err(|e| e.to_string())?;
     let mut fr = FrameReader::with_max_payload(conn.unbuffered(), MAX_CONTROL_PAYLOAD);
+    fr.accept_versions(OLDEST_VERSION, max_version);
     let r = match fr.read_frame() {
         Ok(Some(f)) => match f.body {
-            Body::Join(j) => Ok(j),
+            Body::Join(j) => Ok((j, fr.version())),
             other => Err(format!(
                 "it began with a {} frame, not a Join (a primary listens for standbys that dial it with --join)",
                 other.frame_type()
@@ -140,18 +159,21 @@ fn read_join(conn: &Connection) -> Result<Join, String> {
 }
 
 /// Dials the primary at `addr` for one of a session's connections and sends the
-/// Join frame that names it.
+/// Join frame that names it, in protocol `version` (the newest the standby speaks,
+/// unless an older primary ignored it).
 pub fn dial(
     transport: &Transport,
     addr: &str,
     role: JoinRole,
     token: u64,
+    version: u16,
     timeout: Duration,
 ) -> Result<Connection, DialError> {
     let conn = transport
         .connect(addr, timeout)
         .map_err(DialError::Connect)?;
     let mut w = super::protocol::FrameWriter::new(conn.unbuffered_writer(), 0);
+    w.set_version(version);
     w.write(0, &Body::Join(Join { role, token }))
         .and_then(|()| w.flush())
         .map_err(DialError::Send)?;
@@ -186,9 +208,9 @@ mod tests {
             let junk = t.connect(&addr, d).unwrap();
             std::io::Write::write_all(&mut junk.unbuffered_writer(), b"GET / HTTP/1.0\r\n\r\n")
                 .unwrap();
-            let _lonely = dial(&t, &addr, JoinRole::Data, 7, d).unwrap();
-            let a = dial(&t, &addr, JoinRole::Data, 42, d).unwrap();
-            let b = dial(&t, &addr, JoinRole::Liveness, 42, d).unwrap();
+            let _lonely = dial(&t, &addr, JoinRole::Data, 7, VERSION, d).unwrap();
+            let a = dial(&t, &addr, JoinRole::Data, 42, VERSION, d).unwrap();
+            let b = dial(&t, &addr, JoinRole::Liveness, 42, OLDEST_VERSION, d).unwrap();
             // Keep them open until the listener paired them.
             std::thread::sleep(Duration::from_millis(300));
             drop((a, b, junk));
@@ -196,6 +218,10 @@ mod tests {
         let never = std::sync::atomic::AtomicBool::new(false);
         let j = l.accept_unless(&never).unwrap().unwrap();
         assert!(j.peer.starts_with("127.0.0.1:"));
+        assert_eq!(
+            j.version, OLDEST_VERSION,
+            "the older of its two Joins' versions"
+        );
         assert_eq!(
             l.waiting.len(),
             1,

@@ -174,11 +174,12 @@ impl Drop for SetOnDrop {
 }
 
 impl Liveness {
-    /// Starts heartbeats on `conn` (stamped with fence generation `generation`) and
-    /// watches the peer as `watch` says.
+    /// Starts heartbeats on `conn` (stamped with fence generation `generation`, in
+    /// the session's protocol `version`) and watches the peer as `watch` says.
     pub fn spawn(
         conn: Connection,
         generation: u64,
+        version: u16,
         config: LivenessConfig,
         watch: Watch,
     ) -> Result<Liveness, std::io::Error> {
@@ -211,6 +212,7 @@ impl Liveness {
                     BufReader::new(r),
                     super::protocol::MAX_CONTROL_PAYLOAD,
                 );
+                fr.pin(version);
                 let _done = SetOnDrop(rdone);
                 loop {
                     match fr.read_frame() {
@@ -253,6 +255,7 @@ impl Liveness {
             .spawn(move || {
                 raise_priority();
                 let mut fw = FrameWriter::new(BufWriter::new(w), generation);
+                fw.set_version(version);
                 pulse.touch();
                 let mut next = Instant::now();
                 let mut last_turn = Instant::now();

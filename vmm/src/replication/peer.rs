@@ -34,7 +34,8 @@ use super::join::Joined;
 use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
 use super::protocol::{
     Body, CopyPlan, DiskChunk, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Holdings,
-    Shutdown, WireStorage, MAX_BATCH_PAGES, MAX_DISK_BASE_CHUNK, VERSION,
+    RefuseReason, Shutdown, WireConfig, WireStorage, MAX_BATCH_PAGES, MAX_DISK_BASE_CHUNK,
+    OLDEST_VERSION, PACKED_SINCE, VERSION,
 };
 use super::transport::{Closer, Connection, Transport, TransportError};
 use crate::checkpoint::sink::{BaseDelta, CheckpointSink, SinkEnd, SinkError, StorageMode};
@@ -78,6 +79,8 @@ pub struct PeerConfig {
     /// Where standbys that dial this primary (`standby --join`) are accepted, once
     /// it runs unprotected (`--listen`).
     pub listen: Option<String>,
+    /// The newest protocol version to offer, and how pages are packed.
+    pub wire: WireConfig,
 }
 
 /// The least `max-rate` accepted: one 4 MiB frame must go out well within the
@@ -289,6 +292,16 @@ struct Back {
     closed: Mutex<Option<String>>,
 }
 
+/// A data connection whose Hello was answered.
+struct Greeting {
+    fr: FrameReader<BufReader<Box<dyn Read + Send>>>,
+    fw: FrameWriter<BufWriter<Counting<Box<dyn Write + Send>>>>,
+    closer: Closer,
+    sent: Arc<AtomicU64>,
+    pace: Arc<Mutex<Option<Pace>>>,
+    answer: Option<Body>,
+}
+
 /// A live session with the standby.
 struct Session {
     w: FrameWriter<BufWriter<Counting<Box<dyn Write + Send>>>>,
@@ -357,6 +370,9 @@ pub struct PeerSink {
     /// Where the standby accepts standbys once it runs the guest (its Holdings'
     /// `listen`, else the address dialed).
     rejoin: Option<String>,
+    /// The protocol version the Hello offers first: the configured newest, or for a
+    /// standby that dialed, the older of that and the version of its Join.
+    version: u16,
 }
 
 impl PeerSink {
@@ -400,6 +416,7 @@ impl PeerSink {
             last_acked: None,
             manifest: None,
             rejoin: None,
+            version: config.wire.max_version,
         })
     }
 
@@ -423,6 +440,7 @@ impl PeerSink {
             generation,
             released,
             lineage,
+            version: joined.version.min(config.wire.max_version),
             pending: Some((joined.data, Some(joined.live))),
             session: None,
             highest_sent: 0,
@@ -474,12 +492,14 @@ impl PeerSink {
         SinkError::Lost(Box::new(cause))
     }
 
-    fn handshake(&mut self, manifest: &Manifest) -> Result<Session, PeerError> {
+    /// Sends the Hello on `conn` in protocol `version` and reads the answer.
+    fn hello(
+        &self,
+        conn: Connection,
+        version: u16,
+        manifest: &Manifest,
+    ) -> Result<Greeting, PeerError> {
         let addr = self.config.addr.clone();
-        let (conn, joined_live) = self.pending.take().ok_or_else(|| PeerError::NoHelloAck {
-            addr: addr.clone(),
-            what: "the session already began".into(),
-        })?;
         conn.set_read_timeout(Some(HELLO_DEADLINE))
             .map_err(|source| PeerError::Connect {
                 addr: addr.clone(),
@@ -502,10 +522,12 @@ impl PeerSink {
             ),
             self.generation,
         );
+        fw.set_version(version);
+        fw.set_packing(Some(self.config.wire.compression));
         fw.write(
             0,
             &Body::Hello(Hello {
-                protocol_version: VERSION,
+                protocol_version: version,
                 manifest: manifest.clone(),
                 storage: WireStorage::Replicated,
                 lineage: self.lineage,
@@ -515,27 +537,87 @@ impl PeerSink {
         .map_err(|e| self.frames_err(e))?;
         let mut fr = FrameReader::new(BufReader::new(r));
         let answer = fr.read_frame().map_err(|e| self.frames_err(e))?;
-        match answer.map(|f| f.body) {
-            Some(Body::HelloAck(HelloAck::Accept)) => {}
-            Some(Body::HelloAck(HelloAck::Refuse { reason, detail })) => {
-                return Err(PeerError::Refused {
-                    addr,
-                    reason,
+        Ok(Greeting {
+            fr,
+            fw,
+            closer,
+            sent,
+            pace,
+            answer: answer.map(|f| f.body),
+        })
+    }
+
+    fn handshake(&mut self, manifest: &Manifest) -> Result<Session, PeerError> {
+        let addr = self.config.addr.clone();
+        let (mut conn, joined_live) = self.pending.take().ok_or_else(|| PeerError::NoHelloAck {
+            addr: addr.clone(),
+            what: "the session already began".into(),
+        })?;
+        // The newest version both speak: a standby that dialed said its own in its
+        // Join; one this primary dials refuses a version it does not speak, and is
+        // then offered the one before (docs/protocol.md, "Versions").
+        let mut version = self.version;
+        let Greeting {
+            mut fr,
+            fw,
+            closer,
+            sent,
+            pace,
+            ..
+        } = loop {
+            let mut g = self.hello(conn, version, manifest)?;
+            match g.answer.take() {
+                Some(Body::HelloAck(HelloAck::Accept)) => break g,
+                Some(Body::HelloAck(HelloAck::Refuse {
+                    reason: RefuseReason::Version,
                     detail,
-                })
+                })) if joined_live.is_none() && version > OLDEST_VERSION => {
+                    eprintln!(
+                        "mirrorvm: the standby at {addr} does not speak protocol version {version} ({detail}); offering version {}",
+                        version - 1
+                    );
+                    version -= 1;
+                    g.closer.close();
+                    conn = self
+                        .config
+                        .transport
+                        .connect(&addr, Duration::from_secs(2))
+                        .map_err(|source| PeerError::Connect {
+                            addr: addr.clone(),
+                            source,
+                        })?;
+                }
+                Some(Body::HelloAck(HelloAck::Refuse { reason, detail })) => {
+                    return Err(PeerError::Refused {
+                        addr,
+                        reason,
+                        detail,
+                    })
+                }
+                Some(other) => {
+                    return Err(PeerError::NoHelloAck {
+                        addr,
+                        what: format!("a {} frame", other.frame_type()),
+                    })
+                }
+                None => {
+                    return Err(PeerError::NoHelloAck {
+                        addr,
+                        what: "the connection closed".into(),
+                    })
+                }
             }
-            Some(other) => {
-                return Err(PeerError::NoHelloAck {
-                    addr,
-                    what: format!("a {} frame", other.frame_type()),
-                })
-            }
-            None => {
-                return Err(PeerError::NoHelloAck {
-                    addr,
-                    what: "the connection closed".into(),
-                })
-            }
+        };
+        fr.pin(version);
+        if version < VERSION {
+            eprintln!(
+                "mirrorvm: the standby at {addr} speaks protocol version {version}: this session uses it{}",
+                if version < PACKED_SINCE {
+                    " (pages travel raw)"
+                } else {
+                    ""
+                }
+            );
         }
         // What the standby holds comes next, once it hashed its disks.
         bound_reads(&closer, Some(HOLDINGS_DEADLINE), &addr)?;
@@ -582,7 +664,7 @@ impl PeerSink {
             let back = back.clone();
             std::thread::Builder::new()
                 .name("peer-acks".into())
-                .spawn(move || read_acks(inner, pulse, &back, tx))
+                .spawn(move || read_acks(inner, version, pulse, &back, tx))
                 .map_err(|e| PeerError::Thread("acknowledgement reader", e))?;
         }
         // Where the standby takes a standby once it runs the guest (a switchover):
@@ -613,6 +695,7 @@ impl PeerSink {
         let liveness = Liveness::spawn(
             live,
             self.generation,
+            version,
             self.config.liveness,
             Watch {
                 pulse,
@@ -1015,12 +1098,14 @@ fn fence_generation(fence: Option<&SharedFence>) -> u64 {
 /// life); anything else ends the session.
 fn read_acks(
     r: BufReader<Box<dyn Read + Send>>,
+    version: u16,
     pulse: Arc<Pulse>,
     back: &Back,
     wake: mpsc::SyncSender<()>,
 ) {
     // Only Acks and Heartbeats come this way: both have empty payloads.
     let mut fr = FrameReader::with_max_payload(r, 0);
+    fr.pin(version);
     let why = loop {
         match fr.read_frame() {
             Ok(Some(f)) => {
@@ -1055,6 +1140,27 @@ impl CheckpointSink for PeerSink {
 
     fn rejoin_addr(&self) -> Option<String> {
         self.rejoin.clone()
+    }
+
+    /// A standby that dialed and is turned away reads why as its first frame (a
+    /// refusal in the direction it would answer one), so it does not mistake the
+    /// close for a primary of an older version.
+    fn decline(&mut self, why: &str) {
+        let Some((data, _)) = self.pending.take() else {
+            return;
+        };
+        let _ = data.set_write_timeout(Some(Duration::from_secs(1)));
+        let mut fw = FrameWriter::new(data.unbuffered_writer(), self.generation);
+        fw.set_version(self.version);
+        let _ = fw
+            .write(
+                0,
+                &Body::HelloAck(HelloAck::Refuse {
+                    reason: RefuseReason::Busy,
+                    detail: why.to_string(),
+                }),
+            )
+            .and_then(|()| fw.flush());
     }
 
     fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {

@@ -25,13 +25,46 @@ use devices::store::{Export, ExportExtent, RegionMeta};
 use devices::SECTOR_SIZE;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::pagecodec::{self, Compression};
 use crate::checkpoint::{Checkpoint, DiskRegion, Manifest, RegionContent, StorageMode};
 use crate::dirty::{StagedPages, PAGE_SIZE};
 
 /// Magic at the start of every frame.
 pub const MAGIC: [u8; 4] = *b"MVRP";
-/// The protocol version this code speaks (and the only one it reads).
-pub const VERSION: u16 = 3;
+/// The newest protocol version this code speaks, the one it offers first.
+pub const VERSION: u16 = 4;
+/// The oldest protocol version this code still speaks: a host accepts a peer one
+/// version older, so that a pair is upgraded one host at a time by switching over
+/// (docs/protocol.md, "Versions").
+pub const OLDEST_VERSION: u16 = 3;
+/// The first version whose Pages and Base frames may be packed ([`FLAG_PACKED`]).
+pub const PACKED_SINCE: u16 = 4;
+/// Header flag of a Pages or Base frame (version 4 on): the payload is a packed page
+/// batch (zero pages as a bitmap, others as lz4 blocks: `checkpoint::pagecodec`),
+/// not raw pages.
+pub const FLAG_PACKED: u32 = 1;
+/// What a host offers on the wire: the newest protocol version it speaks and how it
+/// packs pages (from version 4 on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireConfig {
+    /// The newest version to speak, [`OLDEST_VERSION`] to [`VERSION`]: peers agree on
+    /// the newest both speak by themselves; a lower one keeps a pair on the older
+    /// version (`--protocol-version`).
+    pub max_version: u16,
+    /// How the pages that are not zero travel in a version 4 session
+    /// (`--wire-compression`); zero pages always travel as bits.
+    pub compression: Compression,
+}
+
+impl Default for WireConfig {
+    fn default() -> Self {
+        WireConfig {
+            max_version: VERSION,
+            compression: Compression::Lz4,
+        }
+    }
+}
+
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 40;
 /// Default bound on any payload: a reader refuses longer frames before allocating.
@@ -51,6 +84,13 @@ const PAGE: u64 = PAGE_SIZE as u64;
 const PAGE_ENTRY: u64 = 8 + PAGE;
 /// Size of the fixed part of a Pages or Base payload.
 const PAGES_HEAD_LEN: usize = 8;
+/// The largest packed batch of [`MAX_BATCH_PAGES`] pages: count, addresses, zero
+/// bitmap, lengths, and every page stored raw.
+const PACKED_MAX: usize = 8
+    + MAX_BATCH_PAGES as usize * 8
+    + (MAX_BATCH_PAGES as usize).div_ceil(8)
+    + MAX_BATCH_PAGES as usize * 2
+    + MAX_BATCH_PAGES as usize * PAGE_SIZE;
 /// Size of the fixed part of a Region payload.
 const REGION_HEAD_LEN: usize = 64;
 /// Size of an extent's header in a Region payload.
@@ -223,9 +263,9 @@ impl FrameType {
             | FrameType::Join
             | FrameType::CopyPlan => MAX_CONTROL_PAYLOAD,
             FrameType::Holdings => MAX_PAYLOAD,
-            FrameType::Base | FrameType::Pages => {
-                len_u32(PAGES_HEAD_LEN + MAX_BATCH_PAGES as usize * (8 + PAGE_SIZE))
-            }
+            // A packed batch may be a little longer than a raw one (its bitmap and
+            // lengths) when no page compresses.
+            FrameType::Base | FrameType::Pages => len_u32(PACKED_MAX),
             FrameType::State | FrameType::Region => MAX_PAYLOAD,
             FrameType::Console => len_u32(CONSOLE_HEAD_LEN) + MAX_CONSOLE_CHUNK,
             FrameType::DiskBase => len_u32(DISK_BASE_HEAD_LEN) + MAX_DISK_BASE_CHUNK,
@@ -604,6 +644,9 @@ pub enum Malformed {
     /// A structured (postcard) payload does not decode.
     #[error("cannot decode the payload")]
     Decode(#[source] postcard::Error),
+    /// A packed page batch does not decode.
+    #[error("bad packed page batch")]
+    Packed(#[source] crate::checkpoint::pagecodec::CodecError),
 }
 
 /// Failures reading or writing frames.
@@ -625,11 +668,16 @@ pub enum FrameError {
     /// The bytes are not a mirrorvm frame.
     #[error("not a mirrorvm replication frame (magic {0:02x?})")]
     BadMagic([u8; 4]),
-    /// The peer speaks another protocol version.
-    #[error("protocol version {got}; this mirrorvm speaks version {VERSION}")]
+    /// The peer speaks a protocol version this reader does not (too old, too new,
+    /// or not the one the session agreed on).
+    #[error("protocol version {got}; this mirrorvm speaks {}", speaks(*.oldest, *.newest))]
     Version {
         /// The peer's version.
         got: u16,
+        /// The oldest version the reader accepted.
+        oldest: u16,
+        /// The newest version the reader accepted.
+        newest: u16,
     },
     /// The header's CRC does not match: the header is corrupt.
     #[error("frame header checksum mismatch")]
@@ -683,6 +731,15 @@ pub enum FrameError {
         #[source]
         cause: postcard::Error,
     },
+}
+
+/// "version 4" or "versions 3 to 4", for messages.
+pub fn speaks(oldest: u16, newest: u16) -> String {
+    if oldest == newest {
+        format!("version {newest}")
+    } else {
+        format!("versions {oldest} to {newest}")
+    }
 }
 
 fn malformed(ty: FrameType, cause: Malformed) -> FrameError {
@@ -873,6 +930,8 @@ pub struct FrameWriter<W> {
     w: W,
     buf: Vec<u8>,
     generation: u64,
+    version: u16,
+    packing: Option<Compression>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -882,7 +941,32 @@ impl<W: Write> FrameWriter<W> {
             w,
             buf: Vec::new(),
             generation,
+            version: VERSION,
+            packing: None,
         }
+    }
+
+    /// Writes every later frame in protocol `version` (the one a session agreed on).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
+    }
+
+    /// The protocol version frames are written in.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Sends the page batches of [`write_base`](Self::write_base) and
+    /// [`write_checkpoint`](Self::write_checkpoint) packed with `compression` (zero
+    /// pages as bits), or raw (`None`). Versions before [`PACKED_SINCE`] always send
+    /// them raw.
+    pub fn set_packing(&mut self, compression: Option<Compression>) {
+        self.packing = compression;
+    }
+
+    /// The same writer stamping later frames with fence generation `generation`.
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
     }
 
     /// The transport.
@@ -901,20 +985,32 @@ impl<W: Write> FrameWriter<W> {
         self.buf.clear();
         let mut buf = std::mem::take(&mut self.buf);
         let r =
-            encode_body(&mut buf, body).and_then(|()| self.send(body.frame_type(), epoch, &buf));
+            encode_body(&mut buf, body).and_then(|()| self.send(body.frame_type(), epoch, 0, &buf));
         self.buf = buf;
         r
     }
 
     /// Writes the header for `payload` and the payload.
-    fn send(&mut self, ty: FrameType, epoch: u64, payload: &[u8]) -> Result<(), FrameError> {
-        self.send_parts(ty, epoch, &[payload])
+    fn send(
+        &mut self,
+        ty: FrameType,
+        epoch: u64,
+        flags: u32,
+        payload: &[u8],
+    ) -> Result<(), FrameError> {
+        self.send_parts(ty, epoch, flags, &[payload])
     }
 
     /// Writes the header for a payload made of `parts`, then the parts, each with its
     /// own `write_all`: page data goes from where it is staged to the transport
     /// without being copied into a frame buffer first.
-    fn send_parts(&mut self, ty: FrameType, epoch: u64, parts: &[&[u8]]) -> Result<(), FrameError> {
+    fn send_parts(
+        &mut self,
+        ty: FrameType,
+        epoch: u64,
+        flags: u32,
+        parts: &[&[u8]],
+    ) -> Result<(), FrameError> {
         let max = ty.max_payload().min(MAX_PAYLOAD);
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let len = u32::try_from(total)
@@ -928,9 +1024,9 @@ impl<W: Write> FrameWriter<W> {
         let payload_crc = parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p));
         let mut h = RawHeader {
             magic: MAGIC,
-            version: U16::new(VERSION),
+            version: U16::new(self.version),
             frame_type: U16::new(ty.code()),
-            flags: U32::ZERO,
+            flags: U32::new(flags),
             payload_len: U32::new(len),
             epoch: U64::new(epoch),
             generation: U64::new(self.generation),
@@ -955,8 +1051,17 @@ impl<W: Write> FrameWriter<W> {
     ) -> Result<(), FrameError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
-        let r = encode_pages_head(&mut buf, ty, addrs, data)
-            .and_then(|()| self.send_parts(ty, epoch, &[&buf, data]));
+        let r = match self.packing.filter(|_| self.version >= PACKED_SINCE) {
+            // The raw head is built only for its checks (count, lengths, alignment).
+            Some(compression) => {
+                encode_pages_head(&mut Vec::new(), ty, addrs, data).and_then(|()| {
+                    pagecodec::encode_slices(addrs, data, compression, &mut buf);
+                    self.send(ty, epoch, FLAG_PACKED, &buf)
+                })
+            }
+            None => encode_pages_head(&mut buf, ty, addrs, data)
+                .and_then(|()| self.send_parts(ty, epoch, 0, &[&buf, data])),
+        };
         self.buf = buf;
         r
     }
@@ -1021,7 +1126,7 @@ impl<W: Write> FrameWriter<W> {
             buf.clear();
             buf.extend_from_slice(&offset.to_le_bytes());
             buf.extend_from_slice(part);
-            r = self.send(FrameType::Console, epoch, &buf);
+            r = self.send(FrameType::Console, epoch, 0, &buf);
             if r.is_err() {
                 break;
             }
@@ -1029,7 +1134,7 @@ impl<W: Write> FrameWriter<W> {
         }
         self.buf = buf;
         r?;
-        self.send(FrameType::State, epoch, &c.state)?;
+        self.send(FrameType::State, epoch, 0, &c.state)?;
         let regions = u32::try_from(c.disks.len()).map_err(|_| FrameError::TooLarge {
             ty: FrameType::EndOfCheckpoint,
             len: c.disks.len() as u64,
@@ -1095,7 +1200,7 @@ impl<W: Write> FrameWriter<W> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let r = encode_region(&mut buf, disk, storage, meta, parts)
-            .and_then(|()| self.send(FrameType::Region, epoch, &buf));
+            .and_then(|()| self.send(FrameType::Region, epoch, 0, &buf));
         self.buf = buf;
         r
     }
@@ -1114,6 +1219,11 @@ impl<W: Write> FrameWriter<W> {
 pub struct FrameReader<R> {
     r: R,
     max_payload: u32,
+    /// The versions accepted: any this code speaks until [`FrameReader::pin`].
+    oldest: u16,
+    newest: u16,
+    /// The version of the last frame read.
+    last_version: u16,
     read: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The payload of the frame being read, kept between frames.
     buf: Vec<u8>,
@@ -1151,6 +1261,9 @@ impl<R: Read> FrameReader<R> {
         FrameReader {
             r,
             max_payload,
+            oldest: OLDEST_VERSION,
+            newest: VERSION,
+            last_version: VERSION,
             read: Default::default(),
             buf: Vec::new(),
         }
@@ -1165,6 +1278,24 @@ impl<R: Read> FrameReader<R> {
     /// The transport.
     pub fn into_inner(self) -> R {
         self.r
+    }
+
+    /// Accepts frames of protocol `version` only from now on: the version a session
+    /// agreed on.
+    pub fn pin(&mut self, version: u16) {
+        self.accept_versions(version, version);
+    }
+
+    /// Accepts frames of protocol versions `oldest` to `newest` from now on.
+    pub fn accept_versions(&mut self, oldest: u16, newest: u16) {
+        self.oldest = oldest;
+        self.newest = newest;
+    }
+
+    /// The protocol version of the last frame read (a Hello's or a Join's is the
+    /// version its sender speaks).
+    pub fn version(&self) -> u16 {
+        self.last_version
     }
 
     /// Reads the next frame: `Ok(None)` when the stream ends cleanly between frames.
@@ -1183,7 +1314,11 @@ impl<R: Read> FrameReader<R> {
                 want: HEADER_LEN,
             });
         }
-        let (ty, epoch, generation, len, payload_crc) = self.check_header(&hb)?;
+        let (ty, epoch, generation, len, payload_crc, flags) = self.check_header(&hb)?;
+        if flags & FLAG_PACKED != 0 {
+            self.read_payload(0, len, len)?;
+            return self.finish_packed(ty, epoch, generation, len, payload_crc);
+        }
         if matches!(ty, FrameType::Pages | FrameType::Base) {
             return self.read_pages(ty, epoch, generation, len, payload_crc);
         }
@@ -1282,6 +1417,37 @@ impl<R: Read> FrameReader<R> {
         }))
     }
 
+    /// Checks a packed page batch's CRC (the payload of `len` bytes is in the frame
+    /// buffer) and expands it.
+    fn finish_packed(
+        &self,
+        ty: FrameType,
+        epoch: u64,
+        generation: u64,
+        len: usize,
+        payload_crc: u32,
+    ) -> Result<Option<Frame>, FrameError> {
+        let payload = &self.buf[..len];
+        let computed = crc32c::crc32c(payload);
+        if computed != payload_crc {
+            return Err(FrameError::PayloadCrc {
+                ty,
+                cause: frame_crc_mismatch(payload_crc, computed),
+            });
+        }
+        let pages = pagecodec::decode(payload, u64::from(MAX_BATCH_PAGES))
+            .map_err(|cause| malformed(ty, Malformed::Packed(cause)))?;
+        Ok(Some(Frame {
+            epoch,
+            generation,
+            body: if ty == FrameType::Base {
+                Body::Base(pages)
+            } else {
+                Body::Pages(pages)
+            },
+        }))
+    }
+
     /// Checks a whole payload's CRC and decodes it.
     fn finish(
         &self,
@@ -1311,30 +1477,36 @@ impl<R: Read> FrameReader<R> {
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Checks a header: magic, version, CRC, type, flags, length bound.
+    /// Checks a header: magic, version, CRC, type, flags, length bound. Returns the
+    /// type, epoch, generation, payload length, payload CRC and flags.
     #[allow(clippy::type_complexity)]
     fn check_header(
-        &self,
+        &mut self,
         hb: &[u8; HEADER_LEN],
-    ) -> Result<(FrameType, u64, u64, usize, u32), FrameError> {
+    ) -> Result<(FrameType, u64, u64, usize, u32, u32), FrameError> {
         let raw =
             RawHeader::ref_from_bytes(hb.as_slice()).map_err(|_| FrameError::BadMagic([0; 4]))?;
         if raw.magic != MAGIC {
             return Err(FrameError::BadMagic(raw.magic));
         }
-        if raw.version.get() != VERSION {
+        let version = raw.version.get();
+        if !(self.oldest..=self.newest).contains(&version) {
             return Err(FrameError::Version {
-                got: raw.version.get(),
+                got: version,
+                oldest: self.oldest,
+                newest: self.newest,
             });
         }
         raw.check_crc().map_err(FrameError::HeaderCrc)?;
         let code = raw.frame_type.get();
         let ty = FrameType::from_code(code).ok_or(FrameError::UnknownType(code))?;
-        if raw.flags.get() != 0 {
-            return Err(FrameError::Flags {
-                ty,
-                flags: raw.flags.get(),
-            });
+        let flags = raw.flags.get();
+        let known = match ty {
+            FrameType::Pages | FrameType::Base if version >= PACKED_SINCE => FLAG_PACKED,
+            _ => 0,
+        };
+        if flags & !known != 0 {
+            return Err(FrameError::Flags { ty, flags });
         }
         let max = ty.max_payload().min(self.max_payload);
         let len = raw.payload_len.get();
@@ -1345,13 +1517,16 @@ impl<R: Read> FrameReader<R> {
                 max,
             });
         }
-        Ok((
+        let fields = (
             ty,
             raw.epoch.get(),
             raw.generation.get(),
             len as usize,
             raw.payload_crc.get(),
-        ))
+            flags,
+        );
+        self.last_version = version;
+        Ok(fields)
     }
 }
 
@@ -2241,7 +2416,7 @@ pub fn fuzz(data: &[u8]) {
     let mut at = 0usize;
     while let Ok(Some(frame)) = reader.read_frame() {
         let end = crate::arch::to_usize(consumed.load(std::sync::atomic::Ordering::Relaxed));
-        fuzz_check_round_trip(&frame, &bytes[at..end]);
+        fuzz_check_round_trip(&frame, reader.version(), &bytes[at..end]);
         at = end;
         if let Ok(Staged::Complete(c)) = assembler.push(frame) {
             let mut c = *c;
@@ -2271,11 +2446,14 @@ fn reseal_stream(bytes: &mut [u8]) {
     }
 }
 
-/// Re-encodes a decoded frame and decodes it again: it must be the same frame, and
-/// for the binary layouts (all but the postcard payloads, whose varints have more
-/// than one spelling) the same bytes as `wire`, the frame as it was read.
-fn fuzz_check_round_trip(frame: &Frame, wire: &[u8]) {
+/// Re-encodes a decoded frame (in `version`, the one it was read in) and decodes it
+/// again: it must be the same frame, and for the raw binary layouts (all but the
+/// postcard payloads, whose varints have more than one spelling, and packed page
+/// batches, whose lz4 blocks have more than one too) the same bytes as `wire`, the
+/// frame as it was read.
+fn fuzz_check_round_trip(frame: &Frame, version: u16, wire: &[u8]) {
     let mut w = FrameWriter::new(Vec::new(), frame.generation);
+    w.set_version(version);
     if let Err(e) = w.write(frame.epoch, &frame.body) {
         panic!("a frame the reader accepted does not encode: {e}: {frame:?}");
     }
@@ -2288,7 +2466,8 @@ fn fuzz_check_round_trip(frame: &Frame, wire: &[u8]) {
         frame.body,
         Body::Hello(_) | Body::HelloAck(_) | Body::Shutdown(_)
     );
-    if !postcard {
+    let packed = wire.get(8..12) != Some(&[0u8; 4][..]);
+    if !postcard && !packed {
         assert_eq!(out, wire, "a decoded frame re-encodes to other bytes");
     }
 }
@@ -2713,8 +2892,19 @@ mod tests {
         let mut b = good.clone();
         b[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
         let e = read_all(&b).unwrap_err();
-        assert!(matches!(e, FrameError::Version { got } if got == VERSION + 1));
+        assert!(matches!(e, FrameError::Version { got, .. } if got == VERSION + 1));
         assert!(e.to_string().contains(&format!("version {}", VERSION + 1)));
+        let mut b = good.clone();
+        b[4..6].copy_from_slice(&(OLDEST_VERSION - 1).to_le_bytes());
+        reseal(&mut b);
+        let e = read_all(&b).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "protocol version {}; this mirrorvm speaks versions {OLDEST_VERSION} to {VERSION}",
+                OLDEST_VERSION - 1
+            )
+        );
 
         let mut b = good.clone();
         b[6..8].copy_from_slice(&99u16.to_le_bytes());
@@ -3447,6 +3637,232 @@ mod tests {
                 let got = &done[0];
                 same(&got.checkpoint, &c);
                 prop_assert_eq!(&got.checkpoint.console, &console);
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------
+    // Versions: the frozen frames of version 3 (testdata/, written by the version 3
+    // encoder and never regenerated) must still read, and packing follows the
+    // version.
+
+    const FROZEN_HELLO_V3: &[u8] = include_bytes!("testdata/hello-v3.bin");
+    const FROZEN_JOIN_V3: &[u8] = include_bytes!("testdata/join-v3.bin");
+    const FROZEN_SESSION_V3: &[u8] = include_bytes!("testdata/session-v3.bin");
+
+    #[test]
+    fn a_frozen_version_3_hello_and_join_read_as_version_3() {
+        let mut r = FrameReader::new(FROZEN_HELLO_V3);
+        let f = r.read_frame().unwrap().unwrap();
+        assert_eq!(r.version(), 3);
+        let mut want = fuzz_hello();
+        want.protocol_version = 3;
+        assert_eq!(f.body, Body::Hello(want));
+        assert_eq!((f.epoch, f.generation), (0, 3));
+        assert!(r.read_frame().unwrap().is_none());
+
+        let mut r = FrameReader::new(FROZEN_JOIN_V3);
+        let f = r.read_frame().unwrap().unwrap();
+        assert_eq!(r.version(), 3);
+        assert_eq!(
+            f.body,
+            Body::Join(Join {
+                role: JoinRole::Data,
+                token: 0x0123_4567_89ab_cdef
+            })
+        );
+    }
+
+    #[test]
+    fn a_version_3_hello_written_today_is_the_frozen_one() {
+        // What this code writes when a session speaks version 3 is, byte for byte,
+        // what version 3 wrote: an older peer reads it as its own.
+        let mut w = FrameWriter::new(Vec::new(), 3);
+        w.set_version(3);
+        let mut hello = fuzz_hello();
+        hello.protocol_version = 3;
+        w.write(0, &Body::Hello(hello)).unwrap();
+        assert_eq!(w.into_inner(), FROZEN_HELLO_V3);
+        let mut w = FrameWriter::new(Vec::new(), 0);
+        w.set_version(3);
+        w.write(
+            0,
+            &Body::Join(Join {
+                role: JoinRole::Data,
+                token: 0x0123_4567_89ab_cdef,
+            }),
+        )
+        .unwrap();
+        assert_eq!(w.into_inner(), FROZEN_JOIN_V3);
+    }
+
+    #[test]
+    fn a_frozen_version_3_session_assembles_and_rewrites_to_the_same_bytes() {
+        let mut r = FrameReader::new(FROZEN_SESSION_V3);
+        let mut frames = Vec::new();
+        while let Some(f) = r.read_frame().unwrap() {
+            assert_eq!(r.version(), 3);
+            frames.push(f);
+        }
+        let mut a = assembler();
+        let mut complete = 0;
+        let mut shutdown = false;
+        for f in frames.iter().cloned() {
+            match a.push(f).unwrap() {
+                Staged::Complete(_) => complete += 1,
+                Staged::Shutdown(_) => shutdown = true,
+                _ => {}
+            }
+        }
+        assert_eq!((complete, shutdown), (2, true));
+        // A session pinned to version 3 writes exactly these frames: raw pages
+        // even when packing is asked for.
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        w.set_version(3);
+        w.set_packing(Some(Compression::Lz4));
+        for f in &frames {
+            match &f.body {
+                Body::Base(p) => w.write_base(f.epoch, p).unwrap(),
+                b => w.write(f.epoch, b).unwrap(),
+            }
+        }
+        assert_eq!(w.into_inner(), FROZEN_SESSION_V3);
+    }
+
+    #[test]
+    fn a_reader_pinned_to_a_version_refuses_the_other() {
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        w.write(1, &Body::Heartbeat).unwrap();
+        let v4 = w.into_inner();
+        let mut r = FrameReader::new(&v4[..]);
+        r.pin(3);
+        let e = r.read_frame().unwrap_err();
+        assert!(matches!(
+            e,
+            FrameError::Version {
+                got: VERSION,
+                oldest: 3,
+                newest: 3
+            }
+        ));
+        assert!(e.to_string().ends_with("this mirrorvm speaks version 3"));
+        let mut r = FrameReader::new(FROZEN_HELLO_V3);
+        r.pin(VERSION);
+        assert!(matches!(
+            r.read_frame(),
+            Err(FrameError::Version { got: 3, .. })
+        ));
+    }
+
+    /// Pages of every kind a guest has: zero, compressible, incompressible.
+    fn mixed_pages(n: u64) -> StagedPages {
+        let mut p = StagedPages::default();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..n {
+            p.addrs.push(i * 3 * PAGE);
+            let mut page = vec![0u8; PAGE_SIZE];
+            match i % 3 {
+                0 => {}
+                1 => page[..64].fill(i.to_le_bytes()[0] | 1),
+                _ => {
+                    for b in &mut page {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        *b = x.to_le_bytes()[0];
+                    }
+                }
+            }
+            p.data.extend_from_slice(&page);
+        }
+        p
+    }
+
+    #[test]
+    fn packed_batches_round_trip_smaller_and_only_from_version_4() {
+        let pages = mixed_pages(u64::from(MAX_BATCH_PAGES) + 7);
+        for compression in [Compression::Lz4, Compression::None] {
+            let mut w = FrameWriter::new(Vec::new(), GEN);
+            w.set_packing(Some(compression));
+            w.write_base(0, &pages).unwrap();
+            let mut c = checkpoint(1).0;
+            c.pages = pages.clone();
+            w.write_checkpoint(&c).unwrap();
+            let packed = w.into_inner();
+            let mut w = FrameWriter::new(Vec::new(), GEN);
+            w.write_base(0, &pages).unwrap();
+            w.write_checkpoint(&c).unwrap();
+            let raw = w.into_inner();
+            // A third of the pages are zero: they cost a bit each.
+            assert!(
+                packed.len() < raw.len() * 3 / 4,
+                "{compression}: {} packed vs {} raw",
+                packed.len(),
+                raw.len()
+            );
+            let (a, b) = (read_all(&packed).unwrap(), read_all(&raw).unwrap());
+            assert_eq!(a, b, "{compression}: packed frames decode to the raw ones");
+        }
+        // A version 3 header cannot carry the flag.
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        w.set_packing(Some(Compression::Lz4));
+        w.write_base(0, &mixed_pages(3)).unwrap();
+        let mut b = w.into_inner();
+        assert_eq!(&b[8..12], &FLAG_PACKED.to_le_bytes());
+        b[4..6].copy_from_slice(&3u16.to_le_bytes());
+        reseal(&mut b);
+        assert!(matches!(
+            read_all(&b),
+            Err(FrameError::Flags {
+                ty: FrameType::Base,
+                flags: FLAG_PACKED
+            })
+        ));
+        // Nor can any other frame type, in any version.
+        let mut b = heartbeat_bytes();
+        b[8..12].copy_from_slice(&FLAG_PACKED.to_le_bytes());
+        reseal(&mut b);
+        assert!(matches!(read_all(&b), Err(FrameError::Flags { .. })));
+    }
+
+    #[test]
+    fn malformed_packed_batches_are_refused() {
+        let mut w = FrameWriter::new(Vec::new(), GEN);
+        w.set_packing(Some(Compression::Lz4));
+        w.write_base(0, &mixed_pages(5)).unwrap();
+        let good = w.into_inner();
+        let payload = HEADER_LEN;
+        // A count over the batch bound, an unaligned address, a bad length, a
+        // corrupt lz4 block, trailing bytes: each is Malformed::Packed.
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        let mut b = good.clone();
+        b[payload..payload + 8].copy_from_slice(&(u64::from(MAX_BATCH_PAGES) + 1).to_le_bytes());
+        cases.push(b);
+        let mut b = good.clone();
+        b[payload + 8 + 8] |= 1;
+        cases.push(b);
+        let lengths = payload + 8 + 5 * 8 + 1;
+        let mut b = good.clone();
+        b[lengths..lengths + 2].copy_from_slice(&0u16.to_le_bytes());
+        cases.push(b);
+        let mut b = good.clone();
+        let data = lengths + 2 * 3;
+        b[data] ^= 0xff;
+        b[data + 1] ^= 0xff;
+        cases.push(b);
+        let mut b = good.clone();
+        b.push(0);
+        let len = u32::from_le_bytes([b[12], b[13], b[14], b[15]]) + 1;
+        b[12..16].copy_from_slice(&len.to_le_bytes());
+        cases.push(b);
+        for (i, mut b) in cases.into_iter().enumerate() {
+            reseal_stream(&mut b);
+            match read_all(&b) {
+                Err(FrameError::Malformed {
+                    ty: FrameType::Base,
+                    cause: Malformed::Packed(_),
+                }) => {}
+                other => panic!("case {i}: {other:?}"),
             }
         }
     }

@@ -46,9 +46,9 @@ use super::join::{dial, DialError};
 use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
 use super::peer::PeerConfig;
 use super::protocol::{
-    AssembleError, AssemblerLimits, Body, CheckpointAssembler, Complete, CopyPlan, Digest,
+    speaks, AssembleError, AssemblerLimits, Body, CheckpointAssembler, Complete, CopyPlan, Digest,
     FrameError, FrameReader, FrameWriter, Hello, HelloAck, Holdings, JoinRole, RefuseReason,
-    ReplicaId, Shutdown, Staged, WireStorage, VERSION,
+    ReplicaId, Shutdown, Staged, WireConfig, WireStorage, OLDEST_VERSION,
 };
 use super::transport::{Closer, Connection, Listener, Transport, TransportError};
 use crate::api::{Endpoint, StandbyBackend, VmInfo};
@@ -94,6 +94,9 @@ pub struct StandbyConfig {
     pub metrics_addr: Option<String>,
     /// How hosts talk.
     pub transport: Transport,
+    /// The newest protocol version to speak, and how pages are packed once this
+    /// host mirrors to a standby of its own.
+    pub wire: WireConfig,
 }
 
 /// Failures of the standby.
@@ -358,6 +361,10 @@ pub struct Standby {
     /// The replica of the last session that ended without a takeover: offered to
     /// the next primary, which then sends only what changed since.
     kept: Option<Replica>,
+    /// The protocol version the next Join is written in (`--join`): the newest
+    /// this host speaks, or the one before after a primary closed on a Join
+    /// without a word, as an older primary does with a Join it cannot read.
+    join_version: u16,
     cpu: GuestCpu,
     started: Instant,
     metrics: Option<BufWriter<File>>,
@@ -367,6 +374,17 @@ pub struct Standby {
     api: Option<Endpoint>,
     telemetry: Option<crate::telemetry::Telemetry>,
     endpoint: Option<crate::telemetry::MetricsEndpoint>,
+}
+
+/// Why a connection brought no session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoHello {
+    /// It closed (or broke) before its first frame.
+    Silent,
+    /// The primary said it takes no standby now.
+    TurnedAway,
+    /// Anything else: a wrong first frame, a Hello this standby refused.
+    Other,
 }
 
 /// A session's connections once its Hello was accepted.
@@ -431,6 +449,7 @@ impl Standby {
             None => None,
         };
         Ok(Standby {
+            join_version: config.wire.max_version,
             config,
             listener,
             kept: None,
@@ -498,11 +517,10 @@ impl Standby {
         let mut said = false;
         loop {
             let token = crate::checkpoint::new_lineage();
-            let r =
-                dial(&t, &addr, JoinRole::Data, token, Duration::from_secs(2)).and_then(|data| {
-                    dial(&t, &addr, JoinRole::Liveness, token, Duration::from_secs(2))
-                        .map(|live| (data, Some(live)))
-                });
+            let (v, d) = (self.join_version, Duration::from_secs(2));
+            let r = dial(&t, &addr, JoinRole::Data, token, v, d).and_then(|data| {
+                dial(&t, &addr, JoinRole::Liveness, token, v, d).map(|live| (data, Some(live)))
+            });
             match r {
                 Ok(pair) => return Ok(pair),
                 Err(e) => {
@@ -524,13 +542,17 @@ impl Standby {
 
     /// Checks a Hello against this host: the reason and a sentence if it must be
     /// refused.
-    fn check_hello(&self, hello: &Hello) -> Result<(), (RefuseReason, String)> {
-        if hello.protocol_version != VERSION {
+    fn check_hello(&self, hello: &Hello, version: u16) -> Result<(), (RefuseReason, String)> {
+        let newest = self.config.wire.max_version;
+        if hello.protocol_version != version
+            || !(OLDEST_VERSION..=newest).contains(&hello.protocol_version)
+        {
             return Err((
                 RefuseReason::Version,
                 format!(
-                    "protocol version {} is not this standby's {VERSION}",
-                    hello.protocol_version
+                    "a Hello of protocol version {} in a version {version} frame; this standby speaks {}",
+                    hello.protocol_version,
+                    speaks(OLDEST_VERSION, newest)
                 ),
             ));
         }
@@ -625,12 +647,19 @@ impl Standby {
         loop {
             let (conn, live) = self.next_connection()?;
             let peer = conn.peer().to_string();
-            let Some((hello, r, mut w, closer)) = self.greet(conn) else {
-                if self.config.join.is_some() {
-                    std::thread::sleep(Duration::from_secs(1));
+            let (hello, r, mut w, closer) = match self.greet(conn) {
+                Ok(g) => g,
+                Err(no) => {
+                    if self.config.join.is_some() {
+                        self.next_join_version(&peer, no);
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    continue;
                 }
-                continue;
             };
+            // The next session offers the newest version again: the primary may
+            // have been upgraded meanwhile.
+            self.join_version = self.config.wire.max_version;
             // What this host holds goes to the primary, which then sends only what
             // differs: the replica kept from an earlier session, and a digest of each
             // disk (once its unacknowledged tail is dropped).
@@ -722,40 +751,60 @@ impl Standby {
         }
     }
 
-    /// Reads a Hello from a new connection and answers it; `None` if the connection
-    /// is not a primary this standby accepts (it keeps listening).
+    /// Reads a Hello from a new connection and answers it; on `Err` the connection
+    /// is not a primary this standby accepts (it keeps listening, or dials again).
+    /// Once accepted, both directions speak the Hello's protocol version.
     #[allow(clippy::type_complexity)]
     fn greet(
         &self,
         conn: Connection,
-    ) -> Option<(
-        Hello,
-        FrameReader<BufReader<Box<dyn Read + Send>>>,
-        FrameWriter<BufWriter<Box<dyn Write + Send>>>,
-        Closer,
-    )> {
+    ) -> Result<
+        (
+            Hello,
+            FrameReader<BufReader<Box<dyn Read + Send>>>,
+            FrameWriter<BufWriter<Box<dyn Write + Send>>>,
+            Closer,
+        ),
+        NoHello,
+    > {
         let peer = conn.peer().to_string();
+        let newest = self.config.wire.max_version;
         if conn.set_read_timeout(Some(HANDSHAKE_DEADLINE)).is_err() {
-            return None;
+            return Err(NoHello::Other);
         }
-        let (r, w, closer) = conn.split().ok()?;
+        let (r, w, closer) = conn.split().map_err(|_| NoHello::Other)?;
         let mut fr = FrameReader::new(BufReader::with_capacity(1 << 20, r));
+        fr.accept_versions(OLDEST_VERSION, newest);
         let mut fw = FrameWriter::new(BufWriter::new(w), 0);
+        fw.set_version(newest);
         let hello = match fr.read_frame() {
             Ok(Some(f)) => match f.body {
                 Body::Hello(h) => {
-                    fw = FrameWriter::new(fw.into_inner(), f.generation);
+                    fw.set_generation(f.generation);
                     h
+                }
+                // A primary that turns a dialing standby away says why.
+                Body::HelloAck(HelloAck::Refuse { detail, .. }) => {
+                    eprintln!("mirrorvm: standby: the primary at {peer} turned this standby away: {detail}");
+                    return Err(NoHello::TurnedAway);
                 }
                 other => {
                     eprintln!(
                         "mirrorvm: standby: ignored a connection from {peer}: it began with a {} frame, not a Hello",
                         other.frame_type()
                     );
-                    return None;
+                    return Err(NoHello::Other);
                 }
             },
-            Ok(None) => return None,
+            Ok(None) => return Err(NoHello::Silent),
+            Err(FrameError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return Err(NoHello::Silent)
+            }
             Err(e) => {
                 eprintln!(
                     "mirrorvm: standby: ignored a connection from {peer}: {}",
@@ -766,32 +815,60 @@ impl Standby {
                         0,
                         &Body::HelloAck(HelloAck::Refuse {
                             reason: RefuseReason::Version,
-                            detail: format!("this standby speaks protocol version {VERSION}"),
+                            detail: format!(
+                                "this standby speaks protocol {}",
+                                speaks(OLDEST_VERSION, newest)
+                            ),
                         }),
                     );
                     let _ = fw.flush();
                 }
-                return None;
+                return Err(NoHello::Other);
             }
         };
-        if let Err((reason, detail)) = self.check_hello(&hello) {
+        let version = fr.version();
+        if let Err((reason, detail)) = self.check_hello(&hello, version) {
             eprintln!("mirrorvm: standby: refused the primary at {peer}: {detail}");
             let _ = fw
                 .write(0, &Body::HelloAck(HelloAck::Refuse { reason, detail }))
                 .and_then(|()| fw.flush());
-            return None;
+            return Err(NoHello::Other);
+        }
+        fw.set_version(version);
+        fr.pin(version);
+        if version < newest {
+            eprintln!(
+                "mirrorvm: standby: the primary at {peer} speaks protocol version {version}: this session uses it"
+            );
         }
         if fw
             .write(0, &Body::HelloAck(HelloAck::Accept))
             .and_then(|()| fw.flush())
             .is_err()
         {
-            return None;
+            return Err(NoHello::Other);
         }
         if closer.set_read_timeout(None).is_err() {
-            return None;
+            return Err(NoHello::Other);
         }
-        Some((hello, fr, fw, closer))
+        Ok((hello, fr, fw, closer))
+    }
+
+    /// After a dialed session that brought no Hello: a primary that closed without
+    /// a word may be one version older, which ignores a Join it cannot read, so the
+    /// next Join is written in the version before (and then in the newest again).
+    fn next_join_version(&mut self, peer: &str, no: NoHello) {
+        let newest = self.config.wire.max_version;
+        self.join_version = match no {
+            NoHello::Silent if self.join_version > OLDEST_VERSION => {
+                let older = self.join_version - 1;
+                eprintln!(
+                    "mirrorvm: standby: the primary at {peer} closed the connection without a Hello; dialing again with protocol version {older} (an older primary ignores a newer Join)"
+                );
+                older
+            }
+            _ => newest,
+        };
     }
 
     /// Readies this host's disks for the initial copy, and hashes them for the
@@ -926,6 +1003,7 @@ impl Standby {
         let mut liveness = Liveness::spawn(
             live,
             0,
+            hello.protocol_version,
             self.config.liveness,
             Watch {
                 pulse: pulse.clone(),
@@ -1364,6 +1442,7 @@ impl Standby {
             transport: self.config.transport,
             max_rate: None,
             listen: None,
+            wire: self.config.wire,
         };
         let epochs = EpochConfig {
             epoch: crate::epoch::EpochLength::Fixed(crate::config::DEFAULT_EPOCH),
