@@ -17,6 +17,10 @@
 //!    that happened when nothing was killed, cut or stopped, over all the runs.
 //! 4. **Guest slowdown at 40 Hz**: the same `dirty` work with no checkpoints, with
 //!    `--checkpoint-dir` and with `--peer`, alternating, wall time of the run.
+//! 5. **Pages on the wire**: the same runs mirrored in protocol version 3 (raw pages),
+//!    and in version 4 with `--wire-compression none` (zero pages as bits) and `lz4`,
+//!    alternating: bytes per checkpoint, hand-over to Ack, the primary's CPU time,
+//!    wall time.
 //!
 //! ```sh
 //! cargo bench --bench mirror
@@ -30,7 +34,7 @@
 //! checkpoint) and the `seconds=` of the dirty workloads;
 //! `MIRRORVM_BENCH_COPY` (1G): the guest memory whose initial copy is timed;
 //! `MIRRORVM_BENCH_SEED` (1): the pseudo-random delays before each kill or cut;
-//! `MIRRORVM_BENCH_ONLY` (all): the tables to measure, e.g. `3` or `1,2`;
+//! `MIRRORVM_BENCH_ONLY` (all): the tables to measure, e.g. `3` or `1,2,5`;
 //! `MIRRORVM_BENCH_STREAM_ONLY` (0): with 1, table 1 measures only one TCP stream and
 //! the checkpoint stream (no guests).
 //! A speed goal lives here and nowhere in the tests: the tables say whether it is met.
@@ -1376,6 +1380,169 @@ fn slowdown(cfg: &Config, tally: &mut Tally) -> R<()> {
 }
 
 // ---------------------------------------------------------------------------------
+// 5. Pages on the wire.
+
+/// How a mirrored run sends its pages.
+#[derive(Clone, Copy)]
+enum WireMode {
+    /// Protocol version 3: every page raw.
+    V3,
+    /// Version 4, `--wire-compression none`: zero pages as bits, the others raw.
+    Bitmap,
+    /// Version 4, `--wire-compression lz4` (the default).
+    Lz4,
+}
+
+impl WireMode {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            WireMode::V3 => &["--protocol-version", "3"],
+            WireMode::Bitmap => &["--wire-compression", "none"],
+            WireMode::Lz4 => &["--wire-compression", "lz4"],
+        }
+    }
+}
+
+/// What one mirrored run measured.
+struct WireRun {
+    wall: f64,
+    /// CPU seconds (user + system) of the primary process.
+    cpu: f64,
+    /// Per checkpoint after the first: bytes sent, and hand-over to Ack (ms).
+    bytes: Vec<f64>,
+    ack_ms: Vec<f64>,
+    pages: Vec<f64>,
+}
+
+/// CPU seconds (user + system) of the children reaped so far.
+fn children_cpu() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |ru| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(ru.user_time()) + t(ru.system_time())
+    })
+}
+
+/// One run of `cmdline` (128 MiB) mirrored on loopback, its pages sent as `mode`
+/// says.
+fn wire_run(cmdline: &str, mode: WireMode, tally: &mut Tally) -> R<WireRun> {
+    let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    let metrics = dir.path().join("a.jsonl");
+    let addr = Net::Loopback.standby_addr()?;
+    let mut s = Command::new(env!("CARGO_BIN_EXE_mirrorvm"));
+    s.args(["standby", "--listen", &addr, "--serial", "off"]);
+    let mut standby = Proc::spawn("the standby", s)?;
+    tally.pairs += 1;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mirrorvm"));
+    c.args([
+        "run",
+        "--memory",
+        "128M",
+        "--cmdline",
+        cmdline,
+        "--serial",
+        "off",
+        "--peer",
+        &addr,
+    ])
+    .args(mode.args())
+    .arg("--metrics")
+    .arg(&metrics);
+    let cpu0 = children_cpu();
+    let start = Instant::now();
+    let mut p = Proc::spawn("the primary", c)?;
+    let status = p.wait_exit(Duration::from_secs(600));
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = children_cpu() - cpu0;
+    if status.is_none_or(|s| !s.success()) {
+        return Err(format!(
+            "'{cmdline}' failed ({status:?}):\n{}",
+            tail(&p.stderr(), 15)
+        ));
+    }
+    let end = standby.wait_exit(Duration::from_secs(30));
+    if standby.find(|l| l.contains(FAILOVER)).is_some() {
+        tally.false_failovers += 1;
+    }
+    if p.find(|l| l.contains(SINK_LOST)).is_some() {
+        tally.false_losses += 1;
+    }
+    if end.is_none_or(|e| !e.success()) {
+        return Err(format!(
+            "the standby did not follow the primary's end ({end:?}):\n{}",
+            tail(&standby.stderr(), 15)
+        ));
+    }
+    let sent: Vec<metrics::Metric> = metrics::read_metrics(&metrics)?
+        .into_iter()
+        .filter(|m| !m.full && !m.unprotected)
+        .skip(1)
+        .collect();
+    Ok(WireRun {
+        wall,
+        cpu,
+        bytes: sent.iter().map(|m| m.bytes as f64).collect(),
+        ack_ms: sent.iter().map(|m| m.export_us as f64 / 1e3).collect(),
+        pages: sent.iter().map(|m| m.dirty_pages as f64).collect(),
+    })
+}
+
+fn wire(cfg: &Config, tally: &mut Tally) -> R<()> {
+    let s = cfg.seconds;
+    println!(
+        "## 5. Pages on the wire: `mirrorvm run --memory 128M --peer` on loopback, protocol version 3 (raw pages) vs version 4 with `--wire-compression none` (zero pages as bits) and `lz4`; medians of {} alternating runs",
+        cfg.runs
+    );
+    println!();
+    println!("| work | pages per checkpoint p50 | mode | KiB per checkpoint p50 | of raw | hand-over to Ack p50 (ms) | primary CPU (s) | wall (s) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let works = [
+        format!("dirty pages_per_ms=40 mb=64 seconds={s} verify=1"),
+        format!("dirty pages_per_ms=400 mb=64 seconds={s} verify=1"),
+        format!("mix seconds={s} mb=16 pages_per_ms=20"),
+    ];
+    let modes = [WireMode::V3, WireMode::Bitmap, WireMode::Lz4];
+    for cmdline in &works {
+        let mut runs: Vec<Vec<WireRun>> = modes.iter().map(|_| Vec::new()).collect();
+        for _ in 0..cfg.runs {
+            for (i, mode) in modes.into_iter().enumerate() {
+                runs[i].push(wire_run(cmdline, mode, tally)?);
+            }
+        }
+        let med = |rs: &[WireRun], f: &dyn Fn(&WireRun) -> Vec<f64>| {
+            let all: Vec<f64> = rs.iter().flat_map(f).collect();
+            stats::median(&all)
+        };
+        let per_run = |rs: &[WireRun], f: &dyn Fn(&WireRun) -> f64| {
+            stats::median(&rs.iter().map(f).collect::<Vec<f64>>())
+        };
+        let raw = med(&runs[0], &|r| r.bytes.clone());
+        let pages = med(&runs[0], &|r| r.pages.clone());
+        for (i, mode) in modes.iter().enumerate() {
+            let bytes = med(&runs[i], &|r| r.bytes.clone());
+            let share = match (bytes, raw) {
+                (Some(b), Some(r)) if r > 0.0 => format!("{:.1} %", 100.0 * b / r),
+                _ => "n/a".into(),
+            };
+            let f = |x: Option<f64>, d: usize| x.map_or_else(|| "n/a".into(), |x| format!("{x:.d$}"));
+            println!(
+                "| `{cmdline}` | {} | {} | {} | {share} | {} | {} | {} |",
+                f(pages, 0),
+                mode.args().join(" "),
+                f(bytes.map(|b| b / 1024.0), 1),
+                f(med(&runs[i], &|r| r.ack_ms.clone()), 2),
+                f(per_run(&runs[i], &|r| r.cpu), 2),
+                f(per_run(&runs[i], &|r| r.wall), 2),
+            );
+        }
+    }
+    println!();
+    println!("Bytes and hand-over to Ack are per checkpoint, after the first (which completes the initial copy); CPU and wall time are the primary process's whole run, boot and initial copy included. The test guest writes counters and patterns: a real guest's pages compress less.");
+    println!();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
 
 fn kvm_usable() -> bool {
     std::fs::OpenOptions::new()
@@ -1438,6 +1605,9 @@ fn run() -> R<()> {
     }
     if cfg.wants(4) {
         slowdown(&cfg, &mut tally)?;
+    }
+    if cfg.wants(5) {
+        wire(&cfg, &mut tally)?;
     }
     println!(
         "False failovers (a takeover when nothing was killed, cut or stopped): {} in {} primary/standby pairs; primaries that lost a standby nobody cut: {}",
