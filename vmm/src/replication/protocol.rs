@@ -3623,13 +3623,29 @@ mod tests {
         fn random_checkpoint_sequences_assemble_to_themselves(
             cps in (arb_checkpoint(1), arb_checkpoint(2), arb_checkpoint(3)),
             heartbeat_at in 0usize..20,
+            version in OLDEST_VERSION..=VERSION,
+            packing in prop_oneof![
+                Just(None),
+                Just(Some(Compression::None)),
+                Just(Some(Compression::Lz4)),
+            ],
         ) {
             let mut a = assembler();
             let mut offset = 0;
             for (c, mut console) in [cps.0, cps.1, cps.2] {
                 console.offset = offset;
                 offset += console.bytes.len() as u64;
-                let mut frames = read_all(&encode_checkpoint(&c, &console)).unwrap();
+                // Whatever the session's version and packing, the same checkpoint.
+                let mut w = FrameWriter::new(Vec::new(), GEN);
+                w.set_version(version);
+                w.set_packing(packing);
+                w.write_checkpoint_with(&c, &console).unwrap();
+                let mut r = FrameReader::new(&w.get_ref()[..]);
+                r.pin(version);
+                let mut frames = Vec::new();
+                while let Some(f) = r.read_frame().unwrap() {
+                    frames.push(f);
+                }
                 let at = heartbeat_at.min(frames.len() - 1);
                 frames.insert(at, Frame { epoch: 9, generation: GEN, body: Body::Heartbeat });
                 let done = assemble(&mut a, frames).unwrap();
