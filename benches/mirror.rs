@@ -1532,7 +1532,8 @@ fn wire(cfg: &Config, tally: &mut Tally) -> R<()> {
                 (Some(b), Some(r)) if r > 0.0 => format!("{:.1} %", 100.0 * b / r),
                 _ => "n/a".into(),
             };
-            let f = |x: Option<f64>, d: usize| x.map_or_else(|| "n/a".into(), |x| format!("{x:.d$}"));
+            let f =
+                |x: Option<f64>, d: usize| x.map_or_else(|| "n/a".into(), |x| format!("{x:.d$}"));
             println!(
                 "| `{cmdline}` | {} | {} | {} | {share} | {} | {} | {} |",
                 f(pages, 0),
@@ -1557,7 +1558,9 @@ fn wire(cfg: &Config, tally: &mut Tally) -> R<()> {
     }
     for (i, mode) in modes.iter().enumerate() {
         let m = |f: &dyn Fn(&StreamRun) -> f64| {
-            f1(stats::median(&streams[i].iter().map(f).collect::<Vec<f64>>()))
+            f1(stats::median(
+                &streams[i].iter().map(f).collect::<Vec<f64>>(),
+            ))
         };
         println!(
             "| {} | {} | {} / {} / {} |",
