@@ -1279,9 +1279,12 @@ enum Mode {
 /// One run of `cmdline` (128 MiB): its wall time (spawn to exit of the primary) and
 /// the checkpoints it cut.
 fn slowdown_run(cmdline: &str, mode: Mode, tally: &mut Tally) -> R<(f64, usize)> {
+    if mode == Mode::Mirrored {
+        let r = wire_run(cmdline, None, tally)?;
+        return Ok((r.wall, r.cuts));
+    }
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let metrics = dir.path().join("a.jsonl");
-    let mut standby = None;
     let mut c = Command::new(env!("CARGO_BIN_EXE_mirrorvm"));
     c.args([
         "run",
@@ -1292,22 +1295,11 @@ fn slowdown_run(cmdline: &str, mode: Mode, tally: &mut Tally) -> R<(f64, usize)>
         "--serial",
         "off",
     ]);
-    match mode {
-        Mode::None => {}
-        Mode::Local => {
-            c.arg("--checkpoint-dir")
-                .arg(dir.path().join("ck"))
-                .arg("--metrics")
-                .arg(&metrics);
-        }
-        Mode::Mirrored => {
-            let addr = Net::Loopback.standby_addr()?;
-            let mut s = Command::new(env!("CARGO_BIN_EXE_mirrorvm"));
-            s.args(["standby", "--listen", &addr, "--serial", "off"]);
-            standby = Some(Proc::spawn("the standby", s)?);
-            tally.pairs += 1;
-            c.args(["--peer", &addr]).arg("--metrics").arg(&metrics);
-        }
+    if mode == Mode::Local {
+        c.arg("--checkpoint-dir")
+            .arg(dir.path().join("ck"))
+            .arg("--metrics")
+            .arg(&metrics);
     }
     let start = Instant::now();
     let mut p = Proc::spawn("the primary", c)?;
@@ -1319,22 +1311,11 @@ fn slowdown_run(cmdline: &str, mode: Mode, tally: &mut Tally) -> R<(f64, usize)>
             tail(&p.stderr(), 15)
         ));
     }
-    if let Some(mut s) = standby {
-        let end = s.wait_exit(Duration::from_secs(30));
-        if s.find(|l| l.contains(FAILOVER)).is_some() {
-            tally.false_failovers += 1;
-        }
-        if p.find(|l| l.contains(SINK_LOST)).is_some() {
-            tally.false_losses += 1;
-        }
-        if end.is_none_or(|e| !e.success()) {
-            return Err(format!(
-                "the standby did not follow the primary's end ({end:?}):\n{}",
-                tail(&s.stderr(), 15)
-            ));
-        }
-    }
-    let cuts = metrics::read_metrics(&metrics)?.len();
+    let cuts = if mode == Mode::Local {
+        metrics::read_metrics(&metrics)?.len()
+    } else {
+        0
+    };
     Ok((wall, cuts))
 }
 
@@ -1412,6 +1393,8 @@ impl WireMode {
 /// What one mirrored run measured.
 struct WireRun {
     wall: f64,
+    /// Checkpoints cut (metrics lines).
+    cuts: usize,
     /// CPU seconds (user + system) of the primary process.
     cpu: f64,
     /// Per checkpoint after the first: bytes sent, and hand-over to Ack (ms).
@@ -1430,8 +1413,8 @@ fn children_cpu() -> f64 {
 }
 
 /// One run of `cmdline` (128 MiB) mirrored on loopback, its pages sent as `mode`
-/// says.
-fn wire_run(cmdline: &str, mode: WireMode, tally: &mut Tally) -> R<WireRun> {
+/// says (`None`: the defaults).
+fn wire_run(cmdline: &str, mode: Option<WireMode>, tally: &mut Tally) -> R<WireRun> {
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let metrics = dir.path().join("a.jsonl");
     let addr = Net::Loopback.standby_addr()?;
@@ -1451,7 +1434,7 @@ fn wire_run(cmdline: &str, mode: WireMode, tally: &mut Tally) -> R<WireRun> {
         "--peer",
         &addr,
     ])
-    .args(mode.args())
+    .args(mode.map_or(&[][..], WireMode::args))
     .arg("--metrics")
     .arg(&metrics);
     let cpu0 = children_cpu();
@@ -1479,13 +1462,16 @@ fn wire_run(cmdline: &str, mode: WireMode, tally: &mut Tally) -> R<WireRun> {
             tail(&standby.stderr(), 15)
         ));
     }
-    let sent: Vec<metrics::Metric> = metrics::read_metrics(&metrics)?
+    let all = metrics::read_metrics(&metrics)?;
+    let cuts = all.len();
+    let sent: Vec<metrics::Metric> = all
         .into_iter()
         .filter(|m| !m.full && !m.unprotected)
         .skip(1)
         .collect();
     Ok(WireRun {
         wall,
+        cuts,
         cpu,
         bytes: sent.iter().map(|m| m.bytes as f64).collect(),
         ack_ms: sent.iter().map(|m| m.export_us as f64 / 1e3).collect(),
@@ -1514,7 +1500,7 @@ fn wire(cfg: &Config, tally: &mut Tally) -> R<()> {
         let mut runs: Vec<Vec<WireRun>> = modes.iter().map(|_| Vec::new()).collect();
         for _ in 0..cfg.runs {
             for (i, mode) in modes.into_iter().enumerate() {
-                runs[i].push(wire_run(cmdline, mode, tally)?);
+                runs[i].push(wire_run(cmdline, Some(mode), tally)?);
             }
         }
         let med = |rs: &[WireRun], f: &dyn Fn(&WireRun) -> Vec<f64>| {

@@ -1406,15 +1406,7 @@ impl<R: Read> FrameReader<R> {
             });
         }
         let pages = decode_pages_parts(head_part, data).map_err(|cause| malformed(ty, cause))?;
-        Ok(Some(Frame {
-            epoch,
-            generation,
-            body: if ty == FrameType::Base {
-                Body::Base(pages)
-            } else {
-                Body::Pages(pages)
-            },
-        }))
+        Ok(Some(pages_frame(ty, epoch, generation, pages)))
     }
 
     /// Checks a packed page batch's CRC (the payload of `len` bytes is in the frame
@@ -1437,15 +1429,7 @@ impl<R: Read> FrameReader<R> {
         }
         let pages = pagecodec::decode(payload, u64::from(MAX_BATCH_PAGES))
             .map_err(|cause| malformed(ty, Malformed::Packed(cause)))?;
-        Ok(Some(Frame {
-            epoch,
-            generation,
-            body: if ty == FrameType::Base {
-                Body::Base(pages)
-            } else {
-                Body::Pages(pages)
-            },
-        }))
+        Ok(Some(pages_frame(ty, epoch, generation, pages)))
     }
 
     /// Checks a whole payload's CRC and decodes it.
@@ -1527,6 +1511,19 @@ impl<R: Read> FrameReader<R> {
         );
         self.last_version = version;
         Ok(fields)
+    }
+}
+
+/// A Base or Pages frame (`ty`) carrying `pages`.
+fn pages_frame(ty: FrameType, epoch: u64, generation: u64, pages: StagedPages) -> Frame {
+    Frame {
+        epoch,
+        generation,
+        body: if ty == FrameType::Base {
+            Body::Base(pages)
+        } else {
+            Body::Pages(pages)
+        },
     }
 }
 
