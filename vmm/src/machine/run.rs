@@ -119,6 +119,7 @@ impl Machine {
                     self.mem.clone(),
                     crate::dirty::HotConfig::from_env(
                         crate::epoch::Pacer::new(cp.config.epoch).current(),
+                        || crate::fault_probe::host_fault_ns(&self.kvm),
                     ),
                 )
                 .map_err(VmmError::DirtyTracking)?,
