@@ -25,6 +25,10 @@
 //! share the machine's noise; the table holds medians over the rounds. A run that
 //! has not finished its guest work after `MIRRORVM_BENCH_CAP` seconds (default 25)
 //! is stopped with SIGTERM and its rate taken from the progress lines so far.
+//! `MIRRORVM_BENCH_VARIANT="K=V …; K=V …"` adds to each round a run of the hot-page
+//! policy per `;`-separated group, with those environment settings (settings
+//! compared side by side);
+//! `MIRRORVM_BENCH_LOADS=walk,hot` runs only the workloads named.
 
 #[path = "../tests/common/metrics.rs"]
 mod metrics;
@@ -50,16 +54,34 @@ enum Mode {
     Plain,
     Old,
     Hot,
+    /// Hot pages with the settings of the i-th `MIRRORVM_BENCH_VARIANT`.
+    Variant(usize),
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Mode::Plain => "no checkpoints",
-            Mode::Old => "old: protect all",
-            Mode::Hot => "hot pages",
+            Mode::Plain => "no checkpoints".into(),
+            Mode::Old => "old: protect all".into(),
+            Mode::Hot => "hot pages".into(),
+            Mode::Variant(i) => format!(
+                "hot pages, {}",
+                variants().get(i).map(|v| v.join(" ")).unwrap_or_default()
+            ),
         }
     }
+}
+
+/// `MIRRORVM_BENCH_VARIANT`: environment settings (`K=V`, space-separated) of
+/// extra runs of the hot-page policy beside the others (one per `;`-separated
+/// group), to compare settings side by side in one run.
+fn variants() -> Vec<Vec<String>> {
+    std::env::var("MIRRORVM_BENCH_VARIANT")
+        .unwrap_or_default()
+        .split(';')
+        .map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .filter(|v| !v.is_empty())
+        .collect()
 }
 
 #[derive(Default)]
@@ -88,6 +110,13 @@ fn run(cmdline: &str, mode: Mode, cap: Duration) -> Run {
             "MIRRORVM_DIRTY_POLICY",
             if mode == Mode::Old { "all" } else { "hot" },
         );
+        if let Mode::Variant(i) = mode {
+            for kv in variants().get(i).cloned().unwrap_or_default() {
+                if let Some((k, v)) = kv.split_once('=') {
+                    c.env(k, v);
+                }
+            }
+        }
     }
     c.stdout(Stdio::piped());
     let mut child = c
@@ -267,13 +296,25 @@ fn main() {
             format!("dirty pages_per_ms=40 mb=240 verify=0 seconds={secs} report_ms=20"),
         ),
     ];
-    let modes = [Mode::Plain, Mode::Old, Mode::Hot];
+    let mut modes = vec![Mode::Plain, Mode::Old, Mode::Hot];
+    modes.extend((0..variants().len()).map(Mode::Variant));
+    // MIRRORVM_BENCH_LOADS: which workloads (hot, walk, new; all by default).
+    let only = std::env::var("MIRRORVM_BENCH_LOADS").unwrap_or_default();
+    let wanted = |name: &str| {
+        only.is_empty()
+            || only
+                .split(',')
+                .any(|w| name.starts_with(w.trim()) && !w.trim().is_empty())
+    };
     // results[load][mode] = runs
     let mut results: Vec<Vec<Vec<Run>>> = (0..loads.len())
         .map(|_| (0..modes.len()).map(|_| Vec::new()).collect())
         .collect();
     for _ in 0..rounds {
-        for (li, (_, cmdline)) in loads.iter().enumerate() {
+        for (li, (name, cmdline)) in loads.iter().enumerate() {
+            if !wanted(name) {
+                continue;
+            }
             for (mi, mode) in modes.iter().enumerate() {
                 results[li][mi].push(run(cmdline, *mode, cap));
             }
@@ -322,6 +363,9 @@ fn main() {
     println!("| workload | policy | steps/s (guest ms of work per wall s) | slowdown | pause p50 (µs) | pause p99 (µs) | copy p50 (µs) | bytes per checkpoint p50 | dirty pages p50 | hot pages p50 | epoch p50 (ms) |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (li, (name, _)) in loads.iter().enumerate() {
+        if !wanted(name) {
+            continue;
+        }
         let rate = |mi: usize| {
             let v: Vec<f64> = results[li][mi]
                 .iter()

@@ -348,6 +348,11 @@ pub struct HotConfig {
     pub costs: HostCosts,
     /// Where `costs.fault_ns` came from.
     pub fault_from: FaultFrom,
+    /// Longest gap, in epochs, between two writes of a page that the policy still
+    /// weighs (beyond its 8-epoch history). 0 turns off both this and the
+    /// counting in guest time ([`HotPages::guest_share`]): the policy as it was
+    /// before them, for comparison.
+    pub max_gap: u16,
     /// Most time the copy of the hot pages may add to a pause.
     pub budget: Duration,
 }
@@ -382,16 +387,24 @@ impl HotConfig {
                 None => (DEFAULT_FAULT_NS, FaultFrom::Assumed),
             },
         };
+        let max_gap = num("MIRRORVM_HOT_MAX_GAP")
+            .map_or(DEFAULT_MAX_GAP, |g| u16::try_from(g).unwrap_or(u16::MAX));
         let budget = num("MIRRORVM_HOT_BUDGET_US")
             .map_or_else(|| Self::default_budget(epoch), Duration::from_micros);
         HotConfig {
             policy,
             costs: HostCosts::measure(fault_ns),
             fault_from,
+            max_gap,
             budget,
         }
     }
 }
+
+/// Default [`HotConfig::max_gap`]: pages rewritten every 64 epochs at most (1.6 s
+/// at 25 ms) are weighed; the fault-to-copy ratio decides (at 20 µs a fault
+/// against 1 µs a copy and send, a gap of up to 20 epochs pays).
+pub const DEFAULT_MAX_GAP: u16 = 64;
 
 /// Epochs a page stays hot before it is re-protected and watched again.
 pub const HOT_LEASE: u8 = 32;
@@ -405,6 +418,9 @@ struct RegionHistory {
     obs: Vec<u8>,
     /// Epochs left in the page's hot lease; 0 when the page is protected.
     lease: Vec<u8>,
+    /// The policy's epoch count (wrapping, never 0) at the page's last recorded
+    /// write; 0 when none.
+    last: Vec<u16>,
     /// One bit per page with a history or a lease (the pages worth visiting).
     tracked: Vec<u64>,
 }
@@ -418,8 +434,13 @@ struct RegionHistory {
 /// `p · fault > (1 − p) · (copy + export)` (a fault per write costs more than
 /// copying and sending the page at every checkpoint) and the hot pages' copy stays within the pause budget
 /// (`hot · copy ≤ budget`). A page written once is never hot: no policy avoids the
-/// fault of a first write. A hot page is not re-protected for [`HOT_LEASE`] epochs
-/// (staggered by page, so leases do not all end at once); it is reported dirty and
+/// fault of a first write. A page whose history holds only this write, but whose
+/// previous write was at most [`HotConfig::max_gap`] epochs ago, is weighed with
+/// `p` = 1 / gap. Both rates are per epoch of guest time: scaled by the share of
+/// the recent epochs the guest ran rather than took faults
+/// ([`HotPages::guest_share`]). A hot page is not re-protected for [`HOT_LEASE`] epochs
+/// (staggered by page, so leases do not all end at once; a page found by its gap
+/// holds it at least until its next write is due); it is reported dirty and
 /// copied at every cut meanwhile. Then it is re-protected, and promoted again at
 /// once if it is written in the next epoch (its history still says so).
 #[derive(Debug, Clone)]
@@ -429,6 +450,13 @@ pub struct HotPages {
     budget: Duration,
     max_hot: usize,
     hot: usize,
+    /// Harvests with [`Protect::Hot`] so far (wrapping, skipping 0).
+    epoch: u16,
+    /// The last epoch's length ([`HotPages::observe_epoch`]).
+    last_epoch: Option<Duration>,
+    /// The share of the recent epochs the guest ran rather than took faults, ‰
+    /// (a moving average; 1000 at first).
+    share_pm: u64,
     regions: Vec<RegionHistory>,
 }
 
@@ -442,12 +470,16 @@ impl HotPages {
             budget: config.budget,
             max_hot,
             hot: 0,
+            epoch: 0,
+            last_epoch: None,
+            share_pm: 1000,
             regions: pages
                 .iter()
                 .map(|&n| RegionHistory {
                     hist: vec![0; n],
                     obs: vec![0; n],
                     lease: vec![0; n],
+                    last: vec![0; n],
                     tracked: vec![0; n.div_ceil(64)],
                 })
                 .collect(),
@@ -486,8 +518,9 @@ impl HotPages {
     }
 
     /// A checkpoint of `pages` pages took `took` to export: the cost of sending a
-    /// page follows it (a moving average, 1/4 weight to the newest; exports of
-    /// fewer than 256 pages are dominated by fixed costs and ignored).
+    /// page follows it (a moving average, 1/4 weight to the newest, an observation
+    /// counting as at most twice the estimate; exports of fewer than 256 pages are
+    /// dominated by fixed costs and ignored).
     pub fn observe_export(&mut self, pages: usize, took: Duration) {
         if pages < 256 {
             return;
@@ -497,7 +530,10 @@ impl HotPages {
         *e = if *e == 0 {
             per_page
         } else {
-            (e.saturating_mul(3).saturating_add(per_page)) / 4
+            // As for copies, one slow export (the exporter preempted on a busy
+            // host) counts as twice the estimate at most.
+            let seen = per_page.min(e.saturating_mul(2));
+            (e.saturating_mul(3).saturating_add(seen)) / 4
         };
     }
 
@@ -506,6 +542,7 @@ impl HotPages {
     /// configured budget nor above four times it: a long epoch gives its faults
     /// more time to add up, and its pause more time to be amortised over.
     pub fn observe_epoch(&mut self, epoch: Duration) {
+        self.last_epoch = Some(epoch);
         self.budget = (epoch / 5).clamp(self.config.budget, self.config.budget * 4);
         self.rebudget();
     }
@@ -521,17 +558,63 @@ impl HotPages {
     }
 
     /// Whether a page written in `writes` of the last `obs` epochs it was watched
-    /// is worth keeping writable.
+    /// is worth keeping writable: `p · fault > (1 − p) · (copy + export)` with `p`
+    /// its writes per epoch *of guest time* (`writes / (obs · share)`, see
+    /// [`HotPages::guest_share`]).
     fn worth_it(&self, writes: u32, obs: u32) -> bool {
         if writes < 2 || obs < writes {
             return false;
         }
-        let (f, c) = (
+        let (f, c) = self.costs();
+        // writes · f > (obs · share − writes) · c, in ‰ of an epoch.
+        let w = u128::from(writes) * 1000;
+        let o = u128::from(obs) * u128::from(self.share_pm);
+        w * f > o.saturating_sub(w) * c
+    }
+
+    /// Whether a page written again `gap` epochs after its previous write (longer
+    /// ago than its history reaches) is worth keeping writable: `p` = 1 / (gap ·
+    /// share) in the same comparison. A guest slowed down by faults revisits a
+    /// region in more epochs; without this, a walk that takes longer than the
+    /// history would never be found hot, and would keep faulting (and so keep
+    /// being slow).
+    fn worth_it_after(&self, gap: u16) -> bool {
+        if gap == 0 || gap > self.config.max_gap {
+            return false;
+        }
+        let (f, c) = self.costs();
+        let g = u128::from(gap) * u128::from(self.share_pm);
+        1000 * f > g.saturating_sub(1000) * c
+    }
+
+    /// (fault, copy + export), ns.
+    fn costs(&self) -> (u128, u128) {
+        (
             u128::from(self.config.costs.fault_ns),
             u128::from(self.config.costs.copy_ns) + u128::from(self.config.costs.export_ns),
-        );
-        // p · fault > (1 − p) · (copy + export) with p = writes / obs.
-        u128::from(writes) * f > u128::from(obs - writes) * c
+        )
+    }
+
+    /// The share of the recent epochs the guest ran rather than took
+    /// write-protection faults, ‰: 1000 − faults × fault cost ÷ epoch length,
+    /// averaged over the last few epochs, at least 1/16. A page's writes are
+    /// counted per epoch, but a guest that spends most of an epoch in faults
+    /// writes its pages in fewer epochs once they stop faulting: its write rate
+    /// per epoch of *guest time* is what keeping them writable buys.
+    pub fn guest_share(&self) -> u64 {
+        self.share_pm
+    }
+
+    /// Learns the guest's share of the epoch that `faulted` pages (written while
+    /// protected: one fault each) left it.
+    fn observe_faults(&mut self, faulted: u64) {
+        let Some(epoch) = self.last_epoch.filter(|_| self.config.max_gap > 0) else {
+            return;
+        };
+        let epoch_ns = u128::from(u64::try_from(epoch.as_nanos()).unwrap_or(u64::MAX)).max(1);
+        let lost = u128::from(faulted) * u128::from(self.config.costs.fault_ns) * 1000 / epoch_ns;
+        let share = u64::try_from(1000u128.saturating_sub(lost)).unwrap_or(0).max(62);
+        self.share_pm = (self.share_pm * 3 + share) / 4;
     }
 
     /// Decides, for `set` just read from the log, which of its pages to re-protect
@@ -543,6 +626,9 @@ impl HotPages {
             self.cool_all();
             return set.clone();
         }
+        self.epoch = self.epoch.wrapping_add(1).max(1);
+        let now = self.epoch;
+        let mut faulted = 0u64;
         let mut out = DirtySet {
             regions: Vec::with_capacity(set.regions.len()),
         };
@@ -583,12 +669,35 @@ impl HotPages {
                     } else {
                         (r.obs[p] + 1).min(8)
                     };
+                    if written {
+                        faulted += 1;
+                    }
                     let (writes, obs) = (r.hist[p].count_ones(), u32::from(r.obs[p]));
-                    if written && self.hot < self.max_hot && self.worth_it(writes, obs) {
+                    // Epochs since its previous write (0: none known). Wrapping
+                    // after 65,535 epochs may misjudge a page once: one lease.
+                    let gap = if written && r.last[p] != 0 {
+                        let g = now.wrapping_sub(r.last[p]);
+                        // The epoch count skips 0.
+                        if r.last[p] > now { g.saturating_sub(1) } else { g }
+                    } else {
+                        0
+                    };
+                    if written {
+                        r.last[p] = now;
+                    }
+                    let by_history = self.worth_it(writes, obs);
+                    if written
+                        && self.hot < self.max_hot
+                        && (by_history || (writes < 2 && self.worth_it_after(gap)))
+                    {
                         let r = &mut self.regions[ri];
                         // Staggered so that leases taken together end apart.
                         let stagger = p % usize::from(HOT_LEASE / 2);
-                        r.lease[p] = HOT_LEASE / 2 + u8::try_from(stagger).unwrap_or(0);
+                        let lease = HOT_LEASE / 2 + u8::try_from(stagger).unwrap_or(0);
+                        // A page found by its gap holds its lease until at least
+                        // its next write is due, or the lease buys nothing.
+                        let due = u8::try_from(gap).unwrap_or(u8::MAX).saturating_add(1);
+                        r.lease[p] = if by_history { lease } else { lease.max(due) };
                         r.tracked[wi] |= 1 << b;
                         self.hot += 1;
                         continue;
@@ -611,6 +720,7 @@ impl HotPages {
             }
             out.regions.push((*start, protect));
         }
+        self.observe_faults(faulted);
         out
     }
 
@@ -784,6 +894,7 @@ mod tests {
                     export_ns: 0,
                 },
                 fault_from: FaultFrom::Environment,
+                max_gap: DEFAULT_MAX_GAP,
                 budget: Duration::from_micros(max_hot_us),
             },
         )
@@ -865,6 +976,7 @@ mod tests {
                     export_ns: 0,
                 },
                 fault_from: FaultFrom::Environment,
+                max_gap: DEFAULT_MAX_GAP,
                 budget: Duration::from_millis(1),
             },
         );
@@ -878,6 +990,73 @@ mod tests {
         // Written again in the next epoch (3 of 5): now it is (3 > 2).
         assert!(protected(&h.choose(&set_of(&[7]), Protect::Hot)).is_empty());
         assert_eq!(h.hot(), 1);
+    }
+
+    /// A page rewritten every 12 epochs (beyond the 8-epoch history): at 20 µs a
+    /// fault against 1 µs a copy, worth keeping writable (20 > 11 · 1); every 30
+    /// epochs it is not (20 > 29 is false); with the gap rule off, neither is.
+    #[test]
+    fn a_page_rewritten_beyond_the_history_is_hot_when_the_gap_pays() {
+        let run = |gap: usize, max_gap: u16| {
+            let mut h = policy(100);
+            h.config.max_gap = max_gap;
+            assert_eq!(protected(&h.choose(&set_of(&[5]), Protect::Hot)), vec![5]);
+            for _ in 1..gap {
+                assert!(protected(&h.choose(&set_of(&[]), Protect::Hot)).is_empty());
+            }
+            let chosen = protected(&h.choose(&set_of(&[5]), Protect::Hot));
+            (chosen.is_empty(), h.hot())
+        };
+        assert_eq!(run(12, DEFAULT_MAX_GAP), (true, 1));
+        assert_eq!(run(30, DEFAULT_MAX_GAP), (false, 0));
+        assert_eq!(run(12, 0), (false, 0));
+        assert_eq!(run(12, 11), (false, 0));
+    }
+
+    /// A page found by its gap (19 epochs, past the shortest lease of 16) stays
+    /// writable until its next write is due.
+    #[test]
+    fn a_page_found_by_its_gap_holds_its_lease_until_its_next_write() {
+        let mut h = policy(100);
+        assert_eq!(protected(&h.choose(&set_of(&[0]), Protect::Hot)), vec![0]);
+        for _ in 1..19 {
+            h.choose(&set_of(&[]), Protect::Hot);
+        }
+        assert!(protected(&h.choose(&set_of(&[0]), Protect::Hot)).is_empty());
+        assert_eq!(h.hot(), 1);
+        // Page 0's lease would be 16 epochs; it lasts 20 (gap + 1).
+        let mut epochs = 0;
+        while h.hot() == 1 {
+            h.choose(&set_of(&[0]), Protect::Hot);
+            epochs += 1;
+        }
+        assert_eq!(epochs, 20);
+    }
+
+    /// Faults that take half of each epoch: the guest's share falls towards 50 %,
+    /// and a page rewritten every 30 epochs (every 15 of guest time) is worth
+    /// keeping writable, where it was not at full share.
+    #[test]
+    fn a_guest_slowed_by_faults_counts_its_rewrites_in_guest_time() {
+        let mut h = policy(100);
+        assert_eq!(h.guest_share(), 1000);
+        assert!(!h.worth_it_after(30));
+        // Before any epoch length is known, faults teach nothing.
+        h.observe_faults(10_000);
+        assert_eq!(h.guest_share(), 1000);
+        for _ in 0..20 {
+            h.observe_epoch(Duration::from_millis(10));
+            // 250 faults of 20 µs: 5 ms of the 10.
+            h.observe_faults(250);
+        }
+        assert!((500..=510).contains(&h.guest_share()), "{}", h.guest_share());
+        assert!(h.worth_it_after(30));
+        assert!(!h.worth_it_after(50));
+        // All of an epoch in faults: the share stops at 1/16.
+        for _ in 0..40 {
+            h.observe_faults(1_000_000);
+        }
+        assert_eq!(h.guest_share(), 62);
     }
 
     #[test]
