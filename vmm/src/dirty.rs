@@ -457,6 +457,8 @@ pub struct HotPages {
     /// The share of the recent epochs the guest ran rather than took faults, ‰
     /// (a moving average; 1000 at first).
     share_pm: u64,
+    /// Pages written while protected (faults) per epoch, a moving average.
+    faulted_avg: u64,
     regions: Vec<RegionHistory>,
 }
 
@@ -473,6 +475,7 @@ impl HotPages {
             epoch: 0,
             last_epoch: None,
             share_pm: 1000,
+            faulted_avg: 0,
             regions: pages
                 .iter()
                 .map(|&n| RegionHistory {
@@ -559,16 +562,17 @@ impl HotPages {
 
     /// Whether a page written in `writes` of the last `obs` epochs it was watched
     /// is worth keeping writable: `p · fault > (1 − p) · (copy + export)` with `p`
-    /// its writes per epoch *of guest time* (`writes / (obs · share)`, see
-    /// [`HotPages::guest_share`]).
+    /// its writes per epoch of guest time (`writes / (obs · share)`, see
+    /// [`HotPages::share_for`]).
     fn worth_it(&self, writes: u32, obs: u32) -> bool {
         if writes < 2 || obs < writes {
             return false;
         }
         let (f, c) = self.costs();
+        let share = self.share_for(u64::from(obs.div_ceil(writes)));
         // writes · f > (obs · share − writes) · c, in ‰ of an epoch.
         let w = u128::from(writes) * 1000;
-        let o = u128::from(obs) * u128::from(self.share_pm);
+        let o = u128::from(obs) * u128::from(share);
         w * f > o.saturating_sub(w) * c
     }
 
@@ -583,8 +587,26 @@ impl HotPages {
             return false;
         }
         let (f, c) = self.costs();
-        let g = u128::from(gap) * u128::from(self.share_pm);
+        let g = u128::from(gap) * u128::from(self.share_for(u64::from(gap)));
         1000 * f > g.saturating_sub(1000) * c
+    }
+
+    /// The guest's share ([`HotPages::guest_share`]) that a page rewritten every
+    /// `gap` epochs may be weighed with, ‰: the share when the pages of such a
+    /// cycle (the pages faulting per epoch × `gap`) all fit in the hot set's
+    /// budget, else 1000. Only if they all stop faulting does the guest speed up
+    /// and rewrite them in fewer epochs; when the budget holds a part of them, the
+    /// guest stays slow and the hot ones are copied at every cut for as many
+    /// epochs as before (measured: a 64 MiB walk at 25 ms epochs, whose 16,384
+    /// pages the 5 ms budget cannot hold, ran slower for it).
+    fn share_for(&self, gap: u64) -> u64 {
+        let cycle = self.faulted_avg.saturating_mul(gap);
+        let room = u64::try_from(self.max_hot.saturating_sub(self.hot)).unwrap_or(u64::MAX);
+        if cycle <= room {
+            self.share_pm
+        } else {
+            1000
+        }
     }
 
     /// (fault, copy + export), ns.
@@ -596,7 +618,8 @@ impl HotPages {
     }
 
     /// The share of the recent epochs the guest ran rather than took
-    /// write-protection faults, ‰: 1000 − faults × fault cost ÷ epoch length,
+    /// write-protection faults, ‰ (the faults of the pages written while
+    /// protected): 1000 − faults × fault cost ÷ epoch length,
     /// averaged over the last few epochs, at least 1/16. A page's writes are
     /// counted per epoch, but a guest that spends most of an epoch in faults
     /// writes its pages in fewer epochs once they stop faulting: its write rate
@@ -608,6 +631,7 @@ impl HotPages {
     /// Learns the guest's share of the epoch that `faulted` pages (written while
     /// protected: one fault each) left it.
     fn observe_faults(&mut self, faulted: u64) {
+        self.faulted_avg = (self.faulted_avg * 3 + faulted) / 4;
         let Some(epoch) = self.last_epoch.filter(|_| self.config.max_gap > 0) else {
             return;
         };
@@ -1035,21 +1059,27 @@ mod tests {
 
     /// Faults that take half of each epoch: the guest's share falls towards 50 %,
     /// and a page rewritten every 30 epochs (every 15 of guest time) is worth
-    /// keeping writable, where it was not at full share.
+    /// keeping writable, where it was not at full share; but only while the
+    /// pages of such a cycle (250 faulting per epoch × 30) fit the budget.
     #[test]
     fn a_guest_slowed_by_faults_counts_its_rewrites_in_guest_time() {
-        let mut h = policy(100);
-        assert_eq!(h.guest_share(), 1000);
-        assert!(!h.worth_it_after(30));
-        // Before any epoch length is known, faults teach nothing.
-        h.observe_faults(10_000);
-        assert_eq!(h.guest_share(), 1000);
-        for _ in 0..20 {
-            h.observe_epoch(Duration::from_millis(10));
-            // 250 faults of 20 µs: 5 ms of the 10.
+        let slowed = |budget_us: u64| {
+            let mut h = policy(budget_us);
+            assert_eq!(h.guest_share(), 1000);
+            assert!(!h.worth_it_after(30));
+            // Before any epoch length is known, faults teach no share.
             h.observe_faults(250);
-        }
-        assert!((500..=510).contains(&h.guest_share()), "{}", h.guest_share());
+            assert_eq!(h.guest_share(), 1000);
+            for _ in 0..20 {
+                h.observe_epoch(Duration::from_millis(10));
+                // 250 faults of 20 µs: 5 ms of the 10.
+                h.observe_faults(250);
+            }
+            assert!((500..=510).contains(&h.guest_share()), "{}", h.guest_share());
+            h
+        };
+        // 10,000 hot pages at most: a cycle of 7,500 fits.
+        let mut h = slowed(10_000);
         assert!(h.worth_it_after(30));
         assert!(!h.worth_it_after(50));
         // All of an epoch in faults: the share stops at 1/16.
@@ -1057,6 +1087,10 @@ mod tests {
             h.observe_faults(1_000_000);
         }
         assert_eq!(h.guest_share(), 62);
+        // 5,000 at most: it does not, and the page is weighed as at full share.
+        let h = slowed(5_000);
+        assert!(!h.worth_it_after(30));
+        assert!(h.worth_it_after(20));
     }
 
     #[test]
