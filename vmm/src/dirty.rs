@@ -348,11 +348,6 @@ pub struct HotConfig {
     pub costs: HostCosts,
     /// Where `costs.fault_ns` came from.
     pub fault_from: FaultFrom,
-    /// Longest gap, in epochs, between two writes of a page that the policy still
-    /// weighs (beyond its 8-epoch history). 0 turns off both this and the
-    /// counting in guest time ([`HotPages::guest_share`]): the policy as it was
-    /// before them, for comparison.
-    pub max_gap: u16,
     /// Most time the copy of the hot pages may add to a pause.
     pub budget: Duration,
 }
@@ -387,24 +382,16 @@ impl HotConfig {
                 None => (DEFAULT_FAULT_NS, FaultFrom::Assumed),
             },
         };
-        let max_gap = num("MIRRORVM_HOT_MAX_GAP")
-            .map_or(DEFAULT_MAX_GAP, |g| u16::try_from(g).unwrap_or(u16::MAX));
         let budget = num("MIRRORVM_HOT_BUDGET_US")
             .map_or_else(|| Self::default_budget(epoch), Duration::from_micros);
         HotConfig {
             policy,
             costs: HostCosts::measure(fault_ns),
             fault_from,
-            max_gap,
             budget,
         }
     }
 }
-
-/// Default [`HotConfig::max_gap`]: pages rewritten every 64 epochs at most (1.6 s
-/// at 25 ms) are weighed; the fault-to-copy ratio decides (at 20 µs a fault
-/// against 1 µs a copy and send, a gap of up to 20 epochs pays).
-pub const DEFAULT_MAX_GAP: u16 = 64;
 
 /// Epochs a page stays hot before it is re-protected and watched again.
 pub const HOT_LEASE: u8 = 32;
@@ -418,9 +405,6 @@ struct RegionHistory {
     obs: Vec<u8>,
     /// Epochs left in the page's hot lease; 0 when the page is protected.
     lease: Vec<u8>,
-    /// The policy's epoch count (wrapping, never 0) at the page's last recorded
-    /// write; 0 when none.
-    last: Vec<u16>,
     /// One bit per page with a history or a lease (the pages worth visiting).
     tracked: Vec<u64>,
 }
@@ -434,13 +418,8 @@ struct RegionHistory {
 /// `p · fault > (1 − p) · (copy + export)` (a fault per write costs more than
 /// copying and sending the page at every checkpoint) and the hot pages' copy stays within the pause budget
 /// (`hot · copy ≤ budget`). A page written once is never hot: no policy avoids the
-/// fault of a first write. A page whose history holds only this write, but whose
-/// previous write was at most [`HotConfig::max_gap`] epochs ago, is weighed with
-/// `p` = 1 / gap. Both rates are per epoch of guest time: scaled by the share of
-/// the recent epochs the guest ran rather than took faults
-/// ([`HotPages::guest_share`]). A hot page is not re-protected for [`HOT_LEASE`] epochs
-/// (staggered by page, so leases do not all end at once; a page found by its gap
-/// holds it at least until its next write is due); it is reported dirty and
+/// fault of a first write. A hot page is not re-protected for [`HOT_LEASE`] epochs
+/// (staggered by page, so leases do not all end at once); it is reported dirty and
 /// copied at every cut meanwhile. Then it is re-protected, and promoted again at
 /// once if it is written in the next epoch (its history still says so).
 #[derive(Debug, Clone)]
@@ -450,15 +429,6 @@ pub struct HotPages {
     budget: Duration,
     max_hot: usize,
     hot: usize,
-    /// Harvests with [`Protect::Hot`] so far (wrapping, skipping 0).
-    epoch: u16,
-    /// The last epoch's length ([`HotPages::observe_epoch`]).
-    last_epoch: Option<Duration>,
-    /// The share of the recent epochs the guest ran rather than took faults, ‰
-    /// (a moving average; 1000 at first).
-    share_pm: u64,
-    /// Pages written while protected (faults) per epoch, a moving average.
-    faulted_avg: u64,
     regions: Vec<RegionHistory>,
 }
 
@@ -472,17 +442,12 @@ impl HotPages {
             budget: config.budget,
             max_hot,
             hot: 0,
-            epoch: 0,
-            last_epoch: None,
-            share_pm: 1000,
-            faulted_avg: 0,
             regions: pages
                 .iter()
                 .map(|&n| RegionHistory {
                     hist: vec![0; n],
                     obs: vec![0; n],
                     lease: vec![0; n],
-                    last: vec![0; n],
                     tracked: vec![0; n.div_ceil(64)],
                 })
                 .collect(),
@@ -545,7 +510,6 @@ impl HotPages {
     /// configured budget nor above four times it: a long epoch gives its faults
     /// more time to add up, and its pause more time to be amortised over.
     pub fn observe_epoch(&mut self, epoch: Duration) {
-        self.last_epoch = Some(epoch);
         self.budget = (epoch / 5).clamp(self.config.budget, self.config.budget * 4);
         self.rebudget();
     }
@@ -561,84 +525,17 @@ impl HotPages {
     }
 
     /// Whether a page written in `writes` of the last `obs` epochs it was watched
-    /// is worth keeping writable: `p · fault > (1 − p) · (copy + export)` with `p`
-    /// its writes per epoch of guest time (`writes / (obs · share)`, see
-    /// [`HotPages::share_for`]).
+    /// is worth keeping writable.
     fn worth_it(&self, writes: u32, obs: u32) -> bool {
         if writes < 2 || obs < writes {
             return false;
         }
-        let (f, c) = self.costs();
-        let share = self.share_for(u64::from(obs.div_ceil(writes)));
-        // writes · f > (obs · share − writes) · c, in ‰ of an epoch.
-        let w = u128::from(writes) * 1000;
-        let o = u128::from(obs) * u128::from(share);
-        w * f > o.saturating_sub(w) * c
-    }
-
-    /// Whether a page written again `gap` epochs after its previous write (longer
-    /// ago than its history reaches) is worth keeping writable: `p` = 1 / (gap ·
-    /// share) in the same comparison. A guest slowed down by faults revisits a
-    /// region in more epochs; without this, a walk that takes longer than the
-    /// history would never be found hot, and would keep faulting (and so keep
-    /// being slow).
-    fn worth_it_after(&self, gap: u16) -> bool {
-        if gap == 0 || gap > self.config.max_gap {
-            return false;
-        }
-        let (f, c) = self.costs();
-        let g = u128::from(gap) * u128::from(self.share_for(u64::from(gap)));
-        1000 * f > g.saturating_sub(1000) * c
-    }
-
-    /// The guest's share ([`HotPages::guest_share`]) that a page rewritten every
-    /// `gap` epochs may be weighed with, ‰: the share when the pages of such a
-    /// cycle (the pages faulting per epoch × `gap`) all fit in the hot set's
-    /// budget, else 1000. Only if they all stop faulting does the guest speed up
-    /// and rewrite them in fewer epochs; when the budget holds a part of them, the
-    /// guest stays slow and the hot ones are copied at every cut for as many
-    /// epochs as before (measured: a 64 MiB walk at 25 ms epochs, whose 16,384
-    /// pages the 5 ms budget cannot hold, ran slower for it).
-    fn share_for(&self, gap: u64) -> u64 {
-        let cycle = self.faulted_avg.saturating_mul(gap);
-        let room = u64::try_from(self.max_hot.saturating_sub(self.hot)).unwrap_or(u64::MAX);
-        if cycle <= room {
-            self.share_pm
-        } else {
-            1000
-        }
-    }
-
-    /// (fault, copy + export), ns.
-    fn costs(&self) -> (u128, u128) {
-        (
+        let (f, c) = (
             u128::from(self.config.costs.fault_ns),
             u128::from(self.config.costs.copy_ns) + u128::from(self.config.costs.export_ns),
-        )
-    }
-
-    /// The share of the recent epochs the guest ran rather than took
-    /// write-protection faults, ‰ (the faults of the pages written while
-    /// protected): 1000 − faults × fault cost ÷ epoch length,
-    /// averaged over the last few epochs, at least 1/16. A page's writes are
-    /// counted per epoch, but a guest that spends most of an epoch in faults
-    /// writes its pages in fewer epochs once they stop faulting: its write rate
-    /// per epoch of *guest time* is what keeping them writable buys.
-    pub fn guest_share(&self) -> u64 {
-        self.share_pm
-    }
-
-    /// Learns the guest's share of the epoch that `faulted` pages (written while
-    /// protected: one fault each) left it.
-    fn observe_faults(&mut self, faulted: u64) {
-        self.faulted_avg = (self.faulted_avg * 3 + faulted) / 4;
-        let Some(epoch) = self.last_epoch.filter(|_| self.config.max_gap > 0) else {
-            return;
-        };
-        let epoch_ns = u128::from(u64::try_from(epoch.as_nanos()).unwrap_or(u64::MAX)).max(1);
-        let lost = u128::from(faulted) * u128::from(self.config.costs.fault_ns) * 1000 / epoch_ns;
-        let share = u64::try_from(1000u128.saturating_sub(lost)).unwrap_or(0).max(62);
-        self.share_pm = (self.share_pm * 3 + share) / 4;
+        );
+        // p · fault > (1 − p) · (copy + export) with p = writes / obs.
+        u128::from(writes) * f > u128::from(obs - writes) * c
     }
 
     /// Decides, for `set` just read from the log, which of its pages to re-protect
@@ -650,9 +547,6 @@ impl HotPages {
             self.cool_all();
             return set.clone();
         }
-        self.epoch = self.epoch.wrapping_add(1).max(1);
-        let now = self.epoch;
-        let mut faulted = 0u64;
         let mut out = DirtySet {
             regions: Vec::with_capacity(set.regions.len()),
         };
@@ -693,35 +587,12 @@ impl HotPages {
                     } else {
                         (r.obs[p] + 1).min(8)
                     };
-                    if written {
-                        faulted += 1;
-                    }
                     let (writes, obs) = (r.hist[p].count_ones(), u32::from(r.obs[p]));
-                    // Epochs since its previous write (0: none known). Wrapping
-                    // after 65,535 epochs may misjudge a page once: one lease.
-                    let gap = if written && r.last[p] != 0 {
-                        let g = now.wrapping_sub(r.last[p]);
-                        // The epoch count skips 0.
-                        if r.last[p] > now { g.saturating_sub(1) } else { g }
-                    } else {
-                        0
-                    };
-                    if written {
-                        r.last[p] = now;
-                    }
-                    let by_history = self.worth_it(writes, obs);
-                    if written
-                        && self.hot < self.max_hot
-                        && (by_history || (writes < 2 && self.worth_it_after(gap)))
-                    {
+                    if written && self.hot < self.max_hot && self.worth_it(writes, obs) {
                         let r = &mut self.regions[ri];
                         // Staggered so that leases taken together end apart.
                         let stagger = p % usize::from(HOT_LEASE / 2);
-                        let lease = HOT_LEASE / 2 + u8::try_from(stagger).unwrap_or(0);
-                        // A page found by its gap holds its lease until at least
-                        // its next write is due, or the lease buys nothing.
-                        let due = u8::try_from(gap).unwrap_or(u8::MAX).saturating_add(1);
-                        r.lease[p] = if by_history { lease } else { lease.max(due) };
+                        r.lease[p] = HOT_LEASE / 2 + u8::try_from(stagger).unwrap_or(0);
                         r.tracked[wi] |= 1 << b;
                         self.hot += 1;
                         continue;
@@ -744,7 +615,6 @@ impl HotPages {
             }
             out.regions.push((*start, protect));
         }
-        self.observe_faults(faulted);
         out
     }
 
@@ -918,7 +788,6 @@ mod tests {
                     export_ns: 0,
                 },
                 fault_from: FaultFrom::Environment,
-                max_gap: DEFAULT_MAX_GAP,
                 budget: Duration::from_micros(max_hot_us),
             },
         )
@@ -1000,7 +869,6 @@ mod tests {
                     export_ns: 0,
                 },
                 fault_from: FaultFrom::Environment,
-                max_gap: DEFAULT_MAX_GAP,
                 budget: Duration::from_millis(1),
             },
         );
@@ -1016,81 +884,19 @@ mod tests {
         assert_eq!(h.hot(), 1);
     }
 
-    /// A page rewritten every 12 epochs (beyond the 8-epoch history): at 20 µs a
-    /// fault against 1 µs a copy, worth keeping writable (20 > 11 · 1); every 30
-    /// epochs it is not (20 > 29 is false); with the gap rule off, neither is.
     #[test]
-    fn a_page_rewritten_beyond_the_history_is_hot_when_the_gap_pays() {
-        let run = |gap: usize, max_gap: u16| {
-            let mut h = policy(100);
-            h.config.max_gap = max_gap;
-            assert_eq!(protected(&h.choose(&set_of(&[5]), Protect::Hot)), vec![5]);
-            for _ in 1..gap {
-                assert!(protected(&h.choose(&set_of(&[]), Protect::Hot)).is_empty());
-            }
-            let chosen = protected(&h.choose(&set_of(&[5]), Protect::Hot));
-            (chosen.is_empty(), h.hot())
-        };
-        assert_eq!(run(12, DEFAULT_MAX_GAP), (true, 1));
-        assert_eq!(run(30, DEFAULT_MAX_GAP), (false, 0));
-        assert_eq!(run(12, 0), (false, 0));
-        assert_eq!(run(12, 11), (false, 0));
-    }
-
-    /// A page found by its gap (19 epochs, past the shortest lease of 16) stays
-    /// writable until its next write is due.
-    #[test]
-    fn a_page_found_by_its_gap_holds_its_lease_until_its_next_write() {
+    fn one_slow_export_counts_as_twice_the_estimate_at_most() {
         let mut h = policy(100);
-        assert_eq!(protected(&h.choose(&set_of(&[0]), Protect::Hot)), vec![0]);
-        for _ in 1..19 {
-            h.choose(&set_of(&[]), Protect::Hot);
+        h.observe_export(1000, Duration::from_millis(1));
+        assert_eq!(h.config().costs.export_ns, 1000);
+        // A preempted exporter: 22 µs a page once.
+        h.observe_export(1000, Duration::from_millis(22));
+        assert_eq!(h.config().costs.export_ns, 1250);
+        // A real change still comes through, over a few exports.
+        for _ in 0..20 {
+            h.observe_export(1000, Duration::from_millis(3));
         }
-        assert!(protected(&h.choose(&set_of(&[0]), Protect::Hot)).is_empty());
-        assert_eq!(h.hot(), 1);
-        // Page 0's lease would be 16 epochs; it lasts 20 (gap + 1).
-        let mut epochs = 0;
-        while h.hot() == 1 {
-            h.choose(&set_of(&[0]), Protect::Hot);
-            epochs += 1;
-        }
-        assert_eq!(epochs, 20);
-    }
-
-    /// Faults that take half of each epoch: the guest's share falls towards 50 %,
-    /// and a page rewritten every 30 epochs (every 15 of guest time) is worth
-    /// keeping writable, where it was not at full share; but only while the
-    /// pages of such a cycle (250 faulting per epoch × 30) fit the budget.
-    #[test]
-    fn a_guest_slowed_by_faults_counts_its_rewrites_in_guest_time() {
-        let slowed = |budget_us: u64| {
-            let mut h = policy(budget_us);
-            assert_eq!(h.guest_share(), 1000);
-            assert!(!h.worth_it_after(30));
-            // Before any epoch length is known, faults teach no share.
-            h.observe_faults(250);
-            assert_eq!(h.guest_share(), 1000);
-            for _ in 0..20 {
-                h.observe_epoch(Duration::from_millis(10));
-                // 250 faults of 20 µs: 5 ms of the 10.
-                h.observe_faults(250);
-            }
-            assert!((500..=510).contains(&h.guest_share()), "{}", h.guest_share());
-            h
-        };
-        // 10,000 hot pages at most: a cycle of 7,500 fits.
-        let mut h = slowed(10_000);
-        assert!(h.worth_it_after(30));
-        assert!(!h.worth_it_after(50));
-        // All of an epoch in faults: the share stops at 1/16.
-        for _ in 0..40 {
-            h.observe_faults(1_000_000);
-        }
-        assert_eq!(h.guest_share(), 62);
-        // 5,000 at most: it does not, and the page is weighed as at full share.
-        let h = slowed(5_000);
-        assert!(!h.worth_it_after(30));
-        assert!(h.worth_it_after(20));
+        assert!((2900..=3000).contains(&h.config().costs.export_ns));
     }
 
     #[test]

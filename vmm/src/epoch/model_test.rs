@@ -182,7 +182,6 @@ impl FakeDirty {
                 export_ns: 0,
             },
             fault_from: crate::dirty::FaultFrom::Environment,
-            max_gap: crate::dirty::DEFAULT_MAX_GAP,
             // Four hot pages at most, of the model's sixteen.
             budget: Duration::from_micros(4),
         };

@@ -119,7 +119,7 @@ impl Machine {
             }),
             dirty: Box::new(
                 KvmDirtyLog::new(self.vm.clone(), self.mem.clone(), hot)
-                .map_err(VmmError::DirtyTracking)?,
+                    .map_err(VmmError::DirtyTracking)?,
             ),
             state: Box::new(KvmState {
                 vm: self.vm.clone(),
