@@ -25,7 +25,8 @@
 //!
 //! It costs a VM's creation (~0.5 ms here) plus `(rounds + 1) × pages` faults (the
 //! warm-up's first touches cost a little more): on the development hosts (faults
-//! of ~20–25 µs), with the default 16 pages and 4 rounds, about 2.5–4 ms in all;
+//! of ~20–25 µs), with the default 16 pages and 4 rounds, about 3.5 ms in all
+//! (release build, load average 4.4; more when the host is busier);
 //! [`FaultProbe::took`] says.
 //! A watchdog stops a `KVM_RUN` that does not return within [`RUN_DEADLINE`].
 
