@@ -7,9 +7,11 @@
 //!
 //! First it prints the host: CPU, cores, whether KVM is the software-nested
 //! `kvm_pvm`, the load average, and three costs measured here:
-//! - a write-protection fault: a guest writing new pages as fast as it can under the
-//!   old policy takes one fault per page; (epoch length − pause) ÷ pages dirtied,
-//!   median over its epochs (the guest's own work per page is a few ns);
+//! - a write-protection fault, twice: by the start-up probe the VMM runs
+//!   (`vmm::fault_probe`, what the hot-page policy uses), and by a guest writing
+//!   new pages as fast as it can under the old policy, which takes one fault per
+//!   page: (epoch length − pause) ÷ pages dirtied, median over its epochs (the
+//!   guest's own work per page is a few ns);
 //! - a page copy: the cut's copy step ÷ its pages, median over the hot-set run's
 //!   cuts, and a plain 4 KiB memcpy between two buffers in this process;
 //! - a kick: the idle guest's median kick (until every vCPU parked).
@@ -23,6 +25,10 @@
 //! share the machine's noise; the table holds medians over the rounds. A run that
 //! has not finished its guest work after `MIRRORVM_BENCH_CAP` seconds (default 25)
 //! is stopped with SIGTERM and its rate taken from the progress lines so far.
+//! `MIRRORVM_BENCH_VARIANT="K=V …; K=V …"` adds to each round a run of the hot-page
+//! policy per `;`-separated group, with those environment settings (settings
+//! compared side by side);
+//! `MIRRORVM_BENCH_LOADS=walk,hot` runs only the workloads named.
 
 #[path = "../tests/common/metrics.rs"]
 mod metrics;
@@ -48,16 +54,34 @@ enum Mode {
     Plain,
     Old,
     Hot,
+    /// Hot pages with the settings of the i-th `MIRRORVM_BENCH_VARIANT`.
+    Variant(usize),
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Mode::Plain => "no checkpoints",
-            Mode::Old => "old: protect all",
-            Mode::Hot => "hot pages",
+            Mode::Plain => "no checkpoints".into(),
+            Mode::Old => "old: protect all".into(),
+            Mode::Hot => "hot pages".into(),
+            Mode::Variant(i) => format!(
+                "hot pages, {}",
+                variants().get(i).map(|v| v.join(" ")).unwrap_or_default()
+            ),
         }
     }
+}
+
+/// `MIRRORVM_BENCH_VARIANT`: environment settings (`K=V`, space-separated) of
+/// extra runs of the hot-page policy beside the others (one per `;`-separated
+/// group), to compare settings side by side in one run.
+fn variants() -> Vec<Vec<String>> {
+    std::env::var("MIRRORVM_BENCH_VARIANT")
+        .unwrap_or_default()
+        .split(';')
+        .map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .filter(|v| !v.is_empty())
+        .collect()
 }
 
 #[derive(Default)]
@@ -86,6 +110,13 @@ fn run(cmdline: &str, mode: Mode, cap: Duration) -> Run {
             "MIRRORVM_DIRTY_POLICY",
             if mode == Mode::Old { "all" } else { "hot" },
         );
+        if let Mode::Variant(i) = mode {
+            for kv in variants().get(i).cloned().unwrap_or_default() {
+                if let Some((k, v)) = kv.split_once('=') {
+                    c.env(k, v);
+                }
+            }
+        }
     }
     c.stdout(Stdio::piped());
     let mut child = c
@@ -221,6 +252,10 @@ fn main() {
     // Host costs. The fault: a guest asking for far more new pages than it can
     // write, under the old policy; one fault per page.
     let memcpy_ns = vmm::dirty::HostCosts::measure(0).copy_ns;
+    let probe = kvm_ioctls::Kvm::new()
+        .map_err(|e| e.to_string())
+        .and_then(|k| vmm::fault_probe::measure(&k).map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| fail(&format!("the fault probe: {e}")));
     let sat = run(
         &format!("dirty pages_per_ms=4000 mb=240 verify=0 seconds={secs} report_ms=20"),
         Mode::Old,
@@ -261,13 +296,25 @@ fn main() {
             format!("dirty pages_per_ms=40 mb=240 verify=0 seconds={secs} report_ms=20"),
         ),
     ];
-    let modes = [Mode::Plain, Mode::Old, Mode::Hot];
+    let mut modes = vec![Mode::Plain, Mode::Old, Mode::Hot];
+    modes.extend((0..variants().len()).map(Mode::Variant));
+    // MIRRORVM_BENCH_LOADS: which workloads (hot, walk, new; all by default).
+    let only = std::env::var("MIRRORVM_BENCH_LOADS").unwrap_or_default();
+    let wanted = |name: &str| {
+        only.is_empty()
+            || only
+                .split(',')
+                .any(|w| name.starts_with(w.trim()) && !w.trim().is_empty())
+    };
     // results[load][mode] = runs
     let mut results: Vec<Vec<Vec<Run>>> = (0..loads.len())
         .map(|_| (0..modes.len()).map(|_| Vec::new()).collect())
         .collect();
     for _ in 0..rounds {
-        for (li, (_, cmdline)) in loads.iter().enumerate() {
+        for (li, (name, cmdline)) in loads.iter().enumerate() {
+            if !wanted(name) {
+                continue;
+            }
             for (mi, mode) in modes.iter().enumerate() {
                 results[li][mi].push(run(cmdline, *mode, cap));
             }
@@ -284,6 +331,13 @@ fn main() {
     println!();
     println!("| host cost | measured |");
     println!("| --- | --- |");
+    println!(
+        "| write-protection fault, start-up probe ({} pages at CPL3, fastest of {} rounds; the probe took {:.1} ms) | {:.1} µs |",
+        probe.pages,
+        probe.rounds,
+        probe.took.as_secs_f64() * 1e3,
+        probe.fault_ns as f64 / 1000.0
+    );
     println!(
         "| write-protection fault (old policy, new pages as fast as the guest can) | {:.1} µs |",
         fault_ns as f64 / 1000.0
@@ -309,6 +363,9 @@ fn main() {
     println!("| workload | policy | steps/s (guest ms of work per wall s) | slowdown | pause p50 (µs) | pause p99 (µs) | copy p50 (µs) | bytes per checkpoint p50 | dirty pages p50 | hot pages p50 | epoch p50 (ms) |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (li, (name, _)) in loads.iter().enumerate() {
+        if !wanted(name) {
+            continue;
+        }
         let rate = |mi: usize| {
             let v: Vec<f64> = results[li][mi]
                 .iter()

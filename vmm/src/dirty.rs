@@ -21,7 +21,8 @@
 //! costs less than the fault its next write would take
 //! (`p · fault > (1 − p) · (copy + export)`, `p` its observed per-epoch write rate), and the hot
 //! pages' copy fits the pause budget. The costs are [`HostCosts`]: the copy measured
-//! at start-up, the fault measured on the host by the epoch benchmark (configurable;
+//! at start-up, the fault measured at start-up by a probe VM
+//! ([`crate::fault_probe`]; `MIRRORVM_FAULT_US` overrides it;
 //! `docs/dirty-tracking.md` says why and how). A hot page holds a lease of a few
 //! dozen epochs; when it ends the page is re-protected and watched again, so a page
 //! that cooled down goes back to costing nothing.
@@ -272,9 +273,31 @@ pub struct HostCosts {
     pub export_ns: u64,
 }
 
-/// The write-protection fault cost assumed when none is configured, ns: what the
-/// epoch benchmark measured on the project's software-nested hosts (20–25 µs).
+/// The write-protection fault cost assumed when it is neither configured nor
+/// measured (the start-up probe failed), ns: what the epoch benchmark measured on
+/// the project's software-nested hosts (20–25 µs).
 pub const DEFAULT_FAULT_NS: u64 = 20_000;
+
+/// Where the policy's write-protection fault cost came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultFrom {
+    /// `MIRRORVM_FAULT_US`.
+    Environment,
+    /// The start-up probe ([`crate::fault_probe`]).
+    Probe,
+    /// Neither: [`DEFAULT_FAULT_NS`] (the probe failed).
+    Assumed,
+}
+
+impl std::fmt::Display for FaultFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FaultFrom::Environment => "MIRRORVM_FAULT_US",
+            FaultFrom::Probe => "measured by the start-up probe",
+            FaultFrom::Assumed => "assumed: the start-up probe failed",
+        })
+    }
+}
 
 impl HostCosts {
     /// Measures the page copy on this host (the fastest of 9 copies of 256 pages
@@ -323,6 +346,8 @@ pub struct HotConfig {
     pub policy: Protect,
     /// Host costs.
     pub costs: HostCosts,
+    /// Where `costs.fault_ns` came from.
+    pub fault_from: FaultFrom,
     /// Most time the copy of the hot pages may add to a pause.
     pub budget: Duration,
 }
@@ -335,11 +360,12 @@ impl HotConfig {
     }
 
     /// The settings from the environment: `MIRRORVM_DIRTY_POLICY` (`hot`, the
-    /// default, or `all`), `MIRRORVM_FAULT_US` (the fault cost, default
-    /// [`DEFAULT_FAULT_NS`]), `MIRRORVM_HOT_BUDGET_US` (default
+    /// default, or `all`), `MIRRORVM_FAULT_US` (the fault cost; when it is unset,
+    /// `probe` is called for it, and [`DEFAULT_FAULT_NS`] is taken when `probe`
+    /// has none), `MIRRORVM_HOT_BUDGET_US` (default
     /// [`HotConfig::default_budget`]); the copy cost is measured here. Unparsable
     /// values fall back to the defaults.
-    pub fn from_env(epoch: Duration) -> Self {
+    pub fn from_env(epoch: Duration, probe: impl FnOnce() -> Option<u64>) -> Self {
         let num = |k: &str| {
             std::env::var(k)
                 .ok()
@@ -349,13 +375,19 @@ impl HotConfig {
             Ok("all") => Protect::All,
             _ => Protect::Hot,
         };
-        let fault_ns =
-            num("MIRRORVM_FAULT_US").map_or(DEFAULT_FAULT_NS, |us| us.saturating_mul(1000));
+        let (fault_ns, fault_from) = match num("MIRRORVM_FAULT_US") {
+            Some(us) => (us.saturating_mul(1000), FaultFrom::Environment),
+            None => match probe() {
+                Some(ns) => (ns, FaultFrom::Probe),
+                None => (DEFAULT_FAULT_NS, FaultFrom::Assumed),
+            },
+        };
         let budget = num("MIRRORVM_HOT_BUDGET_US")
             .map_or_else(|| Self::default_budget(epoch), Duration::from_micros);
         HotConfig {
             policy,
             costs: HostCosts::measure(fault_ns),
+            fault_from,
             budget,
         }
     }
@@ -454,8 +486,9 @@ impl HotPages {
     }
 
     /// A checkpoint of `pages` pages took `took` to export: the cost of sending a
-    /// page follows it (a moving average, 1/4 weight to the newest; exports of
-    /// fewer than 256 pages are dominated by fixed costs and ignored).
+    /// page follows it (a moving average, 1/4 weight to the newest, an observation
+    /// counting as at most twice the estimate; exports of fewer than 256 pages are
+    /// dominated by fixed costs and ignored).
     pub fn observe_export(&mut self, pages: usize, took: Duration) {
         if pages < 256 {
             return;
@@ -465,7 +498,10 @@ impl HotPages {
         *e = if *e == 0 {
             per_page
         } else {
-            (e.saturating_mul(3).saturating_add(per_page)) / 4
+            // As for copies, one slow export (the exporter preempted on a busy
+            // host) counts as twice the estimate at most.
+            let seen = per_page.min(e.saturating_mul(2));
+            (e.saturating_mul(3).saturating_add(seen)) / 4
         };
     }
 
@@ -751,6 +787,7 @@ mod tests {
                     copy_ns: 1_000,
                     export_ns: 0,
                 },
+                fault_from: FaultFrom::Environment,
                 budget: Duration::from_micros(max_hot_us),
             },
         )
@@ -831,6 +868,7 @@ mod tests {
                     copy_ns: 1_000,
                     export_ns: 0,
                 },
+                fault_from: FaultFrom::Environment,
                 budget: Duration::from_millis(1),
             },
         );
@@ -844,6 +882,21 @@ mod tests {
         // Written again in the next epoch (3 of 5): now it is (3 > 2).
         assert!(protected(&h.choose(&set_of(&[7]), Protect::Hot)).is_empty());
         assert_eq!(h.hot(), 1);
+    }
+
+    #[test]
+    fn one_slow_export_counts_as_twice_the_estimate_at_most() {
+        let mut h = policy(100);
+        h.observe_export(1000, Duration::from_millis(1));
+        assert_eq!(h.config().costs.export_ns, 1000);
+        // A preempted exporter: 22 µs a page once.
+        h.observe_export(1000, Duration::from_millis(22));
+        assert_eq!(h.config().costs.export_ns, 1250);
+        // A real change still comes through, over a few exports.
+        for _ in 0..20 {
+            h.observe_export(1000, Duration::from_millis(3));
+        }
+        assert!((2900..=3000).contains(&h.config().costs.export_ns));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod demo;
 pub mod dirty;
 pub mod disk;
 pub mod epoch;
+pub mod fault_probe;
 pub mod layout;
 pub mod machine;
 pub mod memory;

@@ -39,9 +39,10 @@ use std::time::Duration;
 pub const SLOWDOWN_BUDGET: f64 = 0.02;
 /// The part of an epoch the export of its checkpoint may take, in automatic mode.
 pub const EXPORT_SHARE: f64 = 0.5;
-/// What a dirty page costs the guest, µs, in automatic mode: a write-protection
-/// fault under the software-nested KVM of the development machines
-/// (ENVIRONMENT.md measured ~23 µs); on hardware KVM it is far less.
+/// What a dirty page costs the guest, µs, in automatic mode, until the machine
+/// sets the fault the start-up probe measured ([`Pacer::set_page_cost`]): a
+/// write-protection fault under the software-nested KVM of the development
+/// machines (ENVIRONMENT.md measured ~23 µs); on hardware KVM it is far less.
 pub const DEFAULT_PAGE_COST_US: f64 = 20.0;
 /// Default shortest automatic epoch.
 pub const DEFAULT_AUTO_MIN: Duration = Duration::from_millis(5);

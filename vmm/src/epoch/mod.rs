@@ -345,10 +345,17 @@ impl EpochEngine {
         self.lineage = lineage;
     }
 
-    /// Sets the epoch length: fixed, or chosen by the engine (`length.rs`).
+    /// Sets the epoch length: fixed, or chosen by the engine (`length.rs`). Call
+    /// [`EpochEngine::set_page_cost`] after it.
     pub fn set_epoch_length(&mut self, setting: EpochLength) {
         self.pacer = Pacer::new(setting);
         self.new_length = true;
+    }
+
+    /// What a rewritten page costs the guest (its write-protection fault, as the
+    /// start-up probe measured it), for the automatic epoch length.
+    pub fn set_page_cost(&mut self, cost: Duration) {
+        self.pacer.set_page_cost(cost);
     }
 
     /// The epoch length in force.

@@ -181,6 +181,7 @@ impl FakeDirty {
                 copy_ns: 1_000,
                 export_ns: 0,
             },
+            fault_from: crate::dirty::FaultFrom::Environment,
             // Four hot pages at most, of the model's sixteen.
             budget: Duration::from_micros(4),
         };

@@ -86,9 +86,10 @@ impl KvmDirtyLog {
             .collect();
         let hot = HotPages::new(&pages, config);
         tracing::info!(
-            "dirty tracking: manual protection, policy {:?}, fault {} ns, copy {} ns a page, pause budget {:?} ({} hot pages at most)",
+            "dirty tracking: manual protection, policy {:?}, fault {} ns ({}), copy {} ns a page, pause budget {:?} ({} hot pages at most)",
             config.policy,
             config.costs.fault_ns,
+            config.fault_from,
             config.costs.copy_ns,
             config.budget,
             hot.max_hot()

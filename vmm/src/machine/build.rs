@@ -604,7 +604,7 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
     Ok(Machine {
         vcpus,
         vm: Arc::new(vm),
-        _kvm: kvm,
+        kvm,
         mem,
         serial,
         gate,

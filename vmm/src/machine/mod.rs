@@ -287,7 +287,7 @@ pub struct Machine {
     // Field order matters for drop: vCPUs and the VM go before the memory they map.
     vcpus: Vec<Vcpu>,
     vm: Arc<VmFd>,
-    _kvm: Kvm,
+    kvm: Kvm,
     mem: GuestMemory,
     serial: Arc<Mutex<SerialDevice>>,
     gate: Arc<OutputGate>,

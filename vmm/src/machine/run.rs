@@ -108,20 +108,18 @@ impl Machine {
                 .collect(),
             blocks: self.disks.iter().map(|d| d.block.clone()).collect(),
         };
+        let hot = crate::dirty::HotConfig::from_env(
+            crate::epoch::Pacer::new(cp.config.epoch).current(),
+            || crate::fault_probe::host_fault_ns(&self.kvm),
+        );
         let parts = Parts {
             vcpus: Box::new(KvmVcpus {
                 controls: controls.to_vec(),
                 held: held.clone(),
             }),
             dirty: Box::new(
-                KvmDirtyLog::new(
-                    self.vm.clone(),
-                    self.mem.clone(),
-                    crate::dirty::HotConfig::from_env(
-                        crate::epoch::Pacer::new(cp.config.epoch).current(),
-                    ),
-                )
-                .map_err(VmmError::DirtyTracking)?,
+                KvmDirtyLog::new(self.vm.clone(), self.mem.clone(), hot)
+                    .map_err(VmmError::DirtyTracking)?,
             ),
             state: Box::new(KvmState {
                 vm: self.vm.clone(),
@@ -168,6 +166,7 @@ impl Machine {
             engine.set_telemetry(t);
         }
         engine.set_epoch_length(cp.config.epoch);
+        engine.set_page_cost(std::time::Duration::from_nanos(hot.costs.fault_ns));
         if matches!(
             cp.config.sink,
             crate::config::SinkConfig::Peer(_) | crate::config::SinkConfig::Await(_)

@@ -313,7 +313,8 @@ pub struct FailoverMetrics {
     pub at_ms: u64,
 }
 
-/// This host's CPU as KVM offers it to guests, for the Hello check.
+/// This host's CPU as KVM offers it to guests, for the Hello check. Also runs the
+/// start-up fault probe, so a takeover finds its figure ready.
 fn host_cpu(kvm_device: &std::path::Path) -> Result<GuestCpu, StandbyError> {
     let shown = kvm_device.display().to_string();
     let err = |source| StandbyError::HostCpu {
@@ -334,6 +335,7 @@ fn host_cpu(kvm_device: &std::path::Path) -> Result<GuestCpu, StandbyError> {
         .map_err(|_| err(kvm_ioctls::Error::new(libc::ENOSPC)))?;
     vcpu.set_cpuid2(&cpuid).map_err(err)?;
     let seen = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(err)?;
+    crate::fault_probe::measure_ahead(&kvm);
     Ok(GuestCpu::of(seen.as_slice(), tsc))
 }
 
