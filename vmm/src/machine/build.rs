@@ -377,6 +377,22 @@ fn assemble(plan: Plan) -> Result<Machine, VmmError> {
         first_epoch,
         mut start,
     } = plan;
+    // The hot-page policy wants the host's fault cost when checkpointing starts:
+    // the probe (a few ms, its own small VM) runs beside the machine's building, so
+    // a restore does not wait for it before its guest runs.
+    if epoch.is_some() && std::env::var_os("MIRRORVM_FAULT_US").is_none() {
+        // (Its thread never takes SIGINT or SIGTERM: the machine reads them.)
+        let device = kvm_device.clone();
+        let _ = crate::run_end::without_stop_signals(|| {
+            std::thread::Builder::new()
+                .name("fault-probe".into())
+                .spawn(move || {
+                    if let Ok(kvm) = open_kvm(&device) {
+                        crate::fault_probe::measure_ahead(&kvm);
+                    }
+                })
+        });
+    }
     // Output commit: with checkpoints, console output waits for its checkpoint.
     let resumed = matches!(start, Start::Restore { .. });
     let (serial_out, attach_stdin) = serial_output(&serial_cfg, resumed)?;
