@@ -186,9 +186,7 @@ impl FoldPolicy {
             max_pages: u64::MAX,
         }
     }
-}
 
-impl FoldPolicy {
     /// The policy for a guest of `memory` bytes as the environment says:
     /// `MIRRORVM_FOLD=first` gives [`FoldPolicy::by_memory`] (kept so the benchmarks
     /// can measure the bound before and after side by side); unset or anything else,
