@@ -30,9 +30,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::format::{self, FormatError};
 use super::pagecodec::Compression;
+use super::replay::{self, ReplayFault};
 use super::sink::{CheckpointSink, SinkEnd, SinkError, StorageMode};
 use super::source::{CheckpointSource, Restored, SourceError};
-use super::{apply_pages, Checkpoint, ContentError, Manifest};
+use super::{Checkpoint, ContentError, Manifest};
 use crate::dirty::{StagedPages, PAGE_SIZE};
 use crate::memory::{self, GuestMemory, MemoryError};
 
@@ -134,15 +135,23 @@ pub enum DirectoryError {
     Memory(#[source] MemoryError),
 }
 
+/// A checkpoint file larger than this is rewritten without its pages once a fold
+/// has put them into the image (it stays for its machine state): a restore then
+/// reads its state, not megabytes of pages it would skip.
+const STATE_ONLY_ABOVE: u64 = 256 << 10;
+
 /// When the chain of checkpoint files after `memory.img` is folded into it. The
 /// fold writes each page's newest copy once and syncs the image; until then a
 /// checkpoint's pages live in its file only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FoldPolicy {
-    /// Fold once the chain's files hold this many bytes.
+    /// Fold once the chain's files hold more than this many bytes.
     pub max_bytes: u64,
-    /// Fold once the chain has this many files.
+    /// Fold once the chain has more than this many files.
     pub max_files: usize,
+    /// Fold once the chain holds more than this many distinct pages (a restore
+    /// writes each of them once).
+    pub max_pages: u64,
 }
 
 impl FoldPolicy {
@@ -151,16 +160,48 @@ impl FoldPolicy {
     pub const EVERY: FoldPolicy = FoldPolicy {
         max_bytes: 0,
         max_files: 0,
+        max_pages: 0,
     };
 
-    /// The default for a guest of `memory` bytes: as many chain bytes as the guest
-    /// has memory (at least 16 MiB, at most 4 GiB), or 32 files, whichever comes
-    /// first. Both bound what a restore replays (`docs/checkpoint-format.md`).
-    pub fn for_memory(memory: u64) -> FoldPolicy {
+    /// The default, which bounds what a restore replays whatever the guest's size:
+    /// at most 2,048 distinct pages (8 MiB to write into the restored guest's
+    /// memory), 8 MiB of files (to read and check) and 32 files. A restore of such a
+    /// chain costs a few milliseconds (`cargo bench --bench boot`); the price is a
+    /// fold every checkpoint or few for a guest that writes more than that per
+    /// checkpoint (`cargo bench --bench export`, `docs/checkpoint-format.md`).
+    pub const DEFAULT: FoldPolicy = FoldPolicy {
+        max_bytes: 8 << 20,
+        max_files: 32,
+        max_pages: 2048,
+    };
+
+    /// The bound format version 3 had first: as many chain bytes as the guest has
+    /// memory (at least 16 MiB, at most 4 GiB), or 32 files, whichever comes first,
+    /// with no bound on pages. A restore replayed up to the whole memory's worth of
+    /// pages, many times over; kept for the export benchmark's comparison.
+    pub fn by_memory(memory: u64) -> FoldPolicy {
         FoldPolicy {
             max_bytes: memory.clamp(16 << 20, 4 << 30),
             max_files: 32,
+            max_pages: u64::MAX,
         }
+    }
+
+    /// The policy for a guest of `memory` bytes as the environment says:
+    /// `MIRRORVM_FOLD=first` gives [`FoldPolicy::by_memory`] (kept so the benchmarks
+    /// can measure the bound before and after side by side); unset or anything else,
+    /// [`FoldPolicy::DEFAULT`].
+    pub fn from_env(memory: u64) -> FoldPolicy {
+        match std::env::var("MIRRORVM_FOLD").as_deref() {
+            Ok("first") => FoldPolicy::by_memory(memory),
+            _ => FoldPolicy::DEFAULT,
+        }
+    }
+}
+
+impl Default for FoldPolicy {
+    fn default() -> Self {
+        FoldPolicy::DEFAULT
     }
 }
 
@@ -169,8 +210,8 @@ impl FoldPolicy {
 pub struct DirectoryOptions {
     /// How pages that are not all zeros are stored.
     pub compression: Compression,
-    /// When the chain is folded into the image ([`FoldPolicy::for_memory`] of the
-    /// manifest's memory when `None`).
+    /// When the chain is folded into the image ([`FoldPolicy::from_env`] when
+    /// `None`).
     pub fold: Option<FoldPolicy>,
 }
 
@@ -328,6 +369,9 @@ pub struct DirectorySink {
     /// Files and bytes of the chain after the base.
     chain_files: usize,
     chain_bytes: u64,
+    /// The chain's distinct pages: a bit per page of the image, and their count.
+    chain_pages: Vec<u64>,
+    chain_distinct: u64,
     /// The encoded page batch of the checkpoint being written, kept for reuse.
     scratch: Vec<u8>,
     _lock: devices::lock::DirLock,
@@ -348,10 +392,12 @@ impl DirectorySink {
             dir: dir.to_path_buf(),
             layout: None,
             options,
-            fold: options.fold.unwrap_or(FoldPolicy::for_memory(0)),
+            fold: options.fold.unwrap_or_default(),
             base: None,
             chain_files: 0,
             chain_bytes: 0,
+            chain_pages: Vec::new(),
+            chain_distinct: 0,
             scratch: Vec::new(),
             _lock: lock,
         })
@@ -360,6 +406,38 @@ impl DirectorySink {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Forgets the chain's counts: a new base holds everything.
+    fn reset_chain(&mut self) {
+        self.chain_files = 0;
+        self.chain_bytes = 0;
+        self.chain_pages.iter_mut().for_each(|w| *w = 0);
+        self.chain_distinct = 0;
+    }
+
+    /// Counts the pages of a checkpoint just added to the chain; those already in
+    /// it count once.
+    fn count_pages(&mut self, addrs: &[u64]) {
+        let Some(layout) = self.layout.as_deref() else {
+            return;
+        };
+        let total: u64 = layout.iter().map(|(_, l)| l).sum();
+        let words = crate::arch::to_usize((total / PAGE_SIZE as u64).div_ceil(64));
+        if self.chain_pages.len() != words {
+            self.chain_pages = vec![0; words];
+        }
+        for gpa in addrs {
+            // A page outside memory was refused when the file was written.
+            if let Some(off) = image_offset(layout, *gpa) {
+                let idx = crate::arch::to_usize(off / PAGE_SIZE as u64);
+                let (w, bit) = (idx / 64, 1u64 << (idx % 64));
+                if self.chain_pages[w] & bit == 0 {
+                    self.chain_pages[w] |= bit;
+                    self.chain_distinct += 1;
+                }
+            }
+        }
     }
 
     /// Makes every earlier chain unrestorable, then removes its files.
@@ -437,8 +515,7 @@ impl DirectorySink {
         fs::rename(&tmp, &img).map_err(io("cannot rename", &tmp))?;
         write_atomic(&self.dir, MEMORY_EPOCH, format!("{epoch}\n").as_bytes())?;
         self.base = Some(epoch);
-        self.chain_files = 0;
-        self.chain_bytes = 0;
+        self.reset_chain();
         Ok(written)
     }
 
@@ -484,11 +561,43 @@ impl DirectorySink {
         if self.base.is_some_and(|b| c.epoch > b) {
             self.chain_files += 1;
             self.chain_bytes += written.bytes;
+            self.count_pages(&c.pages.addrs);
         }
-        if self.chain_files > self.fold.max_files || self.chain_bytes > self.fold.max_bytes {
-            self.fold_chain(c.epoch)?;
+        if self.chain_files > self.fold.max_files
+            || self.chain_bytes > self.fold.max_bytes
+            || self.chain_distinct > self.fold.max_pages
+        {
+            self.fold_chain(c.epoch, &c.pages)?;
+            if written.bytes > STATE_ONLY_ABOVE {
+                self.write_state_only(c)?;
+            }
         }
         Ok(written.bytes)
+    }
+
+    /// Replaces the file of checkpoint `c`, just folded into the image, by one with
+    /// its state and no pages, so that a restore reads a few KiB instead of a large
+    /// file whose pages it would skip. Either file restores the same machine: a
+    /// crash before the rename leaves the old one.
+    fn write_state_only(&mut self, c: &Checkpoint) -> Result<(), DirectoryError> {
+        let bare = Checkpoint {
+            epoch: c.epoch,
+            full: c.full,
+            state: c.state.clone(),
+            ..Default::default()
+        };
+        let mut bytes = Vec::new();
+        format::write(
+            &mut bytes,
+            &bare,
+            self.options.compression,
+            &mut self.scratch,
+        )
+        .map_err(io(
+            "cannot encode",
+            &self.dir.join(checkpoint_name(c.epoch)),
+        ))?;
+        write_atomic(&self.dir, &checkpoint_name(c.epoch), &bytes)
     }
 
     /// Folds every checkpoint file up to `upto` into `memory.img`: each page's newest
@@ -496,7 +605,10 @@ impl DirectorySink {
     /// `memory.epoch` set to `upto` and older files removed. A crash in between
     /// leaves `memory.epoch` at the old base with every chain file in place, and the
     /// replay of the chain overwrites whatever the fold had written.
-    fn fold_chain(&mut self, upto: u64) -> Result<(), DirectoryError> {
+    ///
+    /// `newest` are the pages of checkpoint `upto` itself, still in memory: they
+    /// are written from there rather than read back from the file just written.
+    fn fold_chain(&mut self, upto: u64, newest: &StagedPages) -> Result<(), DirectoryError> {
         let layout = self.layout()?.to_vec();
         let total: u64 = layout.iter().map(|(_, l)| l).sum();
         let max_pages = total / PAGE_SIZE as u64;
@@ -510,6 +622,29 @@ impl DirectorySink {
         let files = list_checkpoints(&self.dir)?;
         for (epoch, path) in files.iter().rev() {
             if *epoch > upto || *epoch <= base {
+                continue;
+            }
+            if *epoch == upto {
+                // A later copy of a page within one checkpoint wins, as in a replay.
+                for (gpa, page) in newest
+                    .addrs
+                    .iter()
+                    .zip(newest.data.chunks_exact(PAGE_SIZE))
+                    .rev()
+                {
+                    let Some(off) = image_offset(&layout, *gpa) else {
+                        return Err(DirectoryError::Content {
+                            path: path.clone(),
+                            source: ContentError::PageOutside(*gpa),
+                        });
+                    };
+                    let idx = crate::arch::to_usize(off / PAGE_SIZE as u64);
+                    if seen[idx / 64] & (1 << (idx % 64)) == 0 {
+                        seen[idx / 64] |= 1 << (idx % 64);
+                        f.write_all_at(page, off)
+                            .map_err(io("cannot write", &img))?;
+                    }
+                }
                 continue;
             }
             let checked = read_checked(path, *epoch, max_pages)?;
@@ -558,8 +693,7 @@ impl DirectorySink {
         f.sync_data().map_err(io("cannot sync", &img))?;
         write_atomic(&self.dir, MEMORY_EPOCH, format!("{upto}\n").as_bytes())?;
         self.base = Some(upto);
-        self.chain_files = 0;
-        self.chain_bytes = 0;
+        self.reset_chain();
         self.remove_older(upto)?;
         Ok(())
     }
@@ -591,6 +725,7 @@ fn read_checked(
 }
 
 /// Reads and checks the checkpoint file `path` of epoch `epoch`, pages expanded.
+#[cfg(test)]
 fn read_checkpoint(
     path: &Path,
     epoch: u64,
@@ -621,10 +756,9 @@ impl CheckpointSink for DirectorySink {
         self.fold = self
             .options
             .fold
-            .unwrap_or(FoldPolicy::for_memory(manifest.memory));
+            .unwrap_or_else(|| FoldPolicy::from_env(manifest.memory));
         self.base = None;
-        self.chain_files = 0;
-        self.chain_bytes = 0;
+        self.reset_chain();
         Ok(())
     }
 
@@ -754,9 +888,11 @@ impl DirectorySource {
         // The image is mapped, not read: pages come from the file as they are
         // touched, and the replay's and the guest's writes stay private.
         let mem = memory::map_image(&f, manifest.memory).map_err(DirectoryError::Memory)?;
-        // Replay every checkpoint after the image, in order; the last one's state wins.
+        // Every file of the chain is read and checked whole (sizes, checksums,
+        // epochs) before memory is touched; then each page's newest copy is written.
         let max_pages = total / PAGE_SIZE as u64;
-        let mut last = None;
+        let started = std::time::Instant::now();
+        let mut chain = Vec::new();
         for epoch in base..=latest {
             let path = dir.join(checkpoint_name(epoch));
             if !path.exists() {
@@ -769,19 +905,54 @@ impl DirectorySource {
                     base,
                 });
             }
-            let d = read_checkpoint(&path, epoch, max_pages)?;
-            apply_pages(&mem, &d.pages).map_err(|source| DirectoryError::Content {
-                path: path.clone(),
-                source,
-            })?;
-            last = Some((epoch, d.header.version, d.state, path));
+            let checked = read_checked(&path, epoch, max_pages)?;
+            chain.push((path, checked));
         }
-        let (epoch, version, state, path) =
-            last.ok_or_else(|| DirectoryError::NoCheckpoint(dir.clone()))?;
-        let section = format::decode_state(version, &state)
+        let read = started.elapsed();
+        // A file of the base's epoch is still there when the fold that made the base
+        // kept it for its state: its pages are in the image already.
+        let replayed =
+            &chain[usize::from(chain.first().is_some_and(|(_, c)| c.header.epoch == base))..];
+        let files: Vec<&format::Checked> = replayed.iter().map(|(_, c)| c).collect();
+        let bytes: usize = files.iter().map(|c| c.pages.len() + c.state.len()).sum();
+        let pages: u64 = files.iter().map(|c| c.header.npages).sum();
+        let stats = replay::replay(
+            &mem,
+            &files,
+            max_pages,
+            replay::threads_for(crate::arch::to_usize(pages)),
+        )
+        .map_err(|e| {
+            let path = replayed[e.file].0.clone();
+            match e.fault {
+                ReplayFault::Format(source) => DirectoryError::File { path, source },
+                ReplayFault::Outside(gpa) => DirectoryError::Content {
+                    path,
+                    source: ContentError::PageOutside(gpa),
+                },
+                ReplayFault::Corrupt(gpa) => DirectoryError::Content {
+                    path,
+                    source: ContentError::CorruptPage(gpa),
+                },
+            }
+        })?;
+        let (path, last) = chain
+            .pop()
+            .ok_or_else(|| DirectoryError::NoCheckpoint(dir.clone()))?;
+        // `cargo bench --bench boot` reads this line (MIRRORVM_LOG=debug).
+        tracing::debug!(
+            "chain replayed: {} files after the image at epoch {base}, {bytes} bytes read and checked in {:.2} ms; {} pages, {} written (each page's newest copy) on {} threads; {:.2} ms in all",
+            stats.files,
+            read.as_secs_f64() * 1e3,
+            stats.pages,
+            stats.written,
+            stats.threads,
+            started.elapsed().as_secs_f64() * 1e3,
+        );
+        let section = format::decode_state(last.header.version, &last.state)
             .map_err(|source| DirectoryError::File { path, source })?;
         Ok(Restored {
-            epoch,
+            epoch: last.header.epoch,
             memory: mem,
             state: section.state,
         })
@@ -1006,6 +1177,7 @@ mod tests {
                 FoldPolicy {
                     max_bytes: u64::MAX,
                     max_files: 3,
+                    max_pages: u64::MAX,
                 },
             ),
             (
@@ -1013,8 +1185,18 @@ mod tests {
                 FoldPolicy {
                     max_bytes: 40_000,
                     max_files: 100,
+                    max_pages: u64::MAX,
                 },
             ),
+            (
+                Compression::Lz4,
+                FoldPolicy {
+                    max_bytes: u64::MAX,
+                    max_files: 100,
+                    max_pages: 10,
+                },
+            ),
+            (Compression::Lz4, FoldPolicy::DEFAULT),
             (Compression::Lz4, FoldPolicy::EVERY),
         ] {
             let tmp = tempfile::tempdir().unwrap();
@@ -1057,6 +1239,11 @@ mod tests {
                 assert!(chain.iter().all(|(n, _)| *n >= base));
                 assert!(chain.len() <= fold.max_files + 1, "{chain:?}");
             });
+            if fold == FoldPolicy::DEFAULT {
+                // 12 small checkpoints of at most 13 distinct pages stay one chain.
+                assert_eq!(folds, 0);
+                continue;
+            }
             assert!(folds > 0, "{compression} {fold:?}: never folded");
             if fold == FoldPolicy::EVERY {
                 assert_eq!(folds, 12);
@@ -1064,6 +1251,64 @@ mod tests {
                 assert!(folds < 12, "{compression} {fold:?}: folded every time");
             }
         }
+    }
+
+    #[test]
+    fn a_large_folded_checkpoint_keeps_its_state_only_and_restores_the_same() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ck");
+        let m = manifest();
+        let mem = memory::create(m.memory).unwrap();
+        let mut sink = DirectorySink::open_with(
+            &dir,
+            DirectoryOptions {
+                compression: Compression::None,
+                fold: Some(FoldPolicy {
+                    max_bytes: u64::MAX,
+                    max_files: usize::MAX,
+                    max_pages: 100,
+                }),
+            },
+        )
+        .unwrap();
+        sink.begin(&m).unwrap();
+        sink.write_base(&mem, 0, None).unwrap();
+        // Epoch 1: 90 raw pages (~360 KiB, no fold); epoch 2: 90 more, past the
+        // page bound: the fold takes both, and file 2 keeps its state only.
+        for e in 1..=2u64 {
+            let mut pages = StagedPages::default();
+            for p in 0..90u64 {
+                let gpa = (e * 100 + p) * PAGE_SIZE as u64;
+                let page = stamped(gpa, e, 512);
+                mem.write_slice(&page, GuestAddress(gpa)).unwrap();
+                pages.addrs.push(gpa);
+                pages.data.extend_from_slice(&page);
+            }
+            sink.write(&Checkpoint {
+                epoch: e,
+                state: state(u8::try_from(e).unwrap()),
+                pages,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        drop(sink);
+        assert_eq!(fs::read_to_string(dir.join(MEMORY_EPOCH)).unwrap(), "2\n");
+        let chain = list_checkpoints(&dir).unwrap();
+        assert_eq!(chain.iter().map(|(e, _)| *e).collect::<Vec<_>>(), vec![2]);
+        let len = fs::metadata(&chain[0].1).unwrap().len();
+        assert!(
+            len < STATE_ONLY_ABOVE,
+            "{len} bytes left in the folded file"
+        );
+        let r = DirectorySource::new(&dir).load_inner().unwrap();
+        assert_eq!(r.epoch, 2);
+        assert_eq!(r.state.devices, vec![2]);
+        let mut want = vec![0u8; 300 * PAGE_SIZE];
+        let mut got = want.clone();
+        mem.read_slice(&mut want, GuestAddress(0)).unwrap();
+        r.memory.read_slice(&mut got, GuestAddress(0)).unwrap();
+        assert_eq!(first_diff(&got, &want), None);
     }
 
     #[test]
@@ -1082,6 +1327,7 @@ mod tests {
                 fold: Some(FoldPolicy {
                     max_bytes: u64::MAX,
                     max_files: usize::MAX,
+                    max_pages: u64::MAX,
                 }),
             },
         )

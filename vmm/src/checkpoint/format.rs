@@ -367,6 +367,31 @@ impl Checked {
         Ok(Some(batch))
     }
 
+    /// Every page's address and stored form, in the file's order, without
+    /// expanding any: version 3 files through their batch, older ones as raw pages
+    /// (their addresses checked for alignment here, as a batch's are when parsed).
+    pub fn stored_pages(&self, max_pages: u64) -> Result<FilePages<'_>, FormatError> {
+        if let Some(batch) = self.batch(max_pages)? {
+            return Ok(FilePages::Batch(batch.stored()));
+        }
+        // check_len bounded the page count by `max_pages` and sized the section as
+        // P × (8 + PAGE_SIZE).
+        let n = crate::arch::to_usize(self.header.npages);
+        let (addrs, data) = self.pages.split_at(n * 8);
+        for (i, a) in addrs.chunks_exact(8).enumerate() {
+            let addr = le_u64(a);
+            if addr % PAGE_SIZE as u64 != 0 {
+                return Err(FormatError::Pages(pagecodec::CodecError::Unaligned {
+                    index: i as u64,
+                    addr,
+                }));
+            }
+        }
+        Ok(FilePages::Raw(
+            addrs.chunks_exact(8).zip(data.chunks_exact(PAGE_SIZE)),
+        ))
+    }
+
     /// Expands every page.
     pub fn decode(self, max_pages: u64) -> Result<Decoded, FormatError> {
         let (pages, stored) = match self.batch(max_pages)? {
@@ -403,6 +428,34 @@ impl Checked {
             pages,
             stored,
         })
+    }
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(b);
+    u64::from_le_bytes(w)
+}
+
+/// The pages of a checked checkpoint file as stored: see [`Checked::stored_pages`].
+#[derive(Debug, Clone)]
+pub enum FilePages<'a> {
+    /// A version 3 file's page batch.
+    Batch(pagecodec::StoredPages<'a>),
+    /// A version 1 or 2 file's raw pages: addresses, then pages.
+    Raw(std::iter::Zip<std::slice::ChunksExact<'a, u8>, std::slice::ChunksExact<'a, u8>>),
+}
+
+impl<'a> Iterator for FilePages<'a> {
+    type Item = (u64, pagecodec::Stored<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            FilePages::Batch(b) => b.next(),
+            FilePages::Raw(r) => r
+                .next()
+                .map(|(a, page)| (le_u64(a), pagecodec::Stored::Raw(page))),
+        }
     }
 }
 

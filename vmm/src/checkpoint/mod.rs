@@ -17,6 +17,7 @@
 pub mod directory;
 pub mod format;
 pub mod pagecodec;
+pub mod replay;
 pub mod sink;
 pub mod source;
 
@@ -180,6 +181,9 @@ pub enum ContentError {
     /// A page lies outside guest memory.
     #[error("page {0:#x} is outside guest memory")]
     PageOutside(u64),
+    /// A page's stored form does not expand to one page.
+    #[error("page {0:#x} is not a valid lz4 block of one page")]
+    CorruptPage(u64),
     /// The staged pages and their addresses disagree.
     #[error("{addrs} page addresses for {bytes} bytes of page data")]
     Malformed {

@@ -241,6 +241,89 @@ pub struct Batch<'a> {
     data: &'a [u8],
 }
 
+/// An lz4 block that does not expand to exactly one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an lz4 block that does not expand to exactly one page")]
+pub struct NotOnePage;
+
+/// How one page of a batch is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored<'a> {
+    /// All zeros: no data.
+    Zero,
+    /// The page's bytes as they are (exactly one page).
+    Raw(&'a [u8]),
+    /// An lz4 block that must expand to exactly one page ([`Stored::expand_into`]
+    /// checks that).
+    Lz4(&'a [u8]),
+}
+
+impl Stored<'_> {
+    /// Writes the page's contents into `out`; fails when an lz4 block does not
+    /// expand to exactly one page (`out` is then partly written).
+    pub fn expand_into(&self, out: &mut [u8; PAGE_SIZE]) -> Result<(), NotOnePage> {
+        match self {
+            Stored::Zero => out.fill(0),
+            Stored::Raw(page) => out.copy_from_slice(page),
+            Stored::Lz4(block) => match lz4_flex::block::decompress_into(block, out) {
+                Ok(PAGE_SIZE) => {}
+                _ => return Err(NotOnePage),
+            },
+        }
+        Ok(())
+    }
+}
+
+/// The pages of a [`Batch`] as stored: see [`Batch::stored`].
+#[derive(Debug, Clone)]
+pub struct StoredPages<'a> {
+    batch: Batch<'a>,
+    next: usize,
+    /// Offset of the next length in `batch.lengths`.
+    slot: usize,
+    /// Offset of the next stored page in `batch.data`.
+    data: usize,
+}
+
+impl<'a> Iterator for StoredPages<'a> {
+    type Item = (u64, Stored<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let b = &self.batch;
+        let i = self.next;
+        if i >= b.count {
+            return None;
+        }
+        self.next += 1;
+        let addr = b.addr(i);
+        if b.is_zero(i) {
+            return Some((addr, Stored::Zero));
+        }
+        let len = usize::from(u16::from_le_bytes([
+            b.lengths[self.slot],
+            b.lengths[self.slot + 1],
+        ]));
+        self.slot += 2;
+        // parse() checked that the lengths add up to the data section and that each
+        // is 1 to PAGE_SIZE.
+        let stored = &b.data[self.data..self.data + len];
+        self.data += len;
+        Some((
+            addr,
+            if len == PAGE_SIZE {
+                Stored::Raw(stored)
+            } else {
+                Stored::Lz4(stored)
+            },
+        ))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.batch.count - self.next;
+        (left, Some(left))
+    }
+}
+
 /// Takes `needed` bytes of `b` at `*at` for `part`, or says the input is too short.
 fn take<'a>(
     b: &'a [u8],
@@ -399,45 +482,37 @@ impl<'a> Batch<'a> {
         mut keep: impl FnMut(usize, u64) -> bool,
         mut f: impl FnMut(usize, u64, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        let zero = [0u8; PAGE_SIZE];
         let mut buf = [0u8; PAGE_SIZE];
-        let mut data = 0usize;
-        let mut slot = 0usize;
-        for i in 0..self.count {
-            let addr = self.addr(i);
-            if self.is_zero(i) {
-                if keep(i, addr) {
-                    f(i, addr, &zero)?;
-                }
-                continue;
-            }
-            let len = usize::from(u16::from_le_bytes([
-                self.lengths[slot],
-                self.lengths[slot + 1],
-            ]));
-            slot += 2;
-            // parse() checked that the lengths add up to the data section.
-            let stored = &self.data[data..data + len];
-            data += len;
+        for (i, (addr, stored)) in self.stored().enumerate() {
             if !keep(i, addr) {
                 continue;
             }
-            if len == PAGE_SIZE {
-                f(i, addr, stored)?;
-            } else {
-                match lz4_flex::block::decompress_into(stored, &mut buf) {
-                    Ok(PAGE_SIZE) => f(i, addr, &buf)?,
-                    _ => {
-                        return Err(CodecError::Corrupt {
+            match stored {
+                Stored::Raw(page) => f(i, addr, page)?,
+                Stored::Zero | Stored::Lz4(_) => {
+                    stored
+                        .expand_into(&mut buf)
+                        .map_err(|NotOnePage| CodecError::Corrupt {
                             index: i as u64,
                             addr,
-                        }
-                        .into())
-                    }
+                        })?;
+                    f(i, addr, &buf)?
                 }
             }
         }
         Ok(())
+    }
+
+    /// Every page's address and stored form, in order, without expanding any: a
+    /// reader that needs only some pages, or expands them elsewhere (a restore
+    /// decodes each page's newest copy straight into guest memory), starts here.
+    pub fn stored(&self) -> StoredPages<'a> {
+        StoredPages {
+            batch: *self,
+            next: 0,
+            slot: 0,
+            data: 0,
+        }
     }
 
     /// Every page, expanded. Allocates `len() × 4096` bytes, bounded by the
