@@ -119,24 +119,24 @@ fn ways() -> [Way; 4] {
             },
         },
         Way {
-            name: "v3: file only (default fold), raw",
+            name: "v3: file only (fold=small), raw",
             options: DirectoryOptions {
                 compression: Compression::None,
-                fold: None,
+                fold: Some(FoldPolicy::SMALL),
             },
         },
         Way {
-            name: "v3: file only (first fold bound: memory's size in bytes, 32 files), lz4",
+            name: "v3: file only (fold=large, the default: memory's size in bytes, 32 files), lz4",
             options: DirectoryOptions {
                 compression: Compression::Lz4,
                 fold: Some(FoldPolicy::by_memory(MEMORY)),
             },
         },
         Way {
-            name: "v3: file only (default fold), lz4",
+            name: "v3: file only (fold=small), lz4",
             options: DirectoryOptions {
                 compression: Compression::Lz4,
-                fold: None,
+                fold: Some(FoldPolicy::SMALL),
             },
         },
     ]
@@ -234,14 +234,12 @@ struct Sizes {
 /// checkpoint), into `dir` with raw pages.
 fn run_guest(dir: &Path, args: &[&str], secs: u64) -> bool {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mirrorvm"));
-    // The first fold bound (the guest's memory size in bytes, or 32 files) leaves a
-    // chain of several checkpoints to re-encode; the default folds raw pages every
-    // 8 MiB.
-    c.env("MIRRORVM_FOLD", "first");
+    // The large fold bound (the default: the guest's memory size in bytes, or 32
+    // files) leaves a chain of several checkpoints to re-encode.
     c.arg("run")
         .args(args)
         .arg("--checkpoint-dir")
-        .arg(format!("{},compress=none", dir.display()))
+        .arg(format!("{},compress=none,fold=large", dir.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

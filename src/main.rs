@@ -9,8 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 use vmm::checkpoint::pagecodec::Compression;
 use vmm::config::{
-    self, DirectoryConfig, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig,
-    VmConfig,
+    self, DiskConfig, EpochConfig, KernelSource, SerialConfig, SinkConfig, VmConfig,
 };
 use vmm::epoch::EpochLength;
 use vmm::machine::RestoreConfig;
@@ -197,13 +196,14 @@ struct EpochArgs {
     /// Checkpoint the guest into DIR (created if missing): memory is pre-copied while the
     /// guest runs, then one checkpoint is cut per epoch, each page written once, into
     /// its checkpoint's file; the chain of files is folded into DIR/memory.img once it
-    /// holds more than 2,048 distinct pages, 8 MiB or 32 files, which keeps a restore
-    /// to milliseconds. Every writable disk
-    /// needs checkpoint=on. Stopping mirrorvm
-    /// (SIGINT, SIGTERM, Ctrl-A x) cuts a final checkpoint that `restore` resumes.
-    /// Zero pages are stored as bits; `,compress=none` stores the other pages raw
-    /// instead of lz4-compressed (the default, `compress=lz4`).
-    #[arg(long, value_name = "DIR[,compress=lz4|none]")]
+    /// holds as many bytes as the guest has memory, or 32 files (`fold=large`, the
+    /// default: cheap exports), or once it holds 2,048 distinct pages or 8 MiB
+    /// (`fold=small`: a restore in milliseconds, slower exports for a busy guest).
+    /// Every writable disk needs checkpoint=on. Stopping mirrorvm (SIGINT, SIGTERM,
+    /// Ctrl-A x) cuts a final checkpoint that `restore` resumes. Zero pages are stored
+    /// as bits; `,compress=none` stores the other pages raw instead of lz4-compressed
+    /// (the default, `compress=lz4`).
+    #[arg(long, value_name = "DIR[,compress=lz4|none][,fold=large|small]")]
     checkpoint_dir: Option<String>,
 
     /// Mirror the guest to the standby at ADDR (HOST:PORT, started with `mirrorvm
@@ -342,9 +342,9 @@ impl EpochArgs {
         }
         let sink = match (self.checkpoint_dir, self.peer, self.listen) {
             (Some(spec), _, _) => {
-                let (path, compression) = vmm::checkpoint::directory::parse_dir_spec(&spec)
+                let dir = vmm::checkpoint::directory::parse_dir_spec(&spec)
                     .map_err(|e| usage(format!("--checkpoint-dir {spec}: {e}")))?;
-                SinkConfig::Directory(DirectoryConfig { path, compression })
+                SinkConfig::Directory(dir)
             }
             (None, Some(spec), listen) => {
                 let (addr, max_rate) =

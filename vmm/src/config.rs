@@ -211,14 +211,16 @@ pub enum SinkConfig {
     Await(crate::replication::peer::PeerConfig),
 }
 
-/// A checkpoint directory and how pages are stored in it
-/// (`--checkpoint-dir DIR[,compress=lz4|none]`).
+/// A checkpoint directory, how pages are stored in it and when its chain is folded
+/// (`--checkpoint-dir DIR[,compress=lz4|none][,fold=small|large]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryConfig {
     /// The directory.
     pub path: PathBuf,
     /// How pages that are not all zeros are stored (zero pages are always a bit).
     pub compression: crate::checkpoint::pagecodec::Compression,
+    /// When the chain of checkpoint files is folded into the memory image.
+    pub fold: crate::checkpoint::directory::Fold,
 }
 
 /// Epoch settings: how often to cut, where checkpoints go, where metrics go.

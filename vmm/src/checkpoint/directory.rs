@@ -163,22 +163,23 @@ impl FoldPolicy {
         max_pages: 0,
     };
 
-    /// The default, which bounds what a restore replays whatever the guest's size:
-    /// at most 2,048 distinct pages (8 MiB to write into the restored guest's
-    /// memory), 8 MiB of files (to read and check) and 32 files. A restore of such a
-    /// chain costs a few milliseconds (`cargo bench --bench boot`); the price is a
-    /// fold every checkpoint or few for a guest that writes more than that per
-    /// checkpoint (`cargo bench --bench export`, `docs/checkpoint-format.md`).
-    pub const DEFAULT: FoldPolicy = FoldPolicy {
+    /// `fold=small`: bounds what a restore replays whatever the guest's size: at
+    /// most 2,048 distinct pages (8 MiB to write into the restored guest's memory),
+    /// 8 MiB of files (to read and check) and 32 files. A restore of such a chain
+    /// costs a few milliseconds (`cargo bench --bench boot`); the price is a fold
+    /// every checkpoint or few for a guest that writes more than that per checkpoint,
+    /// which makes its exports several times slower (`cargo bench --bench export`,
+    /// `docs/checkpoint-format.md`).
+    pub const SMALL: FoldPolicy = FoldPolicy {
         max_bytes: 8 << 20,
         max_files: 32,
         max_pages: 2048,
     };
 
-    /// The bound format version 3 had first: as many chain bytes as the guest has
-    /// memory (at least 16 MiB, at most 4 GiB), or 32 files, whichever comes first,
-    /// with no bound on pages. A restore replayed up to the whole memory's worth of
-    /// pages, many times over; kept for the export benchmark's comparison.
+    /// `fold=large`, the default: as many chain bytes as the guest has memory (at
+    /// least 16 MiB, at most 4 GiB), or 32 files, whichever comes first, with no
+    /// bound on pages. Exports stay cheap (a busy guest folds rarely); a restore may
+    /// read up to the memory's size of files, decoding each page's newest copy only.
     pub fn by_memory(memory: u64) -> FoldPolicy {
         FoldPolicy {
             max_bytes: memory.clamp(16 << 20, 4 << 30),
@@ -187,21 +188,35 @@ impl FoldPolicy {
         }
     }
 
-    /// The policy for a guest of `memory` bytes as the environment says:
-    /// `MIRRORVM_FOLD=first` gives [`FoldPolicy::by_memory`] (kept so the benchmarks
-    /// can measure the bound before and after side by side); unset or anything else,
-    /// [`FoldPolicy::DEFAULT`].
-    pub fn from_env(memory: u64) -> FoldPolicy {
-        match std::env::var("MIRRORVM_FOLD").as_deref() {
-            Ok("first") => FoldPolicy::by_memory(memory),
-            _ => FoldPolicy::DEFAULT,
+    /// The policy `fold` names, for a guest of `memory` bytes.
+    pub fn for_guest(fold: Fold, memory: u64) -> FoldPolicy {
+        match fold {
+            Fold::Small => FoldPolicy::SMALL,
+            Fold::Large => FoldPolicy::by_memory(memory),
         }
     }
 }
 
-impl Default for FoldPolicy {
-    fn default() -> Self {
-        FoldPolicy::DEFAULT
+/// Which fold bound a checkpoint directory keeps (`--checkpoint-dir DIR,fold=`):
+/// a trade between the cost of an export and the cost of a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fold {
+    /// [`FoldPolicy::SMALL`]: restores in milliseconds, busy guests export slower.
+    Small,
+    /// [`FoldPolicy::by_memory`]: cheap exports, slower restores of busy guests.
+    #[default]
+    Large,
+}
+
+impl std::str::FromStr for Fold {
+    type Err = DirSpecError;
+
+    fn from_str(v: &str) -> Result<Self, Self::Err> {
+        match v {
+            "small" => Ok(Fold::Small),
+            "large" => Ok(Fold::Large),
+            _ => Err(DirSpecError::Fold(v.to_string())),
+        }
     }
 }
 
@@ -210,8 +225,8 @@ impl Default for FoldPolicy {
 pub struct DirectoryOptions {
     /// How pages that are not all zeros are stored.
     pub compression: Compression,
-    /// When the chain is folded into the image ([`FoldPolicy::from_env`] when
-    /// `None`).
+    /// When the chain is folded into the image (`Fold::Large`'s bound for the
+    /// guest's memory when `None`).
     pub fold: Option<FoldPolicy>,
 }
 
@@ -221,30 +236,42 @@ pub enum DirSpecError {
     /// No directory before the options.
     #[error("no directory given")]
     NoDirectory,
-    /// An option other than `compress=`.
-    #[error("unknown option {0:?} (expected compress=lz4 or compress=none)")]
+    /// An option other than `compress=` and `fold=`.
+    #[error("unknown option {0:?} (expected compress=lz4|none or fold=small|large)")]
     Unknown(String),
+    /// A `fold=` value other than small or large.
+    #[error("unknown fold bound {0:?}: expected small or large")]
+    Fold(String),
     /// A `compress=` value other than lz4 or none.
     #[error(transparent)]
     Compression(#[from] super::pagecodec::UnknownCompression),
 }
 
-/// Parses `DIR[,compress=lz4|none]`: the directory is everything before the first
-/// comma.
-pub fn parse_dir_spec(spec: &str) -> Result<(PathBuf, Compression), DirSpecError> {
+/// Parses `DIR[,compress=lz4|none][,fold=small|large]`: the directory is
+/// everything before the first comma.
+pub fn parse_dir_spec(spec: &str) -> Result<crate::config::DirectoryConfig, DirSpecError> {
     let mut parts = spec.split(',');
     let dir = parts
         .next()
         .filter(|d| !d.is_empty())
         .ok_or(DirSpecError::NoDirectory)?;
     let mut compression = Compression::default();
+    let mut fold = Fold::default();
     for opt in parts {
-        let Some(v) = opt.trim().strip_prefix("compress=") else {
+        let opt = opt.trim();
+        if let Some(v) = opt.strip_prefix("compress=") {
+            compression = v.parse()?;
+        } else if let Some(v) = opt.strip_prefix("fold=") {
+            fold = v.parse()?;
+        } else {
             return Err(DirSpecError::Unknown(opt.to_string()));
-        };
-        compression = v.parse()?;
+        }
     }
-    Ok((PathBuf::from(dir), compression))
+    Ok(crate::config::DirectoryConfig {
+        path: PathBuf::from(dir),
+        compression,
+        fold,
+    })
 }
 
 impl From<DirectoryError> for SinkError {
@@ -392,7 +419,8 @@ impl DirectorySink {
             dir: dir.to_path_buf(),
             layout: None,
             options,
-            fold: options.fold.unwrap_or_default(),
+            // Replaced at `begin`, once the guest's memory size is known.
+            fold: options.fold.unwrap_or(FoldPolicy::SMALL),
             base: None,
             chain_files: 0,
             chain_bytes: 0,
@@ -756,7 +784,7 @@ impl CheckpointSink for DirectorySink {
         self.fold = self
             .options
             .fold
-            .unwrap_or_else(|| FoldPolicy::from_env(manifest.memory));
+            .unwrap_or_else(|| FoldPolicy::by_memory(manifest.memory));
         self.base = None;
         self.reset_chain();
         Ok(())
@@ -1196,7 +1224,7 @@ mod tests {
                     max_pages: 10,
                 },
             ),
-            (Compression::Lz4, FoldPolicy::DEFAULT),
+            (Compression::Lz4, FoldPolicy::SMALL),
             (Compression::Lz4, FoldPolicy::EVERY),
         ] {
             let tmp = tempfile::tempdir().unwrap();
@@ -1239,7 +1267,7 @@ mod tests {
                 assert!(chain.iter().all(|(n, _)| *n >= base));
                 assert!(chain.len() <= fold.max_files + 1, "{chain:?}");
             });
-            if fold == FoldPolicy::DEFAULT {
+            if fold == FoldPolicy::SMALL {
                 // 12 small checkpoints of at most 13 distinct pages stay one chain.
                 assert_eq!(folds, 0);
                 continue;
@@ -1374,17 +1402,26 @@ mod tests {
 
     #[test]
     fn dir_specs_parse_and_bad_options_are_named() {
+        let d = parse_dir_spec("/tmp/ck").unwrap();
         assert_eq!(
-            parse_dir_spec("/tmp/ck").unwrap(),
-            (PathBuf::from("/tmp/ck"), Compression::Lz4)
+            (d.path, d.compression, d.fold),
+            (PathBuf::from("/tmp/ck"), Compression::Lz4, Fold::Large)
+        );
+        let d = parse_dir_spec("ck,compress=none,fold=small").unwrap();
+        assert_eq!(
+            (d.path, d.compression, d.fold),
+            (PathBuf::from("ck"), Compression::None, Fold::Small)
         );
         assert_eq!(
-            parse_dir_spec("ck,compress=none").unwrap(),
-            (PathBuf::from("ck"), Compression::None)
-        );
-        assert_eq!(
-            parse_dir_spec("ck,compress=lz4").unwrap().1,
+            parse_dir_spec("ck,fold=large,compress=lz4")
+                .unwrap()
+                .compression,
             Compression::Lz4
+        );
+        let e = parse_dir_spec("ck,fold=tiny").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown fold bound \"tiny\": expected small or large"
         );
         assert!(matches!(
             parse_dir_spec(",compress=lz4"),

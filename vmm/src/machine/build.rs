@@ -192,7 +192,13 @@ fn open_sink(
                 &d.path,
                 crate::checkpoint::directory::DirectoryOptions {
                     compression: d.compression,
-                    fold: None,
+                    fold: match d.fold {
+                        crate::checkpoint::directory::Fold::Small => {
+                            Some(crate::checkpoint::directory::FoldPolicy::SMALL)
+                        }
+                        // The memory's size is known once the manifest is.
+                        crate::checkpoint::directory::Fold::Large => None,
+                    },
                 },
             )?),
             None,
