@@ -340,7 +340,12 @@ impl StandbyProc {
         let mut s = self.connect();
         let peer = s.local_addr().expect("local address").to_string();
         s.write_all(hello_frame).expect("send the hello");
-        let detail = match FrameReader::new(&s).read_frame() {
+        // The answer comes in the Hello's own version: a primary of that version reads
+        // no other.
+        let version = u16::from_le_bytes([hello_frame[4], hello_frame[5]]);
+        let mut r = FrameReader::new(&s);
+        r.pin(version);
+        let detail = match r.read_frame() {
             Ok(Some(Frame {
                 body: Body::HelloAck(HelloAck::Refuse { reason: r, detail }),
                 ..

@@ -35,7 +35,7 @@ use super::liveness::{Liveness, LivenessConfig, Pulse, Verdict, Watch};
 use super::protocol::{
     Body, CopyPlan, DiskChunk, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Holdings,
     RefuseReason, Shutdown, WireConfig, WireStorage, MAX_BATCH_PAGES, MAX_DISK_BASE_CHUNK,
-    OLDEST_VERSION, PACKED_SINCE, VERSION,
+    OLDEST_VERSION, PACKED_SINCE,
 };
 use super::transport::{Closer, Connection, Transport, TransportError};
 use crate::checkpoint::sink::{BaseDelta, CheckpointSink, SinkEnd, SinkError, StorageMode};
@@ -567,7 +567,17 @@ impl PeerSink {
         } = loop {
             let mut g = self.hello(conn, version, manifest)?;
             match g.answer.take() {
-                Some(Body::HelloAck(HelloAck::Accept)) => break g,
+                // An Accept comes in the version offered (a Version refusal may not).
+                Some(Body::HelloAck(HelloAck::Accept)) if g.fr.version() == version => break g,
+                Some(Body::HelloAck(HelloAck::Accept)) => {
+                    return Err(PeerError::NoHelloAck {
+                        addr,
+                        what: format!(
+                            "an Accept in protocol version {} to a version {version} Hello",
+                            g.fr.version()
+                        ),
+                    })
+                }
                 Some(Body::HelloAck(HelloAck::Refuse {
                     reason: RefuseReason::Version,
                     detail,
@@ -609,7 +619,7 @@ impl PeerSink {
             }
         };
         fr.pin(version);
-        if version < VERSION {
+        if version < self.config.wire.max_version {
             eprintln!(
                 "mirrorvm: the standby at {addr} speaks protocol version {version}: this session uses it{}",
                 if version < PACKED_SINCE {
@@ -1131,6 +1141,17 @@ fn read_acks(
     };
     *devices::bus::lock_recover(&back.closed) = Some(why);
     let _ = wake.try_send(());
+}
+
+impl Drop for PeerSink {
+    /// A sink dropped before its session began (its standby dialed in, and the run
+    /// ended or the engine could not take it) says so, so the standby does not take
+    /// the close for a primary of an older version.
+    fn drop(&mut self) {
+        if matches!(self.pending, Some((_, Some(_)))) {
+            self.decline("the primary closed this session before it began");
+        }
+    }
 }
 
 impl CheckpointSink for PeerSink {

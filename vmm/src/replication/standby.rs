@@ -526,6 +526,10 @@ impl Standby {
             match r {
                 Ok(pair) => return Ok(pair),
                 Err(e) => {
+                    // A primary that cannot be reached said nothing of its version.
+                    if let DialError::Connect(_) = e {
+                        self.join_version = self.config.wire.max_version;
+                    }
                     if !said {
                         eprintln!(
                             "mirrorvm: standby: waiting for the primary at {addr} ({}); trying every second",
@@ -828,7 +832,10 @@ impl Standby {
                 return Err(NoHello::Other);
             }
         };
+        // Whatever the answer, it is written in the Hello's version: a primary of
+        // that version reads no other.
         let version = fr.version();
+        fw.set_version(version);
         if let Err((reason, detail)) = self.check_hello(&hello, version) {
             eprintln!("mirrorvm: standby: refused the primary at {peer}: {detail}");
             let _ = fw
@@ -836,7 +843,6 @@ impl Standby {
                 .and_then(|()| fw.flush());
             return Err(NoHello::Other);
         }
-        fw.set_version(version);
         fr.pin(version);
         if version < newest {
             eprintln!(
