@@ -181,12 +181,11 @@ fn expand(mem: &GuestMemory, jobs: &[(u64, Stored<'_>, usize)]) -> Result<(), Re
             })?;
         let guard = slice.ptr_guard_mut();
         let ptr = guard.as_ptr().cast::<[u8; PAGE_SIZE]>();
-        // SAFETY: `get_slice` returned PAGE_SIZE bytes of one live mapping of guest
-        // memory, so `ptr` is valid for a page's reads and writes (u8 needs no
-        // alignment). Nothing else accesses these bytes while the reference lives:
-        // replay runs before the memory is given to KVM or to any device, the
-        // caller holds no other view of it, and `jobs` holds each page once
+        // Nothing else touches these bytes while `page` lives: replay runs before the
+        // memory is given to KVM or to any device, and `jobs` holds each page once
         // (the seen bitmap), so no two threads write the same page.
+        // SAFETY: `ptr` spans PAGE_SIZE bytes of one live guest mapping (`get_slice`),
+        // u8 needs no alignment, and no other reference to them exists (above).
         let page = unsafe { &mut *ptr };
         stored.expand_into(page).map_err(|_| ReplayError {
             file,
