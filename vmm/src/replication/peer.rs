@@ -492,6 +492,18 @@ impl PeerSink {
         SinkError::Lost(Box::new(cause))
     }
 
+    /// One more connection to the standby this sink dialed (the liveness
+    /// connection, or a data connection offering an older version).
+    fn connect(&self) -> Result<Connection, PeerError> {
+        self.config
+            .transport
+            .connect(&self.config.addr, Duration::from_secs(2))
+            .map_err(|source| PeerError::Connect {
+                addr: self.config.addr.clone(),
+                source,
+            })
+    }
+
     /// Sends the Hello on `conn` in protocol `version` and reads the answer.
     fn hello(
         &self,
@@ -588,14 +600,7 @@ impl PeerSink {
                     );
                     version -= 1;
                     g.closer.close();
-                    conn = self
-                        .config
-                        .transport
-                        .connect(&addr, Duration::from_secs(2))
-                        .map_err(|source| PeerError::Connect {
-                            addr: addr.clone(),
-                            source,
-                        })?;
+                    conn = self.connect()?;
                 }
                 Some(Body::HelloAck(HelloAck::Refuse { reason, detail })) => {
                     return Err(PeerError::Refused {
@@ -685,14 +690,7 @@ impl PeerSink {
             .or_else(|| joined_live.is_none().then(|| addr.clone()));
         let live = match joined_live {
             Some(live) => live,
-            None => self
-                .config
-                .transport
-                .connect(&addr, Duration::from_secs(2))
-                .map_err(|source| PeerError::Connect {
-                    addr: addr.clone(),
-                    source,
-                })?,
+            None => self.connect()?,
         };
         let unacked_since: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
         let copy_progress: Arc<Mutex<Option<(u64, Instant)>>> = Arc::new(Mutex::new(None));

@@ -746,8 +746,16 @@ fn malformed(ty: FrameType, cause: Malformed) -> FrameError {
     FrameError::Malformed { ty, cause }
 }
 
-fn frame_crc_mismatch(stored: u32, computed: u32) -> CrcMismatch {
-    CrcMismatch { stored, computed }
+/// A payload's CRC as the header stated it (`stored`) against the one computed over
+/// what arrived: unequal is a corrupt payload.
+fn check_payload_crc(ty: FrameType, stored: u32, computed: u32) -> Result<(), FrameError> {
+    if computed == stored {
+        return Ok(());
+    }
+    Err(FrameError::PayloadCrc {
+        ty,
+        cause: CrcMismatch { stored, computed },
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -1399,12 +1407,7 @@ impl<R: Read> FrameReader<R> {
         }
         let head_part = &self.buf[..PAGES_HEAD_LEN + addr_len];
         let computed = crc32c::crc32c_append(crc32c::crc32c(head_part), &data);
-        if computed != payload_crc {
-            return Err(FrameError::PayloadCrc {
-                ty,
-                cause: frame_crc_mismatch(payload_crc, computed),
-            });
-        }
+        check_payload_crc(ty, payload_crc, computed)?;
         let pages = decode_pages_parts(head_part, data).map_err(|cause| malformed(ty, cause))?;
         Ok(Some(pages_frame(ty, epoch, generation, pages)))
     }
@@ -1421,12 +1424,7 @@ impl<R: Read> FrameReader<R> {
     ) -> Result<Option<Frame>, FrameError> {
         let payload = &self.buf[..len];
         let computed = crc32c::crc32c(payload);
-        if computed != payload_crc {
-            return Err(FrameError::PayloadCrc {
-                ty,
-                cause: frame_crc_mismatch(payload_crc, computed),
-            });
-        }
+        check_payload_crc(ty, payload_crc, computed)?;
         let pages = pagecodec::decode(payload, u64::from(MAX_BATCH_PAGES))
             .map_err(|cause| malformed(ty, Malformed::Packed(cause)))?;
         Ok(Some(pages_frame(ty, epoch, generation, pages)))
@@ -1442,12 +1440,7 @@ impl<R: Read> FrameReader<R> {
         payload_crc: u32,
     ) -> Result<Option<Frame>, FrameError> {
         let computed = crc32c::crc32c(payload);
-        if computed != payload_crc {
-            return Err(FrameError::PayloadCrc {
-                ty,
-                cause: frame_crc_mismatch(payload_crc, computed),
-            });
-        }
+        check_payload_crc(ty, payload_crc, computed)?;
         let body = decode_body(ty, payload).map_err(|cause| malformed(ty, cause))?;
         Ok(Some(Frame {
             epoch,
