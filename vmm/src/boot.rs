@@ -379,7 +379,13 @@ pub fn setup_long_mode_sregs(sregs: &mut kvm_sregs) {
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
-    sregs.cr3 = PML4_START;
+    long_mode_paging(sregs, PML4_START);
+}
+
+/// Turns on protected mode, PAE paging from the PML4 at `pml4`, and long mode (the
+/// boot vCPU's and the fault probe's control registers).
+pub fn long_mode_paging(sregs: &mut kvm_sregs, pml4: u64) {
+    sregs.cr3 = pml4;
     sregs.cr4 |= X86_CR4_PAE;
     sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;

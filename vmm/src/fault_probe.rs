@@ -330,10 +330,7 @@ fn set_user_mode(vcpu: &VcpuFd) -> Result<(), FaultProbeError> {
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.cr3 = PML4;
-    sregs.cr4 |= 1 << 5; // PAE
-    sregs.cr0 |= 1 | (1 << 4) | (1 << 5) | (1 << 31); // PE, ET, NE, PG
-    sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
+    crate::boot::long_mode_paging(&mut sregs, PML4);
     vcpu.set_sregs(&sregs)
         .map_err(|source| FaultProbeError::Kvm {
             what: "KVM_SET_SREGS",
