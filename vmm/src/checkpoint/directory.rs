@@ -1232,16 +1232,7 @@ mod tests {
             let m = manifest();
             let mem = memory::create(m.memory).unwrap();
             mem.write_slice(&[9u8; 16], GuestAddress(0x8000)).unwrap();
-            let mut sink = DirectorySink::open_with(
-                &dir,
-                DirectoryOptions {
-                    compression,
-                    fold: Some(fold),
-                },
-            )
-            .unwrap();
-            sink.begin(&m).unwrap();
-            sink.write_base(&mem, 0, None).unwrap();
+            let mut sink = based_sink(&dir, compression, fold, &m, &mem);
             let mut folds = 0;
             let mut last_base = 0;
             write_chain(&mut sink, &mem, 1, 12, |_, e, img| {
@@ -1281,26 +1272,44 @@ mod tests {
         }
     }
 
+    /// A sink in `dir` that stores pages as `compression` says and folds by `fold`,
+    /// begun for `m` with the base image of `mem` at epoch 0.
+    fn based_sink(
+        dir: &Path,
+        compression: Compression,
+        fold: FoldPolicy,
+        m: &Manifest,
+        mem: &GuestMemory,
+    ) -> DirectorySink {
+        let mut sink = DirectorySink::open_with(
+            dir,
+            DirectoryOptions {
+                compression,
+                fold: Some(fold),
+            },
+        )
+        .unwrap();
+        sink.begin(m).unwrap();
+        sink.write_base(mem, 0, None).unwrap();
+        sink
+    }
+
+    /// A fold bound of `max_pages` distinct pages only.
+    fn pages_only(max_pages: u64) -> FoldPolicy {
+        FoldPolicy {
+            max_bytes: u64::MAX,
+            max_files: usize::MAX,
+            max_pages,
+        }
+    }
+
     #[test]
     fn a_large_folded_checkpoint_keeps_its_state_only_and_restores_the_same() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ck");
         let m = manifest();
         let mem = memory::create(m.memory).unwrap();
-        let mut sink = DirectorySink::open_with(
-            &dir,
-            DirectoryOptions {
-                compression: Compression::None,
-                fold: Some(FoldPolicy {
-                    max_bytes: u64::MAX,
-                    max_files: usize::MAX,
-                    max_pages: 100,
-                }),
-            },
-        )
-        .unwrap();
-        sink.begin(&m).unwrap();
-        sink.write_base(&mem, 0, None).unwrap();
+        let mut sink = based_sink(&dir, Compression::None, pages_only(100), &m, &mem);
         // Epoch 1: 90 raw pages (~360 KiB, no fold); epoch 2: 90 more, past the
         // page bound: the fold takes both, and file 2 keeps its state only.
         for e in 1..=2u64 {
@@ -1348,20 +1357,7 @@ mod tests {
         let dir = tmp.path().join("ck");
         let m = manifest();
         let mem = memory::create(m.memory).unwrap();
-        let mut sink = DirectorySink::open_with(
-            &dir,
-            DirectoryOptions {
-                compression: Compression::Lz4,
-                fold: Some(FoldPolicy {
-                    max_bytes: u64::MAX,
-                    max_files: usize::MAX,
-                    max_pages: u64::MAX,
-                }),
-            },
-        )
-        .unwrap();
-        sink.begin(&m).unwrap();
-        sink.write_base(&mem, 0, None).unwrap();
+        let mut sink = based_sink(&dir, Compression::Lz4, pages_only(u64::MAX), &m, &mem);
         let mut want = Vec::new();
         write_chain(&mut sink, &mem, 1, 6, |_, _, img| want = img);
         drop(sink);
