@@ -111,6 +111,29 @@ fn expect_line(who: &Running, pat: &str, secs: u64, why: &str, other: (&str, &Ru
     );
 }
 
+/// Waits for `who`'s takeover from a killed primary; else fails with `why` and both
+/// stderrs (`killed`: the killed host's name and what it printed).
+fn expect_takeover(who: &Running, why: &str, killed: (&str, &str)) {
+    assert!(
+        who.wait_stderr(Duration::from_secs(30), |l| l
+            .contains("failover: primary lost"))
+            .is_some(),
+        "{why}:\n{}\n{}:\n{}",
+        who.stderr_now(),
+        killed.0,
+        killed.1
+    );
+}
+
+/// Waits up to 60 s for the console file `console` to show at least `memory`
+/// progress lines of the memory engine and `disk` of the disk engine.
+fn shows(console: &Path, memory: usize, disk: usize) -> bool {
+    wait(Duration::from_secs(60), || {
+        let c = read(console);
+        mix_seconds(&c, "memory").len() >= memory && mix_seconds(&c, "disk").len() >= disk
+    })
+}
+
 fn no_failed_checks(consoles: &[(&str, &str)]) {
     for (who, c) in consoles {
         assert!(
@@ -171,20 +194,8 @@ fn a_to_b_to_a_fails_back_sending_only_what_differs() {
         b.stderr()
     );
     let a_err = a.stderr();
-    let took_over = b.wait_stderr(Duration::from_secs(30), |l| {
-        l.contains("failover: primary lost")
-    });
-    assert!(
-        took_over.is_some(),
-        "B did not take over:\n{}\nA:\n{a_err}",
-        b.stderr_now()
-    );
-    assert!(wait(Duration::from_secs(60), || mix_seconds(
-        &read(&p("b.txt")),
-        "memory"
-    )
-    .len()
-        >= 2));
+    expect_takeover(&b, "B did not take over", ("A", &a_err));
+    assert!(shows(&p("b.txt"), 2, 0));
 
     // A comes back as B's standby, with its own disk: only what differs travels.
     let a2 = Running::spawn(standby(
@@ -220,21 +231,9 @@ fn a_to_b_to_a_fails_back_sending_only_what_differs() {
 
     // B dies; A takes over again.
     let b_err = b.stderr();
+    expect_takeover(&a2, "A did not take over from B", ("B", &b_err));
     assert!(
-        a2.wait_stderr(Duration::from_secs(30), |l| l
-            .contains("failover: primary lost"))
-            .is_some(),
-        "A did not take over from B:\n{}\nB:\n{b_err}",
-        a2.stderr_now()
-    );
-    assert!(
-        wait(Duration::from_secs(60), || mix_seconds(
-            &read(&p("a2.txt")),
-            "memory"
-        )
-        .len()
-            >= 3
-            && mix_seconds(&read(&p("a2.txt")), "disk").len() >= 3),
+        shows(&p("a2.txt"), 3, 3),
         "the guest did not carry on at A:\n{}",
         a2.stderr_now()
     );
@@ -597,12 +596,7 @@ fn switchover_a_to_b_to_a_under_a_two_vcpu_mix_loses_nothing() {
         "A's memory was copied whole, not built on:\n{}",
         b.stderr_now()
     );
-    assert!(wait(Duration::from_secs(60), || mix_seconds(
-        &read(&p("b.txt")),
-        "memory"
-    )
-    .len()
-        >= 2));
+    assert!(shows(&p("b.txt"), 2, 0));
 
     // B → A.
     switchover(&p("b.sock"));
@@ -624,13 +618,7 @@ fn switchover_a_to_b_to_a_under_a_two_vcpu_mix_loses_nothing() {
         downtime(&b.stderr_now(), &a.stderr_now()).expect("the second switchover's figures");
     let shown = mix_seconds(&read(&p("a.txt")), "memory").len();
     assert!(
-        wait(Duration::from_secs(60), || mix_seconds(
-            &read(&p("a.txt")),
-            "memory"
-        )
-        .len()
-            >= shown + 2
-            && mix_seconds(&read(&p("a.txt")), "disk").len() >= 3),
+        shows(&p("a.txt"), shown + 2, 3),
         "the guest did not carry on at A:\n{}",
         a.stderr_now()
     );
@@ -780,20 +768,9 @@ fn a_pair_is_upgraded_one_host_at_a_time_by_switching_over() {
 
     // Both upgraded, the pair protects the guest: B dies, A carries on.
     let b_err = b.stderr();
+    expect_takeover(&a2, "A did not take over from B", ("B", &b_err));
     assert!(
-        a2.wait_stderr(Duration::from_secs(30), |l| l
-            .contains("failover: primary lost"))
-            .is_some(),
-        "A did not take over from B:\n{}\nB:\n{b_err}",
-        a2.stderr_now()
-    );
-    assert!(
-        wait(Duration::from_secs(60), || mix_seconds(
-            &read(&p("a2.txt")),
-            "memory"
-        )
-        .len()
-            >= 3),
+        shows(&p("a2.txt"), 3, 0),
         "the guest did not carry on at A:\n{}\nB:\n{b_err}",
         a2.stderr_now()
     );
@@ -841,20 +818,9 @@ fn a_newer_primary_offers_an_older_standby_the_older_version() {
             && a_err.contains("speaks protocol version 3: this session uses it (pages travel raw)"),
         "A did not fall back to version 3:\n{a_err}"
     );
+    expect_takeover(&b, "the older B did not take over", ("A", &a_err));
     assert!(
-        b.wait_stderr(Duration::from_secs(30), |l| l
-            .contains("failover: primary lost"))
-            .is_some(),
-        "the older B did not take over:\n{}\nA:\n{a_err}",
-        b.stderr_now()
-    );
-    assert!(
-        wait(Duration::from_secs(60), || mix_seconds(
-            &read(&p("b.txt")),
-            "memory"
-        )
-        .len()
-            >= 2),
+        shows(&p("b.txt"), 2, 0),
         "the guest did not carry on at B:\n{}\nA:\n{a_err}",
         b.stderr_now()
     );
