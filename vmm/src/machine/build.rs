@@ -199,6 +199,7 @@ fn open_sink(
                         // The memory's size is known once the manifest is.
                         crate::checkpoint::directory::Fold::Large => None,
                     },
+                    fold_in_line: false,
                 },
             )?),
             None,
