@@ -257,8 +257,9 @@ fn restore_table(runs: usize) {
     println!();
     println!("| restore, 256 MiB guest killed with SIGKILL | fold bound | chain: files, bytes | pages (every copy) | distinct pages written | export while it ran p50 / p90 (ms) | replay p50 (ms) | first serial byte p50 (ms) | p90 | min | goal ≤ 20 ms p50 |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    // Each case under both fold bounds (`fold=large`, the default: the guest's
-    // memory size in chain bytes, or 32 files; `fold=small`), one after the other.
+    // Each case under both fold bounds (`fold=small`, the default: 2,048 distinct
+    // pages, 8 MiB or 32 files; `fold=large`: the guest's memory size in chain
+    // bytes, or 32 files), one after the other.
     for (case, kill_ms, fold) in RESTORE_CASES.iter().flat_map(|c| {
         c.kills
             .iter()
@@ -302,9 +303,9 @@ fn restore_table(runs: usize) {
             kill_ms,
             case.after,
             if fold == "large" {
-                "large (default): memory's size, 32 files"
+                "large: memory's size, 32 files"
             } else {
-                "small: 2,048 pages, 8 MiB, 32 files"
+                "small (default): 2,048 pages, 8 MiB, 32 files"
             },
             chain.files,
             chain.bytes,

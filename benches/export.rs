@@ -8,10 +8,11 @@
 //!    are incompressible noise; each checkpoint writes the same pages, as a hot set
 //!    does. Four ways of writing, in alternating rounds: every page written twice
 //!    with a fold after every checkpoint and raw pages (what format version 2 did);
-//!    once, lz4, under the default bound `fold=large` (the guest's memory size in
-//!    chain bytes, or 32 files) with its folds on their own thread (the default);
-//!    under `fold=small` (2,048 distinct pages, 8 MiB or 32 files, which keeps a
-//!    restore short) with its folds in line, as before, and on their own thread.
+//!    once, lz4, under `fold=large` (the guest's memory size in chain bytes, or 32
+//!    files) with its folds on their own thread; under the default bound
+//!    `fold=small` (2,048 distinct pages, 8 MiB or 32 files, which keeps a restore
+//!    short) with its folds in line, as before, and on their own thread (the
+//!    default).
 //!    Median, p90 and mean of `CheckpointSink::write` (the mean includes the folds
 //!    made in line; a fold on its own thread shows only where the next write waits
 //!    for it or competes with it for the cores).
@@ -118,15 +119,17 @@ fn ways() -> [Way; 4] {
             name: "v2: file + fold every checkpoint, raw",
             options: DirectoryOptions {
                 compression: Compression::None,
-                fold: Some(FoldPolicy::EVERY),
+                fold: Default::default(),
+                policy: Some(FoldPolicy::EVERY),
                 fold_in_line: true,
             },
         },
         Way {
-            name: "v3: file only, fold=large (memory's size in bytes, 32 files), lz4, fold on its own thread (the default)",
+            name: "v3: file only, fold=large (memory's size in bytes, 32 files), lz4, fold on its own thread",
             options: DirectoryOptions {
                 compression: Compression::Lz4,
-                fold: Some(FoldPolicy::by_memory(MEMORY)),
+                fold: Default::default(),
+                policy: Some(FoldPolicy::by_memory(MEMORY)),
                 fold_in_line: false,
             },
         },
@@ -134,15 +137,17 @@ fn ways() -> [Way; 4] {
             name: "v3: file only, fold=small, lz4, fold in line (before)",
             options: DirectoryOptions {
                 compression: Compression::Lz4,
-                fold: Some(FoldPolicy::SMALL),
+                fold: Default::default(),
+                policy: Some(FoldPolicy::SMALL),
                 fold_in_line: true,
             },
         },
         Way {
-            name: "v3: file only, fold=small, lz4, fold on its own thread",
+            name: "v3: file only, fold=small, lz4, fold on its own thread (the default)",
             options: DirectoryOptions {
                 compression: Compression::Lz4,
-                fold: Some(FoldPolicy::SMALL),
+                fold: Default::default(),
+                policy: Some(FoldPolicy::SMALL),
                 fold_in_line: false,
             },
         },

@@ -195,15 +195,15 @@ struct EpochArgs {
 
     /// Checkpoint the guest into DIR (created if missing): memory is pre-copied while the
     /// guest runs, then one checkpoint is cut per epoch, each page written once, into
-    /// its checkpoint's file; the chain of files is folded into DIR/memory.img once it
-    /// holds as many bytes as the guest has memory, or 32 files (`fold=large`, the
-    /// default: cheap exports), or once it holds 2,048 distinct pages or 8 MiB
-    /// (`fold=small`: a restore in milliseconds, slower exports for a busy guest).
+    /// its checkpoint's file; the chain of files is folded into DIR/memory.img, on a
+    /// thread of its own, once it holds 2,048 distinct pages, 8 MiB or 32 files
+    /// (`fold=small`, the default: a restore in milliseconds), or as many bytes as the
+    /// guest has memory, or 32 files (`fold=large`: fewer folds beside a busy guest).
     /// Every writable disk needs checkpoint=on. Stopping mirrorvm (SIGINT, SIGTERM,
     /// Ctrl-A x) cuts a final checkpoint that `restore` resumes. Zero pages are stored
     /// as bits; `,compress=none` stores the other pages raw instead of lz4-compressed
     /// (the default, `compress=lz4`).
-    #[arg(long, value_name = "DIR[,compress=lz4|none][,fold=large|small]")]
+    #[arg(long, value_name = "DIR[,compress=lz4|none][,fold=small|large]")]
     checkpoint_dir: Option<String>,
 
     /// Mirror the guest to the standby at ADDR (HOST:PORT, started with `mirrorvm

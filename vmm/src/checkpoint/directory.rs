@@ -166,23 +166,23 @@ impl FoldPolicy {
         max_pages: 0,
     };
 
-    /// `fold=small`: bounds what a restore replays whatever the guest's size: at
-    /// most 2,048 distinct pages (8 MiB to write into the restored guest's memory),
-    /// 8 MiB of files (to read and check) and 32 files. A restore of such a chain
-    /// costs a few milliseconds (`cargo bench --bench boot`); the price is a fold
-    /// every checkpoint or few for a guest that writes more than that per checkpoint,
-    /// which makes its exports several times slower (`cargo bench --bench export`,
-    /// `docs/checkpoint-format.md`).
+    /// `fold=small`, the default: bounds what a restore replays whatever the guest's
+    /// size: 2,048 distinct pages (8 MiB to write into the restored guest's memory),
+    /// 8 MiB of files (to read and check) and 32 files, plus what was written while
+    /// the last fold ran. A restore of such a chain costs milliseconds (`cargo bench
+    /// --bench boot`); the price is a fold every checkpoint or few for a guest that
+    /// writes more than that per checkpoint, on the fold's own thread, beside the
+    /// exports (`docs/checkpoint-format.md`).
     pub const SMALL: FoldPolicy = FoldPolicy {
         max_bytes: 8 << 20,
         max_files: 32,
         max_pages: 2048,
     };
 
-    /// `fold=large`, the default: as many chain bytes as the guest has memory (at
-    /// least 16 MiB, at most 4 GiB), or 32 files, whichever comes first, with no
-    /// bound on pages. Exports stay cheap (a busy guest folds rarely); a restore may
-    /// read up to the memory's size of files, decoding each page's newest copy only.
+    /// `fold=large`: as many chain bytes as the guest has memory (at least 16 MiB, at
+    /// most 4 GiB), or 32 files, whichever comes first, with no bound on pages. A
+    /// busy guest folds rarely (less disk and CPU beside it); a restore may read up
+    /// to the memory's size of files, decoding each page's newest copy only.
     pub fn by_memory(memory: u64) -> FoldPolicy {
         FoldPolicy {
             max_bytes: memory.clamp(16 << 20, 4 << 30),
@@ -201,13 +201,14 @@ impl FoldPolicy {
 }
 
 /// Which fold bound a checkpoint directory keeps (`--checkpoint-dir DIR,fold=`):
-/// a trade between the cost of an export and the cost of a restore.
+/// a trade between the work of folding (on its own thread) and the cost of a
+/// restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fold {
-    /// [`FoldPolicy::SMALL`]: restores in milliseconds, busy guests export slower.
-    Small,
-    /// [`FoldPolicy::by_memory`]: cheap exports, slower restores of busy guests.
+    /// [`FoldPolicy::SMALL`]: restores in milliseconds, busy guests fold often.
     #[default]
+    Small,
+    /// [`FoldPolicy::by_memory`]: rare folds, slower restores of busy guests.
     Large,
 }
 
@@ -228,9 +229,11 @@ impl std::str::FromStr for Fold {
 pub struct DirectoryOptions {
     /// How pages that are not all zeros are stored.
     pub compression: Compression,
-    /// When the chain is folded into the image (`Fold::Large`'s bound for the
-    /// guest's memory when `None`).
-    pub fold: Option<FoldPolicy>,
+    /// When the chain is folded into the image: [`FoldPolicy::for_guest`] of this,
+    /// once the guest's memory size is known.
+    pub fold: Fold,
+    /// A bound of its own instead of `fold`'s (tests and benchmarks).
+    pub policy: Option<FoldPolicy>,
     /// Fold in line, inside the write of the checkpoint that passed the bound,
     /// instead of on a thread of its own beside the exports (the default). Only a
     /// benchmark of the old way wants this.
@@ -443,7 +446,7 @@ impl DirectorySink {
             layout: None,
             options,
             // Replaced at `begin`, once the guest's memory size is known.
-            fold: options.fold.unwrap_or(FoldPolicy::SMALL),
+            fold: options.policy.unwrap_or(FoldPolicy::SMALL),
             base: None,
             chain_files: 0,
             chain_bytes: 0,
@@ -868,8 +871,8 @@ impl CheckpointSink for DirectorySink {
         self.layout = Some(layout_of(manifest.memory));
         self.fold = self
             .options
-            .fold
-            .unwrap_or_else(|| FoldPolicy::by_memory(manifest.memory));
+            .policy
+            .unwrap_or_else(|| FoldPolicy::for_guest(self.options.fold, manifest.memory));
         self.base = None;
         self.reset_chain();
         Ok(())
@@ -1335,8 +1338,9 @@ mod tests {
                 &dir,
                 DirectoryOptions {
                     compression,
-                    fold: Some(fold),
+                    policy: Some(fold),
                     fold_in_line,
+                    ..Default::default()
                 },
                 &m,
                 &mem,
@@ -1419,8 +1423,9 @@ mod tests {
     ) -> DirectorySink {
         let options = DirectoryOptions {
             compression,
-            fold: Some(fold),
+            policy: Some(fold),
             fold_in_line: false,
+            ..Default::default()
         };
         based_sink_with(dir, options, m, mem)
     }
@@ -1546,12 +1551,12 @@ mod tests {
         let d = parse_dir_spec("/tmp/ck").unwrap();
         assert_eq!(
             (d.path, d.compression, d.fold),
-            (PathBuf::from("/tmp/ck"), Compression::Lz4, Fold::Large)
+            (PathBuf::from("/tmp/ck"), Compression::Lz4, Fold::Small)
         );
-        let d = parse_dir_spec("ck,compress=none,fold=small").unwrap();
+        let d = parse_dir_spec("ck,compress=none,fold=large").unwrap();
         assert_eq!(
             (d.path, d.compression, d.fold),
-            (PathBuf::from("ck"), Compression::None, Fold::Small)
+            (PathBuf::from("ck"), Compression::None, Fold::Large)
         );
         assert_eq!(
             parse_dir_spec("ck,fold=large,compress=lz4")

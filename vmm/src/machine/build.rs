@@ -192,13 +192,8 @@ fn open_sink(
                 &d.path,
                 crate::checkpoint::directory::DirectoryOptions {
                     compression: d.compression,
-                    fold: match d.fold {
-                        crate::checkpoint::directory::Fold::Small => {
-                            Some(crate::checkpoint::directory::FoldPolicy::SMALL)
-                        }
-                        // The memory's size is known once the manifest is.
-                        crate::checkpoint::directory::Fold::Large => None,
-                    },
+                    fold: d.fold,
+                    policy: None,
                     fold_in_line: false,
                 },
             )?),
