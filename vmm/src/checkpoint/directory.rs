@@ -14,7 +14,8 @@
 //! a bit, the others lz4-compressed unless the sink is told otherwise): the files
 //! after `memory.epoch` form a chain that a restore replays over the image. Only when
 //! the chain grows past a bound ([`FoldPolicy`]) is it folded into `memory.img`, each
-//! page's newest copy once.
+//! page's newest copy once, on a thread of its own while the next checkpoints are
+//! written.
 //!
 //! The directory shares the disks' journals (they live beside their images on the
 //! same host), so its checkpoints carry region metadata only
