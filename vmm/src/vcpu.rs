@@ -547,7 +547,10 @@ impl VcpuControl {
     /// kicks it. The thread reports itself parked first and then saves, so the
     /// caller's work after [`VcpuControl::wait_parked`] (and every other vCPU's
     /// save) overlaps the save; [`VcpuControl::wait_saved`] collects it. A vCPU
-    /// that is parked already (held by the user) saves at once.
+    /// that is parked already (held by the user) saves at once. Only for a machine
+    /// of one vCPU: with more, no vCPU may save before all have parked (an IPI
+    /// from one still running would be lost), so they pause with
+    /// [`VcpuControl::request_pause`] and save with [`VcpuControl::request_save`].
     pub fn request_pause_and_save(&self) {
         {
             let mut p = lock_recover(&self.parking);

@@ -36,17 +36,38 @@ pub(super) struct KvmVcpus {
 
 impl Vcpus for KvmVcpus {
     fn pause(&mut self) -> Result<(), PauseError> {
-        // Each vCPU thread saves its own state right after it parks, while this
-        // thread goes on with the harvest and the copy; `KvmState::save` collects
-        // the saves.
+        // Each vCPU thread saves its own state on its own thread, while this thread
+        // goes on with the harvest and the copy; `KvmState::save` collects the
+        // saves.
+        //
+        // Ordering rule: a vCPU's state is read only once every vCPU has left
+        // KVM_RUN. A vCPU still running can send an IPI (or an NMI) to one that
+        // already saved: the sender's state would show it sent and the receiver's
+        // LAPIC would not hold it, so a restore from that checkpoint loses the
+        // interrupt (a Linux guest then waits for ever on a function call it sent).
+        // With one vCPU there is no other sender, and it saves as soon as it parks.
+        let one = self.controls.len() == 1;
         for v in &self.controls {
-            v.request_pause_and_save();
+            if one {
+                v.request_pause_and_save();
+            } else {
+                v.request_pause();
+            }
         }
         for v in &self.controls {
             match v.wait_parked(PARK_DEADLINE) {
                 Ok(()) => {}
                 Err(ControlError::Exited(i)) => return Err(PauseError::Exited(i)),
                 Err(e) => return Err(PauseError::Failed(Box::new(e))),
+            }
+        }
+        if !one {
+            for v in &self.controls {
+                match v.request_save() {
+                    Ok(()) => {}
+                    Err(ControlError::Exited(i)) => return Err(PauseError::Exited(i)),
+                    Err(e) => return Err(PauseError::Failed(Box::new(e))),
+                }
             }
         }
         Ok(())
@@ -165,8 +186,9 @@ impl StateCapture for KvmState {
                 .collect(),
         };
         let devices = postcard::to_stdvec(&devices).map_err(|e| CutError::Devices(Box::new(e)))?;
-        // Every vCPU saved itself on its own thread as it parked (`KvmVcpus::pause`
-        // asked for it), all at once and while this thread harvested and copied.
+        // Every vCPU saved itself on its own thread (`KvmVcpus::pause` asked for it:
+        // as it parked, or once all had parked when there are several), all at once
+        // and while this thread harvested and copied.
         // Saved before the devices drained: an interrupt the drain raised may be
         // missing from a LAPIC, which is the case every restore covers already
         // (a device whose interrupt status is set raises it again; an irqfd
