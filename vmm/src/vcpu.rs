@@ -229,6 +229,13 @@ pub struct Vcpu {
     /// nothing changes once the vCPU has run (KVM refuses a different CPUID then,
     /// and the VMM sets the TSC frequency only on restore, before the first run).
     constant: RefCell<Option<Constant>>,
+    /// Whether the registers KVM copies into the `kvm_run` page at every return
+    /// from KVM_RUN (`KVM_CAP_SYNC_REGS`) are the vCPU's current ones: true after
+    /// KVM_RUN returned, false after the VMM set registers itself.
+    synced: Cell<bool>,
+    /// Whether that copy may stand in for KVM_GET_REGS and KVM_GET_SREGS: `None`
+    /// until the first save compares the two, then what the comparison found.
+    sync_trusted: Cell<Option<bool>>,
 }
 
 /// The part of a vCPU's state that does not change while it runs.
@@ -248,6 +255,8 @@ impl Vcpu {
             mmio,
             msr_list: Arc::new(Vec::new()),
             constant: RefCell::new(None),
+            synced: Cell::new(false),
+            sync_trusted: Cell::new(None),
         }
     }
 
@@ -304,6 +313,7 @@ impl Vcpu {
         if let Some(entry) = entry {
             let mut sregs = self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?;
             boot::setup_long_mode_sregs(&mut sregs);
+            self.synced.set(false);
             self.kvm("KVM_SET_SREGS", self.fd.set_sregs(&sregs))?;
             self.kvm("KVM_SET_REGS", self.fd.set_regs(&boot::boot_regs(entry)))?;
         }
@@ -318,6 +328,13 @@ impl Vcpu {
     pub fn run(&mut self, control: &VcpuControl) -> VcpuStop {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        // KVM copies the registers into the `kvm_run` page on its way out of every
+        // KVM_RUN (EINTR included), so a save at a cut needs two ioctls fewer. A
+        // kernel without the capability leaves the page as it is: the first save
+        // compares, and falls back to the ioctls for good.
+        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        self.fd
+            .set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
         control.set_thread(nix::sys::pthread::pthread_self());
         let result = self.run_loop(control);
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
@@ -355,6 +372,7 @@ impl Vcpu {
                 for _ in 0..PENDING_EXIT_ROUNDS {
                     self.fd.set_kvm_immediate_exit(1);
                     let r = self.fd.run();
+                    self.synced.set(true);
                     let done = match r {
                         Err(_) => true,
                         Ok(exit) => {
@@ -383,7 +401,9 @@ impl Vcpu {
                 }
                 continue;
             }
-            let outcome = match self.fd.run() {
+            let r = self.fd.run();
+            self.synced.set(true);
+            let outcome = match r {
                 Ok(exit) => {
                     pending = true;
                     dispatch(&self.pio, &self.mmio, exit).err()
@@ -741,12 +761,13 @@ impl Vcpu {
                 msr: entries[n].index,
             });
         }
+        let (regs, sregs) = self.regs_and_sregs()?;
         Ok(VcpuState {
             cpuid: constant.cpuid,
             tsc_khz: constant.tsc_khz,
             msrs,
-            regs: self.kvm("KVM_GET_REGS", self.fd.get_regs())?,
-            sregs: self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?,
+            regs,
+            sregs,
             xsave: self.kvm("KVM_GET_XSAVE", self.fd.get_xsave())?,
             xcrs: self.kvm("KVM_GET_XCRS", self.fd.get_xcrs())?,
             debugregs: self.kvm("KVM_GET_DEBUGREGS", self.fd.get_debug_regs())?,
@@ -754,6 +775,48 @@ impl Vcpu {
             mp_state: self.kvm("KVM_GET_MP_STATE", self.fd.get_mp_state())?,
             vcpu_events: self.kvm("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?,
         })
+    }
+
+    /// The general and segment registers: from the copy KVM left in the `kvm_run`
+    /// page when KVM_RUN last returned (they change only while the vCPU runs), once
+    /// the first save has found that copy equal to what the ioctls return; from
+    /// the ioctls otherwise. The vCPU events are always read by ioctl: an NMI
+    /// another vCPU sends after this one left KVM_RUN shows only there.
+    fn regs_and_sregs(&self) -> Result<(kvm_regs, kvm_sregs), VcpuError> {
+        let by_ioctl = || -> Result<(kvm_regs, kvm_sregs), VcpuError> {
+            Ok((
+                self.kvm("KVM_GET_REGS", self.fd.get_regs())?,
+                self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?,
+            ))
+        };
+        if !self.synced.get() || self.sync_trusted.get() == Some(false) {
+            return by_ioctl();
+        }
+        let copy = self.fd.sync_regs();
+        if self.sync_trusted.get() == Some(true) {
+            return Ok((copy.regs, copy.sregs));
+        }
+        let read = by_ioctl()?;
+        let same = copy.regs == read.0 && copy.sregs == read.1;
+        if same {
+            tracing::debug!(
+                "vCPU {}: saves read the registers from KVM's copy in kvm_run",
+                self.index
+            );
+        } else {
+            tracing::info!(
+                "vCPU {}: KVM's register copy in kvm_run differs from KVM_GET_REGS/SREGS; saving by ioctl",
+                self.index
+            );
+        }
+        self.sync_trusted.set(Some(same));
+        Ok(read)
+    }
+
+    /// Whether saves read the registers from KVM's copy in `kvm_run` (see
+    /// [`Vcpu::regs_and_sregs`]): `None` before the first save after a run.
+    pub fn sync_regs_trusted(&self) -> Option<bool> {
+        self.sync_trusted.get()
     }
 
     /// The CPUID table and TSC frequency: read from KVM at the first save, then
@@ -792,6 +855,7 @@ impl Vcpu {
             }
         }
         self.kvm("KVM_SET_MP_STATE", self.fd.set_mp_state(s.mp_state))?;
+        self.synced.set(false);
         self.kvm("KVM_SET_REGS", self.fd.set_regs(&s.regs))?;
         self.kvm("KVM_SET_SREGS", self.fd.set_sregs(&s.sregs))?;
         // SAFETY: `s.xsave` is a complete kvm_xsave (the legacy 4 KiB layout, which
