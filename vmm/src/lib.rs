@@ -32,6 +32,7 @@ pub mod run_end;
 pub mod telemetry;
 pub mod terminal;
 pub mod testguest;
+pub mod threads;
 pub mod vcpu;
 pub mod vm_state;
 

@@ -716,7 +716,10 @@ impl DirectorySink {
         }
         let handle = std::thread::Builder::new()
             .name("mirrorvm-fold".into())
-            .spawn(move || job.run())
+            .spawn(move || {
+                crate::threads::set_own_nice(crate::threads::FOLD_NICE);
+                job.run()
+            })
             .map_err(DirectoryError::FoldThread)?;
         self.folding = Some(FoldInFlight {
             upto: c.epoch,
