@@ -1,12 +1,12 @@
 //! Mirroring benchmark: a primary (`mirrorvm run --peer`) and its standby
 //! (`mirrorvm standby`) run as separate processes of the release binary, over
 //! loopback and over a veth pair between two network namespaces (`vmm::netlab`, root
-//! only: the veth rows are skipped with the reason otherwise). It prints four tables,
+//! only: the veth rows are skipped with the reason otherwise). It prints five tables,
 //! each measured side by side in one run:
 //!
 //! 1. **Stream throughput**: one plain TCP stream (std::net, the reference) and the
-//!    initial copy of a `--memory` guest (the primary's `initial copy to ADDR: N MiB
-//!    in S s` line, `MIRRORVM_LOG=info`), alternating; then the checkpoint bytes per
+//!    initial copy of a `--memory` guest (the primary's `initial copy to ADDR: …
+//!    bytes of memory and disks … in S s` line), alternating; then the checkpoint bytes per
 //!    second a heavy dirtier sustains (the standby's `--metrics` lines) and each
 //!    checkpoint's bytes over its hand-over-to-Ack time.
 //! 2. **Ack latency**: each checkpoint's hand-over to acknowledgement (`export_us` of
@@ -738,12 +738,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// `initial copy to ADDR: N MiB in S s` → MiB/s.
+/// `initial copy to ADDR: S bytes sent for M bytes of memory and disks (…) in T s`
+/// → MiB of guest memory (and disks) per second.
 fn parse_copy_line(line: &str) -> Option<f64> {
-    let (head, rest) = line.split_once(" MiB in ")?;
-    let mib: f64 = head.rsplit(' ').next()?.parse().ok()?;
-    let secs: f64 = rest.split(' ').next()?.parse().ok()?;
-    (secs > 0.0).then(|| mib / secs)
+    let (_, rest) = line.split_once(" bytes sent for ")?;
+    let (bytes, rest) = rest.split_once(' ')?;
+    let bytes: f64 = bytes.parse().ok()?;
+    let (_, rest) = rest.rsplit_once(" in ")?;
+    let secs: f64 = rest.strip_suffix(" s")?.trim().parse().ok()?;
+    (secs > 0.0).then(|| bytes / (1u64 << 20) as f64 / secs)
 }
 
 /// The initial copy of a `cfg.copy` guest (`counter idle=1`: the vCPU sleeps, so the
@@ -759,7 +762,8 @@ fn initial_copy(net: &Net, cfg: &Config, tally: &mut Tally) -> R<Option<f64>> {
         },
         tally,
     )?;
-    let is_copy_line = |l: &str| l.contains("initial copy to ") && l.contains(" MiB in ");
+    let is_copy_line =
+        |l: &str| l.contains("initial copy to ") && l.contains(" bytes of memory and disks");
     let disturbed = pair.wait_until("the initial copy", Duration::from_secs(600), |p| {
         Ok(p.primary.find(is_copy_line).is_some())
     })?;
@@ -914,7 +918,7 @@ fn throughput(cfg: &Config, nets: &[Net], tally: &mut Tally) -> R<()> {
     );
     println!();
     println!(
-        "Checkpoint stream: the protocol path alone (frame writer → TCP → frame reader, staging, checks, apply to a 256 MiB replica, Ack), {STREAM_COUNT} checkpoints of {STREAM_MIB} MiB of non-zero pages, each acknowledged before the next is sent; per checkpoint (medians of the runs' medians): the standby's time from its first frame read to the checkpoint whole and checked, its apply to the replica, and the sender's time from its first byte to the Ack. Initial copy: `mirrorvm run --memory {} --cmdline \"counter idle=1\" --peer ADDR`, the primary's `initial copy to ADDR: N MiB in S s` (MIRRORVM_LOG=info); the guest's memory is mostly zero pages, which are checked and skipped, not sent. Dirtier: `{STEADY_CMDLINE}` in 256 MiB for {} s after its first checkpoint, which is left out; sustained is from the standby's `--metrics` clock; the spinning guest and both VMMs share the host's cores.",
+        "Checkpoint stream: the protocol path alone (frame writer → TCP → frame reader, staging, checks, apply to a 256 MiB replica, Ack), {STREAM_COUNT} checkpoints of {STREAM_MIB} MiB of non-zero pages, each acknowledged before the next is sent; per checkpoint (medians of the runs' medians): the standby's time from its first frame read to the checkpoint whole and checked, its apply to the replica, and the sender's time from its first byte to the Ack. Initial copy: `mirrorvm run --memory {} --cmdline \"counter idle=1\" --peer ADDR`, the primary's `initial copy to ADDR: … M bytes of memory and disks … in S s` line; the guest's memory is mostly zero pages, which are checked and skipped, not sent. Dirtier: `{STEADY_CMDLINE}` in 256 MiB for {} s after its first checkpoint, which is left out; sustained is from the standby's `--metrics` clock; the spinning guest and both VMMs share the host's cores.",
         cfg.copy,
         2 * cfg.seconds
     );
