@@ -813,12 +813,6 @@ impl Vcpu {
         Ok(read)
     }
 
-    /// Whether saves read the registers from KVM's copy in `kvm_run` (see
-    /// [`Vcpu::regs_and_sregs`]): `None` before the first save after a run.
-    pub fn sync_regs_trusted(&self) -> Option<bool> {
-        self.sync_trusted.get()
-    }
-
     /// The CPUID table and TSC frequency: read from KVM at the first save, then
     /// from the copy kept (see `Vcpu::constant`).
     fn constant(&self) -> Result<Constant, VcpuError> {
