@@ -186,16 +186,25 @@ pub fn encode_slices(
     out.resize(lengths_at + 2 * nonzero, 0);
     let mut slot = lengths_at;
     let mut block = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)];
+    let mut skip = IncompressibleRun::default();
     for (i, page) in data.chunks_exact(PAGE_SIZE).take(n).enumerate() {
         if out[bitmap_at + i / 8] & (1 << (i % 8)) != 0 {
             continue;
         }
         let stored = match compression {
-            Compression::Lz4 => match lz4_flex::block::compress_into(page, &mut block) {
-                Ok(len) if len < PAGE_SIZE => Some(&block[..len]),
-                _ => None,
-            },
-            Compression::None => None,
+            Compression::Lz4 if skip.tries() => {
+                match lz4_flex::block::compress_into(page, &mut block) {
+                    Ok(len) if len < PAGE_SIZE => {
+                        skip.compressed();
+                        Some(&block[..len])
+                    }
+                    _ => {
+                        skip.failed();
+                        None
+                    }
+                }
+            }
+            Compression::Lz4 | Compression::None => None,
         };
         let stored = match stored {
             Some(s) => {
@@ -215,6 +224,53 @@ pub fn encode_slices(
     }
     stats.bytes = (out.len() - start) as u64;
     stats
+}
+
+/// Consecutive pages lz4 could not shrink after which the encoder stops trying.
+const GIVE_UP_AFTER: u32 = 4;
+
+/// Pages then stored raw without trying, before the next page is tried again.
+const SKIP_PAGES: u32 = 32;
+
+/// Where memory does not compress (encrypted or already compressed data, noise),
+/// trying every page costs the encoder more than the pages it sends: an incompressible
+/// checkpoint stream ran at about two thirds of its raw rate (`cargo bench --bench
+/// mirror`, table 5). After [`GIVE_UP_AFTER`] pages in a row that did not shrink, the
+/// next [`SKIP_PAGES`] are stored raw untried; one page is then tried, and if it does
+/// not shrink either, the next window is skipped at once. Pages of one region tend to
+/// be alike, so little is lost where compressible pages follow incompressible ones:
+/// at most a window of them is stored raw. The format does not change: a raw page is
+/// always a valid stored form.
+#[derive(Default)]
+struct IncompressibleRun {
+    /// Pages in a row that did not shrink.
+    failed: u32,
+    /// Pages still to store raw untried.
+    skip: u32,
+}
+
+impl IncompressibleRun {
+    /// Whether to try compressing the next page (and count it if not).
+    fn tries(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    fn compressed(&mut self) {
+        self.failed = 0;
+    }
+
+    fn failed(&mut self) {
+        self.failed += 1;
+        if self.failed >= GIVE_UP_AFTER {
+            self.skip = SKIP_PAGES;
+            // One more failure after the window skips the next one.
+            self.failed = GIVE_UP_AFTER - 1;
+        }
+    }
 }
 
 /// Whether a page is all zeros (compared 64 bytes at a time, which vectorizes).
@@ -599,6 +655,41 @@ mod tests {
             decode(&encoded(&StagedPages::default(), Compression::Lz4), 0).unwrap(),
             StagedPages::default()
         );
+    }
+
+    #[test]
+    fn after_a_run_of_incompressible_pages_a_window_is_stored_raw_untried() {
+        let s = sample();
+        let (text, noise) = (&s.data[PAGE_SIZE..2 * PAGE_SIZE], &s.data[2 * PAGE_SIZE..]);
+        // Noise, noise, …: after GIVE_UP_AFTER failures, SKIP_PAGES pages are not
+        // tried, so text pages inside that window are stored raw, and text after it
+        // is compressed again (after at most one more window, opened by the noise
+        // page tried at the window's end: here the page tried is text).
+        let give_up = usize::try_from(GIVE_UP_AFTER).unwrap();
+        let window = usize::try_from(SKIP_PAGES).unwrap();
+        let mut pages = Vec::new();
+        for i in 0..give_up {
+            pages.push((0x10_0000 + i as u64 * 0x1000, noise.to_vec()));
+        }
+        for i in 0..window + 8 {
+            pages.push((0x20_0000 + i as u64 * 0x1000, text.to_vec()));
+        }
+        let p = batch(&pages);
+        let mut out = Vec::new();
+        let st = encode(&p, Compression::Lz4, &mut out);
+        assert_eq!(st.raw, (give_up + window) as u64, "{st:?}");
+        assert_eq!(st.compressed, 8, "{st:?}");
+        assert_eq!(decode(&out, pages.len() as u64).unwrap(), p);
+
+        // Interleaved: a compressible page resets the run, nothing is skipped.
+        let mut mixed = Vec::new();
+        for i in 0..64u64 {
+            let data = if i % 3 == 2 { text } else { noise };
+            mixed.push((i * 0x1000, data.to_vec()));
+        }
+        let p = batch(&mixed);
+        let st = encode(&p, Compression::Lz4, &mut out);
+        assert_eq!(st.compressed, 21, "{st:?}");
     }
 
     #[test]
