@@ -472,8 +472,9 @@ impl Vcpu {
 
 /// A request a parked vCPU thread serves.
 enum Request {
-    /// Save the vCPU's state.
-    Save,
+    /// Save the vCPU's state; `sole`: no other vCPU can have sent it an INIT or SIPI
+    /// since it left KVM_RUN (see [`Vcpu::save_state`]).
+    Save { sole: bool },
 }
 
 #[derive(Default)]
@@ -574,7 +575,7 @@ impl VcpuControl {
     pub fn request_pause_and_save(&self) {
         {
             let mut p = lock_recover(&self.parking);
-            p.request = Some(Request::Save);
+            p.request = Some(Request::Save { sole: true });
             p.saved = None;
             self.pause.store(true, Ordering::Release);
             self.cv.notify_all();
@@ -618,7 +619,7 @@ impl VcpuControl {
         if !p.parked {
             return Err(ControlError::Exited(self.index));
         }
-        p.request = Some(Request::Save);
+        p.request = Some(Request::Save { sole: false });
         p.saved = None;
         self.cv.notify_all();
         Ok(())
@@ -655,9 +656,9 @@ impl VcpuControl {
                 p.parked = false;
                 return true;
             }
-            if let Some(Request::Save) = p.request.take() {
+            if let Some(Request::Save { sole }) = p.request.take() {
                 drop(p);
-                let r = vcpu.save_state();
+                let r = vcpu.save_state(sole);
                 p = lock_recover(&self.parking);
                 p.saved = Some(r);
                 self.cv.notify_all();
@@ -739,11 +740,19 @@ impl Vcpu {
         self.msr_list = list;
     }
 
-    /// Reads this vCPU's whole state. Call only while it is not in KVM_RUN.
+    /// Reads this vCPU's whole state. Call only while it is not in KVM_RUN, and with
+    /// several vCPUs only once none of them runs (an IPI sent after this save would
+    /// be missing from it).
     ///
-    /// Ordering: none is needed for reading, except that the pending exit was
-    /// completed before parking (see `run_loop`).
-    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+    /// Ordering: the pending exit was completed before parking (see `run_loop`);
+    /// KVM_GET_MP_STATE comes first, because KVM applies an INIT or SIPI that
+    /// another vCPU sent while this one was out of KVM_RUN when it is read (INIT
+    /// resets the registers and the LAPIC, SIPI sets CS:RIP), and everything read
+    /// after it must include that. `sole`: this is the machine's only vCPU, so no
+    /// such INIT or SIPI can have come, and the registers may come from KVM's copy
+    /// in `kvm_run`.
+    pub fn save_state(&self, sole: bool) -> Result<VcpuState, VcpuError> {
+        let mp_state = self.kvm("KVM_GET_MP_STATE", self.fd.get_mp_state())?;
         let constant = self.constant()?;
         let entries: Vec<kvm_msr_entry> = self
             .msr_list
@@ -761,7 +770,7 @@ impl Vcpu {
                 msr: entries[n].index,
             });
         }
-        let (regs, sregs) = self.regs_and_sregs()?;
+        let (regs, sregs) = self.regs_and_sregs(sole)?;
         Ok(VcpuState {
             cpuid: constant.cpuid,
             tsc_khz: constant.tsc_khz,
@@ -772,24 +781,25 @@ impl Vcpu {
             xcrs: self.kvm("KVM_GET_XCRS", self.fd.get_xcrs())?,
             debugregs: self.kvm("KVM_GET_DEBUGREGS", self.fd.get_debug_regs())?,
             lapic: self.kvm("KVM_GET_LAPIC", self.fd.get_lapic())?,
-            mp_state: self.kvm("KVM_GET_MP_STATE", self.fd.get_mp_state())?,
+            mp_state,
             vcpu_events: self.kvm("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?,
         })
     }
 
     /// The general and segment registers: from the copy KVM left in the `kvm_run`
-    /// page when KVM_RUN last returned (they change only while the vCPU runs), once
+    /// page when KVM_RUN last returned (they change only while the vCPU runs, or when
+    /// an INIT or SIPI from another vCPU is applied, which `sole` rules out), once
     /// the first save has found that copy equal to what the ioctls return; from
     /// the ioctls otherwise. The vCPU events are always read by ioctl: an NMI
     /// another vCPU sends after this one left KVM_RUN shows only there.
-    fn regs_and_sregs(&self) -> Result<(kvm_regs, kvm_sregs), VcpuError> {
+    fn regs_and_sregs(&self, sole: bool) -> Result<(kvm_regs, kvm_sregs), VcpuError> {
         let by_ioctl = || -> Result<(kvm_regs, kvm_sregs), VcpuError> {
             Ok((
                 self.kvm("KVM_GET_REGS", self.fd.get_regs())?,
                 self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?,
             ))
         };
-        if !self.synced.get() || self.sync_trusted.get() == Some(false) {
+        if !sole || !self.synced.get() || self.sync_trusted.get() == Some(false) {
             return by_ioctl();
         }
         let copy = self.fd.sync_regs();

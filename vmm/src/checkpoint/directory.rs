@@ -465,8 +465,10 @@ impl DirectorySink {
         &self.dir
     }
 
-    /// Forgets the chain's counts: a new base holds everything.
+    /// Forgets the chain's counts (and a pending refold): a new base holds
+    /// everything, or a fold now running will.
     fn reset_chain(&mut self) {
+        self.refold = false;
         self.chain_files = 0;
         self.chain_bytes = 0;
         self.chain_pages.iter_mut().for_each(|w| *w = 0);
@@ -705,22 +707,33 @@ impl DirectorySink {
             upto: c.epoch,
             state_only,
         };
-        self.refold = false;
-        // The files after `c` start a new count: they are the chain once the fold
-        // is done.
-        self.reset_chain();
         if self.options.fold_in_line {
-            job.run()?;
+            if let Err(e) = job.run() {
+                // The chain is whole: fold it all at the next checkpoint.
+                self.refold = true;
+                return Err(e);
+            }
+            self.reset_chain();
             self.base = Some(c.epoch);
             return Ok(());
         }
-        let handle = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("mirrorvm-fold".into())
             .spawn(move || {
-                crate::threads::set_own_nice(crate::threads::FOLD_NICE);
+                crate::threads::lower_own_priority(crate::threads::FOLD_NICE_ABOVE);
                 job.run()
             })
-            .map_err(DirectoryError::FoldThread)?;
+            .map_err(DirectoryError::FoldThread);
+        let handle = match spawned {
+            Ok(h) => h,
+            Err(e) => {
+                self.refold = true;
+                return Err(e);
+            }
+        };
+        // The files after `c` start a new count: they are the chain once the fold
+        // is done.
+        self.reset_chain();
         self.folding = Some(FoldInFlight {
             upto: c.epoch,
             handle,

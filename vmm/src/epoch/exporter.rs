@@ -343,7 +343,6 @@ impl Exporter {
         let thread = std::thread::Builder::new()
             .name("exporter".into())
             .spawn(move || {
-                crate::threads::set_own_nice(crate::threads::EXPORTER_NICE);
                 let send = |e: ExportEvent| {
                     let ok = tx.send(e).is_ok();
                     let _ = wake.write(1);
