@@ -526,7 +526,7 @@ impl DirectorySink {
 
     fn write_base_inner(&mut self, mem: &GuestMemory, epoch: u64) -> Result<u64, DirectoryError> {
         // A fold of the old chain must not write into the new image.
-        self.join_fold();
+        self.settle();
         self.clear_chain()?;
         let tmp = self.dir.join("memory.img.tmp");
         let img = self.dir.join(MEMORY_IMAGE);
@@ -607,9 +607,7 @@ impl DirectorySink {
         fs::rename(&tmp, &dst).map_err(io("cannot rename", &tmp))?;
         sync_dir(&self.dir)?;
         // Complete. A retried write of the same epoch replaces its file: count it once.
-        if self.base.is_some_and(|b| c.epoch > b)
-            && self.folding.as_ref().is_none_or(|f| c.epoch > f.upto)
-        {
+        if self.base.is_some_and(|b| c.epoch > b) {
             self.chain_files += 1;
             self.chain_bytes += written.bytes;
             self.count_pages(&c.pages.addrs);
@@ -621,7 +619,7 @@ impl DirectorySink {
         if self.folding.is_some() && self.chain_files > self.fold.max_files {
             // Folds fall behind: wait for this one rather than let the chain, and
             // with it a restore, grow without bound.
-            self.join_fold();
+            self.settle();
         }
         if self.folding.is_none() && (over || self.refold) {
             self.fold(c, written.bytes)?;
@@ -638,32 +636,7 @@ impl DirectorySink {
             .as_ref()
             .is_some_and(|f| f.handle.is_finished())
         {
-            self.join_fold();
-        }
-    }
-
-    /// Waits for the fold on its own thread, if one runs, and takes its result.
-    fn join_fold(&mut self) {
-        let Some(f) = self.folding.take() else {
-            return;
-        };
-        match f.handle.join() {
-            Ok(Ok(())) => self.base = Some(f.upto),
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    "folding checkpoint {} into the memory image failed (the chain stays whole; the next checkpoint folds again): {}",
-                    f.upto,
-                    devices::ErrorChain(&e)
-                );
-                self.refold = true;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "the fold of checkpoint {} stopped with a panic (the chain stays whole; the next checkpoint folds again)",
-                    f.upto
-                );
-                self.refold = true;
-            }
+            self.settle();
         }
     }
 
@@ -672,7 +645,22 @@ impl DirectorySink {
     /// after it. A failed fold leaves the chain whole (nothing is lost) and is
     /// retried with the next checkpoint.
     pub fn settle(&mut self) {
-        self.join_fold();
+        let Some(f) = self.folding.take() else {
+            return;
+        };
+        let why = match f.handle.join() {
+            Ok(Ok(())) => {
+                self.base = Some(f.upto);
+                return;
+            }
+            Ok(Err(e)) => devices::ErrorChain(&e).to_string(),
+            Err(_) => "the fold thread panicked".to_string(),
+        };
+        tracing::warn!(
+            "folding checkpoint {} into the memory image failed (the chain stays whole; the next checkpoint folds again): {why}",
+            f.upto
+        );
+        self.refold = true;
     }
 
     /// Folds the chain up to checkpoint `c` (just made complete), in line or on a
@@ -879,7 +867,7 @@ impl CheckpointSink for DirectorySink {
     /// The old chain is made unrestorable first (it describes another machine), then
     /// the manifest is written atomically.
     fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {
-        self.join_fold();
+        self.settle();
         self.clear_chain()?;
         let path = self.dir.join(MANIFEST);
         let json = serde_json::to_vec_pretty(manifest)
@@ -928,7 +916,7 @@ impl CheckpointSink for DirectorySink {
     fn end(&mut self, how: &SinkEnd) -> Result<(), SinkError> {
         // Leave the directory folded as far as it was going to be: a restore then
         // replays less.
-        self.join_fold();
+        self.settle();
         if let SinkEnd::Finished { how, .. } = how {
             write_atomic(&self.dir, FINISHED, format!("{how}\n").as_bytes())?;
         }
@@ -940,7 +928,7 @@ impl Drop for DirectorySink {
     /// A fold still running is waited for, so the directory lock is not released
     /// while it writes the image.
     fn drop(&mut self) {
-        self.join_fold();
+        self.settle();
     }
 }
 
