@@ -55,19 +55,11 @@ impl Vcpus for KvmVcpus {
             }
         }
         for v in &self.controls {
-            match v.wait_parked(PARK_DEADLINE) {
-                Ok(()) => {}
-                Err(ControlError::Exited(i)) => return Err(PauseError::Exited(i)),
-                Err(e) => return Err(PauseError::Failed(Box::new(e))),
-            }
+            v.wait_parked(PARK_DEADLINE).map_err(pause_error)?;
         }
         if !one {
             for v in &self.controls {
-                match v.request_save() {
-                    Ok(()) => {}
-                    Err(ControlError::Exited(i)) => return Err(PauseError::Exited(i)),
-                    Err(e) => return Err(PauseError::Failed(Box::new(e))),
-                }
+                v.request_save().map_err(pause_error)?;
             }
         }
         Ok(())
@@ -80,6 +72,15 @@ impl Vcpus for KvmVcpus {
         for v in &self.controls {
             v.resume();
         }
+    }
+}
+
+/// A vCPU control's failure as the cut sees it: a vCPU whose thread ended is ending
+/// the run for its own reason.
+fn pause_error(e: ControlError) -> PauseError {
+    match e {
+        ControlError::Exited(i) => PauseError::Exited(i),
+        e => PauseError::Failed(Box::new(e)),
     }
 }
 
